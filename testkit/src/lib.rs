@@ -58,7 +58,8 @@ fn skip_or_fail<T>(required: bool, service: &str, why: &str) -> Option<T> {
     }
     // Written to the real stderr, not through `eprintln!`, so the test
     // harness's output capture does not swallow the reason a test was skipped.
-    let line = format!("skipping: {service} unavailable ({why}); run scripts/test to provision it\n");
+    let line =
+        format!("skipping: {service} unavailable ({why}); run scripts/test to provision it\n");
     let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     None
 }
@@ -100,11 +101,16 @@ mod tests {
 
     #[test]
     fn missing_service_is_skipped_when_not_required() {
-        assert_eq!(skip_or_fail::<u8>(false, "PostgreSQL", "unit test of the skip path"), None);
+        assert_eq!(
+            skip_or_fail::<u8>(false, "PostgreSQL", "unit test of the skip path"),
+            None
+        );
     }
 
     #[test]
-    #[should_panic(expected = "PostgreSQL is required (REQUIRE_SERVICES=1) but unavailable: not set")]
+    #[should_panic(
+        expected = "PostgreSQL is required (REQUIRE_SERVICES=1) but unavailable: not set"
+    )]
     fn missing_service_fails_when_required() {
         let _ = skip_or_fail::<u8>(true, "PostgreSQL", "not set");
     }

@@ -92,7 +92,11 @@ impl TestRedis {
         let script = "return #redis.call('KEYS', ARGV[1])";
         let n: i64 = self
             .client
-            .eval(script, Vec::<String>::new(), vec![format!("{}*", escape_glob(&self.prefix))])
+            .eval(
+                script,
+                Vec::<String>::new(),
+                vec![format!("{}*", escape_glob(&self.prefix))],
+            )
             .await
             .expect("count keys under the test prefix");
         usize::try_from(n).unwrap_or(0)
