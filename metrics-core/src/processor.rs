@@ -168,21 +168,18 @@ impl MetricsProcessor {
         let stripe = self.counters.stripe();
         // Announce the call before checking `closing` (both SeqCst): either
         // this call sees `closing`, or `shutdown` sees it in flight and waits.
-        stripe.in_flight.fetch_add(1, Ordering::SeqCst);
+        stripe.started.fetch_add(1, Ordering::SeqCst);
         let result = if self.closing.load(Ordering::SeqCst) {
             Err(Error::ShutDown)
         } else {
             self.ingest(event)
         };
-        if result.is_ok() {
-            stripe.accepted.fetch_add(1, Ordering::Relaxed);
-        }
-        stripe.in_flight.fetch_sub(1, Ordering::Release);
         if let Err(e) = &result
             && let Some(reason) = e.reject_reason()
         {
             self.counters.reject(reason);
         }
+        stripe.finished.fetch_add(1, Ordering::Release);
         result
     }
 
@@ -251,7 +248,10 @@ impl MetricsProcessor {
             ahead_ms: (ahead_nanos / 1_000_000) as u64,
             max_skew_ms,
         };
-        match event.timestamp.timestamp_nanos_opt() {
+        let ts_nanos = ts_sec
+            .checked_mul(NANOS_PER_SEC)
+            .and_then(|n| n.checked_add(i64::from(event.timestamp.timestamp_subsec_nanos())));
+        match ts_nanos {
             Some(ts_nanos) => {
                 let ahead = ts_nanos.saturating_sub(now_nanos);
                 if ahead > self.skew_nanos {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
-use xxhash_rust::xxh3::Xxh3Builder;
 
 use crate::window::Series;
 
@@ -22,7 +21,10 @@ pub(crate) struct TypeEntry {
     pub(crate) series: Series,
 }
 
-type TypeMap = HashMap<Box<str>, Arc<TypeEntry>, Xxh3Builder>;
+/// foldhash with a per-process random seed: fast on short names, and event
+/// types come from clients, so the map must not be open to precomputed
+/// collisions (hash flooding).
+type TypeMap = HashMap<Box<str>, Arc<TypeEntry>, foldhash::fast::RandomState>;
 
 pub(crate) struct Registry {
     map: ArcSwap<TypeMap>,
@@ -47,7 +49,7 @@ pub(crate) struct Full;
 impl Registry {
     pub(crate) fn new(max_types: usize, ring_minutes: usize) -> Registry {
         Registry {
-            map: ArcSwap::from_pointee(TypeMap::with_hasher(hasher())),
+            map: ArcSwap::from_pointee(TypeMap::default()),
             write: Mutex::new(()),
             max_types,
             ring_minutes,
@@ -104,14 +106,4 @@ impl Registry {
     pub(crate) fn len(&self) -> usize {
         self.map.load().len()
     }
-}
-
-fn hasher() -> Xxh3Builder {
-    // A per-process seed: event types come from clients, so the map must not
-    // be open to hash flooding with precomputed colliding names.
-    let seed = std::collections::hash_map::RandomState::new();
-    Xxh3Builder::new().with_seed(std::hash::BuildHasher::hash_one(
-        &seed,
-        0x6d65_7472_6963_73u64,
-    ))
 }

@@ -35,11 +35,13 @@ impl Stats {
 
 const STRIPES: usize = 32;
 
-/// Per-thread-stripe hot counters: calls in flight and events accepted.
+/// Per-thread-stripe hot counters. Calls in flight are `started − finished`
+/// and events accepted are `finished − rejected`, so a call costs two atomic
+/// increments on a line its thread owns.
 #[derive(Debug, Default)]
 pub(crate) struct Stripe {
-    pub(crate) in_flight: AtomicU64,
-    pub(crate) accepted: AtomicU64,
+    pub(crate) started: AtomicU64,
+    pub(crate) finished: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -86,21 +88,32 @@ impl Counters {
         self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Calls in flight. Per stripe, `finished` is read before `started`, so a
+    /// call that started before this read and has not finished is always
+    /// counted (the result can overcount, never undercount).
     pub(crate) fn in_flight(&self) -> u64 {
         self.stripes
             .iter()
-            .map(|s| s.in_flight.load(Ordering::SeqCst))
+            .map(|s| {
+                let finished = s.finished.load(Ordering::SeqCst);
+                s.started.load(Ordering::SeqCst).saturating_sub(finished)
+            })
             .sum()
     }
 
+    /// Exact when no call is in flight; a rejection is counted before its
+    /// call finishes, so `accepted` never overcounts.
     pub(crate) fn snapshot(&self) -> Stats {
+        let finished: u64 = self
+            .stripes
+            .iter()
+            .map(|s| s.finished.load(Ordering::Acquire))
+            .sum();
+        let rejected: [u64; RejectReason::ALL.len()] =
+            std::array::from_fn(|i| self.rejected[i].load(Ordering::Acquire));
         Stats {
-            accepted: self
-                .stripes
-                .iter()
-                .map(|s| s.accepted.load(Ordering::Relaxed))
-                .sum(),
-            rejected: std::array::from_fn(|i| self.rejected[i].load(Ordering::Relaxed)),
+            accepted: finished.saturating_sub(rejected.iter().sum()),
+            rejected,
         }
     }
 }
