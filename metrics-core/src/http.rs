@@ -1,1 +1,491 @@
+//! The hyper 1.x HTTP adapter (feature `http`).
+//!
+//! [`MetricsService`] is a `hyper::service::Service` that exposes a
+//! [`MetricsProcessor`] over HTTP:
+//!
+//! | route | what it does |
+//! | --- | --- |
+//! | `POST /v1/events` | ingest one JSON event (`application/json`) or NDJSON, one event a line (`application/x-ndjson`) |
+//! | `GET /v1/aggregates?minutes=N` | the aggregate map as a JSON object |
+//! | `GET /metrics` | Prometheus/OpenMetrics text: accepted and rejected events, types, memory, requests |
+//! | `GET /healthz` | `200` while accepting events, `503` once shutdown began |
+//!
+//! Ingest replies `{"accepted":N,"rejected":[{"line":L,"reason":"…","message":"…"}]}`.
+//! A body that holds no well-formed JSON event is `400`; a body over
+//! [`HttpConfig::max_body_bytes`] is `413` (checked on `Content-Length` and
+//! while reading chunked bodies); an unsupported content type is `415`. In an
+//! NDJSON body, each malformed or invalid line is reported with its 1-based
+//! line number and the others are still processed, so nothing valid is lost.
+//!
+//! ```no_run
+//! # async fn serve() -> std::io::Result<()> {
+//! use std::sync::Arc;
+//! use hyper_util::rt::TokioIo;
+//! use metrics_core::{Config, MetricsProcessor, http::{HttpConfig, MetricsService}};
+//!
+//! let processor = Arc::new(MetricsProcessor::new(Config::default()));
+//! let service = MetricsService::new(processor, HttpConfig::default());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! loop {
+//!     let (stream, _) = listener.accept().await?;
+//!     let service = service.clone();
+//!     tokio::spawn(async move {
+//!         let _ = hyper::server::conn::http1::Builder::new()
+//!             .serve_connection(TokioIo::new(stream), service)
+//!             .await;
+//!     });
+//! }
+//! # }
+//! ```
 
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{EventRef, MetricsProcessor, RejectReason};
+
+/// Limits of the HTTP adapter.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HttpConfig {
+    /// The largest request body accepted, in bytes. Default 8 MiB.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Sets [`HttpConfig::max_body_bytes`].
+    pub fn with_max_body_bytes(mut self, max: usize) -> Self {
+        self.max_body_bytes = max;
+        self
+    }
+}
+
+/// Serves a [`MetricsProcessor`] over HTTP; cheap to clone (one per connection).
+#[derive(Clone, Debug)]
+pub struct MetricsService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    processor: Arc<MetricsProcessor>,
+    config: HttpConfig,
+    registry: Registry,
+    requests: Family<[(&'static str, String); 2], Counter>,
+}
+
+/// The response type of [`MetricsService`].
+pub type HttpResponse = Response<Full<Bytes>>;
+
+impl MetricsService {
+    /// A service over `processor`.
+    pub fn new(processor: Arc<MetricsProcessor>, config: HttpConfig) -> MetricsService {
+        let mut registry = Registry::default();
+        let requests = Family::<[(&'static str, String); 2], Counter>::default();
+        registry.register(
+            "metrics_http_requests",
+            "HTTP requests served, by route and status",
+            requests.clone(),
+        );
+        registry.register_collector(Box::new(ProcessorCollector(Arc::clone(&processor))));
+        MetricsService {
+            inner: Arc::new(Inner {
+                processor,
+                config,
+                registry,
+                requests,
+            }),
+        }
+    }
+
+    /// The processor behind this service.
+    pub fn processor(&self) -> &Arc<MetricsProcessor> {
+        &self.inner.processor
+    }
+
+    /// Handles one request.
+    pub async fn handle<B>(&self, request: Request<B>) -> HttpResponse
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let (route, response) = self.route(request).await;
+        self.inner
+            .requests
+            .get_or_create(&[
+                ("route", route.to_owned()),
+                ("status", response.status().as_str().to_owned()),
+            ])
+            .inc();
+        response
+    }
+
+    async fn route<B>(&self, request: Request<B>) -> (&'static str, HttpResponse)
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let path = request.uri().path();
+        let method = request.method().clone();
+        match (path, method) {
+            ("/v1/events", Method::POST) => ("/v1/events", self.ingest(request).await),
+            ("/v1/aggregates", Method::GET) => {
+                let query = request.uri().query().unwrap_or("").to_owned();
+                ("/v1/aggregates", self.aggregates(&query))
+            }
+            ("/metrics", Method::GET) => ("/metrics", self.metrics()),
+            ("/healthz", Method::GET) => ("/healthz", self.health()),
+            ("/v1/events", _) => ("/v1/events", method_not_allowed("POST")),
+            ("/v1/aggregates" | "/metrics" | "/healthz", _) => ("other", method_not_allowed("GET")),
+            _ => (
+                "other",
+                error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+            ),
+        }
+    }
+
+    async fn ingest<B>(&self, request: Request<B>) -> HttpResponse
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let max = self.inner.config.max_body_bytes;
+        let declared = request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max as u64) {
+            return too_large(max);
+        }
+        let ndjson = match content_kind(request.headers().get(CONTENT_TYPE)) {
+            Some(kind) => kind == BodyKind::Ndjson,
+            None => {
+                return error(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send application/json (one event) or application/x-ndjson (one event a line)",
+                );
+            }
+        };
+        let body = match Limited::new(request.into_body(), max).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => return too_large(max),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    &format!("could not read the body: {e}"),
+                );
+            }
+        };
+        let report = if ndjson {
+            ingest_lines(&self.inner.processor, &body)
+        } else {
+            ingest_one(&self.inner.processor, &body)
+        };
+        let status = if report.well_formed == 0 {
+            StatusCode::BAD_REQUEST
+        } else if !ndjson && report.accepted == 0 {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::OK
+        };
+        let rejected: Vec<_> = report
+            .rejected
+            .iter()
+            .map(|r| json!({"line": r.line, "reason": r.reason, "message": r.message}))
+            .collect();
+        let mut body = json!({"accepted": report.accepted, "rejected": rejected});
+        if report.well_formed == 0 {
+            body["error"] = json!(if report.lines == 0 {
+                "empty body: send one JSON event, or NDJSON with one event a line"
+            } else {
+                "malformed JSON: no line holds a valid event object"
+            });
+        }
+        json_response(status, &body)
+    }
+
+    fn aggregates(&self, query: &str) -> HttpResponse {
+        let minutes = query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(k, _)| *k == "minutes")
+            .map(|(_, v)| v);
+        let Some(minutes) = minutes else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_window",
+                "the query parameter minutes=N is required",
+            );
+        };
+        let Ok(minutes) = minutes.parse::<u32>() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_window",
+                &format!("minutes must be a positive integer, got {minutes:?}"),
+            );
+        };
+        match self.inner.processor.aggregates(minutes) {
+            Ok(map) => {
+                // Sorted keys make responses diffable and stable.
+                let sorted: std::collections::BTreeMap<_, _> = map.into_iter().collect();
+                json_response(StatusCode::OK, &json!(sorted))
+            }
+            Err(e) => error(StatusCode::BAD_REQUEST, "invalid_window", &e.to_string()),
+        }
+    }
+
+    fn metrics(&self) -> HttpResponse {
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.inner.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "could not encode metrics",
+            );
+        }
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        response
+    }
+
+    fn health(&self) -> HttpResponse {
+        if self.inner.processor.is_shutting_down() {
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "shutting_down"}),
+            )
+        } else {
+            json_response(StatusCode::OK, &json!({"status": "ok"}))
+        }
+    }
+}
+
+impl<B> hyper::service::Service<Request<B>> for MetricsService
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<B>) -> Self::Future {
+        let service = self.clone();
+        Box::pin(async move { Ok(service.handle(request).await) })
+    }
+}
+
+/// An event as it arrives on the wire: strings borrowed from the body where
+/// they need no unescaping.
+#[derive(Deserialize)]
+struct WireEvent<'a> {
+    timestamp: DateTime<Utc>,
+    #[serde(borrow)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    value: f64,
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum BodyKind {
+    Json,
+    Ndjson,
+}
+
+/// `None` for an unsupported content type. A missing one is read as JSON.
+fn content_kind(value: Option<&HeaderValue>) -> Option<BodyKind> {
+    let Some(value) = value else {
+        return Some(BodyKind::Json);
+    };
+    let mime = value
+        .to_str()
+        .ok()?
+        .split(';')
+        .next()?
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Some(BodyKind::Json),
+        "application/x-ndjson"
+        | "application/ndjson"
+        | "application/jsonl"
+        | "application/jsonlines" => Some(BodyKind::Ndjson),
+        _ => None,
+    }
+}
+
+struct Rejection {
+    line: usize,
+    reason: &'static str,
+    message: String,
+}
+
+#[derive(Default)]
+struct Report {
+    /// Non-blank lines (or 1 for a JSON body).
+    lines: usize,
+    /// Lines that parsed as an event.
+    well_formed: usize,
+    accepted: usize,
+    rejected: Vec<Rejection>,
+}
+
+impl Report {
+    fn line(&mut self, processor: &MetricsProcessor, number: usize, text: &[u8]) {
+        self.lines += 1;
+        match serde_json::from_slice::<WireEvent<'_>>(text) {
+            Ok(e) => {
+                self.well_formed += 1;
+                let event = EventRef {
+                    timestamp: e.timestamp,
+                    user_id: &e.user_id,
+                    event_type: &e.event_type,
+                    value: e.value,
+                };
+                match processor.process(event) {
+                    Ok(()) => self.accepted += 1,
+                    Err(err) => self.rejected.push(Rejection {
+                        line: number,
+                        reason: err.reject_reason().map_or("rejected", RejectReason::as_str),
+                        message: err.to_string(),
+                    }),
+                }
+            }
+            Err(err) => self.rejected.push(Rejection {
+                line: number,
+                reason: "malformed_json",
+                message: format!("malformed JSON: {err}"),
+            }),
+        }
+    }
+}
+
+fn ingest_one(processor: &MetricsProcessor, body: &[u8]) -> Report {
+    let mut report = Report::default();
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        report.line(processor, 1, body);
+    }
+    report
+}
+
+fn ingest_lines(processor: &MetricsProcessor, body: &[u8]) -> Report {
+    let mut report = Report::default();
+    for (index, line) in body.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        report.line(processor, index + 1, line);
+    }
+    report
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    json_response(status, &json!({"error": message, "code": code}))
+}
+
+fn too_large(max: usize) -> HttpResponse {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        &format!("request body exceeds {max} bytes"),
+    )
+}
+
+fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed",
+    );
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// Exposes the processor's counters at scrape time.
+#[derive(Debug)]
+struct ProcessorCollector(Arc<MetricsProcessor>);
+
+impl Collector for ProcessorCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let stats = self.0.stats();
+        let accepted = ConstCounter::new(stats.accepted);
+        accepted.encode(encoder.encode_descriptor(
+            "metrics_events_accepted",
+            "Events accepted into the aggregates",
+            None,
+            accepted.metric_type(),
+        )?)?;
+        let mut rejected = encoder.encode_descriptor(
+            "metrics_events_rejected",
+            "Events rejected, by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, count) in stats.rejections() {
+            ConstCounter::new(count)
+                .encode(rejected.encode_family(&[("reason", reason.as_str())])?)?;
+        }
+        let types = ConstGauge::new(self.0.event_types() as i64);
+        types.encode(encoder.encode_descriptor(
+            "metrics_event_types",
+            "Registered event types",
+            None,
+            types.metric_type(),
+        )?)?;
+        let memory = ConstGauge::new(self.0.memory_usage().total_bytes() as i64);
+        memory.encode(encoder.encode_descriptor(
+            "metrics_heap_bytes",
+            "Heap bytes held by the aggregation windows and sketches",
+            None,
+            memory.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,299 @@
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Frame;
+use serde_json::Value;
+
+use super::*;
+use crate::Config;
+
+fn service() -> MetricsService {
+    let processor = Arc::new(MetricsProcessor::new(Config::default()));
+    MetricsService::new(processor, HttpConfig::default().with_max_body_bytes(4096))
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339()
+}
+
+fn event(ty: &str, value: f64) -> String {
+    format!(
+        r#"{{"timestamp":"{}","user_id":"u1","event_type":"{ty}","value":{value}}}"#,
+        now()
+    )
+}
+
+async fn call(
+    svc: &MetricsService,
+    method: Method,
+    uri: &str,
+    content_type: Option<&str>,
+    body: String,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(ct) = content_type {
+        req = req.header(CONTENT_TYPE, ct);
+    }
+    let response = svc
+        .handle(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await;
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+#[tokio::test]
+async fn one_json_event_is_accepted() {
+    let svc = service();
+    let (status, body) = call(
+        &svc,
+        Method::POST,
+        "/v1/events",
+        Some("application/json"),
+        event("click", 2.0),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"accepted": 1, "rejected": []}));
+    let (status, body) = call(
+        &svc,
+        Method::GET,
+        "/v1/aggregates?minutes=5",
+        None,
+        String::new(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["click.count"], 1.0);
+    assert_eq!(body["total.unique_users"], 1.0);
+}
+
+#[tokio::test]
+async fn malformed_json_is_a_400_with_a_clear_message() {
+    let svc = service();
+    for bad in [
+        "{not json",
+        r#"{"timestamp":"nope","user_id":"u","event_type":"t","value":1}"#,
+        "[]",
+    ] {
+        let (status, body) = call(
+            &svc,
+            Method::POST,
+            "/v1/events",
+            Some("application/json"),
+            bad.into(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(body["rejected"][0]["reason"], "malformed_json");
+        assert!(body["error"].as_str().unwrap().contains("malformed JSON"));
+    }
+    let (status, body) = call(&svc, Method::POST, "/v1/events", None, "   ".into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap().contains("empty body"));
+    assert_eq!(svc.processor().stats().accepted, 0);
+}
+
+#[tokio::test]
+async fn an_invalid_single_event_is_a_422_with_its_reason() {
+    let svc = service();
+    let (status, body) = call(&svc, Method::POST, "/v1/events", None, event("total", 1.0)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["rejected"][0]["reason"], "reserved_event_type");
+    assert_eq!(body["rejected"][0]["line"], 1);
+}
+
+#[tokio::test]
+async fn ndjson_reports_each_rejected_line_and_keeps_the_rest() {
+    let svc = service();
+    let old = r#"{"timestamp":"2001-01-01T00:00:00Z","user_id":"u","event_type":"t","value":1}"#;
+    let body = [
+        event("a", 1.0),
+        "{truncated".into(),
+        String::new(),
+        event("b", 2.0),
+        old.into(),
+        event("a", 3.0),
+    ]
+    .join("\n");
+    let (status, report) = call(
+        &svc,
+        Method::POST,
+        "/v1/events",
+        Some("application/x-ndjson"),
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report["accepted"], 3);
+    let rejected = report["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 2);
+    assert_eq!(
+        (rejected[0]["line"].as_u64(), rejected[0]["reason"].as_str()),
+        (Some(2), Some("malformed_json"))
+    );
+    assert_eq!(
+        (rejected[1]["line"].as_u64(), rejected[1]["reason"].as_str()),
+        (Some(5), Some("timestamp_too_old"))
+    );
+    let m = svc.processor().aggregates(1).unwrap();
+    assert_eq!(m["a.count"], 2.0);
+    assert_eq!(m["b.count"], 1.0);
+
+    let (status, _) = call(
+        &svc,
+        Method::POST,
+        "/v1/events",
+        Some("application/x-ndjson"),
+        "{bad\n{worse".into(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn unsupported_content_type_is_a_415() {
+    let svc = service();
+    let (status, body) = call(
+        &svc,
+        Method::POST,
+        "/v1/events",
+        Some("text/csv"),
+        event("a", 1.0),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(body["code"], "unsupported_media_type");
+}
+
+#[tokio::test]
+async fn a_declared_oversized_body_is_a_413() {
+    let svc = service();
+    let (status, body) = call(
+        &svc,
+        Method::POST,
+        "/v1/events",
+        Some("application/x-ndjson"),
+        "x".repeat(5000),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["code"], "body_too_large");
+}
+
+/// A chunked body with no Content-Length: `chunks` chunks of `size` bytes.
+struct Chunked {
+    chunks: usize,
+    size: usize,
+}
+
+impl Body for Chunked {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.chunks == 0 {
+            return Poll::Ready(None);
+        }
+        self.chunks -= 1;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'\n'; self.size])))))
+    }
+}
+
+#[tokio::test]
+async fn a_chunked_body_over_the_limit_is_a_413() {
+    let svc = service();
+    let request = Request::post("/v1/events")
+        .header(CONTENT_TYPE, "application/x-ndjson")
+        .body(Chunked {
+            chunks: 10,
+            size: 1024,
+        })
+        .unwrap();
+    let response = svc.handle(request).await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Under the limit, the same body shape is read whole (and is empty: 400).
+    let request = Request::post("/v1/events")
+        .header(CONTENT_TYPE, "application/x-ndjson")
+        .body(Chunked {
+            chunks: 3,
+            size: 1024,
+        })
+        .unwrap();
+    assert_eq!(svc.handle(request).await.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn bad_windows_are_400s() {
+    let svc = service();
+    for uri in [
+        "/v1/aggregates",
+        "/v1/aggregates?minutes=0",
+        "/v1/aggregates?minutes=61",
+        "/v1/aggregates?minutes=abc",
+        "/v1/aggregates?minutes=-1",
+    ] {
+        let (status, body) = call(&svc, Method::GET, uri, None, String::new()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(body["code"], "invalid_window");
+    }
+}
+
+#[tokio::test]
+async fn metrics_health_and_routing() {
+    let svc = service();
+    call(&svc, Method::POST, "/v1/events", None, event("a", 1.0)).await;
+    call(&svc, Method::POST, "/v1/events", None, event("total", 1.0)).await;
+    let (status, text) = call(&svc, Method::GET, "/metrics", None, String::new()).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = text.as_str().unwrap().to_owned();
+    assert!(text.contains("metrics_events_accepted_total 1"), "{text}");
+    assert!(
+        text.contains(r#"metrics_events_rejected_total{reason="reserved_event_type"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("metrics_event_types 1"), "{text}");
+    assert!(
+        text.contains(r#"metrics_http_requests_total{route="/v1/events",status="200"} 1"#),
+        "{text}"
+    );
+
+    assert_eq!(
+        call(&svc, Method::GET, "/healthz", None, String::new())
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&svc, Method::GET, "/nope", None, String::new())
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    let response = svc
+        .handle(
+            Request::get("/v1/events")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(response.headers()[ALLOW], "POST");
+
+    svc.processor().shutdown(Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        call(&svc, Method::GET, "/healthz", None, String::new())
+            .await
+            .0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let (status, body) = call(&svc, Method::POST, "/v1/events", None, event("a", 1.0)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["rejected"][0]["reason"], "shut_down");
+}
