@@ -9,7 +9,8 @@
 //! `--event-types` types with values spread over `--buckets` distinct sketch
 //! buckets, and 1M distinct users, then prints the bytes per type, per type
 //! per second of retention, and per sketch bucket, measured and computed.
-//! The last line is a JSON summary.
+//! The last line is a JSON summary. With `--rss` the allocation counter stays
+//! off and the process's peak RSS is reported instead.
 #![allow(clippy::print_stdout)]
 
 use std::time::{Duration, UNIX_EPOCH};
@@ -31,13 +32,24 @@ fn arg(name: &str, default: usize) -> usize {
 fn main() {
     let types = arg("--event-types", 100);
     let buckets = arg("--buckets", 32).max(1);
-    let _profiler = dhat::Profiler::builder().testing().build();
+    // `--rss` measures the process's peak RSS instead: dhat's own bookkeeping
+    // would inflate it, so the profiler stays off and the heap figures come
+    // from the processor's capacity accounting.
+    let rss_mode = std::env::args().any(|a| a == "--rss");
+    let _profiler = (!rss_mode).then(|| dhat::Profiler::builder().testing().build());
+    let heap = || {
+        if rss_mode {
+            0
+        } else {
+            dhat::HeapStats::get().curr_bytes
+        }
+    };
 
     let start = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let clock = ManualClock::new(start);
-    let baseline = dhat::HeapStats::get().curr_bytes;
+    let baseline = heap();
     let processor = MetricsProcessor::new(Config::default().with_clock(clock.clone()));
-    let empty = dhat::HeapStats::get().curr_bytes - baseline;
+    let empty = heap() - baseline;
 
     let names: Vec<String> = (0..types).map(|i| format!("type-{i}")).collect();
     let seconds = 3_600u64;
@@ -45,7 +57,7 @@ fn main() {
     let values: Vec<f64> = (0..buckets).map(|k| 1.05f64.powi(k as i32)).collect();
     let mut user = String::new();
     let mut users = 0u64;
-    let fill_start = dhat::HeapStats::get().curr_bytes;
+    let fill_start = heap();
     for s in 0..seconds {
         let timestamp: DateTime<Utc> = (start - Duration::from_secs(s)).into();
         for name in &names {
@@ -65,9 +77,32 @@ fn main() {
             }
         }
     }
-    let filled = dhat::HeapStats::get().curr_bytes - baseline;
+    let filled = heap() - baseline;
     let names_bytes = fill_start - baseline - empty;
     let usage = processor.memory_usage();
+    if rss_mode {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let peak_kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0);
+        println!("event types: {types}, buckets per cell: {buckets}, events: {users}");
+        println!(
+            "processor accounting (capacities): {} B; peak RSS {:.1} MiB",
+            usage.total_bytes(),
+            peak_kb / 1024.0
+        );
+        let summary = serde_json::json!({
+            "event_types": types,
+            "buckets": buckets,
+            "events": users,
+            "processor_heap_mib": (usage.total_bytes() as f64 / 1048576.0 * 10.0).round() / 10.0,
+            "rss_mib": (peak_kb / 1024.0 * 10.0).round() / 10.0,
+        });
+        println!("{summary}");
+        return;
+    }
 
     // The model (see docs/metrics-core.md): per type, 63 minute blocks of
     // 60 one-second cells plus a minute total; 4 bytes per occupied bucket
