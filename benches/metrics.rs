@@ -56,10 +56,13 @@ impl Events {
     }
 }
 
+/// (second, user id, value) of one raw event.
+type RawEvent = (i64, String, f64);
+
 /// The naive baseline: every event kept, queries scan and sort.
 #[derive(Default)]
 struct Naive {
-    by_type: Mutex<HashMap<String, Vec<(i64, String, f64)>>>,
+    by_type: Mutex<HashMap<String, Vec<RawEvent>>>,
 }
 
 impl Naive {
