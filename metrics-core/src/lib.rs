@@ -53,7 +53,7 @@
 //!
 //! ## Features
 //!
-//! * `http`: the hyper 1.x adapter in [`http`](crate::http) (NDJSON ingest,
+//! * `http`: the hyper 1.x adapter in the `http` module (NDJSON ingest,
 //!   aggregates, Prometheus text, health).
 //!
 //! The design, its concurrency patterns and the accuracy proofs are in
