@@ -1,13 +1,25 @@
 //! # gateway_mw: API gateway middleware
 //!
-//! API gateway middleware: JWT with refresh-token rotation, RBAC, rate limits
-//! per user and per API key (local and Redis-backed), Prometheus metrics, CORS,
-//! security headers, input validation, a tamper-evident audit log, health
-//! checks and graceful shutdown, as tower layers over hyper.
+//! The decisions an API gateway makes on every request (authenticate,
+//! authorize, rate-limit, audit), as transport-agnostic building blocks.
+//!
+//! | module | what it decides |
+//! | --- | --- |
+//! | [`jwt`] | whether a bearer token is authentic and current: keys pinned to algorithms and selected by `kid`, strict `exp`/`nbf`/`iss`/`aud` |
+//! | [`rbac`] | whether a subject's roles grant the permission a route requires, deny by default |
+//! | [`ratelimit`] | whether a key (user, API key, client IP) is within its quota: keyed GCRA, exact under concurrency, bounded memory |
+//! | [`audit`] | a tamper-evident, hash-chained record of every security decision |
 //!
 //! ## Status
 //!
-//! This crate is reserved in the workspace and holds no public API yet: its
-//! tracking issue (issue #4) builds it. Nothing here is a placeholder; what lands
-//! is what works and is tested.
+//! Issue #4 builds this crate in increments. What is here works and is
+//! tested; still to come are the refresh-token service and Redis-backed
+//! limiter, the tower layers and `Gateway` service over hyper, CORS, security
+//! headers, input validation, Prometheus metrics and the reverse-proxy
+//! example (see the issue's closing notes).
 #![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod jwt;
+pub mod ratelimit;
+pub mod rbac;
