@@ -37,6 +37,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+pub use redis::{FailurePolicy, RedisCheck, RedisLimitError, RedisLimiter, RedisLimiterConfig};
+
 const SHARDS: usize = 64;
 
 /// A rate: `count` requests per `period`, with bursts of up to `burst`.
