@@ -1,0 +1,139 @@
+//! Criterion benches of gateway-mw's per-request decisions.
+//!
+//! ```text
+//! cargo bench --features gateway --bench gateway
+//! ```
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use gateway_mw::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
+use gateway_mw::ratelimit::{KeyedLimiter, LimiterConfig, Quota};
+use gateway_mw::rbac::{Decision, PolicyConfig, RoleDef, RouteRule};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::json;
+
+const SECRET: &[u8] = b"pyjwt-fixture-secret-0123456789abcdef";
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/gateway-mw/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture")
+}
+
+fn bench_jwt(c: &mut Criterion) {
+    let keys = KeySet::new()
+        .with_key(VerifyingKey::hs256("hs", SECRET))
+        .and_then(|k| k.with_key(VerifyingKey::rs256_pem("rs", &fixture("rsa_public.pem"))?))
+        .and_then(|k| k.with_key(VerifyingKey::es256_pem("es", &fixture("ec_public.pem"))?))
+        .and_then(|k| {
+            k.with_key(VerifyingKey::eddsa_pem(
+                "ed",
+                &fixture("ed25519_public.pem"),
+            )?)
+        })
+        .expect("keys");
+    let verifier = JwtVerifier::new(
+        keys,
+        JwtConfig::default()
+            .with_issuer("https://issuer.test")
+            .with_audience("gateway"),
+    );
+    let now = 1_795_557_600i64;
+    let claims = json!({"sub": "alice", "iss": "https://issuer.test", "aud": "gateway", "exp": now + 600, "roles": ["admin"]});
+    let mut group = c.benchmark_group("jwt_verify");
+    for (alg, kid, key) in [
+        (Algorithm::HS256, "hs", EncodingKey::from_secret(SECRET)),
+        (
+            Algorithm::RS256,
+            "rs",
+            EncodingKey::from_rsa_pem(&fixture("rsa_private.pem")).expect("rsa"),
+        ),
+        (
+            Algorithm::ES256,
+            "es",
+            EncodingKey::from_ec_pem(&fixture("ec_private.pem")).expect("ec"),
+        ),
+        (
+            Algorithm::EdDSA,
+            "ed",
+            EncodingKey::from_ed_pem(&fixture("ed25519_private.pem")).expect("ed"),
+        ),
+    ] {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.into());
+        let token = encode(&header, &claims, &key).expect("sign");
+        assert!(verifier.verify_at(&token, now).is_ok());
+        group.bench_function(format!("{alg:?}"), |b| {
+            b.iter(|| verifier.verify_at(black_box(&token), now).is_ok())
+        });
+    }
+    group.finish();
+}
+
+fn bench_ratelimit(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ratelimit_check");
+    let limiter: KeyedLimiter = KeyedLimiter::new(LimiterConfig::new(Quota::per_minute(1_000)));
+    let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i}")).collect();
+    let mut i = 0;
+    group.bench_function("uncontended", |b| {
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            limiter.check(black_box(keys[i].as_str()))
+        })
+    });
+    let limiter = Arc::new(limiter);
+    let keys = Arc::new(keys);
+    group.bench_function("two_threads", |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            let handles: Vec<_> = (0..2)
+                .map(|t| {
+                    let (limiter, keys) = (Arc::clone(&limiter), Arc::clone(&keys));
+                    std::thread::spawn(move || {
+                        for n in 0..iters as usize {
+                            black_box(limiter.check(keys[(n * 2 + t) % keys.len()].as_str()));
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("thread");
+            }
+            started.elapsed()
+        })
+    });
+    group.finish();
+}
+
+fn bench_rbac(c: &mut Criterion) {
+    let mut config = PolicyConfig::default()
+        .role("reader", RoleDef::new(["svc:read"]))
+        .role("admin", RoleDef::new(["svc:write"]).inherits(["reader"]));
+    for i in 0..10_000 {
+        config = config.rule(RouteRule::new(
+            "GET",
+            format!("/svc{}/items/{{id}}/sub{}", i % 100, i / 100),
+            "svc:read",
+        ));
+    }
+    let policy = config.compile().expect("policy");
+    let mut group = c.benchmark_group("rbac_check");
+    group.measurement_time(Duration::from_secs(3));
+    group.bench_function("10000_rules", |b| {
+        b.iter(|| {
+            matches!(
+                policy.check("GET", black_box("/svc42/items/9001/sub77"), &["admin"]),
+                Decision::Allow { .. }
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_jwt, bench_ratelimit, bench_rbac);
+criterion_main!(benches);
