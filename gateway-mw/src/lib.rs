@@ -8,18 +8,23 @@
 //! | [`jwt`] | whether a bearer token is authentic and current: keys pinned to algorithms and selected by `kid`, strict `exp`/`nbf`/`iss`/`aud` |
 //! | [`rbac`] | whether a subject's roles grant the permission a route requires, deny by default |
 //! | [`ratelimit`] | whether a key (user, API key, client IP) is within its quota: keyed GCRA, exact under concurrency, bounded memory |
+//! | [`token`] | access tokens and rotating refresh tokens: families, reuse detection, grace, lifetimes; in-memory and Redis stores |
 //! | [`audit`] | a tamper-evident, hash-chained record of every security decision |
 //!
 //! ## Status
 //!
 //! Issue #4 builds this crate in increments. What is here works and is
-//! tested; still to come are the refresh-token service and Redis-backed
-//! limiter, the tower layers and `Gateway` service over hyper, CORS, security
-//! headers, input validation, Prometheus metrics and the reverse-proxy
-//! example (see the issue's closing notes).
+//! tested; still to come are the tower layers and `Gateway` service over
+//! hyper, CORS, security headers, input validation, Prometheus metrics, the
+//! audit sinks and the reverse-proxy example (see the issue's notes).
+//!
+//! ## Features
+//!
+//! * `redis`: `ratelimit::RedisLimiter` and `token::RedisStore` (fred).
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod jwt;
 pub mod ratelimit;
 pub mod rbac;
+pub mod token;

@@ -1,0 +1,380 @@
+//! Access and refresh tokens with rotation and reuse detection.
+//!
+//! [`TokenService::issue`] mints a short-lived JWT access token and an opaque
+//! refresh token that starts a *family*. [`TokenService::refresh`] rotates:
+//! the presented refresh token is spent and a new pair is returned, in the
+//! same family. Presenting a spent token again means it leaked (or a client
+//! is confused): the whole family is revoked. The one exception is the
+//! immediate predecessor of a still-unused token, presented again within the
+//! grace window (default 10 s), once: two concurrent refreshes from the same
+//! client then both succeed. Families also end at an absolute lifetime, and a
+//! refresh token at its idle lifetime.
+//!
+//! Refresh tokens are 256 random bits, stored only as their SHA-256: a copy
+//! of the store cannot be replayed. Storage sits behind [`RefreshStore`], with
+//! [`MemoryStore`] and (feature `redis`) `RedisStore`, whose rotation is one
+//! atomic Lua script. Both run the same test suite.
+//!
+//! See `docs/adr/0007-gateway-refresh-token-rotation.md` for the design.
+
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use sha2::{Digest, Sha256};
+
+/// Lifetimes and the grace window, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationPolicy {
+    /// A family ends this long after it was issued, whatever happens.
+    pub absolute_ms: i64,
+    /// A refresh token ends this long after it was issued if unused.
+    pub idle_ms: i64,
+    /// How long a just-spent token may be presented again (once).
+    pub grace_ms: i64,
+}
+
+/// What the store decided about a presented refresh token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    /// Spent and replaced by the successor.
+    Rotated {
+        /// The family's subject.
+        subject: String,
+        /// The family's roles.
+        roles: Vec<String>,
+        /// Whether this was a grace-window second use.
+        in_grace: bool,
+    },
+    /// No such token.
+    Invalid,
+    /// The token or its family is past its lifetime.
+    Expired,
+    /// The family was revoked (logout or earlier reuse).
+    Revoked,
+    /// A spent token was presented again: the family is now revoked.
+    ReuseDetected {
+        /// The family's subject, for the audit log.
+        subject: String,
+    },
+}
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[error("refresh-token store: {0}")]
+pub struct StoreError(pub String);
+
+/// Storage of refresh-token families. Implementations must make `rotate`
+/// atomic: two concurrent calls with the same presented token must not both
+/// see it active.
+pub trait RefreshStore: Send + Sync {
+    /// Starts a family whose first token has hash `token_hash`.
+    fn create(
+        &self,
+        token_hash: &str,
+        family: &str,
+        subject: &str,
+        roles: &[String],
+        now_ms: i64,
+        policy: &RotationPolicy,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Spends `presented_hash` and stores `successor_hash` in its family, if
+    /// the rules allow; see [`Rotation`].
+    fn rotate(
+        &self,
+        presented_hash: &str,
+        successor_hash: &str,
+        now_ms: i64,
+        policy: &RotationPolicy,
+    ) -> impl Future<Output = Result<Rotation, StoreError>> + Send;
+
+    /// Revokes the family of `presented_hash`; `false` if there is no such token.
+    fn revoke(&self, presented_hash: &str)
+    -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// Why issuing or refreshing failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// The refresh token is unknown.
+    #[error("invalid refresh token")]
+    Invalid,
+    /// The refresh token or its family is past its lifetime.
+    #[error("refresh token expired")]
+    Expired,
+    /// The family was revoked.
+    #[error("refresh token revoked")]
+    Revoked,
+    /// A spent refresh token was reused; its family has been revoked.
+    #[error("refresh token reuse detected; the session has been revoked")]
+    ReuseDetected {
+        /// Whose family was revoked.
+        subject: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The operating system's random number generator failed.
+    #[error("random number generator unavailable: {0}")]
+    Random(String),
+    /// Signing the access token failed.
+    #[error("could not sign the access token: {0}")]
+    Signing(String),
+}
+
+/// Token lifetimes and the signing key.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct TokenConfig {
+    /// `iss` of access tokens.
+    pub issuer: String,
+    /// `aud` of access tokens.
+    pub audience: String,
+    /// Access-token lifetime. Default 10 minutes.
+    pub access_ttl: Duration,
+    /// Refresh-token idle lifetime. Default 7 days.
+    pub refresh_idle_ttl: Duration,
+    /// Family absolute lifetime. Default 30 days.
+    pub refresh_absolute_ttl: Duration,
+    /// Grace window for the immediate predecessor. Default 10 s.
+    pub reuse_grace: Duration,
+    kid: String,
+    key: EncodingKey,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("access_ttl", &self.access_ttl)
+            .field("refresh_idle_ttl", &self.refresh_idle_ttl)
+            .field("refresh_absolute_ttl", &self.refresh_absolute_ttl)
+            .field("reuse_grace", &self.reuse_grace)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenConfig {
+    /// Access tokens signed HS256 with `secret` under `kid`.
+    pub fn hs256(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        kid: impl Into<String>,
+        secret: &[u8],
+    ) -> TokenConfig {
+        TokenConfig {
+            issuer: issuer.into(),
+            audience: audience.into(),
+            access_ttl: Duration::from_secs(600),
+            refresh_idle_ttl: Duration::from_secs(7 * 24 * 3600),
+            refresh_absolute_ttl: Duration::from_secs(30 * 24 * 3600),
+            reuse_grace: Duration::from_secs(10),
+            kid: kid.into(),
+            key: EncodingKey::from_secret(secret),
+        }
+    }
+
+    /// Sets [`TokenConfig::reuse_grace`].
+    pub fn with_reuse_grace(mut self, grace: Duration) -> Self {
+        self.reuse_grace = grace;
+        self
+    }
+
+    /// Sets the idle and absolute refresh lifetimes.
+    pub fn with_refresh_lifetimes(mut self, idle: Duration, absolute: Duration) -> Self {
+        self.refresh_idle_ttl = idle;
+        self.refresh_absolute_ttl = absolute;
+        self
+    }
+
+    fn policy(&self) -> RotationPolicy {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        RotationPolicy {
+            absolute_ms: ms(self.refresh_absolute_ttl),
+            idle_ms: ms(self.refresh_idle_ttl),
+            grace_ms: ms(self.reuse_grace),
+        }
+    }
+}
+
+/// An access token and a refresh token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenPair {
+    /// The JWT access token.
+    pub access_token: String,
+    /// The opaque refresh token (shown once; only its hash is stored).
+    pub refresh_token: String,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+}
+
+impl std::fmt::Debug for TokenPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens are secrets: never in logs.
+        f.debug_struct("TokenPair")
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A source of Unix time in milliseconds.
+pub type MillisClock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// Issues and rotates tokens over a [`RefreshStore`].
+pub struct TokenService<S> {
+    store: S,
+    config: TokenConfig,
+    clock: MillisClock,
+}
+
+impl<S> std::fmt::Debug for TokenService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenService")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: RefreshStore> TokenService<S> {
+    /// A service over `store`, on the system clock.
+    pub fn new(store: S, config: TokenConfig) -> TokenService<S> {
+        let clock: MillisClock = Arc::new(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        });
+        TokenService {
+            store,
+            config,
+            clock,
+        }
+    }
+
+    /// Uses `clock` (Unix milliseconds) instead of the system clock.
+    pub fn with_clock(mut self, clock: MillisClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Starts a session for `subject`: a new family and its first pair.
+    pub async fn issue(&self, subject: &str, roles: &[String]) -> Result<TokenPair, TokenError> {
+        let now = (self.clock)();
+        let refresh = random_token()?;
+        let family = random_token()?;
+        self.store
+            .create(
+                &hash_token(&refresh),
+                &family,
+                subject,
+                roles,
+                now,
+                &self.config.policy(),
+            )
+            .await?;
+        self.pair(subject, roles, refresh, now)
+    }
+
+    /// Rotates `refresh_token`: spends it and returns a new pair.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, TokenError> {
+        let now = (self.clock)();
+        let successor = random_token()?;
+        let outcome = self
+            .store
+            .rotate(
+                &hash_token(refresh_token),
+                &hash_token(&successor),
+                now,
+                &self.config.policy(),
+            )
+            .await?;
+        match outcome {
+            Rotation::Rotated {
+                subject,
+                roles,
+                in_grace,
+            } => {
+                if in_grace {
+                    tracing::info!(%subject, "refresh within the grace window");
+                }
+                self.pair(&subject, &roles, successor, now)
+            }
+            Rotation::Invalid => Err(TokenError::Invalid),
+            Rotation::Expired => Err(TokenError::Expired),
+            Rotation::Revoked => Err(TokenError::Revoked),
+            Rotation::ReuseDetected { subject } => {
+                tracing::warn!(%subject, "refresh token reuse: family revoked");
+                Err(TokenError::ReuseDetected { subject })
+            }
+        }
+    }
+
+    /// Ends the session of `refresh_token` (revokes its family).
+    pub async fn logout(&self, refresh_token: &str) -> Result<(), TokenError> {
+        if self.store.revoke(&hash_token(refresh_token)).await? {
+            Ok(())
+        } else {
+            Err(TokenError::Invalid)
+        }
+    }
+
+    fn pair(
+        &self,
+        subject: &str,
+        roles: &[String],
+        refresh_token: String,
+        now_ms: i64,
+    ) -> Result<TokenPair, TokenError> {
+        let now = now_ms / 1_000;
+        let ttl = self.config.access_ttl.as_secs();
+        let claims = serde_json::json!({
+            "sub": subject,
+            "iss": self.config.issuer,
+            "aud": self.config.audience,
+            "iat": now,
+            "exp": now + ttl as i64,
+            "jti": random_token()?,
+            "roles": roles,
+        });
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(self.config.kid.clone());
+        let access_token = jsonwebtoken::encode(&header, &claims, &self.config.key)
+            .map_err(|e| TokenError::Signing(e.to_string()))?;
+        Ok(TokenPair {
+            access_token,
+            refresh_token,
+            expires_in: ttl,
+        })
+    }
+}
+
+/// 256 random bits from the operating system, base64url.
+fn random_token() -> Result<String, TokenError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| TokenError::Random(e.to_string()))?;
+    Ok(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The stored form of a refresh token.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
