@@ -24,6 +24,8 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod jwt;
 pub mod ratelimit;
 pub mod rbac;

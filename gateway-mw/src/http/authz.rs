@@ -1,0 +1,124 @@
+//! Authorization: RBAC on the matched route.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+
+use super::{
+    AuditSink, BoxError, GatewayBody, MatchedRoute, Principal, boxed, error_response, request_id,
+};
+use crate::audit::{AuditEntry, Outcome};
+use crate::rbac::{Decision, Policy};
+
+/// Checks the [`Principal`]'s roles against a [`Policy`]; see the module docs.
+#[derive(Clone)]
+pub struct AuthzLayer {
+    policy: Arc<Policy>,
+    audit: Arc<dyn AuditSink>,
+}
+
+impl std::fmt::Debug for AuthzLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthzLayer")
+            .field("rules", &self.policy.rule_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthzLayer {
+    /// Enforces `policy`.
+    pub fn new(policy: Arc<Policy>, audit: Arc<dyn AuditSink>) -> AuthzLayer {
+        AuthzLayer { policy, audit }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthzLayer {
+    type Service = AuthzService<S>;
+
+    fn layer(&self, inner: S) -> AuthzService<S> {
+        AuthzService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`AuthzLayer`].
+#[derive(Clone, Debug)]
+pub struct AuthzService<S> {
+    inner: S,
+    layer: AuthzLayer,
+}
+
+impl<S, B, ResBody> tower::Service<Request<B>> for AuthzService<S>
+where
+    S: tower::Service<Request<B>, Response = Response<ResBody>> + Send,
+    S::Future: Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<GatewayBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let Some(principal) = request.extensions().get::<Principal>().cloned() else {
+            // Authorization without authentication is a wiring error; refuse.
+            let response = error_response(
+                StatusCode::UNAUTHORIZED,
+                "missing_credentials",
+                "authentication required",
+            );
+            return Box::pin(async move { Ok(response) });
+        };
+        let decision = self.layer.policy.check(
+            request.method().as_str(),
+            request.uri().path(),
+            &principal.roles,
+        );
+        let denied =
+            |status, code, route: Option<String>, message: String, request: &Request<B>| {
+                let mut entry = AuditEntry::new("authz.check", Outcome::Denied)
+                    .who(principal.id.clone())
+                    .reason(code);
+                if let Some(route) = route {
+                    entry = entry.route(route);
+                }
+                if let Some(id) = request_id(request) {
+                    entry = entry.request_id(id);
+                }
+                self.layer.audit.record(entry);
+                error_response(status, code, &message)
+            };
+        let response = match decision {
+            Decision::Allow { route, .. } => {
+                request.extensions_mut().insert(MatchedRoute(route));
+                let future = self.inner.call(request);
+                return Box::pin(async move { future.await.map(boxed) });
+            }
+            Decision::Forbidden { route, permission } => denied(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                Some(format!("{} {route}", request.method())),
+                format!("missing permission {permission}"),
+                &request,
+            ),
+            Decision::NoRoute => denied(
+                StatusCode::NOT_FOUND,
+                "route_not_found",
+                None,
+                "no such route".to_owned(),
+                &request,
+            ),
+        };
+        Box::pin(async move { Ok(response) })
+    }
+}

@@ -1,0 +1,270 @@
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tower::{Layer, ServiceExt};
+
+use super::*;
+use crate::audit::Outcome;
+use crate::jwt::{JwtConfig, KeySet, VerifyingKey};
+use crate::ratelimit::Quota;
+use crate::rbac::{PolicyConfig, RoleDef, RouteRule};
+
+const SECRET: &[u8] = b"http-layer-test-secret-0123456789ab";
+
+#[derive(Default, Clone)]
+struct Recorder(Arc<Mutex<Vec<AuditEntry>>>);
+
+impl AuditSink for Recorder {
+    fn record(&self, entry: AuditEntry) {
+        self.0.lock().push(entry);
+    }
+}
+
+fn token(sub: &str, roles: &[&str]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("k1".into());
+    encode(
+        &header,
+        &json!({"sub": sub, "exp": now + 300, "roles": roles}),
+        &EncodingKey::from_secret(SECRET),
+    )
+    .unwrap()
+}
+
+fn parts(audit: Recorder) -> GatewayParts {
+    let verifier = JwtVerifier::new(
+        KeySet::new()
+            .with_key(VerifyingKey::hs256("k1", SECRET))
+            .unwrap(),
+        JwtConfig::default(),
+    );
+    let policy = PolicyConfig::default()
+        .role("reader", RoleDef::new(["orders:read"]))
+        .role(
+            "writer",
+            RoleDef::new(["orders:write"]).inherits(["reader"]),
+        )
+        .rule(RouteRule::new("GET", "/v1/orders/{id}", "orders:read"))
+        .rule(RouteRule::new("POST", "/v1/orders", "orders:write"))
+        .compile()
+        .unwrap();
+    GatewayParts::new(verifier, policy)
+        .with_api_keys(ApiKeys::new().with_key(
+            "billing-service",
+            "ak_live_0123456789",
+            vec!["reader".into()],
+        ))
+        .with_limits(RateLimits::new(Quota::per_minute(3), Quota::per_minute(5)))
+        .with_audit(audit)
+}
+
+/// An upstream that echoes what the layers inserted.
+async fn upstream(request: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let principal = request
+        .extensions()
+        .get::<Principal>()
+        .map(|p| p.id.clone());
+    let route = request
+        .extensions()
+        .get::<MatchedRoute>()
+        .map(|r| r.0.clone());
+    let body = json!({"principal": principal, "route": route}).to_string();
+    Ok(Response::new(Full::new(Bytes::from(body))))
+}
+
+async fn send(
+    service: impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<GatewayBody>,
+        Error = Infallible,
+    >,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+) -> (StatusCode, http::HeaderMap, Value) {
+    let mut request = Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        request = request.header(*k, v);
+    }
+    let response = service
+        .oneshot(request.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn bearer(t: &str) -> (&'static str, String) {
+    ("authorization", format!("Bearer {t}"))
+}
+
+#[tokio::test]
+async fn an_authorized_request_reaches_upstream_with_principal_and_route() {
+    let gw = Gateway::new(parts(Recorder::default())).wrap(tower::service_fn(upstream));
+    let (status, headers, body) = send(
+        gw,
+        "GET",
+        "/v1/orders/42",
+        &[bearer(&token("alice", &["reader"]))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"principal": "alice", "route": "/v1/orders/{id}"})
+    );
+    assert_eq!(headers["ratelimit-policy"], "\"user\";q=3;w=60");
+    assert_eq!(headers["ratelimit"], "\"user\";r=2;t=20");
+}
+
+#[tokio::test]
+async fn missing_and_bad_credentials_are_401_with_a_challenge() {
+    let audit = Recorder::default();
+    let gw = Gateway::new(parts(audit.clone())).wrap(tower::service_fn(upstream));
+    let (status, headers, body) = send(gw.clone(), "GET", "/v1/orders/1", &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    assert_eq!(body["code"], "missing_credentials");
+    let (status, headers, body) =
+        send(gw.clone(), "GET", "/v1/orders/1", &[bearer("not.a.token")]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        headers["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
+    assert_eq!(body["code"], "invalid_token");
+    let (status, _, body) = send(gw, "GET", "/v1/orders/1", &[("x-api-key", "wrong".into())]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_api_key"))
+    );
+    let expected: Vec<AuditEntry> = ["missing_credentials", "invalid_token", "invalid_api_key"]
+        .into_iter()
+        .map(|reason| AuditEntry::new("auth.authenticate", Outcome::Failure).reason(reason))
+        .collect();
+    assert_eq!(*audit.0.lock(), expected);
+}
+
+#[tokio::test]
+async fn a_missing_permission_is_403_and_an_unknown_route_404() {
+    let audit = Recorder::default();
+    let gw = Gateway::new(parts(audit.clone())).wrap(tower::service_fn(upstream));
+    let reader = token("alice", &["reader"]);
+    let (status, _, body) = send(
+        gw.clone(),
+        "POST",
+        "/v1/orders",
+        &[bearer(&reader), ("x-request-id", "req-7".into())],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"], "missing permission orders:write");
+    let (status, _, _) = send(gw.clone(), "DELETE", "/v1/orders/1", &[bearer(&reader)]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = send(
+        gw,
+        "POST",
+        "/v1/orders",
+        &[bearer(&token("bob", &["writer"]))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "inherited roles grant");
+    let entries = audit.0.lock();
+    assert_eq!(
+        entries[0],
+        AuditEntry::new("authz.check", Outcome::Denied)
+            .who("alice")
+            .reason("forbidden")
+            .route("POST /v1/orders")
+            .request_id("req-7")
+    );
+}
+
+#[tokio::test]
+async fn api_keys_authenticate_and_have_their_own_quota() {
+    let gw = Gateway::new(parts(Recorder::default())).wrap(tower::service_fn(upstream));
+    let key = ("x-api-key", "ak_live_0123456789".to_owned());
+    let (status, headers, body) = send(gw, "GET", "/v1/orders/9", std::slice::from_ref(&key)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["principal"], "billing-service");
+    assert_eq!(headers["ratelimit-policy"], "\"api_key\";q=5;w=60");
+}
+
+#[tokio::test]
+async fn over_quota_is_429_with_retry_after_and_audited() {
+    let audit = Recorder::default();
+    let gw = Gateway::new(parts(audit.clone())).wrap(tower::service_fn(upstream));
+    let t = token("carol", &["reader"]);
+    for _ in 0..3 {
+        assert_eq!(
+            send(gw.clone(), "GET", "/v1/orders/1", &[bearer(&t)])
+                .await
+                .0,
+            StatusCode::OK
+        );
+    }
+    let (status, headers, body) = send(gw.clone(), "GET", "/v1/orders/1", &[bearer(&t)]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["code"], "rate_limited");
+    assert_eq!(headers["retry-after"], "20");
+    assert_eq!(headers["ratelimit"], "\"user\";r=0;t=60");
+    // Another user is unaffected.
+    assert_eq!(
+        send(
+            gw,
+            "GET",
+            "/v1/orders/1",
+            &[bearer(&token("dave", &["reader"]))]
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let entries = audit.0.lock();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        entries[0],
+        AuditEntry::new("ratelimit.check", Outcome::Denied)
+            .who("carol")
+            .reason("user")
+            .route("/v1/orders/{id}")
+    );
+}
+
+#[tokio::test]
+async fn each_layer_works_alone() {
+    let p = parts(Recorder::default());
+    let auth_only = AuthLayer::new(Arc::clone(&p.verifier), Arc::new(NoAudit))
+        .layer(tower::service_fn(upstream));
+    let (status, _, body) = send(
+        auth_only,
+        "DELETE",
+        "/anything",
+        &[bearer(&token("erin", &[]))],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["principal"], "erin");
+    // Authorization without authentication in front refuses rather than allows.
+    let authz_only = AuthzLayer::new(Arc::clone(&p.policy), Arc::new(NoAudit))
+        .layer(tower::service_fn(upstream));
+    assert_eq!(
+        send(authz_only, "GET", "/v1/orders/1", &[]).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
