@@ -4,11 +4,11 @@
 //! | layer | does | rejects with |
 //! | --- | --- | --- |
 //! | [`AuthLayer`] | verifies `Authorization: Bearer <jwt>` or `X-Api-Key`, inserts a [`Principal`] | 401 + `WWW-Authenticate` |
-//! | [`AuthzLayer`] | checks the principal's roles against the [`Policy`](crate::rbac::Policy), inserts the [`MatchedRoute`] | 403 (missing permission), 404 (no route: deny by default) |
+//! | [`AuthzLayer`] | checks the principal's roles against the [`Policy`], inserts the [`MatchedRoute`] | 403 (missing permission), 404 (no route: deny by default) |
 //! | [`RateLimitLayer`] | GCRA per user and per API key, with the IETF `RateLimit-Policy` / `RateLimit` headers | 429 + `Retry-After` |
 //!
 //! Every rejection is a JSON body `{"error": "...", "code": "..."}` and an
-//! [`AuditEntry`](crate::audit::AuditEntry) handed to the configured
+//! [`AuditEntry`] handed to the configured
 //! [`AuditSink`], so security decisions are recorded off the request path.
 //!
 //! ```
