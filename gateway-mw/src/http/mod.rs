@@ -51,7 +51,7 @@ use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 
-use crate::audit::AuditEntry;
+pub use crate::audit::{AuditSink, NoAudit};
 use crate::jwt::JwtVerifier;
 use crate::rbac::Policy;
 
@@ -85,21 +85,6 @@ pub enum PrincipalKind {
 /// low-cardinality label for metrics and the audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatchedRoute(pub String);
-
-/// Where the layers send audit entries. Implementations must not block: the
-/// file sink queues entries for a writer thread.
-pub trait AuditSink: Send + Sync + 'static {
-    /// Records `entry`.
-    fn record(&self, entry: AuditEntry);
-}
-
-/// An [`AuditSink`] that drops everything (the default).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoAudit;
-
-impl AuditSink for NoAudit {
-    fn record(&self, _entry: AuditEntry) {}
-}
 
 /// The request id a layer should log: `X-Request-Id` when present.
 fn request_id<B>(request: &http::Request<B>) -> Option<String> {

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tower::{Layer, ServiceExt};
 
 use super::*;
-use crate::audit::Outcome;
+use crate::audit::{AuditEntry, Outcome};
 use crate::jwt::{JwtConfig, KeySet, VerifyingKey};
 use crate::ratelimit::Quota;
 use crate::rbac::{PolicyConfig, RoleDef, RouteRule};

@@ -12,6 +12,11 @@
 //! Records hold who, what, when, where and the outcome, never a secret or a
 //! token: [`AuditEntry`] has no field that could carry one by accident.
 //!
+//! [`AuditLog`] writes the chain off the request path: a bounded queue, a
+//! writer thread that seals entries and writes them in batches (a
+//! [`FileWriter`] fsyncs once per batch, a [`StdoutWriter`] suits containers),
+//! and counters of written and dropped records for metrics.
+//!
 //! ```
 //! use gateway_mw::audit::{AuditChain, AuditEntry, Outcome, verify};
 //!
@@ -28,6 +33,10 @@
 //! let tampered = lines[0].replace("alice", "mallory");
 //! assert!(verify([tampered.as_str(), lines[1].as_str()], None).is_err());
 //! ```
+
+mod log;
+
+pub use log::{AuditLog, AuditSink, AuditStats, AuditWriter, FileWriter, NoAudit, StdoutWriter};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
