@@ -6,6 +6,8 @@
 //! | [`AuthLayer`] | verifies `Authorization: Bearer <jwt>` or `X-Api-Key`, inserts a [`Principal`] | 401 + `WWW-Authenticate` |
 //! | [`AuthzLayer`] | checks the principal's roles against the [`Policy`], inserts the [`MatchedRoute`] | 403 (missing permission), 404 (no route: deny by default) |
 //! | [`RateLimitLayer`] | GCRA per user and per API key, with the IETF `RateLimit-Policy` / `RateLimit` headers | 429 + `Retry-After` |
+//! | CORS ([`CorsConfig::layer`]) | exact-origin allow-list on tower-http's `CorsLayer`, validated at start | no CORS headers for other origins |
+//! | [`SecurityHeadersLayer`] | HSTS, CSP, `X-Content-Type-Options`, `X-Frame-Options`, `Referrer-Policy`, `Permissions-Policy`; strips `Server`/`X-Powered-By`; `no-store` on auth paths | — |
 //!
 //! Every rejection is a JSON body `{"error": "...", "code": "..."}` and an
 //! [`AuditEntry`] handed to the configured
@@ -37,10 +39,14 @@
 
 mod auth;
 mod authz;
+mod cors;
+mod headers;
 mod rate;
 
 pub use auth::{ApiKeys, AuthLayer, AuthService};
 pub use authz::{AuthzLayer, AuthzService};
+pub use cors::{CorsConfig, CorsConfigError};
+pub use headers::{SecurityHeaders, SecurityHeadersLayer, SecurityHeadersService};
 pub use rate::{RateLimitLayer, RateLimitService, RateLimits};
 
 use std::sync::Arc;
@@ -208,5 +214,7 @@ impl Gateway {
     }
 }
 
+#[cfg(test)]
+mod cors_tests;
 #[cfg(test)]
 mod tests;
