@@ -6,6 +6,7 @@
 //! | module | what it decides |
 //! | --- | --- |
 //! | [`jwt`] | whether a bearer token is authentic and current: keys pinned to algorithms and selected by `kid`, strict `exp`/`nbf`/`iss`/`aud` |
+//! | [`router`] | method + path-template routing (a segment trie), shared by authorization and validation |
 //! | [`rbac`] | whether a subject's roles grant the permission a route requires, deny by default |
 //! | [`ratelimit`] | whether a key (user, API key, client IP) is within its quota: keyed GCRA, exact under concurrency, bounded memory |
 //! | [`token`] | access tokens and rotating refresh tokens: families, reuse detection, grace, lifetimes; in-memory and Redis stores |
@@ -29,4 +30,5 @@ pub mod http;
 pub mod jwt;
 pub mod ratelimit;
 pub mod rbac;
+pub mod router;
 pub mod token;

@@ -27,8 +27,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-/// The most path segments a template or a checked path may have.
-pub const MAX_SEGMENTS: usize = 32;
+pub use crate::router::MAX_SEGMENTS;
+use crate::router::{RouteError, Router};
 
 /// Errors in a policy, found at compile time.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,14 +151,23 @@ impl PolicyConfig {
             self.collect(name, &mut granted, &mut path, &permissions)?;
             roles.insert(name.clone(), granted);
         }
-        let mut root = Node::default();
+        let mut routes = Router::new();
         for rule in &self.rules {
             let permission = permissions.intern(&rule.permission)?;
-            root.insert(rule, permission)?;
+            routes
+                .insert(&rule.method, &rule.template, permission)
+                .map_err(|e| match e {
+                    RouteError::InvalidTemplate { template, reason } => {
+                        PolicyError::InvalidTemplate { template, reason }
+                    }
+                    RouteError::Duplicate { method, template } => {
+                        PolicyError::DuplicateRule { method, template }
+                    }
+                })?;
         }
         Ok(Policy {
             roles,
-            root,
+            routes,
             permission_names: permissions.names,
             rules: self.rules.len(),
         })
@@ -217,95 +226,6 @@ impl Interner {
     }
 }
 
-/// A node of the route trie.
-#[derive(Debug, Default)]
-struct Node {
-    literals: HashMap<String, Node>,
-    param: Option<Box<Node>>,
-    /// `*rest` rules ending here: method → (permission, template).
-    rest: HashMap<String, (u32, String)>,
-    /// Rules ending exactly here: method → (permission, template).
-    methods: HashMap<String, (u32, String)>,
-}
-
-impl Node {
-    fn insert(&mut self, rule: &RouteRule, permission: u32) -> Result<(), PolicyError> {
-        let invalid = |reason| PolicyError::InvalidTemplate {
-            template: rule.template.clone(),
-            reason,
-        };
-        let Some(rest) = rule.template.strip_prefix('/') else {
-            return Err(invalid("must start with /"));
-        };
-        let segments: Vec<&str> = if rest.is_empty() {
-            Vec::new()
-        } else {
-            rest.split('/').collect()
-        };
-        if segments.len() > MAX_SEGMENTS {
-            return Err(invalid("too many segments"));
-        }
-        let mut node = self;
-        for (i, segment) in segments.iter().enumerate() {
-            if segment.is_empty() {
-                return Err(invalid("empty segment"));
-            }
-            if let Some(name) = segment.strip_prefix('*') {
-                if i + 1 != segments.len() || name.is_empty() {
-                    return Err(invalid("*rest must be a named, final segment"));
-                }
-                return insert_method(&mut node.rest, rule, permission);
-            }
-            node = if segment.starts_with('{') {
-                if !segment.ends_with('}') || segment.len() < 3 {
-                    return Err(invalid("a parameter is written {name}"));
-                }
-                node.param.get_or_insert_with(Box::default)
-            } else {
-                if segment.contains(['{', '}', '*']) {
-                    return Err(invalid(
-                        "{, } and * are only allowed as whole parameter segments",
-                    ));
-                }
-                node.literals.entry((*segment).to_owned()).or_default()
-            };
-        }
-        insert_method(&mut node.methods, rule, permission)
-    }
-
-    fn find<'a>(&'a self, segments: &[&str], method: &str) -> Option<&'a (u32, String)> {
-        let Some((first, rest)) = segments.split_first() else {
-            return lookup(&self.methods, method);
-        };
-        if let Some(found) = self.literals.get(*first).and_then(|n| n.find(rest, method)) {
-            return Some(found);
-        }
-        if let Some(found) = self.param.as_ref().and_then(|n| n.find(rest, method)) {
-            return Some(found);
-        }
-        lookup(&self.rest, method)
-    }
-}
-
-fn insert_method(
-    map: &mut HashMap<String, (u32, String)>,
-    rule: &RouteRule,
-    permission: u32,
-) -> Result<(), PolicyError> {
-    if map.contains_key(&rule.method) {
-        return Err(PolicyError::DuplicateRule {
-            method: rule.method.clone(),
-            template: rule.template.clone(),
-        });
-    }
-    map.insert(rule.method.clone(), (permission, rule.template.clone()));
-    Ok(())
-}
-
-fn lookup<'a>(map: &'a HashMap<String, (u32, String)>, method: &str) -> Option<&'a (u32, String)> {
-    map.get(method).or_else(|| map.get("*"))
-}
-
 /// The outcome of a check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -331,7 +251,7 @@ pub enum Decision {
 #[derive(Debug)]
 pub struct Policy {
     roles: HashMap<String, HashSet<u32>>,
-    root: Node,
+    routes: Router<u32>,
     permission_names: Vec<String>,
     rules: usize,
 }
@@ -341,23 +261,10 @@ impl Policy {
     /// `path` must already be normalized (no `..`, no empty segments).
     /// Unknown roles grant nothing.
     pub fn check<R: AsRef<str>>(&self, method: &str, path: &str, roles: &[R]) -> Decision {
-        let Some(rest) = path.strip_prefix('/') else {
+        let Some(route) = self.routes.find(method, path) else {
             return Decision::NoRoute;
         };
-        let mut buffer = [""; MAX_SEGMENTS];
-        let mut count = 0;
-        if !rest.is_empty() {
-            for segment in rest.split('/') {
-                if count == MAX_SEGMENTS {
-                    return Decision::NoRoute;
-                }
-                buffer[count] = segment;
-                count += 1;
-            }
-        }
-        let Some((permission, template)) = self.root.find(&buffer[..count], method) else {
-            return Decision::NoRoute;
-        };
+        let (permission, template) = (route.value, route.template);
         let name = self.permission_names[*permission as usize].clone();
         let granted = roles
             .iter()
@@ -365,12 +272,12 @@ impl Policy {
             .any(|set| set.contains(permission));
         if granted {
             Decision::Allow {
-                route: template.clone(),
+                route: template.to_owned(),
                 permission: name,
             }
         } else {
             Decision::Forbidden {
-                route: template.clone(),
+                route: template.to_owned(),
                 permission: name,
             }
         }
