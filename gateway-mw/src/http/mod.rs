@@ -7,6 +7,7 @@
 //! | [`AuthzLayer`] | checks the principal's roles against the [`Policy`], inserts the [`MatchedRoute`] | 403 (missing permission), 404 (no route: deny by default) |
 //! | [`RateLimitLayer`] | GCRA per user and per API key, with the IETF `RateLimit-Policy` / `RateLimit` headers | 429 + `Retry-After` |
 //! | CORS ([`CorsConfig::layer`]) | exact-origin allow-list on tower-http's `CorsLayer`, validated at start | no CORS headers for other origins |
+//! | [`ValidationLayer`] | header, path, query and body limits, per-route content types, JSON size and depth | 400, 413, 414, 415, 431 |
 //! | [`SecurityHeadersLayer`] | HSTS, CSP, `X-Content-Type-Options`, `X-Frame-Options`, `Referrer-Policy`, `Permissions-Policy`; strips `Server`/`X-Powered-By`; `no-store` on auth paths | — |
 //!
 //! Every rejection is a JSON body `{"error": "...", "code": "..."}` and an
@@ -42,12 +43,17 @@ mod authz;
 mod cors;
 mod headers;
 mod rate;
+mod validate;
 
 pub use auth::{ApiKeys, AuthLayer, AuthService};
 pub use authz::{AuthzLayer, AuthzService};
 pub use cors::{CorsConfig, CorsConfigError};
 pub use headers::{SecurityHeaders, SecurityHeadersLayer, SecurityHeadersService};
 pub use rate::{RateLimitLayer, RateLimitService, RateLimits};
+pub use validate::{
+    JsonLimits, RouteLimits, ValidationConfig, ValidationLayer, ValidationService,
+    path_is_normalized,
+};
 
 use std::sync::Arc;
 
