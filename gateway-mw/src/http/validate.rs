@@ -168,6 +168,27 @@ pub struct ValidationService<S> {
 
 type Rejection = Response<GatewayBody>;
 
+/// A failed check, turned into its JSON response by the service.
+struct Invalid {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Invalid {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Invalid {
+        Invalid {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn into_response(self) -> Rejection {
+        error_response(self.status, self.code, &self.message)
+    }
+}
+
 /// Whether a raw path is normalized: no dot segments, no empty segments, no
 /// backslashes, and no percent-encoded `.`, `/`, `\` or NUL that a backend
 /// might decode into one.
@@ -313,7 +334,10 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let limits = match check_head(&self.config, &request) {
             Ok(limits) => limits,
-            Err(rejection) => return Box::pin(async move { Ok(rejection) }),
+            Err(invalid) => {
+                let rejection = invalid.into_response();
+                return Box::pin(async move { Ok(rejection) });
+            }
         };
         let max = body_limit(&self.config, limits.as_ref());
         let declared = request
