@@ -247,7 +247,7 @@ fn check_head<B>(
         .map(|(k, v)| k.as_str().len() + v.len())
         .sum();
     if headers.len() > config.max_headers || header_bytes > config.max_header_bytes {
-        return Err(error_response(
+        return Err(Invalid::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers_too_large",
             "too many or too large request headers",
@@ -255,7 +255,7 @@ fn check_head<B>(
     }
     let path = request.uri().path();
     if !path_is_normalized(path) {
-        return Err(error_response(
+        return Err(Invalid::new(
             StatusCode::BAD_REQUEST,
             "invalid_path",
             "the path is not normalized",
@@ -266,7 +266,7 @@ fn check_head<B>(
         .query()
         .is_some_and(|q| q.len() > config.max_query_bytes)
     {
-        return Err(error_response(
+        return Err(Invalid::new(
             StatusCode::URI_TOO_LONG,
             "query_too_long",
             "the query string is too long",
@@ -286,10 +286,10 @@ fn check_head<B>(
             .map(|m| m.trim().to_ascii_lowercase());
         if !mime.is_some_and(|m| limits.content_types.contains(&m)) {
             let allowed = limits.content_types.join(", ");
-            return Err(error_response(
+            return Err(Invalid::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                &format!("send one of: {allowed}"),
+                format!("send one of: {allowed}"),
             ));
         }
     }
