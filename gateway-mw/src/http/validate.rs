@@ -240,7 +240,7 @@ fn json_depth(json: &[u8]) -> usize {
 fn check_head<B>(
     config: &ValidationConfig,
     request: &Request<B>,
-) -> Result<Option<RouteLimits>, Rejection> {
+) -> Result<Option<RouteLimits>, Invalid> {
     let headers = request.headers();
     let header_bytes: usize = headers
         .iter()
