@@ -10,6 +10,7 @@
 //! | [`rbac`] | whether a subject's roles grant the permission a route requires, deny by default |
 //! | [`ratelimit`] | whether a key (user, API key, client IP) is within its quota: keyed GCRA, exact under concurrency, bounded memory |
 //! | [`token`] | access tokens and rotating refresh tokens: families, reuse detection, grace, lifetimes; in-memory and Redis stores |
+//! | [`client_ip`] | the client's address behind trusted proxies (rightmost-untrusted `X-Forwarded-For`), IPv6 keyed by /64 |
 //! | [`audit`] | a tamper-evident, hash-chained record of every security decision |
 //!
 //! ## Status
@@ -25,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod client_ip;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod jwt;

@@ -12,7 +12,8 @@ use http::{Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AuditSink, BoxError, GatewayBody, Principal, PrincipalKind, boxed, error_response, request_id,
+    AuditSink, BoxError, ClientIp, GatewayBody, Principal, PrincipalKind, boxed, error_response,
+    request_id,
 };
 use crate::audit::{AuditEntry, Outcome};
 use crate::jwt::{JwtError, JwtVerifier};
@@ -147,6 +148,9 @@ impl AuthLayer {
             ),
         };
         let mut entry = AuditEntry::new("auth.authenticate", Outcome::Failure).reason(code);
+        if let Some(ClientIp(ip)) = request.extensions().get::<ClientIp>() {
+            entry = entry.client_ip(ip.to_string());
+        }
         if let Some(id) = request_id(request) {
             entry = entry.request_id(id);
         }

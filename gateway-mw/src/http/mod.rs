@@ -3,9 +3,10 @@
 //!
 //! | layer | does | rejects with |
 //! | --- | --- | --- |
+//! | [`ClientIpLayer`] | the client's address from the TCP peer and trusted `X-Forwarded-For` hops, as [`ClientIp`] | — |
 //! | [`AuthLayer`] | verifies `Authorization: Bearer <jwt>` or `X-Api-Key`, inserts a [`Principal`] | 401 + `WWW-Authenticate` |
 //! | [`AuthzLayer`] | checks the principal's roles against the [`Policy`], inserts the [`MatchedRoute`] | 403 (missing permission), 404 (no route: deny by default) |
-//! | [`RateLimitLayer`] | GCRA per user and per API key, with the IETF `RateLimit-Policy` / `RateLimit` headers | 429 + `Retry-After` |
+//! | [`RateLimitLayer`] | GCRA per user, per API key, and per client IP (IPv6 /64) for anonymous requests, with the IETF `RateLimit-Policy` / `RateLimit` headers | 429 + `Retry-After` |
 //! | CORS ([`CorsConfig::layer`]) | exact-origin allow-list on tower-http's `CorsLayer`, validated at start | no CORS headers for other origins |
 //! | [`ValidationLayer`] | header, path, query and body limits, per-route content types, JSON size and depth | 400, 413, 414, 415, 431 |
 //! | [`SecurityHeadersLayer`] | HSTS, CSP, `X-Content-Type-Options`, `X-Frame-Options`, `Referrer-Policy`, `Permissions-Policy`; strips `Server`/`X-Powered-By`; `no-store` on auth paths | — |
@@ -40,6 +41,7 @@
 
 mod auth;
 mod authz;
+mod client;
 mod cors;
 mod headers;
 mod rate;
@@ -47,6 +49,7 @@ mod validate;
 
 pub use auth::{ApiKeys, AuthLayer, AuthService};
 pub use authz::{AuthzLayer, AuthzService};
+pub use client::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
 pub use cors::{CorsConfig, CorsConfigError};
 pub use headers::{SecurityHeaders, SecurityHeadersLayer, SecurityHeadersService};
 pub use rate::{RateLimitLayer, RateLimitService, RateLimits};
@@ -64,6 +67,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 
 pub use crate::audit::{AuditSink, NoAudit};
+use crate::client_ip::TrustedProxies;
 use crate::jwt::JwtVerifier;
 use crate::rbac::Policy;
 
@@ -148,6 +152,8 @@ pub struct GatewayParts {
     pub limits: Arc<RateLimits>,
     /// Where audit entries go.
     pub audit: Arc<dyn AuditSink>,
+    /// Proxies whose `X-Forwarded-For` entries are believed.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl std::fmt::Debug for GatewayParts {
@@ -168,7 +174,14 @@ impl GatewayParts {
             policy: Arc::new(policy),
             limits: Arc::new(RateLimits::default()),
             audit: Arc::new(NoAudit),
+            trusted_proxies: TrustedProxies::none(),
         }
+    }
+
+    /// Believes `X-Forwarded-For` hops from these proxies.
+    pub fn with_trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
+        self.trusted_proxies = proxies;
+        self
     }
 
     /// Accepts these API keys too.
@@ -190,15 +203,15 @@ impl GatewayParts {
     }
 }
 
-/// Stacks authentication, authorization and rate limiting, in that order,
-/// in front of an upstream service.
+/// Stacks client identification, authentication, authorization and rate
+/// limiting, in that order, in front of an upstream service.
 #[derive(Debug, Clone)]
 pub struct Gateway {
     parts: GatewayParts,
 }
 
 /// The service [`Gateway::wrap`] returns.
-pub type GatewayService<S> = AuthService<AuthzService<RateLimitService<S>>>;
+pub type GatewayService<S> = ClientIpService<AuthService<AuthzService<RateLimitService<S>>>>;
 
 impl Gateway {
     /// A gateway over `parts`.
@@ -216,7 +229,7 @@ impl Gateway {
         if let Some(keys) = &p.api_keys {
             auth = auth.with_api_keys(Arc::clone(keys));
         }
-        auth.layer(authz)
+        ClientIpLayer::new(p.trusted_proxies.clone()).layer(auth.layer(authz))
     }
 }
 

@@ -1,4 +1,5 @@
-//! Rate limiting per user and per API key, with the IETF headers.
+//! Rate limiting per user, per API key and per anonymous client IP, with the
+//! IETF headers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,55 +11,80 @@ use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode};
 
 use super::{
-    AuditSink, BoxError, GatewayBody, MatchedRoute, Principal, PrincipalKind, boxed,
+    AuditSink, BoxError, ClientIp, GatewayBody, MatchedRoute, Principal, PrincipalKind, boxed,
     error_response, request_id,
 };
 use crate::audit::{AuditEntry, Outcome};
+use crate::client_ip::limit_key;
 use crate::ratelimit::{KeyedLimiter, LimiterConfig, Quota, RateDecision};
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// The limiters: one keyed by user, one keyed by API key.
+/// The limiters: keyed by user, by API key, and by client IP for requests
+/// without a principal.
 #[derive(Debug)]
 pub struct RateLimits {
     users: KeyedLimiter<String>,
     api_keys: KeyedLimiter<String>,
+    anonymous: KeyedLimiter<String>,
 }
 
 impl Default for RateLimits {
-    /// 1,000 requests per minute per user, 10,000 per API key.
+    /// 1,000 requests per minute per user, 10,000 per API key, 60 per
+    /// anonymous client IP.
     fn default() -> Self {
         RateLimits::new(Quota::per_minute(1_000), Quota::per_minute(10_000))
     }
 }
 
 impl RateLimits {
-    /// `user` per user and `api_key` per API key.
+    /// `user` per user and `api_key` per API key (60/min per anonymous IP).
     pub fn new(user: Quota, api_key: Quota) -> RateLimits {
         RateLimits {
             users: KeyedLimiter::new(LimiterConfig::new(user)),
             api_keys: KeyedLimiter::new(LimiterConfig::new(api_key)),
+            anonymous: KeyedLimiter::new(LimiterConfig::new(Quota::per_minute(60))),
         }
     }
 
-    fn check(&self, principal: &Principal) -> (&'static str, Quota, RateDecision) {
-        match principal.kind {
-            PrincipalKind::User => (
+    /// Sets the quota per anonymous client IP (IPv6 clients share their /64).
+    pub fn with_anonymous(mut self, quota: Quota) -> Self {
+        self.anonymous = KeyedLimiter::new(LimiterConfig::new(quota));
+        self
+    }
+
+    /// (policy name, subject for the audit log, quota, decision).
+    fn check(
+        &self,
+        principal: Option<&Principal>,
+        ip: Option<ClientIp>,
+    ) -> (&'static str, String, Quota, RateDecision) {
+        match principal {
+            Some(p) if p.kind == PrincipalKind::User => (
                 "user",
+                p.id.clone(),
                 self.users.quota(),
-                self.users.check(principal.id.as_str()),
+                self.users.check(p.id.as_str()),
             ),
-            PrincipalKind::ApiKey => (
+            Some(p) => (
                 "api_key",
+                p.id.clone(),
                 self.api_keys.quota(),
-                self.api_keys.check(principal.id.as_str()),
+                self.api_keys.check(p.id.as_str()),
             ),
+            None => {
+                // Without an address all anonymous traffic shares one key:
+                // limiting too much beats not limiting at all.
+                let key = ip.map_or_else(|| "unknown".to_owned(), |ClientIp(ip)| limit_key(ip));
+                let decision = self.anonymous.check(key.as_str());
+                ("ip", key, self.anonymous.quota(), decision)
+            }
         }
     }
 }
 
-/// Applies [`RateLimits`] to the [`Principal`]; see the module docs.
+/// Applies [`RateLimits`]; see the module docs.
 #[derive(Clone)]
 pub struct RateLimitLayer {
     limits: Arc<RateLimits>,
@@ -145,19 +171,16 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let Some(principal) = request.extensions().get::<Principal>().cloned() else {
-            let response = error_response(
-                StatusCode::UNAUTHORIZED,
-                "missing_credentials",
-                "authentication required",
-            );
-            return Box::pin(async move { Ok(response) });
-        };
-        let (name, quota, decision) = self.layer.limits.check(&principal);
+        let principal = request.extensions().get::<Principal>();
+        let ip = request.extensions().get::<ClientIp>().copied();
+        let (name, subject, quota, decision) = self.layer.limits.check(principal, ip);
         if !decision.allowed {
             let mut entry = AuditEntry::new("ratelimit.check", Outcome::Denied)
-                .who(principal.id)
+                .who(subject)
                 .reason(name);
+            if let Some(ClientIp(ip)) = ip {
+                entry = entry.client_ip(ip.to_string());
+            }
             if let Some(route) = request.extensions().get::<MatchedRoute>() {
                 entry = entry.route(route.0.clone());
             }

@@ -268,3 +268,93 @@ async fn each_layer_works_alone() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// The anonymous path: client IP from the peer and trusted proxies, one quota
+/// per IPv4 address or IPv6 /64.
+async fn anonymous(
+    service: &(
+         impl tower::Service<Request<Full<Bytes>>, Response = Response<GatewayBody>, Error = Infallible>
+         + Clone
+     ),
+    peer: &str,
+    xff: Option<&str>,
+) -> StatusCode {
+    let mut request = Request::get("/auth/token");
+    if let Some(x) = xff {
+        request = request.header("x-forwarded-for", x);
+    }
+    let mut request = request.body(Full::new(Bytes::new())).unwrap();
+    request
+        .extensions_mut()
+        .insert(PeerAddr(format!("{peer}:40000").parse().unwrap()));
+    service.clone().oneshot(request).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn anonymous_requests_are_limited_per_client_ip_and_ipv6_slash_64() {
+    use crate::client_ip::TrustedProxies;
+    let audit = Recorder::default();
+    let limits = Arc::new(RateLimits::default().with_anonymous(Quota::per_minute(2)));
+    let rate =
+        RateLimitLayer::new(limits, Arc::new(audit.clone())).layer(tower::service_fn(upstream));
+    let service = ClientIpLayer::new(TrustedProxies::parse(["10.0.0.0/8"]).unwrap()).layer(rate);
+
+    // Two addresses of one IPv6 /64 share a quota; another /64 has its own.
+    assert_eq!(
+        anonymous(&service, "[2001:db8:1:2::1]", None).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        anonymous(&service, "[2001:db8:1:2::ffff]", None).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        anonymous(&service, "[2001:db8:1:2::7]", None).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        anonymous(&service, "[2001:db8:1:3::1]", None).await,
+        StatusCode::OK
+    );
+
+    // Behind a trusted proxy the forwarded client is limited, not the proxy;
+    // a forged leftmost entry does not buy a fresh quota.
+    for forged in ["1.1.1.1", "2.2.2.2"] {
+        let xff = format!("{forged}, 198.51.100.7");
+        assert_eq!(
+            anonymous(&service, "10.0.0.5", Some(&xff)).await,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        anonymous(&service, "10.0.0.5", Some("3.3.3.3, 198.51.100.7")).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        anonymous(&service, "10.0.0.5", Some("198.51.100.8")).await,
+        StatusCode::OK
+    );
+    // An untrusted peer's header is ignored: the peer itself is the client.
+    assert_eq!(
+        anonymous(&service, "203.0.113.1", Some("198.51.100.9")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        anonymous(&service, "203.0.113.1", Some("198.51.100.10")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        anonymous(&service, "203.0.113.1", Some("198.51.100.11")).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    let entries = audit.0.lock();
+    assert_eq!(entries.len(), 3);
+    assert_eq!(
+        entries[1],
+        AuditEntry::new("ratelimit.check", Outcome::Denied)
+            .who("198.51.100.7")
+            .reason("ip")
+            .client_ip("198.51.100.7")
+    );
+}
