@@ -100,17 +100,26 @@ where
             };
         let response = match decision {
             Decision::Allow { route, .. } => {
-                request.extensions_mut().insert(MatchedRoute(route));
+                request.extensions_mut().insert(MatchedRoute(route.clone()));
                 let future = self.inner.call(request);
-                return Box::pin(async move { future.await.map(boxed) });
+                // The route also rides on the response, for the metrics layer outside.
+                return Box::pin(async move {
+                    let mut response = boxed(future.await?);
+                    response.extensions_mut().insert(MatchedRoute(route));
+                    Ok(response)
+                });
             }
-            Decision::Forbidden { route, permission } => denied(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                Some(format!("{} {route}", request.method())),
-                format!("missing permission {permission}"),
-                &request,
-            ),
+            Decision::Forbidden { route, permission } => {
+                let mut response = denied(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    Some(format!("{} {route}", request.method())),
+                    format!("missing permission {permission}"),
+                    &request,
+                );
+                response.extensions_mut().insert(MatchedRoute(route));
+                response
+            }
             Decision::NoRoute => denied(
                 StatusCode::NOT_FOUND,
                 "route_not_found",

@@ -3,6 +3,7 @@
 //!
 //! | layer | does | rejects with |
 //! | --- | --- | --- |
+//! | [`MetricsLayer`] | Prometheus metrics with OpenTelemetry names (duration histogram, requests, errors, auth failures, rate-limited, upstream errors, in flight) | — |
 //! | [`ClientIpLayer`] | the client's address from the TCP peer and trusted `X-Forwarded-For` hops, as [`ClientIp`] | — |
 //! | [`AuthLayer`] | verifies `Authorization: Bearer <jwt>` or `X-Api-Key`, inserts a [`Principal`] | 401 + `WWW-Authenticate` |
 //! | [`AuthzLayer`] | checks the principal's roles against the [`Policy`], inserts the [`MatchedRoute`] | 403 (missing permission), 404 (no route: deny by default) |
@@ -44,6 +45,7 @@ mod authz;
 mod client;
 mod cors;
 mod headers;
+mod metrics;
 mod rate;
 mod validate;
 
@@ -52,6 +54,7 @@ pub use authz::{AuthzLayer, AuthzService};
 pub use client::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
 pub use cors::{CorsConfig, CorsConfigError};
 pub use headers::{SecurityHeaders, SecurityHeadersLayer, SecurityHeadersService};
+pub use metrics::{GatewayMetrics, MetricsLayer, MetricsService};
 pub use rate::{RateLimitLayer, RateLimitService, RateLimits};
 pub use validate::{
     JsonLimits, RouteLimits, ValidationConfig, ValidationLayer, ValidationService,

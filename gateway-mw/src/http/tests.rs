@@ -358,3 +358,112 @@ async fn anonymous_requests_are_limited_per_client_ip_and_ipv6_slash_64() {
             .client_ip("198.51.100.7")
     );
 }
+
+#[tokio::test]
+async fn metrics_parse_with_an_openmetrics_parser_and_use_route_templates() {
+    use openmetrics_parser::OpenMetricsValue;
+
+    let metrics = Arc::new(GatewayMetrics::default());
+    let gw = MetricsLayer::new(Arc::clone(&metrics))
+        .layer(Gateway::new(parts(Recorder::default())).wrap(tower::service_fn(upstream)));
+    let reader = token("alice", &["reader"]);
+    for id in 1..=3 {
+        assert_eq!(
+            send(
+                gw.clone(),
+                "GET",
+                &format!("/v1/orders/{id}"),
+                &[bearer(&reader)]
+            )
+            .await
+            .0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        send(gw.clone(), "GET", "/v1/orders/4", &[bearer(&reader)])
+            .await
+            .0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(gw.clone(), "GET", "/v1/orders/5", &[]).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(
+            gw.clone(),
+            "POST",
+            "/v1/orders",
+            &[bearer(&token("bob", &["reader"]))]
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+
+    let text = metrics.encode();
+    // Parsed by an independent OpenMetrics/Prometheus text parser.
+    let exposition = openmetrics_parser::openmetrics::parse_openmetrics(&text)
+        .expect("a valid OpenMetrics exposition");
+    let value = |family: &str, labels: &[(&str, &str)]| -> f64 {
+        let Some(family) = exposition.families.get(family) else {
+            return 0.0;
+        };
+        family
+            .iter_samples()
+            .filter(|s| {
+                let set = s.get_labelset().unwrap();
+                labels
+                    .iter()
+                    .all(|(k, v)| set.get_label_value(k) == Some(*v))
+            })
+            .map(|s| match &s.value {
+                OpenMetricsValue::Counter(c) => c.value.as_f64(),
+                OpenMetricsValue::Gauge(g) | OpenMetricsValue::Unknown(g) => g.as_f64(),
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let ok = [
+        ("http_request_method", "GET"),
+        ("http_route", "/v1/orders/{id}"),
+        ("http_response_status_code", "200"),
+    ];
+    assert_eq!(value("http_server_requests", &ok), 3.0, "{text}");
+    assert_eq!(value("gateway_rate_limited", &[]), 1.0);
+    assert_eq!(value("gateway_auth_failures", &[]), 1.0);
+    assert_eq!(
+        value(
+            "http_server_requests",
+            &[
+                ("http_route", "/v1/orders"),
+                ("http_response_status_code", "403")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "http_server_requests",
+            &[
+                ("http_route", "unmatched"),
+                ("http_response_status_code", "401")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(value("http_server_active_requests", &[]), 0.0);
+    let observed: u64 = exposition.families["http_server_request_duration_seconds"]
+        .iter_samples()
+        .map(|s| match &s.value {
+            OpenMetricsValue::Histogram(h) => h.count.unwrap_or(0),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(observed, 6, "every request is timed");
+    assert!(
+        !text.contains("/v1/orders/1\""),
+        "raw paths never become labels"
+    );
+}

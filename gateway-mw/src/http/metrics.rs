@@ -1,0 +1,274 @@
+//! Prometheus metrics with OpenTelemetry semantic-convention names.
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `http_server_request_duration_seconds` | histogram | `http_request_method`, `http_route`, `http_response_status_code` |
+//! | `http_server_requests_total` | counter | same |
+//! | `http_server_errors_total` | counter (5xx) | same |
+//! | `gateway_auth_failures_total` | counter (401) | — |
+//! | `gateway_rate_limited_total` | counter (429) | — |
+//! | `gateway_upstream_errors_total` | counter (502, 503, 504) | — |
+//! | `http_server_active_requests` | gauge | — |
+//! | `gateway_audit_written_total`, `gateway_audit_dropped_total` | counters | — (when an [`AuditLog`] is attached) |
+//!
+//! Labels stay low-cardinality: the route is the matched template from
+//! [`MatchedRoute`] (or `unmatched`), the method one of the standard ones
+//! (or `_OTHER`), never the raw path.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Method, Request, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::MatchedRoute;
+use crate::audit::AuditLog;
+
+type Labels = [(&'static str, String); 3];
+
+/// The gateway's metrics and their registry.
+#[derive(Debug)]
+pub struct GatewayMetrics {
+    registry: Registry,
+    duration: Family<Labels, Histogram>,
+    requests: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    auth_failures: Counter,
+    rate_limited: Counter,
+    upstream_errors: Counter,
+    in_flight: Gauge,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        GatewayMetrics::new(None)
+    }
+}
+
+impl GatewayMetrics {
+    /// A registry with every metric; with `audit`, its written and dropped
+    /// counts are exported too.
+    pub fn new(audit: Option<Arc<AuditLog>>) -> GatewayMetrics {
+        let mut registry = Registry::default();
+        // 100 µs to ~6.5 s: a gateway's own overhead and its upstreams both fit.
+        let duration = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+        });
+        let requests = Family::<Labels, Counter>::default();
+        let errors = Family::<Labels, Counter>::default();
+        let (auth_failures, rate_limited, upstream_errors, in_flight) = (
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+            Gauge::default(),
+        );
+        registry.register(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP server requests",
+            duration.clone(),
+        );
+        registry.register(
+            "http_server_requests",
+            "HTTP requests served",
+            requests.clone(),
+        );
+        registry.register(
+            "http_server_errors",
+            "HTTP requests answered with a 5xx status",
+            errors.clone(),
+        );
+        registry.register(
+            "gateway_auth_failures",
+            "Requests refused for missing or invalid credentials (401)",
+            auth_failures.clone(),
+        );
+        registry.register(
+            "gateway_rate_limited",
+            "Requests refused by a rate limit (429)",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "gateway_upstream_errors",
+            "Requests that failed upstream (502, 503, 504)",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "http_server_active_requests",
+            "Requests in flight",
+            in_flight.clone(),
+        );
+        if let Some(audit) = audit {
+            registry.register_collector(Box::new(AuditCollector(audit)));
+        }
+        GatewayMetrics {
+            registry,
+            duration,
+            requests,
+            errors,
+            auth_failures,
+            rate_limited,
+            upstream_errors,
+            in_flight,
+        }
+    }
+
+    /// The OpenMetrics text exposition, for `GET /metrics`.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        text
+    }
+
+    fn observe(&self, method: &Method, route: &str, status: u16, seconds: f64) {
+        let labels: Labels = [
+            ("http_request_method", method_label(method).to_owned()),
+            ("http_route", route.to_owned()),
+            ("http_response_status_code", status.to_string()),
+        ];
+        self.duration.get_or_create(&labels).observe(seconds);
+        self.requests.get_or_create(&labels).inc();
+        if status >= 500 {
+            self.errors.get_or_create(&labels).inc();
+        }
+        match status {
+            401 => {
+                self.auth_failures.inc();
+            }
+            429 => {
+                self.rate_limited.inc();
+            }
+            502..=504 => {
+                self.upstream_errors.inc();
+            }
+            _ => {}
+        }
+    }
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "_OTHER",
+    }
+}
+
+#[derive(Debug)]
+struct AuditCollector(Arc<AuditLog>);
+
+impl Collector for AuditCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let stats = self.0.stats();
+        let written = ConstCounter::new(stats.written);
+        written.encode(encoder.encode_descriptor(
+            "gateway_audit_written",
+            "Audit records written",
+            None,
+            written.metric_type(),
+        )?)?;
+        let dropped = ConstCounter::new(stats.dropped);
+        dropped.encode(encoder.encode_descriptor(
+            "gateway_audit_dropped",
+            "Audit records dropped (queue full or write failed)",
+            None,
+            dropped.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// Records [`GatewayMetrics`] for every request; put it outermost.
+#[derive(Debug, Clone)]
+pub struct MetricsLayer {
+    metrics: Arc<GatewayMetrics>,
+}
+
+impl MetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Arc<GatewayMetrics>) -> MetricsLayer {
+        MetricsLayer { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+/// The service of [`MetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Arc<GatewayMetrics>,
+}
+
+/// Decrements the in-flight gauge however the request ends (even if the
+/// future is dropped).
+struct InFlight(Arc<GatewayMetrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+impl<S, B, ResBody> tower::Service<Request<B>> for MetricsService<S>
+where
+    S: tower::Service<Request<B>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let method = request.method().clone();
+        let metrics = Arc::clone(&self.metrics);
+        metrics.in_flight.inc();
+        let guard = InFlight(Arc::clone(&metrics));
+        let started = Instant::now();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let result = future.await;
+            let status = match &result {
+                Ok(response) => response.status().as_u16(),
+                Err(_) => 500,
+            };
+            let route = result
+                .as_ref()
+                .ok()
+                .and_then(|r| r.extensions().get::<MatchedRoute>())
+                .map_or("unmatched", |r| r.0.as_str())
+                .to_owned();
+            metrics.observe(&method, &route, status, started.elapsed().as_secs_f64());
+            drop(guard);
+            result
+        })
+    }
+}
