@@ -27,10 +27,14 @@
 
 pub mod audit;
 pub mod client_ip;
+#[cfg(feature = "proxy")]
+pub mod config;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod jwt;
 pub mod ratelimit;
 pub mod rbac;
 pub mod router;
+#[cfg(feature = "proxy")]
+pub mod server;
 pub mod token;

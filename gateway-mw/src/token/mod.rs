@@ -189,6 +189,12 @@ impl TokenConfig {
         }
     }
 
+    /// Sets [`TokenConfig::access_ttl`].
+    pub fn with_access_ttl(mut self, ttl: Duration) -> Self {
+        self.access_ttl = ttl;
+        self
+    }
+
     /// Sets [`TokenConfig::reuse_grace`].
     pub fn with_reuse_grace(mut self, grace: Duration) -> Self {
         self.reuse_grace = grace;

@@ -1,0 +1,430 @@
+//! The configured gateway end to end on loopback: token endpoints, the
+//! layer stack, proxying to a real upstream, upstream failure, and a graceful
+//! drain with many requests in flight.
+#![cfg(feature = "proxy")]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gateway_mw::config::GatewayConfig;
+use gateway_mw::server::GatewayServer;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex_lower(&sha2::Sha256::digest(s.as_bytes()))
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Requests an upstream has received and answered.
+#[derive(Clone, Default)]
+struct Counts {
+    arrived: Arc<AtomicUsize>,
+    served: Arc<AtomicUsize>,
+}
+
+/// An upstream that answers after `delay`, echoing the forwarded identity.
+async fn upstream(delay: Duration) -> (String, Counts) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts = Counts::default();
+    let counter = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let counter = counter.clone();
+                    async move {
+                        counter.arrived.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(delay).await;
+                        counter.served.fetch_add(1, Ordering::SeqCst);
+                        let h = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned()
+                        };
+                        let body = json!({
+                            "path": req.uri().path(),
+                            "subject": h("x-gateway-subject"),
+                            "authorization": h("authorization"),
+                            "forwarded_for": h("x-forwarded-for"),
+                        });
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
+                            body.to_string(),
+                        ))))
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}"), counts)
+}
+
+fn config(orders: &str, dead: &str) -> GatewayConfig {
+    let toml = format!(
+        r#"
+shutdown_grace_secs = 10
+[jwt]
+issuer = "https://gw.test"
+audience = "api"
+[[jwt.keys]]
+kid = "k"
+alg = "HS256"
+secret = "integration-test-secret-0123456789abcdef"
+[tokens]
+signing_kid = "k"
+reuse_grace_secs = 0
+[[users]]
+name = "alice"
+password_sha256 = "{alice}"
+roles = ["writer"]
+[[users]]
+name = "bob"
+password_sha256 = "{bob}"
+roles = ["reader"]
+[roles.reader]
+permissions = ["orders:read"]
+[roles.writer]
+permissions = ["orders:write"]
+inherits = ["reader"]
+[[routes]]
+method = "GET"
+path = "/v1/orders/{{id}}"
+permission = "orders:read"
+upstream = "orders"
+[[routes]]
+method = "POST"
+path = "/v1/orders"
+permission = "orders:write"
+upstream = "orders"
+json = true
+[[routes]]
+method = "GET"
+path = "/v1/broken"
+permission = "orders:read"
+upstream = "dead"
+[upstreams.orders]
+url = "{orders}"
+[upstreams.dead]
+url = "{dead}"
+timeout_ms = 2000
+[rate_limits]
+per_user_per_minute = 100000
+[audit]
+sink = "{audit}"
+"#,
+        alice = sha256_hex("alice-pw"),
+        bob = sha256_hex("bob-pw"),
+        audit = std::env::temp_dir()
+            .join(format!("gw-it-audit-{}.jsonl", std::process::id()))
+            .display(),
+    );
+    GatewayConfig::parse(&toml).unwrap()
+}
+
+struct Running {
+    base: String,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+async fn start(config: GatewayConfig) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = GatewayServer::build(config).unwrap();
+    let done = tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    Running {
+        base,
+        stop: Some(stop),
+        done,
+        client,
+    }
+}
+
+impl Running {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> (u16, http::HeaderMap, Value) {
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let body = match body {
+            Some(b) => {
+                request = request.header("content-type", "application/json");
+                Full::new(Bytes::from(b.to_string()))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let response = self
+            .client
+            .request(request.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            headers,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn login(&self, user: &str, password: &str) -> Value {
+        let (status, _, body) = self
+            .call(
+                "POST",
+                "/auth/token",
+                &[],
+                Some(json!({"username": user, "password": password})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(15), self.done)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_call_refresh_and_the_error_paths() {
+    let (orders, _) = upstream(Duration::ZERO).await;
+    let gw = start(config(&orders, "http://127.0.0.1:1")).await;
+
+    let alice = gw.login("alice", "alice-pw").await;
+    let access = alice["access_token"].as_str().unwrap().to_owned();
+    let bearer = format!("Bearer {access}");
+    let (status, headers, body) = gw
+        .call(
+            "GET",
+            "/v1/orders/7",
+            &[("authorization", &bearer), ("x-request-id", "req-1")],
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["path"], "/v1/orders/7");
+    assert_eq!(body["subject"], "alice", "the upstream learns who called");
+    assert_eq!(body["authorization"], "", "credentials are not forwarded");
+    assert_eq!(body["forwarded_for"], "127.0.0.1");
+    assert_eq!(headers["x-request-id"], "req-1");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert!(headers.contains_key("ratelimit"));
+
+    // Authorization and validation.
+    let bob = gw.login("bob", "bob-pw").await;
+    let bob_bearer = format!("Bearer {}", bob["access_token"].as_str().unwrap());
+    assert_eq!(
+        gw.call(
+            "POST",
+            "/v1/orders",
+            &[("authorization", &bob_bearer)],
+            Some(json!({"sku": "a"}))
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        gw.call(
+            "POST",
+            "/v1/orders",
+            &[("authorization", &bearer)],
+            Some(json!({"sku": "a"}))
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        gw.call(
+            "DELETE",
+            "/v1/orders/7",
+            &[("authorization", &bearer)],
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(gw.call("GET", "/v1/orders/7", &[], None).await.0, 401);
+    assert_eq!(
+        gw.call("GET", "/v1/../admin", &[("authorization", &bearer)], None)
+            .await
+            .0,
+        400
+    );
+    let (status, _, body) = gw
+        .call(
+            "POST",
+            "/auth/token",
+            &[],
+            Some(json!({"username": "alice", "password": "wrong"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
+
+    // Rotation and reuse detection (grace 0 in this config).
+    let first = alice["refresh_token"].as_str().unwrap().to_owned();
+    let (status, _, rotated) = gw
+        .call(
+            "POST",
+            "/auth/refresh",
+            &[],
+            Some(json!({"refresh_token": first})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _, body) = gw
+        .call(
+            "POST",
+            "/auth/refresh",
+            &[],
+            Some(json!({"refresh_token": first})),
+        )
+        .await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("token_reused")));
+    let second = rotated["refresh_token"].as_str().unwrap();
+    assert_eq!(
+        gw.call(
+            "POST",
+            "/auth/refresh",
+            &[],
+            Some(json!({"refresh_token": second}))
+        )
+        .await
+        .0,
+        401,
+        "the family is revoked"
+    );
+
+    // An unreachable upstream is a 502; health and readiness report it.
+    let (status, _, body) = gw
+        .call("GET", "/v1/broken", &[("authorization", &bearer)], None)
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (502, Some("upstream_unavailable"))
+    );
+    assert_eq!(gw.call("GET", "/healthz", &[], None).await.0, 200);
+    let (status, _, body) = gw.call("GET", "/readyz", &[], None).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["unreachable_upstreams"], json!(["http://127.0.0.1:1"]));
+    gw.stop().await;
+}
+
+/// Soft open-file limit, to size the drain test on machines with a low one.
+fn open_file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_drain_loses_no_in_flight_request() {
+    // Each request holds four sockets (client, gateway in and out, upstream).
+    let in_flight = 1_000.min(open_file_limit().saturating_sub(200) / 4);
+    let (orders, counts) = upstream(Duration::from_secs(2)).await;
+    let mut gw = start(config(&orders, "http://127.0.0.1:1")).await;
+    let access = gw.login("alice", "alice-pw").await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bearer = Arc::new(format!("Bearer {access}"));
+    let base = gw.base.clone();
+
+    let mut requests = Vec::new();
+    for i in 0..in_flight {
+        let (base, bearer) = (base.clone(), Arc::clone(&bearer));
+        // One connection per request, so every request is truly in flight.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http::<Full<Bytes>>();
+        requests.push(tokio::spawn(async move {
+            let request = http::Request::get(format!("{base}/v1/orders/{i}"))
+                .header("authorization", bearer.as_str())
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            client.request(request).await.map(|r| r.status().as_u16())
+        }));
+    }
+    // Shut down once every request has reached the upstream, which holds
+    // each one for 2 s: all of them are in flight through the gateway.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while counts.arrived.load(Ordering::SeqCst) < in_flight {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} requests arrived",
+            counts.arrived.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        counts.served.load(Ordering::SeqCst),
+        0,
+        "none has completed before the shutdown"
+    );
+    let stop = gw.stop.take().unwrap();
+    let _ = stop.send(());
+    let mut ok = 0;
+    for r in requests {
+        if let Ok(Ok(200)) = r.await {
+            ok += 1;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(15), gw.done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ok, in_flight, "every in-flight request completed");
+    assert_eq!(counts.served.load(Ordering::SeqCst), in_flight);
+    assert!(
+        in_flight >= 200,
+        "the machine's file limit is too low for a meaningful drain: {in_flight}"
+    );
+}
