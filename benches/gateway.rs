@@ -135,5 +135,53 @@ fn bench_rbac(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_jwt, bench_ratelimit, bench_rbac);
+/// The full in-process stack (metrics, client IP, HS256 JWT, RBAC, local
+/// rate limiter) in front of a trivial service, against the bare service, so
+/// the difference is the stack's own cost per request.
+fn bench_stack(c: &mut Criterion) {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use gateway_mw::http::{Gateway, GatewayMetrics, GatewayParts, MetricsLayer, RateLimits};
+    use http_body_util::Full;
+    use tower::{Layer, ServiceExt};
+
+    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let keys = KeySet::new().with_key(VerifyingKey::hs256("hs", SECRET)).expect("key");
+    let verifier = JwtVerifier::new(keys, JwtConfig::default().with_issuer("https://issuer.test").with_audience("gateway"));
+    let policy = PolicyConfig::default()
+        .role("reader", RoleDef::new(["orders:read"]))
+        .rule(RouteRule::new("GET", "/v1/orders/{id}", "orders:read"))
+        .compile()
+        .expect("policy");
+    let parts = GatewayParts::new(verifier, policy).with_limits(RateLimits::new(Quota::per_minute(u32::MAX), Quota::per_minute(u32::MAX)));
+    let bare = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
+    });
+    let full = MetricsLayer::new(Arc::new(GatewayMetrics::default())).layer(Gateway::new(parts).wrap(bare));
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() + 3_600;
+    let claims = json!({"sub": "alice", "iss": "https://issuer.test", "aud": "gateway", "exp": exp, "roles": ["reader"]});
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("hs".into());
+    let bearer = format!("Bearer {}", encode(&header, &claims, &EncodingKey::from_secret(SECRET)).expect("sign"));
+    let request = || {
+        http::Request::get("/v1/orders/42")
+            .header("authorization", bearer.as_str())
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    let mut group = c.benchmark_group("stack");
+    group.bench_function("bare_service", |b| {
+        b.iter(|| runtime.block_on(bare.clone().oneshot(request())).expect("ok").status())
+    });
+    group.bench_function("full_stack_hs256", |b| {
+        b.iter(|| {
+            let response = runtime.block_on(full.clone().oneshot(request())).expect("ok");
+            assert_eq!(response.status(), http::StatusCode::OK);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_jwt, bench_ratelimit, bench_rbac, bench_stack);
 criterion_main!(benches);
