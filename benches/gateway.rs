@@ -146,24 +146,44 @@ fn bench_stack(c: &mut Criterion) {
     use http_body_util::Full;
     use tower::{Layer, ServiceExt};
 
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-    let keys = KeySet::new().with_key(VerifyingKey::hs256("hs", SECRET)).expect("key");
-    let verifier = JwtVerifier::new(keys, JwtConfig::default().with_issuer("https://issuer.test").with_audience("gateway"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let keys = KeySet::new()
+        .with_key(VerifyingKey::hs256("hs", SECRET))
+        .expect("key");
+    let verifier = JwtVerifier::new(
+        keys,
+        JwtConfig::default()
+            .with_issuer("https://issuer.test")
+            .with_audience("gateway"),
+    );
     let policy = PolicyConfig::default()
         .role("reader", RoleDef::new(["orders:read"]))
         .rule(RouteRule::new("GET", "/v1/orders/{id}", "orders:read"))
         .compile()
         .expect("policy");
-    let parts = GatewayParts::new(verifier, policy).with_limits(RateLimits::new(Quota::per_minute(u32::MAX), Quota::per_minute(u32::MAX)));
+    let parts = GatewayParts::new(verifier, policy).with_limits(RateLimits::new(
+        Quota::per_minute(u32::MAX),
+        Quota::per_minute(u32::MAX),
+    ));
     let bare = tower::service_fn(|_req: http::Request<Full<Bytes>>| async {
         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
     });
-    let full = MetricsLayer::new(Arc::new(GatewayMetrics::default())).layer(Gateway::new(parts).wrap(bare));
-    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() + 3_600;
+    let full = MetricsLayer::new(Arc::new(GatewayMetrics::default()))
+        .layer(Gateway::new(parts).wrap(bare));
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3_600;
     let claims = json!({"sub": "alice", "iss": "https://issuer.test", "aud": "gateway", "exp": exp, "roles": ["reader"]});
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("hs".into());
-    let bearer = format!("Bearer {}", encode(&header, &claims, &EncodingKey::from_secret(SECRET)).expect("sign"));
+    let bearer = format!(
+        "Bearer {}",
+        encode(&header, &claims, &EncodingKey::from_secret(SECRET)).expect("sign")
+    );
     let request = || {
         http::Request::get("/v1/orders/42")
             .header("authorization", bearer.as_str())
@@ -172,11 +192,18 @@ fn bench_stack(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("stack");
     group.bench_function("bare_service", |b| {
-        b.iter(|| runtime.block_on(bare.clone().oneshot(request())).expect("ok").status())
+        b.iter(|| {
+            runtime
+                .block_on(bare.clone().oneshot(request()))
+                .expect("ok")
+                .status()
+        })
     });
     group.bench_function("full_stack_hs256", |b| {
         b.iter(|| {
-            let response = runtime.block_on(full.clone().oneshot(request())).expect("ok");
+            let response = runtime
+                .block_on(full.clone().oneshot(request()))
+                .expect("ok");
             assert_eq!(response.status(), http::StatusCode::OK);
         })
     });
