@@ -194,7 +194,7 @@ fn bench_stack(c: &mut Criterion) {
     group.bench_function("bare_service", |b| {
         b.iter(|| {
             runtime
-                .block_on(bare.clone().oneshot(request()))
+                .block_on(bare.oneshot(request()))
                 .expect("ok")
                 .status()
         })
