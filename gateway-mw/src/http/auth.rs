@@ -12,8 +12,8 @@ use http::{Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AuditSink, BoxError, ClientIp, GatewayBody, Principal, PrincipalKind, boxed, error_response,
-    request_id,
+    AuditSink, BoxError, GatewayBody, Principal, PrincipalKind, boxed, error_response,
+    with_request_context,
 };
 use crate::audit::{AuditEntry, Outcome};
 use crate::jwt::{JwtError, JwtVerifier};
@@ -147,14 +147,8 @@ impl AuthLayer {
                 "Bearer error=\"invalid_token\"",
             ),
         };
-        let mut entry = AuditEntry::new("auth.authenticate", Outcome::Failure).reason(code);
-        if let Some(ClientIp(ip)) = request.extensions().get::<ClientIp>() {
-            entry = entry.client_ip(ip.to_string());
-        }
-        if let Some(id) = request_id(request) {
-            entry = entry.request_id(id);
-        }
-        self.audit.record(entry);
+        let entry = AuditEntry::new("auth.authenticate", Outcome::Failure).reason(code);
+        self.audit.record(with_request_context(entry, request));
         let mut response = error_response(StatusCode::UNAUTHORIZED, code, &message);
         response
             .headers_mut()

@@ -9,7 +9,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 
 use super::{
-    AuditSink, BoxError, GatewayBody, MatchedRoute, Principal, boxed, error_response, request_id,
+    AuditSink, BoxError, GatewayBody, MatchedRoute, Principal, boxed, error_response,
+    with_request_context,
 };
 use crate::audit::{AuditEntry, Outcome};
 use crate::rbac::{Decision, Policy};
@@ -92,10 +93,9 @@ where
                 if let Some(route) = route {
                     entry = entry.route(route);
                 }
-                if let Some(id) = request_id(request) {
-                    entry = entry.request_id(id);
-                }
-                self.layer.audit.record(entry);
+                self.layer
+                    .audit
+                    .record(with_request_context(entry, request));
                 error_response(status, code, &message)
             };
         let response = match decision {

@@ -69,6 +69,7 @@ use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 
+use crate::audit::AuditEntry;
 pub use crate::audit::{AuditSink, NoAudit};
 use crate::client_ip::TrustedProxies;
 use crate::jwt::JwtVerifier;
@@ -105,13 +106,23 @@ pub enum PrincipalKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatchedRoute(pub String);
 
-/// The request id a layer should log: `X-Request-Id` when present.
-fn request_id<B>(request: &http::Request<B>) -> Option<String> {
-    request
+/// Adds what a request tells about itself to an audit entry: the client IP,
+/// the matched route (when authorization has run) and `X-Request-Id`.
+fn with_request_context<B>(mut entry: AuditEntry, request: &http::Request<B>) -> AuditEntry {
+    if let Some(ClientIp(ip)) = request.extensions().get::<ClientIp>() {
+        entry = entry.client_ip(ip.to_string());
+    }
+    if let Some(MatchedRoute(route)) = request.extensions().get::<MatchedRoute>() {
+        entry = entry.route(route.clone());
+    }
+    let id = request
         .headers()
         .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(128).collect())
+        .and_then(|v| v.to_str().ok());
+    if let Some(id) = id {
+        entry = entry.request_id(id.chars().take(128).collect::<String>());
+    }
+    entry
 }
 
 /// Maps an inner response body into [`GatewayBody`].

@@ -11,8 +11,8 @@ use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode};
 
 use super::{
-    AuditSink, BoxError, ClientIp, GatewayBody, MatchedRoute, Principal, PrincipalKind, boxed,
-    error_response, request_id,
+    AuditSink, BoxError, ClientIp, GatewayBody, Principal, PrincipalKind, boxed, error_response,
+    with_request_context,
 };
 use crate::audit::{AuditEntry, Outcome};
 use crate::client_ip::limit_key;
@@ -175,19 +175,12 @@ where
         let ip = request.extensions().get::<ClientIp>().copied();
         let (name, subject, quota, decision) = self.layer.limits.check(principal, ip);
         if !decision.allowed {
-            let mut entry = AuditEntry::new("ratelimit.check", Outcome::Denied)
+            let entry = AuditEntry::new("ratelimit.check", Outcome::Denied)
                 .who(subject)
                 .reason(name);
-            if let Some(ClientIp(ip)) = ip {
-                entry = entry.client_ip(ip.to_string());
-            }
-            if let Some(route) = request.extensions().get::<MatchedRoute>() {
-                entry = entry.route(route.0.clone());
-            }
-            if let Some(id) = request_id(&request) {
-                entry = entry.request_id(id);
-            }
-            self.layer.audit.record(entry);
+            self.layer
+                .audit
+                .record(with_request_context(entry, &request));
             let mut response = error_response(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
