@@ -304,24 +304,26 @@ impl MetricsProcessor {
         for entry in self.registry.entries() {
             let mut acc = WindowAccumulator::default();
             entry.series.accumulate(after, until, &mut acc);
-            let Some([p50, p90, p99]) = acc.keys.quantiles([0.5, 0.9, 0.99], acc.min, acc.max)
+            let Some([p50, p90, p99]) =
+                acc.keys
+                    .quantiles([0.5, 0.9, 0.99], acc.exact.min, acc.exact.max)
             else {
                 continue;
             };
-            total_count += acc.count;
-            total_sum += acc.sum;
+            total_count += acc.exact.count;
+            total_sum += acc.exact.sum;
             types.insert(
                 entry.name.to_string(),
                 TypeSummary {
-                    count: acc.count,
-                    sum: acc.sum,
-                    avg: acc.sum / acc.count as f64,
-                    min: acc.min,
-                    max: acc.max,
+                    count: acc.exact.count,
+                    sum: acc.exact.sum,
+                    avg: acc.exact.sum / acc.exact.count as f64,
+                    min: acc.exact.min,
+                    max: acc.exact.max,
                     p50,
                     p90,
                     p99,
-                    rate_per_sec: acc.count as f64 / window_secs as f64,
+                    rate_per_sec: acc.exact.count as f64 / window_secs as f64,
                 },
             );
         }

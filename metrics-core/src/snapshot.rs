@@ -24,7 +24,7 @@ use crate::error::SnapshotError;
 use crate::hll::{PRECISION, SlidingHll};
 use crate::processor::{MetricsProcessor, TOTAL};
 use crate::sketch::{Bins, RELATIVE_ACCURACY};
-use crate::window::Cell;
+use crate::window::{Cell, Exact};
 
 const MAGIC: &[u8; 8] = b"FKMETSNP";
 const VERSION: u32 = 1;
@@ -65,13 +65,13 @@ pub(crate) fn encode(processor: &MetricsProcessor) -> Vec<u8> {
         let mut cells = Vec::new();
         entry.series.for_each_block(|minute, seconds| {
             for (offset, cell) in seconds.iter().enumerate() {
-                if cell.count > 0 {
+                if cell.exact.count > 0 {
                     cells.push(CellRecord {
                         second: minute * 60 + offset as u64,
-                        count: cell.count,
-                        sum: cell.sum,
-                        min: cell.min,
-                        max: cell.max,
+                        count: cell.exact.count,
+                        sum: cell.exact.sum,
+                        min: cell.exact.min,
+                        max: cell.exact.max,
                         bins: cell.bins.raw().to_vec(),
                     });
                 }
@@ -180,10 +180,12 @@ pub(crate) fn decode_into(
                 )));
             }
             let cell = Cell {
-                count: c.count,
-                sum: c.sum,
-                min: c.min,
-                max: c.max,
+                exact: Exact {
+                    count: c.count,
+                    sum: c.sum,
+                    min: c.min,
+                    max: c.max,
+                },
                 bins,
             };
             cells.push((c.second, cell));

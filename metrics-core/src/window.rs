@@ -18,38 +18,30 @@ use crate::sketch::{Bins, KeyCounts};
 /// Sentinel tag of a block that has never held data.
 const EMPTY: u64 = u64::MAX;
 
-/// Exact statistics plus bucket counts for a set of events.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Cell {
+/// The exact statistics of a set of values.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Exact {
     pub(crate) count: u64,
     pub(crate) sum: f64,
     pub(crate) min: f64,
     pub(crate) max: f64,
-    pub(crate) bins: Bins,
 }
 
-impl Cell {
+impl Exact {
+    /// Adds one value.
     #[inline]
-    fn record(&mut self, key: u32, value: f64) {
-        if self.count == 0 {
-            self.min = value;
-            self.max = value;
-        } else {
-            self.min = self.min.min(value);
-            self.max = self.max.max(value);
-        }
-        self.count += 1;
-        self.sum += value;
-        self.bins.insert(key);
+    fn record(&mut self, value: f64) {
+        self.merge(&Exact {
+            count: 1,
+            sum: value,
+            min: value,
+            max: value,
+        });
     }
 
-    fn clear(&mut self) {
-        self.count = 0;
-        self.sum = 0.0;
-        self.bins.clear();
-    }
-
-    pub(crate) fn merge_from(&mut self, other: &Cell) {
+    /// Adds another set's statistics.
+    #[inline]
+    pub(crate) fn merge(&mut self, other: &Exact) {
         if other.count == 0 {
             return;
         }
@@ -62,6 +54,30 @@ impl Cell {
         }
         self.count += other.count;
         self.sum += other.sum;
+    }
+}
+
+/// Exact statistics plus bucket counts for a set of events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Cell {
+    pub(crate) exact: Exact,
+    pub(crate) bins: Bins,
+}
+
+impl Cell {
+    #[inline]
+    fn record(&mut self, key: u32, value: f64) {
+        self.exact.record(value);
+        self.bins.insert(key);
+    }
+
+    fn clear(&mut self) {
+        self.exact = Exact::default();
+        self.bins.clear();
+    }
+
+    pub(crate) fn merge_from(&mut self, other: &Cell) {
+        self.exact.merge(&other.exact);
         self.bins.merge_from(&other.bins);
     }
 
@@ -102,27 +118,16 @@ impl MinuteBlock {
 /// Running totals of a query over one type.
 #[derive(Debug, Default)]
 pub(crate) struct WindowAccumulator {
-    pub(crate) count: u64,
-    pub(crate) sum: f64,
-    pub(crate) min: f64,
-    pub(crate) max: f64,
+    pub(crate) exact: Exact,
     pub(crate) keys: KeyCounts,
 }
 
 impl WindowAccumulator {
     fn add(&mut self, cell: &Cell) {
-        if cell.count == 0 {
+        if cell.exact.count == 0 {
             return;
         }
-        if self.count == 0 {
-            self.min = cell.min;
-            self.max = cell.max;
-        } else {
-            self.min = self.min.min(cell.min);
-            self.max = self.max.max(cell.max);
-        }
-        self.count += cell.count;
-        self.sum += cell.sum;
+        self.exact.merge(&cell.exact);
         self.keys.add_bins(&cell.bins);
     }
 }
