@@ -232,6 +232,9 @@ pub struct RouteEntry {
     /// Whether the body must be JSON (depth 32, 256 KiB).
     #[serde(default)]
     pub json: bool,
+    /// A quota for this route per caller, replacing the default one here.
+    #[serde(default)]
+    pub quota_per_minute: Option<u32>,
 }
 
 /// `[upstreams.NAME]`.

@@ -229,6 +229,16 @@ impl GatewayServer {
             Quota::per_minute(r.per_api_key_per_minute),
         )
         .with_anonymous(Quota::per_minute(r.per_ip_per_minute));
+        let limits =
+            config
+                .routes
+                .iter()
+                .fold(limits, |limits, route| match route.quota_per_minute {
+                    Some(q) => {
+                        limits.with_route_quota(&route.method, &route.path, Quota::per_minute(q))
+                    }
+                    None => limits,
+                });
         let limits = Arc::new(limits);
         let trusted = TrustedProxies::parse(&config.trusted_proxies).map_err(|e| invalid(&e))?;
         let mut cors = CorsConfig::default().with_credentials(config.cors.allow_credentials);

@@ -1,6 +1,7 @@
 //! Rate limiting per user, per API key and per anonymous client IP, with the
 //! IETF headers.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,8 +12,8 @@ use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode};
 
 use super::{
-    AuditSink, BoxError, ClientIp, GatewayBody, Principal, PrincipalKind, boxed, error_response,
-    with_request_context,
+    AuditSink, BoxError, ClientIp, GatewayBody, MatchedRoute, Principal, PrincipalKind, boxed,
+    error_response, with_request_context,
 };
 use crate::audit::{AuditEntry, Outcome};
 use crate::client_ip::limit_key;
@@ -28,6 +29,8 @@ pub struct RateLimits {
     users: KeyedLimiter<String>,
     api_keys: KeyedLimiter<String>,
     anonymous: KeyedLimiter<String>,
+    /// Per-route quotas by `"METHOD template"`, keyed by caller.
+    routes: HashMap<String, KeyedLimiter<String>>,
 }
 
 impl Default for RateLimits {
@@ -45,7 +48,17 @@ impl RateLimits {
             users: KeyedLimiter::new(LimiterConfig::new(user)),
             api_keys: KeyedLimiter::new(LimiterConfig::new(api_key)),
             anonymous: KeyedLimiter::new(LimiterConfig::new(Quota::per_minute(60))),
+            routes: HashMap::new(),
         }
+    }
+
+    /// Gives `method` on the route `template` its own quota per caller (user,
+    /// API key or anonymous client), replacing the default quota there.
+    pub fn with_route_quota(mut self, method: &str, template: &str, quota: Quota) -> Self {
+        let key = format!("{} {template}", method.to_ascii_uppercase());
+        self.routes
+            .insert(key, KeyedLimiter::new(LimiterConfig::new(quota)));
+        self
     }
 
     /// Sets the quota per anonymous client IP (IPv6 clients share their /64).
@@ -59,7 +72,16 @@ impl RateLimits {
         &self,
         principal: Option<&Principal>,
         ip: Option<ClientIp>,
+        route: Option<String>,
     ) -> (&'static str, String, Quota, RateDecision) {
+        if let Some(limiter) = route.as_ref().and_then(|r| self.routes.get(r)) {
+            let subject = match principal {
+                Some(p) => p.id.clone(),
+                None => ip.map_or_else(|| "unknown".to_owned(), |ClientIp(ip)| limit_key(ip)),
+            };
+            let decision = limiter.check(subject.as_str());
+            return ("route", subject, limiter.quota(), decision);
+        }
         match principal {
             Some(p) if p.kind == PrincipalKind::User => (
                 "user",
@@ -173,7 +195,11 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let principal = request.extensions().get::<Principal>();
         let ip = request.extensions().get::<ClientIp>().copied();
-        let (name, subject, quota, decision) = self.layer.limits.check(principal, ip);
+        let route = request
+            .extensions()
+            .get::<MatchedRoute>()
+            .map(|MatchedRoute(template)| format!("{} {template}", request.method()));
+        let (name, subject, quota, decision) = self.layer.limits.check(principal, ip, route);
         if !decision.allowed {
             let entry = AuditEntry::new("ratelimit.check", Outcome::Denied)
                 .who(subject)

@@ -467,3 +467,38 @@ async fn metrics_parse_with_an_openmetrics_parser_and_use_route_templates() {
         "raw paths never become labels"
     );
 }
+
+#[tokio::test]
+async fn a_route_can_carry_its_own_quota() {
+    let audit = Recorder::default();
+    let limits = RateLimits::new(Quota::per_minute(100), Quota::per_minute(100)).with_route_quota(
+        "post",
+        "/v1/orders",
+        Quota::per_minute(2),
+    );
+    let gw =
+        Gateway::new(parts(audit.clone()).with_limits(limits)).wrap(tower::service_fn(upstream));
+    let writer = token("wendy", &["writer"]);
+    for _ in 0..2 {
+        let (status, headers, _) = send(gw.clone(), "POST", "/v1/orders", &[bearer(&writer)]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["ratelimit-policy"], "\"route\";q=2;w=60");
+    }
+    assert_eq!(
+        send(gw.clone(), "POST", "/v1/orders", &[bearer(&writer)])
+            .await
+            .0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Other routes keep the default quota.
+    let (status, headers, _) = send(gw, "GET", "/v1/orders/1", &[bearer(&writer)]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["ratelimit-policy"], "\"user\";q=100;w=60");
+    assert_eq!(
+        audit.0.lock()[0],
+        AuditEntry::new("ratelimit.check", Outcome::Denied)
+            .who("wendy")
+            .reason("route")
+            .route("/v1/orders")
+    );
+}
