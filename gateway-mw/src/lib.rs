@@ -13,16 +13,15 @@
 //! | [`client_ip`] | the client's address behind trusted proxies (rightmost-untrusted `X-Forwarded-For`), IPv6 keyed by /64 |
 //! | [`audit`] | a tamper-evident, hash-chained record of every security decision |
 //!
-//! ## Status
-//!
-//! Issue #4 builds this crate in increments. What is here works and is
-//! tested; still to come are the tower layers and `Gateway` service over
-//! hyper, CORS, security headers, input validation, Prometheus metrics, the
-//! audit sinks and the reverse-proxy example (see the issue's notes).
-//!
 //! ## Features
 //!
 //! * `redis`: `ratelimit::RedisLimiter` and `token::RedisStore` (fred).
+//! * `http`: the tower layers and `Gateway` in the `http` module.
+//! * `proxy`: `config` and `server`, the configurable reverse proxy that the
+//!   `gateway` example runs.
+//!
+//! Security controls and what each stops: `docs/gateway-mw/SECURITY.md`;
+//! configuration: `docs/gateway-mw/CONFIG.md`.
 #![forbid(unsafe_code)]
 
 pub mod audit;
