@@ -13,7 +13,7 @@
 //! | [`SecurityHeadersLayer`] | HSTS, CSP, `X-Content-Type-Options`, `X-Frame-Options`, `Referrer-Policy`, `Permissions-Policy`; strips `Server`/`X-Powered-By`; `no-store` on auth paths | — |
 //!
 //! Every rejection is a JSON body `{"error": "...", "code": "..."}` and an
-//! [`AuditEntry`](crate::audit::AuditEntry) handed to the configured
+//! [`AuditEntry`] handed to the configured
 //! [`AuditSink`], so security decisions are recorded off the request path.
 //!
 //! ```
