@@ -27,18 +27,30 @@ fn hex_lower(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Requests an upstream has received and answered.
-#[derive(Clone, Default)]
+/// Requests an upstream has received and answered, and the gate each
+/// request waits at before it is answered.
+#[derive(Clone)]
 struct Counts {
     arrived: Arc<AtomicUsize>,
     served: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
-/// An upstream that answers after `delay`, echoing the forwarded identity.
-async fn upstream(delay: Duration) -> (String, Counts) {
+/// An upstream that echoes the forwarded identity; with `gated`, each request
+/// waits until the test opens the gate.
+async fn upstream(gated: bool) -> (String, Counts) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let counts = Counts::default();
+    let permits = if gated {
+        0
+    } else {
+        tokio::sync::Semaphore::MAX_PERMITS
+    };
+    let counts = Counts {
+        arrived: Arc::default(),
+        served: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(permits)),
+    };
     let counter = counts.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -48,7 +60,7 @@ async fn upstream(delay: Duration) -> (String, Counts) {
                     let counter = counter.clone();
                     async move {
                         counter.arrived.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(delay).await;
+                        let _permit = counter.gate.acquire().await.unwrap();
                         counter.served.fetch_add(1, Ordering::SeqCst);
                         let h = |name: &str| {
                             req.headers()
@@ -224,7 +236,7 @@ impl Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_call_refresh_and_the_error_paths() {
-    let (orders, _) = upstream(Duration::ZERO).await;
+    let (orders, _) = upstream(false).await;
     let gw = start(config(&orders, "http://127.0.0.1:1")).await;
 
     let alice = gw.login("alice", "alice-pw").await;
@@ -369,7 +381,7 @@ fn open_file_limit() -> usize {
 async fn a_graceful_drain_loses_no_in_flight_request() {
     // Each request holds four sockets (client, gateway in and out, upstream).
     let in_flight = 1_000.min(open_file_limit().saturating_sub(200) / 4);
-    let (orders, counts) = upstream(Duration::from_secs(2)).await;
+    let (orders, counts) = upstream(true).await;
     let mut gw = start(config(&orders, "http://127.0.0.1:1")).await;
     let access = gw.login("alice", "alice-pw").await["access_token"]
         .as_str()
@@ -394,8 +406,8 @@ async fn a_graceful_drain_loses_no_in_flight_request() {
         }));
     }
     // Shut down once every request has reached the upstream, which holds
-    // each one for 2 s: all of them are in flight through the gateway.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    // them all at its gate: every one is in flight through the gateway.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while counts.arrived.load(Ordering::SeqCst) < in_flight {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -404,13 +416,12 @@ async fn a_graceful_drain_loses_no_in_flight_request() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(
-        counts.served.load(Ordering::SeqCst),
-        0,
-        "none has completed before the shutdown"
-    );
+    assert_eq!(counts.served.load(Ordering::SeqCst), 0);
     let stop = gw.stop.take().unwrap();
     let _ = stop.send(());
+    // The gateway is now draining; let the upstream answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    counts.gate.add_permits(in_flight);
     let mut ok = 0;
     for r in requests {
         if let Ok(Ok(200)) = r.await {
