@@ -71,6 +71,37 @@ pub struct GatewayConfig {
     /// A demo upstream the example starts in-process.
     #[serde(default)]
     pub demo_upstream: Option<DemoUpstream>,
+    /// Shared state in Redis: rate limits and refresh tokens (feature `redis`).
+    #[serde(default)]
+    pub redis: Option<RedisSection>,
+}
+
+/// `[redis]`: when present, rate limits and refresh tokens live in Redis, so
+/// every gateway instance shares them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSection {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key the gateway writes. Default `gw:`.
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+    /// Per rate-limit check. Default 20 ms.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_ms: u64,
+    /// When Redis fails: `local` (a per-instance limiter, default), `open` or `closed`.
+    #[serde(default = "default_on_failure")]
+    pub on_failure: String,
+}
+
+fn default_redis_prefix() -> String {
+    "gw:".into()
+}
+fn default_redis_timeout() -> u64 {
+    20
+}
+fn default_on_failure() -> String {
+    "local".into()
 }
 
 fn default_listen() -> SocketAddr {
@@ -374,6 +405,19 @@ impl GatewayConfig {
             return Err(ConfigError::Invalid(
                 "[jwt] needs at least one key or a jwks_file".into(),
             ));
+        }
+        if let Some(redis) = &self.redis {
+            if !cfg!(feature = "redis") {
+                return Err(ConfigError::Invalid(
+                    "[redis] is set but this build lacks the `redis` feature".into(),
+                ));
+            }
+            if !matches!(redis.on_failure.as_str(), "local" | "open" | "closed") {
+                return Err(ConfigError::Invalid(format!(
+                    "[redis] on_failure must be local, open or closed, got {:?}",
+                    redis.on_failure
+                )));
+            }
         }
         if let Some(kid) = &self.tokens.signing_kid
             && !self

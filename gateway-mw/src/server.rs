@@ -50,12 +50,51 @@ struct Upstream {
     timeout: Duration,
 }
 
+/// The token service over whichever store is configured.
+enum Tokens {
+    Memory(TokenService<MemoryStore>),
+    #[cfg(feature = "redis")]
+    Redis(TokenService<crate::token::RedisStore>),
+}
+
+impl Tokens {
+    async fn issue(
+        &self,
+        subject: &str,
+        roles: &[String],
+    ) -> Result<crate::token::TokenPair, TokenError> {
+        match self {
+            Tokens::Memory(t) => t.issue(subject, roles).await,
+            #[cfg(feature = "redis")]
+            Tokens::Redis(t) => t.issue(subject, roles).await,
+        }
+    }
+
+    async fn refresh(&self, token: &str) -> Result<crate::token::TokenPair, TokenError> {
+        match self {
+            Tokens::Memory(t) => t.refresh(token).await,
+            #[cfg(feature = "redis")]
+            Tokens::Redis(t) => t.refresh(token).await,
+        }
+    }
+
+    async fn logout(&self, token: &str) -> Result<(), TokenError> {
+        match self {
+            Tokens::Memory(t) => t.logout(token).await,
+            #[cfg(feature = "redis")]
+            Tokens::Redis(t) => t.logout(token).await,
+        }
+    }
+}
+
 /// Everything a request needs, shared by all connections.
 struct State {
     client: Client<HttpConnector, Full<Bytes>>,
     upstreams: Router<Upstream>,
     all_upstreams: Vec<Upstream>,
-    tokens: Option<TokenService<MemoryStore>>,
+    tokens: Option<Tokens>,
+    #[cfg(feature = "redis")]
+    redis: Option<fred::prelude::Client>,
     users: HashMap<String, ([u8; 32], Vec<String>)>,
     audit: Arc<AuditLog>,
     metrics: Arc<GatewayMetrics>,
@@ -130,7 +169,7 @@ fn hs256_secret(config: &GatewayConfig, kid: &str) -> Result<Vec<u8>, ConfigErro
 impl GatewayServer {
     /// Builds the gateway (keys, policy, limits, audit log, upstream client)
     /// from `config`. Fails with a clear message on any inconsistency.
-    pub fn build(config: GatewayConfig) -> Result<GatewayServer, ConfigError> {
+    pub async fn build(config: GatewayConfig) -> Result<GatewayServer, ConfigError> {
         let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid(e.to_string());
         // Keys and verification.
         let mut keys = match &config.jwt.jwks_file {
@@ -239,6 +278,25 @@ impl GatewayServer {
                     }
                     None => limits,
                 });
+        #[cfg(feature = "redis")]
+        let redis = match &config.redis {
+            Some(section) => Some(connect_redis(&section.url).await?),
+            None => None,
+        };
+        #[cfg(feature = "redis")]
+        let limits = match (&redis, &config.redis) {
+            (Some(client), Some(section)) => limits.with_redis(crate::http::RedisLimits {
+                client: client.clone(),
+                prefix: format!("{}rl:", section.prefix),
+                timeout: Duration::from_millis(section.timeout_ms),
+                on_failure: match section.on_failure.as_str() {
+                    "open" => crate::ratelimit::FailurePolicy::FailOpen,
+                    "closed" => crate::ratelimit::FailurePolicy::FailClosed,
+                    _ => crate::ratelimit::FailurePolicy::LocalFallback,
+                },
+            }),
+            _ => limits,
+        };
         let limits = Arc::new(limits);
         let trusted = TrustedProxies::parse(&config.trusted_proxies).map_err(|e| invalid(&e))?;
         let mut cors = CorsConfig::default().with_credentials(config.cors.allow_credentials);
@@ -275,10 +333,26 @@ impl GatewayServer {
                     Duration::from_secs(t.refresh_idle_ttl_secs),
                     Duration::from_secs(t.refresh_absolute_ttl_secs),
                 );
-                Some(TokenService::new(
+                let token_config =
+                    token_config.with_access_ttl(Duration::from_secs(t.access_ttl_secs));
+                #[cfg(feature = "redis")]
+                if let (Some(client), Some(section)) = (&redis, &config.redis) {
+                    let store = crate::token::RedisStore::new(
+                        client.clone(),
+                        format!("{}tokens:", section.prefix),
+                    );
+                    Some(Tokens::Redis(TokenService::new(store, token_config)))
+                } else {
+                    Some(Tokens::Memory(TokenService::new(
+                        MemoryStore::new(),
+                        token_config,
+                    )))
+                }
+                #[cfg(not(feature = "redis"))]
+                Some(Tokens::Memory(TokenService::new(
                     MemoryStore::new(),
-                    token_config.with_access_ttl(Duration::from_secs(t.access_ttl_secs)),
-                ))
+                    token_config,
+                )))
             }
             None => None,
         };
@@ -312,6 +386,8 @@ impl GatewayServer {
             upstreams,
             all_upstreams,
             tokens,
+            #[cfg(feature = "redis")]
+            redis,
             users,
             audit: Arc::clone(&audit),
             metrics: Arc::clone(&metrics),
@@ -419,6 +495,22 @@ impl GatewayServer {
     }
 }
 
+#[cfg(feature = "redis")]
+async fn connect_redis(url: &str) -> Result<fred::prelude::Client, ConfigError> {
+    use fred::prelude::{Builder, ClientLike, Config};
+    let invalid = |why: String| ConfigError::Invalid(format!("[redis] {why}"));
+    let config = Config::from_url(url).map_err(|e| invalid(format!("bad url: {e}")))?;
+    let client = Builder::from_config(config)
+        .with_connection_config(|c| c.connection_timeout = Duration::from_secs(3))
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(5), client.init()).await {
+        Ok(Ok(_)) => Ok(client),
+        Ok(Err(e)) => Err(invalid(format!("cannot connect: {e}"))),
+        Err(_) => Err(invalid("cannot connect: timed out".into())),
+    }
+}
+
 /// Routes a request to health, metrics, the auth endpoints or the API stack,
 /// after attaching the peer address and a request id.
 async fn dispatch(
@@ -513,6 +605,15 @@ async fn readiness(state: &State) -> Response<GatewayBody> {
         );
         if !ok {
             failing.push(upstream.base.clone());
+        }
+    }
+    #[cfg(feature = "redis")]
+    if let Some(client) = &state.redis {
+        use fred::prelude::ClientLike;
+        let pong =
+            tokio::time::timeout(Duration::from_millis(500), client.ping::<String>(None)).await;
+        if !matches!(pong, Ok(Ok(_))) {
+            failing.push("redis".to_owned());
         }
     }
     if failing.is_empty() {

@@ -90,7 +90,8 @@ async fn upstream(gated: bool) -> (String, Counts) {
     (format!("http://{addr}"), counts)
 }
 
-fn config(orders: &str, dead: &str) -> GatewayConfig {
+/// The test configuration as TOML text.
+fn config_text(orders: &str, dead: &str) -> String {
     let toml = format!(
         r#"
 shutdown_grace_secs = 10
@@ -149,7 +150,16 @@ sink = "{audit}"
             .join(format!("gw-it-audit-{}.jsonl", std::process::id()))
             .display(),
     );
-    GatewayConfig::parse(&toml).unwrap()
+    toml
+}
+
+fn config(orders: &str, dead: &str) -> GatewayConfig {
+    GatewayConfig::parse(&config_text(orders, dead)).unwrap()
+}
+
+#[cfg(feature = "redis")]
+fn toml_of(orders: &str) -> String {
+    config_text(orders, "http://127.0.0.1:1")
 }
 
 struct Running {
@@ -163,7 +173,7 @@ async fn start(config: GatewayConfig) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = GatewayServer::build(config).unwrap();
+    let server = GatewayServer::build(config).await.unwrap();
     let done = tokio::spawn(server.serve(listener, async move {
         let _ = stopped.await;
     }));
@@ -438,4 +448,73 @@ async fn a_graceful_drain_loses_no_in_flight_request() {
         in_flight >= 200,
         "the machine's file limit is too low for a meaningful drain: {in_flight}"
     );
+}
+
+/// Two gateway instances sharing one Redis: one rate limit, exact, and one
+/// set of refresh-token sessions.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateway_instances_share_limits_and_sessions_through_redis() {
+    let Some(redis) = testkit::TestRedis::create().await else {
+        return;
+    };
+    let (orders, _) = upstream(false).await;
+    let shared = |quota: u32| {
+        let mut text = format!(
+            "{}\n[redis]\nurl = \"{}\"\nprefix = \"{}\"\ntimeout_ms = 2000\n",
+            toml_of(&orders),
+            redis.url(),
+            redis.key("gw:")
+        );
+        text = text.replace(
+            "per_user_per_minute = 100000",
+            &format!("per_user_per_minute = {quota}"),
+        );
+        GatewayConfig::parse(&text).unwrap()
+    };
+    let a = start(shared(5)).await;
+    let b = start(shared(5)).await;
+
+    // A session started on A is refreshed on B; reusing the spent token on A
+    // is detected, because both read the same store.
+    let session = a.login("alice", "alice-pw").await;
+    let first = session["refresh_token"].as_str().unwrap().to_owned();
+    let (status, _, _) = b
+        .call(
+            "POST",
+            "/auth/refresh",
+            &[],
+            Some(json!({"refresh_token": first})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _, body) = a
+        .call(
+            "POST",
+            "/auth/refresh",
+            &[],
+            Some(json!({"refresh_token": first})),
+        )
+        .await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("token_reused")));
+
+    // One limit of 5 per minute for alice, whichever instance she calls.
+    let bearer = format!("Bearer {}", session["access_token"].as_str().unwrap());
+    let mut allowed = 0;
+    for i in 0..10 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let (status, _, _) = gw
+            .call("GET", "/v1/orders/1", &[("authorization", &bearer)], None)
+            .await;
+        assert!(status == 200 || status == 429, "{status}");
+        allowed += usize::from(status == 200);
+    }
+    assert_eq!(allowed, 5, "exactly the shared quota across both instances");
+    assert_eq!(
+        a.call("GET", "/readyz", &[], None).await.0,
+        503,
+        "the dead upstream keeps it unready"
+    );
+    a.stop().await;
+    b.stop().await;
 }

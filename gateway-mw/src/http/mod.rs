@@ -55,6 +55,8 @@ pub use client::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
 pub use cors::{CorsConfig, CorsConfigError};
 pub use headers::{SecurityHeaders, SecurityHeadersLayer, SecurityHeadersService};
 pub use metrics::{GatewayMetrics, MetricsLayer, MetricsService};
+#[cfg(feature = "redis")]
+pub use rate::RedisLimits;
 pub use rate::{RateLimitLayer, RateLimitService, RateLimits};
 pub use validate::{
     JsonLimits, RouteLimits, ValidationConfig, ValidationLayer, ValidationService,

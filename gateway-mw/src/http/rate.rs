@@ -22,15 +22,62 @@ use crate::ratelimit::{KeyedLimiter, LimiterConfig, Quota, RateDecision};
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
+/// One quota's limiter: in this process, or (feature `redis`) shared by
+/// every gateway instance through Redis.
+#[derive(Debug)]
+enum Limiter {
+    Local(KeyedLimiter<String>),
+    #[cfg(feature = "redis")]
+    Redis(crate::ratelimit::RedisLimiter),
+}
+
+impl Limiter {
+    fn local(quota: Quota) -> Limiter {
+        Limiter::Local(KeyedLimiter::new(LimiterConfig::new(quota)))
+    }
+
+    fn quota(&self) -> Quota {
+        match self {
+            Limiter::Local(l) => l.quota(),
+            #[cfg(feature = "redis")]
+            Limiter::Redis(l) => l.quota(),
+        }
+    }
+
+    async fn check(&self, key: &str) -> RateDecision {
+        match self {
+            Limiter::Local(l) => l.check(key),
+            #[cfg(feature = "redis")]
+            Limiter::Redis(l) => l.check(key).await,
+        }
+    }
+}
+
+/// Where shared limits live (feature `redis`).
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone)]
+pub struct RedisLimits {
+    /// A connected fred client.
+    pub client: fred::prelude::Client,
+    /// Prefix of the limit keys, e.g. `gw:rl:`.
+    pub prefix: String,
+    /// Per-check timeout (default 20 ms in [`RedisLimiterConfig`](crate::ratelimit::RedisLimiterConfig)).
+    pub timeout: std::time::Duration,
+    /// What decides when Redis fails.
+    pub on_failure: crate::ratelimit::FailurePolicy,
+}
+
 /// The limiters: keyed by user, by API key, and by client IP for requests
-/// without a principal.
+/// without a principal, plus optional per-route quotas.
 #[derive(Debug)]
 pub struct RateLimits {
-    users: KeyedLimiter<String>,
-    api_keys: KeyedLimiter<String>,
-    anonymous: KeyedLimiter<String>,
+    users: Limiter,
+    api_keys: Limiter,
+    anonymous: Limiter,
     /// Per-route quotas by `"METHOD template"`, keyed by caller.
-    routes: HashMap<String, KeyedLimiter<String>>,
+    routes: HashMap<String, Limiter>,
+    #[cfg(feature = "redis")]
+    redis: Option<RedisLimits>,
 }
 
 impl Default for RateLimits {
@@ -45,64 +92,85 @@ impl RateLimits {
     /// `user` per user and `api_key` per API key (60/min per anonymous IP).
     pub fn new(user: Quota, api_key: Quota) -> RateLimits {
         RateLimits {
-            users: KeyedLimiter::new(LimiterConfig::new(user)),
-            api_keys: KeyedLimiter::new(LimiterConfig::new(api_key)),
-            anonymous: KeyedLimiter::new(LimiterConfig::new(Quota::per_minute(60))),
+            users: Limiter::local(user),
+            api_keys: Limiter::local(api_key),
+            anonymous: Limiter::local(Quota::per_minute(60)),
             routes: HashMap::new(),
+            #[cfg(feature = "redis")]
+            redis: None,
         }
+    }
+
+    /// A limiter for `quota`: shared in Redis when configured, else local.
+    fn limiter(&self, quota: Quota, _scope: &str) -> Limiter {
+        #[cfg(feature = "redis")]
+        if let Some(r) = &self.redis {
+            let config =
+                crate::ratelimit::RedisLimiterConfig::new(quota, format!("{}{_scope}:", r.prefix))
+                    .with_timeout(r.timeout)
+                    .with_failure_policy(r.on_failure);
+            return Limiter::Redis(crate::ratelimit::RedisLimiter::new(
+                r.client.clone(),
+                config,
+            ));
+        }
+        Limiter::local(quota)
+    }
+
+    /// Sets the quota per anonymous client IP (IPv6 clients share their /64).
+    pub fn with_anonymous(mut self, quota: Quota) -> Self {
+        self.anonymous = self.limiter(quota, "ip");
+        self
     }
 
     /// Gives `method` on the route `template` its own quota per caller (user,
     /// API key or anonymous client), replacing the default quota there.
     pub fn with_route_quota(mut self, method: &str, template: &str, quota: Quota) -> Self {
         let key = format!("{} {template}", method.to_ascii_uppercase());
-        self.routes
-            .insert(key, KeyedLimiter::new(LimiterConfig::new(quota)));
+        let limiter = self.limiter(quota, &format!("route:{key}"));
+        self.routes.insert(key, limiter);
         self
     }
 
-    /// Sets the quota per anonymous client IP (IPv6 clients share their /64).
-    pub fn with_anonymous(mut self, quota: Quota) -> Self {
-        self.anonymous = KeyedLimiter::new(LimiterConfig::new(quota));
+    /// Moves every limit (those set so far and those added later) into
+    /// Redis, so all gateway instances share them (feature `redis`).
+    #[cfg(feature = "redis")]
+    pub fn with_redis(mut self, redis: RedisLimits) -> Self {
+        self.redis = Some(redis);
+        self.users = self.limiter(self.users.quota(), "user");
+        self.api_keys = self.limiter(self.api_keys.quota(), "api_key");
+        self.anonymous = self.limiter(self.anonymous.quota(), "ip");
+        let routes = std::mem::take(&mut self.routes);
+        for (key, limiter) in routes {
+            let shared = self.limiter(limiter.quota(), &format!("route:{key}"));
+            self.routes.insert(key, shared);
+        }
         self
     }
 
     /// (policy name, subject for the audit log, quota, decision).
-    fn check(
+    async fn check(
         &self,
         principal: Option<&Principal>,
         ip: Option<ClientIp>,
         route: Option<String>,
     ) -> (&'static str, String, Quota, RateDecision) {
+        let anonymous_key =
+            || ip.map_or_else(|| "unknown".to_owned(), |ClientIp(ip)| limit_key(ip));
         if let Some(limiter) = route.as_ref().and_then(|r| self.routes.get(r)) {
-            let subject = match principal {
-                Some(p) => p.id.clone(),
-                None => ip.map_or_else(|| "unknown".to_owned(), |ClientIp(ip)| limit_key(ip)),
-            };
-            let decision = limiter.check(subject.as_str());
+            let subject = principal.map_or_else(anonymous_key, |p| p.id.clone());
+            let decision = limiter.check(&subject).await;
             return ("route", subject, limiter.quota(), decision);
         }
-        match principal {
-            Some(p) if p.kind == PrincipalKind::User => (
-                "user",
-                p.id.clone(),
-                self.users.quota(),
-                self.users.check(p.id.as_str()),
-            ),
-            Some(p) => (
-                "api_key",
-                p.id.clone(),
-                self.api_keys.quota(),
-                self.api_keys.check(p.id.as_str()),
-            ),
-            None => {
-                // Without an address all anonymous traffic shares one key:
-                // limiting too much beats not limiting at all.
-                let key = ip.map_or_else(|| "unknown".to_owned(), |ClientIp(ip)| limit_key(ip));
-                let decision = self.anonymous.check(key.as_str());
-                ("ip", key, self.anonymous.quota(), decision)
-            }
-        }
+        let (name, limiter, subject) = match principal {
+            Some(p) if p.kind == PrincipalKind::User => ("user", &self.users, p.id.clone()),
+            Some(p) => ("api_key", &self.api_keys, p.id.clone()),
+            // Without an address all anonymous traffic shares one key:
+            // limiting too much beats not limiting at all.
+            None => ("ip", &self.anonymous, anonymous_key()),
+        };
+        let decision = limiter.check(&subject).await;
+        (name, subject, limiter.quota(), decision)
     }
 }
 
@@ -179,8 +247,9 @@ fn set_headers(
 
 impl<S, B, ResBody> tower::Service<Request<B>> for RateLimitService<S>
 where
-    S: tower::Service<Request<B>, Response = Response<ResBody>> + Send,
+    S: tower::Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    B: Send + 'static,
     ResBody: http_body::Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
@@ -193,31 +262,33 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let principal = request.extensions().get::<Principal>();
+        let principal = request.extensions().get::<Principal>().cloned();
         let ip = request.extensions().get::<ClientIp>().copied();
         let route = request
             .extensions()
             .get::<MatchedRoute>()
             .map(|MatchedRoute(template)| format!("{} {template}", request.method()));
-        let (name, subject, quota, decision) = self.layer.limits.check(principal, ip, route);
-        if !decision.allowed {
-            let entry = AuditEntry::new("ratelimit.check", Outcome::Denied)
-                .who(subject)
-                .reason(name);
-            self.layer
-                .audit
-                .record(with_request_context(entry, &request));
-            let mut response = error_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "rate limit exceeded",
-            );
-            set_headers(&mut response, name, quota, &decision);
-            return Box::pin(async move { Ok(response) });
-        }
-        let future = self.inner.call(request);
+        let layer = self.layer.clone();
+        // The ready inner service serves this request; a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let mut response = boxed(future.await?);
+            let (name, subject, quota, decision) =
+                layer.limits.check(principal.as_ref(), ip, route).await;
+            if !decision.allowed {
+                let entry = AuditEntry::new("ratelimit.check", Outcome::Denied)
+                    .who(subject)
+                    .reason(name);
+                layer.audit.record(with_request_context(entry, &request));
+                let mut response = error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "rate limit exceeded",
+                );
+                set_headers(&mut response, name, quota, &decision);
+                return Ok(response);
+            }
+            let mut response = boxed(inner.call(request).await?);
             set_headers(&mut response, name, quota, &decision);
             Ok(response)
         })

@@ -210,6 +210,11 @@ impl RedisLimiter {
         })
     }
 
+    /// The quota.
+    pub fn quota(&self) -> Quota {
+        self.config.quota
+    }
+
     /// Checks that failed or timed out since creation.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
