@@ -38,7 +38,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(addr = %config.listen, "gateway listening");
-    GatewayServer::build(config)?
+    GatewayServer::build(config)
+        .await?
         .serve(listener, shutdown_signal())
         .await;
     Ok(())
