@@ -398,12 +398,47 @@ pub struct Claims {
 pub struct JwtVerifier {
     keys: KeySet,
     config: JwtConfig,
+    cache: Option<std::sync::Arc<VerifiedCache>>,
+}
+
+/// Tokens already verified, by the SHA-256 of the whole token: a hit skips
+/// the signature check (0.2–0.4 ms for RS256/ES256) but never the time checks.
+#[derive(Debug)]
+struct VerifiedCache {
+    entries: parking_lot::Mutex<HashMap<[u8; 32], CachedToken>>,
+    capacity: usize,
+}
+
+/// A verified token's claims and its `nbf`, if any.
+type CachedToken = (Claims, Option<i64>);
+
+impl VerifiedCache {
+    fn key(token: &str) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(token.as_bytes()).into()
+    }
 }
 
 impl JwtVerifier {
     /// A verifier over `keys` with `config`'s claim rules.
     pub fn new(keys: KeySet, config: JwtConfig) -> JwtVerifier {
-        JwtVerifier { keys, config }
+        JwtVerifier {
+            keys,
+            config,
+            cache: None,
+        }
+    }
+
+    /// Remembers up to `capacity` verified tokens (keyed by their SHA-256),
+    /// so a token seen again skips the signature check; `exp` and `nbf` are
+    /// still checked on every use. Worth it for RS256/ES256, whose
+    /// signatures cost hundreds of microseconds.
+    pub fn with_cache(mut self, capacity: usize) -> JwtVerifier {
+        self.cache = Some(std::sync::Arc::new(VerifiedCache {
+            entries: parking_lot::Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }));
+        self
     }
 
     /// Verifies `token` against the system clock.
@@ -416,6 +451,45 @@ impl JwtVerifier {
 
     /// Verifies `token` as of `now` (Unix seconds).
     pub fn verify_at(&self, token: &str, now: i64) -> Result<Claims, JwtError> {
+        let Some(cache) = &self.cache else {
+            return self.verify_uncached(token, now);
+        };
+        if token.len() > self.config.max_token_bytes {
+            return self.verify_uncached(token, now);
+        }
+        let key = VerifiedCache::key(token);
+        let leeway = self.config.leeway_secs as i64;
+        // Bind the lookup first: the guard must be released before the
+        // branches below lock again.
+        let hit = cache.entries.lock().get(&key).cloned();
+        if let Some((claims, nbf)) = hit {
+            if now > claims.expires_at.saturating_add(leeway) {
+                cache.entries.lock().remove(&key);
+                return Err(JwtError::Expired);
+            }
+            if nbf.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
+                return Err(JwtError::NotYetValid);
+            }
+            return Ok(claims);
+        }
+        let claims = self.verify_uncached(token, now)?;
+        let nbf = claims
+            .all
+            .get("nbf")
+            .and_then(Value::as_f64)
+            .map(|f| f.floor() as i64);
+        let mut entries = cache.entries.lock();
+        if entries.len() >= cache.capacity {
+            entries.retain(|_, (c, _)| now <= c.expires_at.saturating_add(leeway));
+            if entries.len() >= cache.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (claims.clone(), nbf));
+        Ok(claims)
+    }
+
+    fn verify_uncached(&self, token: &str, now: i64) -> Result<Claims, JwtError> {
         if token.len() > self.config.max_token_bytes {
             return Err(JwtError::TooLarge {
                 len: token.len(),

@@ -194,7 +194,9 @@ impl GatewayServer {
         if let Some(aud) = &config.jwt.audience {
             jwt = jwt.with_audience(aud.clone());
         }
-        let verifier = JwtVerifier::new(keys, jwt);
+        // Verified tokens are cached (time checks still run on every use): an
+        // RS256/ES256 signature costs hundreds of microseconds.
+        let verifier = JwtVerifier::new(keys, jwt).with_cache(100_000);
 
         // Policy, validation and upstream routing from the same route list.
         let mut policy = PolicyConfig::default();

@@ -619,3 +619,57 @@ fn jwks_keys_are_pinned_by_their_alg() {
     assert!(KeySet::from_jwks(&weak).is_err());
     assert!(KeySet::from_jwks("not json").is_err());
 }
+
+// ---------------------------------------------------------------- verified-token cache
+
+#[test]
+fn the_cache_skips_signatures_but_never_time_checks() {
+    let cached = JwtVerifier::new(
+        keys(),
+        JwtConfig::default()
+            .with_issuer("https://issuer.test")
+            .with_audience("gateway"),
+    )
+    .with_cache(2);
+    let token = sign(
+        Algorithm::RS256,
+        Some("rs"),
+        &with(json!({"exp": NOW + 60, "nbf": NOW - 10})),
+    );
+    let first = cached.verify_at(&token, NOW).unwrap();
+    assert_eq!(
+        cached.verify_at(&token, NOW).unwrap(),
+        first,
+        "a hit returns the same claims"
+    );
+    // A hit past exp (plus leeway) is still expired.
+    assert_eq!(cached.verify_at(&token, NOW + 91), Err(JwtError::Expired));
+    // A different (tampered) token is never a hit.
+    let (input, sig) = token.rsplit_once('.').unwrap();
+    let mut bytes = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    bytes[3] ^= 1;
+    assert_eq!(
+        cached.verify_at(&format!("{input}.{}", URL_SAFE_NO_PAD.encode(bytes)), NOW),
+        Err(JwtError::InvalidSignature)
+    );
+    // Rejected tokens are not cached; the cache stays within its capacity.
+    for i in 0..10 {
+        assert!(cached.verify_at(&hs(&with(json!({"jti": i}))), NOW).is_ok());
+    }
+    assert!(
+        cached
+            .verify_at(&hs(&with(json!({"exp": NOW - 100}))), NOW)
+            .is_err()
+    );
+}
+
+#[test]
+fn the_cache_respects_nbf_on_hits() {
+    let cached = JwtVerifier::new(keys(), JwtConfig::default().with_leeway_secs(0)).with_cache(16);
+    let token = hs(&with(json!({"nbf": NOW, "iss": null, "aud": null})));
+    assert!(cached.verify_at(&token, NOW).is_ok());
+    assert_eq!(
+        cached.verify_at(&token, NOW - 5),
+        Err(JwtError::NotYetValid)
+    );
+}
