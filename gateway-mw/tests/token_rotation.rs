@@ -318,3 +318,47 @@ mod redis {
         );
     }
 }
+
+#[tokio::test]
+async fn access_tokens_can_be_signed_with_an_asymmetric_key() {
+    use gateway_mw::jwt::KeyAlg;
+    let fixture = |name: &str| {
+        std::fs::read(format!(
+            "{}/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    };
+    for (alg, private, public) in [
+        (KeyAlg::Rs256, "rsa_private.pem", "rsa_public.pem"),
+        (KeyAlg::Es256, "ec_private.pem", "ec_public.pem"),
+        (KeyAlg::EdDsa, "ed25519_private.pem", "ed25519_public.pem"),
+    ] {
+        let config = config(Duration::from_secs(10))
+            .with_signing_key_pem("asym", alg, &fixture(private))
+            .unwrap();
+        let clock = Clock::new();
+        let svc = TokenService::new(MemoryStore::new(), config).with_clock(clock.millis());
+        let pair = svc.issue("alice", &["reader".to_owned()]).await.unwrap();
+        let key = match alg {
+            KeyAlg::Rs256 => VerifyingKey::rs256_pem("asym", &fixture(public)),
+            KeyAlg::Es256 => VerifyingKey::es256_pem("asym", &fixture(public)),
+            _ => VerifyingKey::eddsa_pem("asym", &fixture(public)),
+        }
+        .unwrap();
+        let verifier = JwtVerifier::new(
+            KeySet::new().with_key(key).unwrap(),
+            JwtConfig::default().with_issuer("https://issuer.test"),
+        );
+        let claims = verifier
+            .verify_at(&pair.access_token, START_MS / 1_000)
+            .unwrap();
+        assert_eq!(
+            (claims.subject.as_str(), claims.kid.as_str()),
+            ("alice", "asym"),
+            "{alg:?}"
+        );
+    }
+    let hs = config(Duration::from_secs(10)).with_signing_key_pem("x", KeyAlg::Hs256, b"");
+    assert!(hs.is_err());
+}

@@ -152,6 +152,7 @@ pub struct TokenConfig {
     /// Grace window for the immediate predecessor. Default 10 s.
     pub reuse_grace: Duration,
     kid: String,
+    alg: Algorithm,
     key: EncodingKey,
 }
 
@@ -185,8 +186,44 @@ impl TokenConfig {
             refresh_absolute_ttl: Duration::from_secs(30 * 24 * 3600),
             reuse_grace: Duration::from_secs(10),
             kid: kid.into(),
+            alg: Algorithm::HS256,
             key: EncodingKey::from_secret(secret),
         }
+    }
+
+    /// Signs access tokens with an asymmetric private key instead (PEM), so
+    /// verifiers need only the public key: `RS256` (RSA), `ES256` (P-256) or
+    /// `EdDSA` (Ed25519).
+    pub fn with_signing_key_pem(
+        mut self,
+        kid: impl Into<String>,
+        alg: crate::jwt::KeyAlg,
+        private_pem: &[u8],
+    ) -> Result<Self, TokenError> {
+        let signing = |e: jsonwebtoken::errors::Error| TokenError::Signing(e.to_string());
+        let (alg, key) = match alg {
+            crate::jwt::KeyAlg::Rs256 => (
+                Algorithm::RS256,
+                EncodingKey::from_rsa_pem(private_pem).map_err(signing)?,
+            ),
+            crate::jwt::KeyAlg::Es256 => (
+                Algorithm::ES256,
+                EncodingKey::from_ec_pem(private_pem).map_err(signing)?,
+            ),
+            crate::jwt::KeyAlg::EdDsa => (
+                Algorithm::EdDSA,
+                EncodingKey::from_ed_pem(private_pem).map_err(signing)?,
+            ),
+            crate::jwt::KeyAlg::Hs256 => {
+                return Err(TokenError::Signing(
+                    "HS256 takes a secret: use TokenConfig::hs256".into(),
+                ));
+            }
+        };
+        self.kid = kid.into();
+        self.alg = alg;
+        self.key = key;
+        Ok(self)
     }
 
     /// Sets [`TokenConfig::access_ttl`].
@@ -361,7 +398,7 @@ impl<S: RefreshStore> TokenService<S> {
             "jti": random_token()?,
             "roles": roles,
         });
-        let mut header = Header::new(Algorithm::HS256);
+        let mut header = Header::new(self.config.alg);
         header.kid = Some(self.config.kid.clone());
         let access_token = jsonwebtoken::encode(&header, &claims, &self.config.key)
             .map_err(|e| TokenError::Signing(e.to_string()))?;
