@@ -235,6 +235,18 @@ impl Running {
         body
     }
 
+    async fn refresh(&self, token: &str) -> (u16, Value) {
+        let (status, _, body) = self
+            .call(
+                "POST",
+                "/auth/refresh",
+                &[],
+                Some(json!({"refresh_token": token})),
+            )
+            .await;
+        (status, body)
+    }
+
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         tokio::time::timeout(Duration::from_secs(15), self.done)
@@ -327,37 +339,12 @@ async fn login_call_refresh_and_the_error_paths() {
 
     // Rotation and reuse detection (grace 0 in this config).
     let first = alice["refresh_token"].as_str().unwrap().to_owned();
-    let (status, _, rotated) = gw
-        .call(
-            "POST",
-            "/auth/refresh",
-            &[],
-            Some(json!({"refresh_token": first})),
-        )
-        .await;
+    let (status, rotated) = gw.refresh(&first).await;
     assert_eq!(status, 200);
-    let (status, _, body) = gw
-        .call(
-            "POST",
-            "/auth/refresh",
-            &[],
-            Some(json!({"refresh_token": first})),
-        )
-        .await;
+    let (status, body) = gw.refresh(&first).await;
     assert_eq!((status, body["code"].as_str()), (401, Some("token_reused")));
     let second = rotated["refresh_token"].as_str().unwrap();
-    assert_eq!(
-        gw.call(
-            "POST",
-            "/auth/refresh",
-            &[],
-            Some(json!({"refresh_token": second}))
-        )
-        .await
-        .0,
-        401,
-        "the family is revoked"
-    );
+    assert_eq!(gw.refresh(second).await.0, 401, "the family is revoked");
 
     // An unreachable upstream is a 502; health and readiness report it.
     let (status, _, body) = gw
@@ -479,23 +466,9 @@ async fn two_gateway_instances_share_limits_and_sessions_through_redis() {
     // is detected, because both read the same store.
     let session = a.login("alice", "alice-pw").await;
     let first = session["refresh_token"].as_str().unwrap().to_owned();
-    let (status, _, _) = b
-        .call(
-            "POST",
-            "/auth/refresh",
-            &[],
-            Some(json!({"refresh_token": first})),
-        )
-        .await;
+    let (status, _) = b.refresh(&first).await;
     assert_eq!(status, 200);
-    let (status, _, body) = a
-        .call(
-            "POST",
-            "/auth/refresh",
-            &[],
-            Some(json!({"refresh_token": first})),
-        )
-        .await;
+    let (status, body) = a.refresh(&first).await;
     assert_eq!((status, body["code"].as_str()), (401, Some("token_reused")));
 
     // One limit of 5 per minute for alice, whichever instance she calls.
