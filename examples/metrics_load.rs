@@ -183,10 +183,6 @@ fn pregenerate(args: &Args, seed: u64, now: DateTime<Utc>) -> Vec<Pregen> {
         .collect();
     if args.order == Order::Time {
         events.sort_by_key(|e| e.timestamp);
-        if std::env::var("PHASE").is_ok() {
-            let n = events.len();
-            events.rotate_left((seed as usize % 7) * n / 7);
-        }
     }
     events
 }
