@@ -48,6 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// A trivial upstream: echoes the method, path and the identity the gateway forwarded.
 async fn demo_upstream(listener: tokio::net::TcpListener) {
     while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
         let service = hyper::service::service_fn(
             |request: http::Request<hyper::body::Incoming>| async move {
                 let subject = request

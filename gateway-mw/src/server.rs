@@ -380,9 +380,13 @@ impl GatewayServer {
                 timeout: Duration::from_millis(u.timeout_ms),
             });
         }
+        // Small request/response messages: Nagle's algorithm would hold
+        // them back waiting for ACKs, so both hops disable it.
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build_http();
+            .build(connector);
         let state = Arc::new(State {
             client,
             upstreams,
@@ -466,6 +470,9 @@ impl GatewayServer {
                             continue;
                         }
                     };
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY not set");
+                    }
                     let (api, auth, state) = (self.api.clone(), self.auth.clone(), Arc::clone(&self.state));
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         dispatch(api.clone(), auth.clone(), Arc::clone(&state), peer, request)
