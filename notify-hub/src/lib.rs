@@ -1,12 +1,46 @@
-//! # notify_hub: real-time WebSocket notifications
+//! # notify_hub: real-time notifications with durable history
 //!
-//! Real-time notifications over WebSocket: per-user and per-group delivery,
-//! PostgreSQL history, JWT-authenticated connections, recovery after
-//! reconnect and horizontal scaling over Redis.
+//! Per-user and per-group notifications, stored durably before anyone sees
+//! them, delivered live to every connection of a user, and recoverable
+//! after a disconnect with no gap and no duplicate.
 //!
-//! ## Status
+//! - [`Hub`] is the transport-agnostic core: `send_to_users`,
+//!   `broadcast_to_group`, `history`, group membership, and
+//!   [`Hub::subscribe`], which gives a [`Subscription`]: a stream of
+//!   [`Delivery`]s in per-user sequence order.
+//! - Storage sits behind [`Store`]: [`MemoryStore`] (embedded default) and
+//!   `PgStore` (feature `postgres`). Sends are written in batches (group
+//!   commit) by one writer task.
+//! - Scale-out sits behind [`Broker`]: [`LocalBroker`] (one node) and
+//!   `RedisBroker` (feature `redis`).
+//! - Feature `server`: the hyper 1.x WebSocket adapter and HTTP API
+//!   ([`server`]); feature `jwt`: token verification with gateway-mw's JWT
+//!   verifier ([`auth`]).
 //!
-//! This crate is reserved in the workspace and holds no public API yet: its
-//! tracking issue (issue #5) builds it. Nothing here is a placeholder; what lands
-//! is what works and is tested.
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), notify_hub::HubError> {
+//! use notify_hub::{Hub, HubConfig, Notification};
+//!
+//! let hub = Hub::in_memory(HubConfig::default()).await?;
+//! let mut alice = hub.subscribe("alice", None).await?;
+//! hub.send_to_users(&["alice"], Notification::new("order.shipped", "Shipped", "Order 42")).await?;
+//! let delivery = alice.next().await.expect("live delivery");
+//! assert_eq!((delivery.seq, delivery.notification.kind.as_str()), (1, "order.shipped"));
+//! # Ok(()) }
+//! ```
+//!
+//! Design, protocol and API documents: `docs/notify-hub/`.
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod broker;
+mod hub;
+mod notification;
+pub mod store;
+mod subscription;
+
+pub use broker::{Broker, BrokerError, LocalBroker, Published};
+pub use hub::{Hub, HubConfig, HubError, HubStats, Receipt};
+pub use notification::{Delivery, InvalidNotification, Limits, Notification};
+pub use store::{MemoryStore, Store, StoreError};
+pub use subscription::{Closed, Subscription};

@@ -1,0 +1,137 @@
+//! Redis pub/sub between hub nodes (fred).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::{Builder, ClientLike, Config, EventInterface, PubsubInterface};
+use fred::types::config::ReconnectPolicy;
+use tokio::sync::mpsc;
+
+use super::{Broker, BrokerError, Published};
+use crate::store::BoxFuture;
+
+/// A [`Broker`] over Redis pub/sub: every node publishes to and subscribes
+/// to one channel, `{prefix}notify:deliveries`.
+///
+/// Pub/sub is fire-and-forget: a node that is disconnected from Redis misses
+/// what is published meanwhile. Nothing is lost for the user: the
+/// notification is already stored, and the connection notices the gap at
+/// the next message (or the client resumes with `since` after reconnecting).
+pub struct RedisBroker {
+    channel: String,
+    publisher: fred::clients::Client,
+    subscriber: fred::clients::SubscriberClient,
+    subscribed: parking_lot::Mutex<bool>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379`); `prefix` keeps
+    /// several deployments (or tests) on one Redis apart.
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisBroker, BrokerError> {
+        let unavailable = |e: fred::error::Error| BrokerError::Unavailable(e.to_string());
+        let config = Config::from_url(url).map_err(unavailable)?;
+        let builder = {
+            let mut b = Builder::from_config(config);
+            b.with_performance_config(|p| p.broadcast_channel_capacity = 8192)
+                .with_connection_config(|c| {
+                    c.connection_timeout = Duration::from_secs(2);
+                })
+                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+            b
+        };
+        let publisher = builder.build().map_err(unavailable)?;
+        let subscriber = builder.build_subscriber_client().map_err(unavailable)?;
+        publisher.init().await.map_err(unavailable)?;
+        subscriber.init().await.map_err(unavailable)?;
+        // Re-subscribes after a reconnect.
+        let _task = subscriber.manage_subscriptions();
+        Ok(RedisBroker {
+            channel: format!("{prefix}notify:deliveries"),
+            publisher,
+            subscriber,
+            subscribed: parking_lot::Mutex::new(false),
+        })
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let payload = serde_json::to_string(&*message)
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            self.publisher
+                .publish::<i64, _, _>(self.channel.as_str(), payload)
+                .await
+                .map(drop)
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        })
+    }
+
+    fn subscribe(
+        &self,
+        sink: mpsc::Sender<Arc<Published>>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            {
+                let mut subscribed = self.subscribed.lock();
+                if *subscribed {
+                    return Err(BrokerError::AlreadySubscribed);
+                }
+                *subscribed = true;
+            }
+            let mut messages = self.subscriber.message_rx();
+            let channel = self.channel.clone();
+            tokio::spawn(async move {
+                loop {
+                    match messages.recv().await {
+                        Ok(message) => {
+                            if *message.channel != *channel {
+                                continue;
+                            }
+                            let Some(bytes) = message.value.as_bytes() else {
+                                continue;
+                            };
+                            match serde_json::from_slice::<Published>(bytes) {
+                                Ok(published) => {
+                                    if sink.send(Arc::new(published)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "undecodable broker message"),
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(
+                                missed = n,
+                                "broker subscriber lagged; connections recover from the store"
+                            );
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            });
+            self.subscriber
+                .subscribe(self.channel.as_str())
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.publisher
+                .ping::<String>(None)
+                .await
+                .map(drop)
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        })
+    }
+}

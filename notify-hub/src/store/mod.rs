@@ -1,0 +1,154 @@
+//! Durable storage of notifications, per-user sequence numbers and group
+//! membership, behind the [`Store`] trait.
+//!
+//! The hub calls [`Store::append`] from one writer task with a batch of sends
+//! (group commit): a store writes the whole batch in one transaction and
+//! assigns each recipient the next number of their own sequence.
+
+mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PgStore;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::notification::{Delivery, Notification};
+
+/// A boxed, `Send` future, so the traits stay object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Who a send goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// These users (deduplicated by the hub).
+    Users(Vec<String>),
+    /// The members of this group at the moment the batch commits.
+    Group(String),
+}
+
+/// One send in a batch.
+#[derive(Debug, Clone)]
+pub struct Append {
+    /// The recipients.
+    pub audience: Audience,
+    /// The stamped notification (with `id` and `timestamp`).
+    pub notification: Arc<Notification>,
+}
+
+/// A recipient of one send and the sequence number it got.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Recipient {
+    /// The user.
+    pub user_id: String,
+    /// Their new sequence number.
+    pub seq: u64,
+}
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be reached or refused the operation.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store returned something it should not have.
+    #[error("store data error: {0}")]
+    Corrupt(String),
+}
+
+/// Durable notification storage.
+///
+/// Implementations must make [`append`](Store::append) atomic: either every
+/// send of the batch is stored with its sequence numbers, or none is.
+pub trait Store: Send + Sync + 'static {
+    /// Stores a batch and returns, for each send in order, its recipients
+    /// with their new sequence numbers.
+    fn append<'a>(
+        &'a self,
+        batch: &'a [Append],
+    ) -> BoxFuture<'a, Result<Vec<Vec<Recipient>>, StoreError>>;
+
+    /// The newest `limit` deliveries of `user`, newest first.
+    fn history<'a>(
+        &'a self,
+        user: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>>;
+
+    /// Up to `limit` deliveries of `user` with `seq > after`, oldest first.
+    fn since<'a>(
+        &'a self,
+        user: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>>;
+
+    /// The user's latest sequence number (0 if they have none).
+    fn last_seq<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// Adds `user` to `group`; `true` if they were not a member.
+    fn join_group<'a>(
+        &'a self,
+        group: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Removes `user` from `group`; `true` if they were a member.
+    fn leave_group<'a>(
+        &'a self,
+        group: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// Checks that the store answers (for readiness probes).
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn append<'a>(
+        &'a self,
+        batch: &'a [Append],
+    ) -> BoxFuture<'a, Result<Vec<Vec<Recipient>>, StoreError>> {
+        (**self).append(batch)
+    }
+    fn history<'a>(
+        &'a self,
+        user: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>> {
+        (**self).history(user, limit)
+    }
+    fn since<'a>(
+        &'a self,
+        user: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>> {
+        (**self).since(user, after, limit)
+    }
+    fn last_seq<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        (**self).last_seq(user)
+    }
+    fn join_group<'a>(
+        &'a self,
+        group: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        (**self).join_group(group, user)
+    }
+    fn leave_group<'a>(
+        &'a self,
+        group: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        (**self).leave_group(group, user)
+    }
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        (**self).ping()
+    }
+}

@@ -1,0 +1,370 @@
+//! The PostgreSQL store (tokio-postgres + bb8): plain-SQL migrations, one
+//! transaction per batch, per-user sequence numbers under row locks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8::Pool;
+use bb8_postgres::PostgresConnectionManager;
+use chrono::{DateTime, Utc};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::Json;
+use uuid::Uuid;
+
+use super::{Append, Audience, BoxFuture, Recipient, Store, StoreError};
+use crate::notification::{Delivery, Notification};
+
+/// The migrations, in order. Each runs once, in a transaction, under an
+/// advisory lock so several nodes can start at the same time.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
+
+/// Advisory-lock key for migrations (`notify-hub` in ASCII, truncated).
+const MIGRATION_LOCK: i64 = 0x6e6f_7469_6679_6875;
+
+/// A [`Store`] on PostgreSQL.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool<PostgresConnectionManager<NoTls>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pool", &self.pool.state())
+            .finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl PgStore {
+    /// Connects a pool of up to `pool_size` connections to `url`
+    /// (`postgres://user@host:port/db`). Checking out a connection waits at
+    /// most 2 s, so an outage surfaces as an error instead of a hang.
+    pub async fn connect(url: &str, pool_size: u32) -> Result<PgStore, StoreError> {
+        let manager =
+            PostgresConnectionManager::new_from_stringlike(url, NoTls).map_err(unavailable)?;
+        let pool = Pool::builder()
+            .max_size(pool_size.max(1))
+            .connection_timeout(Duration::from_secs(2))
+            .build(manager)
+            .await
+            .map_err(unavailable)?;
+        Ok(PgStore { pool })
+    }
+
+    /// Applies the migrations that have not run yet. Returns how many ran.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get().await.map_err(unavailable)?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(unavailable)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS notify_schema_migrations (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(unavailable)?;
+        let done: Vec<i32> = tx
+            .query("SELECT version FROM notify_schema_migrations", &[])
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut ran = 0;
+        for (version, sql) in MIGRATIONS {
+            if done.contains(version) {
+                continue;
+            }
+            tx.batch_execute(sql).await.map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO notify_schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .map_err(unavailable)?;
+            tracing::info!(version, "notify-hub migration applied");
+            ran += 1;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(ran)
+    }
+
+    async fn append_once(&self, batch: &[Append]) -> Result<Vec<Vec<Recipient>>, AppendError> {
+        let mut conn = self.pool.get().await.map_err(|e| match e {
+            bb8::RunError::User(e) => AppendError::Pg(e),
+            bb8::RunError::TimedOut => AppendError::PoolTimeout,
+        })?;
+        let tx = conn.transaction().await?;
+        let ids: Vec<Uuid> = batch
+            .iter()
+            .map(|a| a.notification.id.unwrap_or_default())
+            .collect();
+        let bodies: Vec<Json<&Notification>> =
+            batch.iter().map(|a| Json(&*a.notification)).collect();
+        let times: Vec<DateTime<Utc>> = batch
+            .iter()
+            .map(|a| a.notification.timestamp.unwrap_or_default())
+            .collect();
+        tx.execute(
+            "INSERT INTO notify_notifications (id, body, created_at)
+             SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::timestamptz[])",
+            &[&ids, &bodies, &times],
+        )
+        .await?;
+
+        // Group members as of this transaction.
+        let groups: Vec<&str> = batch
+            .iter()
+            .filter_map(|a| match &a.audience {
+                Audience::Group(g) => Some(g.as_str()),
+                Audience::Users(_) => None,
+            })
+            .collect();
+        let mut members: HashMap<String, Vec<String>> = HashMap::new();
+        if !groups.is_empty() {
+            for row in tx
+                .query(
+                    "SELECT group_id, user_id FROM notify_group_members
+                     WHERE group_id = ANY($1) ORDER BY group_id, user_id",
+                    &[&groups],
+                )
+                .await?
+            {
+                members.entry(row.get(0)).or_default().push(row.get(1));
+            }
+        }
+        let audiences: Vec<&[String]> = batch
+            .iter()
+            .map(|a| match &a.audience {
+                Audience::Users(users) => users.as_slice(),
+                Audience::Group(g) => members.get(g).map_or(&[][..], Vec::as_slice),
+            })
+            .collect();
+
+        // Reserve each user's new seqs with one upsert, in user order (a
+        // stable lock order across concurrent writers on other nodes).
+        let mut counts: HashMap<&str, i64> = HashMap::new();
+        for users in &audiences {
+            for u in *users {
+                *counts.entry(u.as_str()).or_default() += 1;
+            }
+        }
+        let mut count_users: Vec<&str> = counts.keys().copied().collect();
+        count_users.sort_unstable();
+        let count_values: Vec<i64> = count_users.iter().map(|u| counts[u]).collect();
+        let mut next: HashMap<String, i64> = HashMap::with_capacity(count_users.len());
+        if !count_users.is_empty() {
+            for row in tx
+                .query(
+                    "INSERT INTO notify_user_seqs AS s (user_id, last_seq)
+                     SELECT * FROM unnest($1::text[], $2::int8[]) ORDER BY 1
+                     ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
+                     RETURNING user_id, last_seq",
+                    &[&count_users, &count_values],
+                )
+                .await?
+            {
+                let user: String = row.get(0);
+                let last: i64 = row.get(1);
+                let first = last - counts[user.as_str()] + 1;
+                next.insert(user, first);
+            }
+        }
+
+        // Hand the reserved seqs out in batch order.
+        let mut out = Vec::with_capacity(batch.len());
+        let (mut d_users, mut d_seqs, mut d_ids) = (Vec::new(), Vec::new(), Vec::new());
+        for (users, id) in audiences.iter().zip(&ids) {
+            let mut recipients = Vec::with_capacity(users.len());
+            for u in *users {
+                let seq = next.get_mut(u.as_str()).map_or(0, |s| {
+                    let v = *s;
+                    *s += 1;
+                    v
+                });
+                d_users.push(u.as_str());
+                d_seqs.push(seq);
+                d_ids.push(*id);
+                recipients.push(Recipient {
+                    user_id: u.clone(),
+                    seq: u64::try_from(seq).unwrap_or(0),
+                });
+            }
+            out.push(recipients);
+        }
+        if !d_users.is_empty() {
+            tx.execute(
+                "INSERT INTO notify_deliveries (user_id, seq, notification_id)
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::uuid[])",
+                &[&d_users, &d_seqs, &d_ids],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn read(
+        &self,
+        sql: &str,
+        user: &str,
+        a: i64,
+        b: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let conn = self.pool.get().await.map_err(unavailable)?;
+        let rows = if sql.contains("$3") {
+            conn.query(sql, &[&user, &a, &b]).await
+        } else {
+            conn.query(sql, &[&user, &a]).await
+        }
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.get(0);
+                let Json(notification): Json<Notification> = row
+                    .try_get(1)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(Delivery {
+                    seq: u64::try_from(seq)
+                        .map_err(|_| StoreError::Corrupt("negative seq".into()))?,
+                    notification: Arc::new(notification),
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AppendError {
+    #[error(transparent)]
+    Pg(#[from] tokio_postgres::Error),
+    #[error("timed out waiting for a database connection")]
+    PoolTimeout,
+}
+
+impl AppendError {
+    /// Deadlocks (two nodes locking overlapping users) are retried.
+    fn retryable(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        matches!(self, AppendError::Pg(e) if matches!(e.code(), Some(c)
+            if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE))
+    }
+}
+
+impl Store for PgStore {
+    fn append<'a>(
+        &'a self,
+        batch: &'a [Append],
+    ) -> BoxFuture<'a, Result<Vec<Vec<Recipient>>, StoreError>> {
+        Box::pin(async move {
+            let mut attempt = 0;
+            loop {
+                match self.append_once(batch).await {
+                    Ok(out) => return Ok(out),
+                    Err(e) if e.retryable() && attempt < 3 => {
+                        attempt += 1;
+                        tracing::debug!(error = %e, attempt, "append retried");
+                    }
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        user: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>> {
+        Box::pin(self.read(
+            "SELECT d.seq, n.body FROM notify_deliveries d
+             JOIN notify_notifications n ON n.id = d.notification_id
+             WHERE d.user_id = $1 ORDER BY d.seq DESC LIMIT $2",
+            user,
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            0,
+        ))
+    }
+
+    fn since<'a>(
+        &'a self,
+        user: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>> {
+        Box::pin(self.read(
+            "SELECT d.seq, n.body FROM notify_deliveries d
+             JOIN notify_notifications n ON n.id = d.notification_id
+             WHERE d.user_id = $1 AND d.seq > $2 ORDER BY d.seq ASC LIMIT $3",
+            user,
+            i64::try_from(after).unwrap_or(i64::MAX),
+            i64::try_from(limit).unwrap_or(i64::MAX),
+        ))
+    }
+
+    fn last_seq<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let conn = self.pool.get().await.map_err(unavailable)?;
+            let row = conn
+                .query_opt(
+                    "SELECT last_seq FROM notify_user_seqs WHERE user_id = $1",
+                    &[&user],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(row.map_or(0, |r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)))
+        })
+    }
+
+    fn join_group<'a>(
+        &'a self,
+        group: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let conn = self.pool.get().await.map_err(unavailable)?;
+            let n = conn
+                .execute(
+                    "INSERT INTO notify_group_members (group_id, user_id) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    &[&group, &user],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn leave_group<'a>(
+        &'a self,
+        group: &'a str,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let conn = self.pool.get().await.map_err(unavailable)?;
+            let n = conn
+                .execute(
+                    "DELETE FROM notify_group_members WHERE group_id = $1 AND user_id = $2",
+                    &[&group, &user],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let conn = self.pool.get().await.map_err(unavailable)?;
+            conn.simple_query("SELECT 1").await.map_err(unavailable)?;
+            Ok(())
+        })
+    }
+}

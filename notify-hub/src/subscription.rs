@@ -1,0 +1,269 @@
+//! One live connection's view of a user's stream: replay from the store,
+//! then live deliveries, in sequence order, with no gap and no duplicate.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::hub::{HubStats, Shared};
+use crate::notification::Delivery;
+use crate::store::{Store, StoreError};
+
+/// Why a [`Subscription`] ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Closed {
+    /// The connection fell behind: its bounded queue overflowed. The client
+    /// reconnects (or resumes) with `since` = the last seq it received.
+    #[error("slow consumer: delivery queue overflowed")]
+    Overflow,
+    /// The hub is shutting down.
+    #[error("hub is shutting down")]
+    ShuttingDown,
+    /// Replaying from the store failed.
+    #[error("replay failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The hub's handle on one subscription: its bounded queue and overflow flag.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    id: u64,
+    tx: mpsc::Sender<Delivery>,
+    overflowed: AtomicBool,
+    overflow: Notify,
+}
+
+impl Slot {
+    /// Queues `delivery` without waiting; a full queue marks a slow consumer.
+    pub(crate) fn push(&self, delivery: Delivery, stats: &HubStats) {
+        match self.tx.try_send(delivery) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                if !self.overflowed.swap(true, Ordering::AcqRel) {
+                    stats.overflowed.fetch_add(1, Ordering::Relaxed);
+                    self.overflow.notify_one();
+                }
+            }
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// A live subscription to one user's notifications, from
+/// [`Hub::subscribe`](crate::Hub::subscribe). Dropping it unregisters it.
+pub struct Subscription {
+    shared: Arc<Shared>,
+    store: Arc<dyn Store>,
+    user: String,
+    slot: Arc<Slot>,
+    rx: mpsc::Receiver<Delivery>,
+    closing: watch::Receiver<bool>,
+    page: usize,
+    /// The user's latest stored seq when the subscription started.
+    latest_at_start: u64,
+    /// The last seq handed out (or skipped by the client's choice).
+    last: u64,
+    acked: u64,
+    replay: VecDeque<Delivery>,
+    need_replay: bool,
+    /// A live delivery that arrived ahead of a gap; handed out after the
+    /// replay that fills the gap.
+    ahead: Option<Delivery>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("user", &self.user)
+            .field("last", &self.last)
+            .field("acked", &self.acked)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    pub(crate) fn register(
+        shared: Arc<Shared>,
+        store: Arc<dyn Store>,
+        user: &str,
+        capacity: usize,
+        page: usize,
+        closing: watch::Receiver<bool>,
+    ) -> Subscription {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let slot = Arc::new(Slot {
+            id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+            tx,
+            overflowed: AtomicBool::new(false),
+            overflow: Notify::new(),
+        });
+        shared
+            .registry
+            .entry(user.to_owned())
+            .or_default()
+            .push(Arc::clone(&slot));
+        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            shared,
+            store,
+            user: user.to_owned(),
+            slot,
+            rx,
+            closing,
+            page: page.max(1),
+            latest_at_start: 0,
+            last: 0,
+            acked: 0,
+            replay: VecDeque::new(),
+            need_replay: false,
+            ahead: None,
+        }
+    }
+
+    pub(crate) fn start(&mut self, latest: u64, since: Option<u64>) {
+        self.latest_at_start = latest;
+        match since {
+            Some(since) => self.resume(since),
+            None => {
+                self.last = latest;
+                self.acked = latest;
+            }
+        }
+    }
+
+    /// The user this subscription belongs to.
+    pub fn user_id(&self) -> &str {
+        &self.user
+    }
+
+    /// The user's latest stored seq when the subscription started (the
+    /// `last_seq` of the welcome frame).
+    pub fn latest_at_start(&self) -> u64 {
+        self.latest_at_start
+    }
+
+    /// The last seq handed out by [`next`](Subscription::next).
+    pub fn last_seq(&self) -> u64 {
+        self.last
+    }
+
+    /// The highest seq the client acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Records that the client has everything up to `seq`. An ack beyond
+    /// what was handed out is refused (`false`) and changes nothing.
+    pub fn ack(&mut self, seq: u64) -> bool {
+        if seq > self.last {
+            return false;
+        }
+        self.acked = self.acked.max(seq);
+        true
+    }
+
+    /// Restarts the stream after `since`: replays every stored notification
+    /// with `seq > since`, then continues live.
+    pub fn resume(&mut self, since: u64) {
+        self.last = since;
+        self.acked = self.acked.min(since);
+        self.replay.clear();
+        self.ahead = None;
+        self.need_replay = true;
+    }
+
+    /// The next delivery in sequence order.
+    ///
+    /// Cancel-safe at the await points that wait for live traffic; a
+    /// cancelled replay read is simply repeated.
+    pub async fn next(&mut self) -> Result<Delivery, Closed> {
+        loop {
+            if self.slot.overflowed.load(Ordering::Acquire) {
+                return Err(Closed::Overflow);
+            }
+            if let Some(d) = self.replay.pop_front() {
+                if d.seq > self.last {
+                    return Ok(self.hand_out(d));
+                }
+                continue;
+            }
+            if self.need_replay {
+                let page = self.store.since(&self.user, self.last, self.page).await?;
+                self.need_replay = page.len() >= self.page;
+                self.replay.extend(page);
+                continue;
+            }
+            if let Some(d) = self.ahead.take() {
+                if d.seq > self.last {
+                    // The store had nothing before it (e.g. trimmed by
+                    // retention): hand it out rather than lose it.
+                    return Ok(self.hand_out(d));
+                }
+                continue;
+            }
+            let live = if *self.closing.borrow() {
+                // Shutting down: flush what is queued, then end.
+                match self.rx.try_recv() {
+                    Ok(d) => d,
+                    Err(_) => return Err(Closed::ShuttingDown),
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    d = self.rx.recv() => match d {
+                        Some(d) => d,
+                        None => return Err(Closed::ShuttingDown),
+                    },
+                    () = self.slot.overflow.notified() => continue,
+                    changed = self.closing.changed() => {
+                        if changed.is_err() {
+                            // The hub is gone.
+                            return Err(Closed::ShuttingDown);
+                        }
+                        continue;
+                    }
+                }
+            };
+            if live.seq <= self.last {
+                continue; // Already replayed.
+            }
+            if live.seq == self.last + 1 {
+                return Ok(self.hand_out(live));
+            }
+            // A gap: a lower seq committed before this one (stores assign a
+            // user's seqs in commit order) but its message has not arrived,
+            // e.g. published by another node. Fill it from the store.
+            self.ahead = Some(live);
+            self.need_replay = true;
+        }
+    }
+
+    fn hand_out(&mut self, d: Delivery) -> Delivery {
+        self.last = d.seq;
+        self.shared
+            .stats
+            .delivered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        d
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let id = self.slot.id;
+        if let dashmap::Entry::Occupied(mut entry) = self.shared.registry.entry(self.user.clone()) {
+            entry.get_mut().retain(|s| s.id != id);
+            if entry.get().is_empty() {
+                entry.remove();
+            }
+        }
+        self.shared
+            .stats
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
