@@ -36,14 +36,21 @@ async fn every_connection_of_a_user_gets_every_notification() {
         }
     }
     // bob got nothing.
-    assert!(timeout(Duration::from_millis(100), other.next()).await.is_err());
+    assert!(
+        timeout(Duration::from_millis(100), other.next())
+            .await
+            .is_err()
+    );
     assert_eq!(hub.connection_count(), 3);
 }
 
 #[tokio::test]
 async fn duplicate_recipients_count_once_and_sequences_are_per_user() {
     let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
-    let receipt = hub.send_to_users(&["u1", "u2", "u1"], note(1)).await.unwrap();
+    let receipt = hub
+        .send_to_users(&["u1", "u2", "u1"], note(1))
+        .await
+        .unwrap();
     assert_eq!(receipt.recipients, 2);
     hub.send_to_users(&["u2"], note(2)).await.unwrap();
     let u1 = hub.deliveries("u1", 10).await.unwrap();
@@ -64,7 +71,11 @@ async fn group_broadcast_reaches_members_only_and_history_keeps_it() {
     let receipt = hub.broadcast_to_group("g1", note(1)).await.unwrap();
     assert_eq!(receipt.recipients, 2);
     assert_eq!(next(&mut alice).await.notification.title, "n1");
-    assert!(timeout(Duration::from_millis(100), carol.next()).await.is_err());
+    assert!(
+        timeout(Duration::from_millis(100), carol.next())
+            .await
+            .is_err()
+    );
     assert_eq!(hub.history("bob", 10).await.unwrap()[0].title, "n1");
     assert!(hub.history("carol", 10).await.unwrap().is_empty());
 
@@ -74,7 +85,13 @@ async fn group_broadcast_reaches_members_only_and_history_keeps_it() {
     assert_eq!(hub.history("bob", 10).await.unwrap().len(), 1);
     assert_eq!(hub.history("alice", 10).await.unwrap().len(), 2);
     // An empty group stores nothing and fails nothing.
-    assert_eq!(hub.broadcast_to_group("nobody", note(3)).await.unwrap().recipients, 0);
+    assert_eq!(
+        hub.broadcast_to_group("nobody", note(3))
+            .await
+            .unwrap()
+            .recipients,
+        0
+    );
 }
 
 #[tokio::test]
@@ -86,8 +103,14 @@ async fn history_is_newest_first_and_limited() {
     let recent = hub.history("u", 5).await.unwrap();
     let titles: Vec<_> = recent.iter().map(|n| n.title.as_str()).collect();
     assert_eq!(titles, ["n30", "n29", "n28", "n27", "n26"]);
-    assert!(matches!(hub.history("u", 0).await, Err(HubError::InvalidLimit { max: 1000 })));
-    assert!(matches!(hub.history("u", 1001).await, Err(HubError::InvalidLimit { .. })));
+    assert!(matches!(
+        hub.history("u", 0).await,
+        Err(HubError::InvalidLimit { max: 1000 })
+    ));
+    assert!(matches!(
+        hub.history("u", 1001).await,
+        Err(HubError::InvalidLimit { .. })
+    ));
     assert!(hub.history("nobody", 5).await.unwrap().is_empty());
 }
 
@@ -123,7 +146,9 @@ async fn since_replays_then_continues_live_without_gap_or_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_disconnects_while_5000_stream_end_with_exactly_1_to_5000() {
     const TOTAL: u64 = 5000;
-    let hub = Hub::in_memory(HubConfig::default().with_replay_page(97)).await.unwrap();
+    let hub = Hub::in_memory(HubConfig::default().with_replay_page(97))
+        .await
+        .unwrap();
     let sender = {
         let hub = hub.clone();
         tokio::spawn(async move {
@@ -163,7 +188,9 @@ async fn random_disconnects_while_5000_stream_end_with_exactly_1_to_5000() {
 
 #[tokio::test]
 async fn slow_consumer_is_closed_then_recovers_by_since() {
-    let hub = Hub::in_memory(HubConfig::default().with_queue_capacity(8)).await.unwrap();
+    let hub = Hub::in_memory(HubConfig::default().with_queue_capacity(8))
+        .await
+        .unwrap();
     let mut slow = hub.subscribe("u", None).await.unwrap();
     let mut fast = hub.subscribe("u", None).await.unwrap();
     let reader = tokio::spawn(async move {
@@ -209,9 +236,12 @@ async fn abrupt_disconnects_leave_no_connection_behind() {
             t.abort();
         }
     }
-    hub.send_to_users(&(0..20).map(|i| format!("u{i}")).collect::<Vec<_>>(), note(1))
-        .await
-        .unwrap();
+    hub.send_to_users(
+        &(0..20).map(|i| format!("u{i}")).collect::<Vec<_>>(),
+        note(1),
+    )
+    .await
+    .unwrap();
     for t in tasks {
         let _ = t.await;
     }
@@ -225,8 +255,14 @@ async fn abrupt_disconnects_leave_no_connection_behind() {
 async fn bad_input_gets_typed_errors_and_changes_nothing() {
     let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
     let empty: [&str; 0] = [];
-    assert!(matches!(hub.send_to_users(&empty, note(1)).await, Err(HubError::NoRecipients)));
-    assert!(matches!(hub.send_to_users(&[""], note(1)).await, Err(HubError::InvalidId("user"))));
+    assert!(matches!(
+        hub.send_to_users(&empty, note(1)).await,
+        Err(HubError::NoRecipients)
+    ));
+    assert!(matches!(
+        hub.send_to_users(&[""], note(1)).await,
+        Err(HubError::InvalidId("user"))
+    ));
     assert!(matches!(
         hub.send_to_users(&["ok", "bad\u{0}"], note(1)).await,
         Err(HubError::InvalidId("user"))
@@ -237,15 +273,22 @@ async fn bad_input_gets_typed_errors_and_changes_nothing() {
         Err(HubError::TooManyRecipients { max: 10_000 })
     ));
     assert!(matches!(
-        hub.send_to_users(&["u"], Notification::new("", "t", "m")).await,
+        hub.send_to_users(&["u"], Notification::new("", "t", "m"))
+            .await,
         Err(HubError::InvalidNotification(_))
     ));
     assert!(matches!(
         hub.broadcast_to_group(&"g".repeat(129), note(1)).await,
         Err(HubError::InvalidId("group"))
     ));
-    assert!(matches!(hub.join_group("g", "").await, Err(HubError::InvalidId("user"))));
-    assert!(matches!(hub.subscribe("", None).await, Err(HubError::InvalidId("user"))));
+    assert!(matches!(
+        hub.join_group("g", "").await,
+        Err(HubError::InvalidId("user"))
+    ));
+    assert!(matches!(
+        hub.subscribe("", None).await,
+        Err(HubError::InvalidId("user"))
+    ));
     assert!(hub.history("u", 10).await.unwrap().is_empty());
     assert!(hub.history("ok", 10).await.unwrap().is_empty());
     assert_eq!(hub.stats().sends(), 0);
@@ -294,6 +337,12 @@ async fn shutdown_flushes_queued_deliveries_then_refuses_sends() {
     }
     assert_eq!(got, ok);
     assert_eq!(hub.history("u", 100).await.unwrap().len(), ok);
-    assert!(matches!(hub.send_to_users(&["u"], note(0)).await, Err(HubError::ShutDown)));
-    assert!(matches!(hub.subscribe("u", None).await, Err(HubError::ShutDown)));
+    assert!(matches!(
+        hub.send_to_users(&["u"], note(0)).await,
+        Err(HubError::ShutDown)
+    ));
+    assert!(matches!(
+        hub.subscribe("u", None).await,
+        Err(HubError::ShutDown)
+    ));
 }

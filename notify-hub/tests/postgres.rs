@@ -1,0 +1,207 @@
+//! The PostgreSQL store against a real server, one fresh database per test.
+#![cfg(feature = "postgres")]
+
+use std::time::Duration;
+
+use notify_hub::store::PgStore;
+use notify_hub::{Hub, HubConfig, HubError, LocalBroker, Notification};
+use testkit::TestDatabase;
+
+fn note(i: usize) -> Notification {
+    Notification::new("test.event", format!("n{i}"), "body").with_data("i", i)
+}
+
+async fn store(db: &TestDatabase) -> PgStore {
+    let store = PgStore::connect(db.url(), 4).await.unwrap();
+    assert_eq!(store.migrate().await.unwrap(), 1);
+    assert_eq!(store.migrate().await.unwrap(), 0, "migrations run once");
+    store
+}
+
+#[tokio::test]
+async fn history_order_and_limit() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
+        .await
+        .unwrap();
+    for i in 1..=120 {
+        hub.send_to_users(&["alice", "bob"], note(i)).await.unwrap();
+    }
+    let recent = hub.deliveries("alice", 50).await.unwrap();
+    assert_eq!(recent.len(), 50);
+    assert_eq!(
+        recent.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        (71..=120).rev().collect::<Vec<_>>()
+    );
+    assert_eq!(recent[0].notification.title, "n120");
+    assert_eq!(recent[0].notification.data["i"], 120);
+    let all = hub.history("bob", 1000).await.unwrap();
+    assert_eq!(all.len(), 120);
+    assert!(
+        all.windows(2).all(|w| w[0].id > w[1].id),
+        "UUIDv7 ids are time-ordered"
+    );
+}
+
+#[tokio::test]
+async fn groups_and_live_delivery_with_replay() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
+        .await
+        .unwrap();
+    hub.join_group("g", "alice").await.unwrap();
+    hub.join_group("g", "bob").await.unwrap();
+    hub.send_to_users(&["alice"], note(0)).await.unwrap();
+    let mut alice = hub.subscribe("alice", Some(0)).await.unwrap();
+    assert_eq!(alice.latest_at_start(), 1);
+    assert_eq!(
+        hub.broadcast_to_group("g", note(1))
+            .await
+            .unwrap()
+            .recipients,
+        2
+    );
+    let first = alice.next().await.unwrap();
+    let second = alice.next().await.unwrap();
+    assert_eq!((first.seq, second.seq), (1, 2));
+    assert_eq!(second.notification.title, "n1");
+    assert!(hub.leave_group("g", "bob").await.unwrap());
+    hub.broadcast_to_group("g", note(2)).await.unwrap();
+    assert_eq!(hub.history("bob", 10).await.unwrap().len(), 1);
+    assert_eq!(alice.next().await.unwrap().seq, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_on_one_database_keep_per_user_sequences_contiguous() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let a = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
+        .await
+        .unwrap();
+    let b = Hub::start(
+        HubConfig::default(),
+        PgStore::connect(db.url(), 4).await.unwrap(),
+        LocalBroker::new(),
+    )
+    .await
+    .unwrap();
+    let users: Vec<String> = (0..10).map(|i| format!("u{i}")).collect();
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let hub = if t % 2 == 0 { a.clone() } else { b.clone() };
+        let users = users.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                // Overlapping recipient sets in different orders.
+                let start = (t + i) % users.len();
+                let mut set: Vec<&String> = users.iter().cycle().skip(start).take(4).collect();
+                if t % 3 == 0 {
+                    set.reverse();
+                }
+                hub.send_to_users(&set, note(i)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut total = 0;
+    for u in &users {
+        let seqs: Vec<u64> = a
+            .deliveries(u, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|d| d.seq)
+            .collect();
+        total += seqs.len();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "user {u}"
+        );
+    }
+    assert_eq!(total, 16 * 25 * 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_outage_fails_sends_and_loses_nothing_acknowledged() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
+        .await
+        .unwrap();
+    let mut acknowledged = Vec::new();
+    for i in 0..20 {
+        hub.send_to_users(&["u"], note(i)).await.unwrap();
+        acknowledged.push(format!("n{i}"));
+    }
+    // The outage: no new connections, existing ones killed.
+    let name = db.name().to_owned();
+    let mut config = db.config().clone();
+    config.dbname("postgres");
+    let (admin, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{name}' AND pid <> pg_backend_pid();"
+        ))
+        .await
+        .unwrap();
+    let failed = tokio::time::timeout(Duration::from_secs(10), hub.send_to_users(&["u"], note(99)))
+        .await
+        .expect("a send during an outage returns instead of hanging");
+    assert!(matches!(failed, Err(HubError::Store(_))), "{failed:?}");
+    assert!(hub.ready().await.is_err());
+    assert!(hub.stats().send_errors() >= 1);
+
+    // Recovery.
+    admin
+        .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        if hub.ready().await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "store came back");
+    hub.send_to_users(&["u"], note(20)).await.unwrap();
+    acknowledged.push("n20".into());
+    let stored: Vec<String> = hub
+        .history("u", 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|n| n.title)
+        .collect();
+    assert_eq!(
+        stored, acknowledged,
+        "every acknowledged send, nothing else, in order"
+    );
+    let seqs: Vec<u64> = hub
+        .deliveries("u", 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.seq)
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=21).rev().collect::<Vec<_>>(),
+        "the failed send used no seq"
+    );
+}

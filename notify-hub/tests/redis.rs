@@ -1,0 +1,107 @@
+//! Two hubs sharing one Redis: a notification sent through hub A reaches a
+//! user connected to hub B, in order, with no gap.
+#![cfg(feature = "redis")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify_hub::broker::RedisBroker;
+use notify_hub::{Hub, HubConfig, MemoryStore, Notification};
+use testkit::TestRedis;
+
+fn note(i: usize) -> Notification {
+    Notification::new("test.event", format!("n{i}"), "body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_through_hub_a_reaches_a_user_on_hub_b() {
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    // One shared store (as two nodes share one PostgreSQL), one broker each.
+    let store = Arc::new(MemoryStore::new());
+    let a = Hub::start(
+        HubConfig::default(),
+        Arc::clone(&store),
+        RedisBroker::connect(redis.url(), redis.prefix())
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let b = Hub::start(
+        HubConfig::default(),
+        Arc::clone(&store),
+        RedisBroker::connect(redis.url(), redis.prefix())
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    a.ready().await.unwrap();
+    let mut on_b = b.subscribe("alice", None).await.unwrap();
+    let mut on_a = a.subscribe("alice", None).await.unwrap();
+    // Redis SUBSCRIBE is asynchronous to the first publish; wait for it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Sends alternate between the hubs; both connections see 1..=200 in order.
+    for i in 1..=200 {
+        let hub = if i % 2 == 0 { &a } else { &b };
+        hub.send_to_users(&["alice"], note(i)).await.unwrap();
+    }
+    for sub in [&mut on_b, &mut on_a] {
+        for seq in 1..=200 {
+            let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .expect("delivered")
+                .unwrap();
+            assert_eq!(d.seq, seq);
+            assert_eq!(d.notification.title, format!("n{seq}"));
+        }
+    }
+    // Each hub only counts what it handed to its own connections.
+    assert_eq!(a.stats().delivered(), 200);
+    assert_eq!(b.stats().delivered(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_broadcast_through_one_hub_reaches_members_on_both() {
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let store = Arc::new(MemoryStore::new());
+    let connect = || RedisBroker::connect(redis.url(), redis.prefix());
+    let a = Hub::start(
+        HubConfig::default(),
+        Arc::clone(&store),
+        connect().await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let b = Hub::start(
+        HubConfig::default(),
+        Arc::clone(&store),
+        connect().await.unwrap(),
+    )
+    .await
+    .unwrap();
+    a.join_group("g", "u1").await.unwrap();
+    b.join_group("g", "u2").await.unwrap();
+    let mut u1 = a.subscribe("u1", None).await.unwrap();
+    let mut u2 = b.subscribe("u2", None).await.unwrap();
+    let mut outsider = b.subscribe("u3", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.broadcast_to_group("g", note(1)).await.unwrap();
+    for sub in [&mut u1, &mut u2] {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((d.seq, d.notification.title.as_str()), (1, "n1"));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), outsider.next())
+            .await
+            .is_err()
+    );
+}
