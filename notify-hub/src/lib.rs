@@ -36,6 +36,8 @@ pub mod auth;
 pub mod broker;
 mod hub;
 mod notification;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod store;
 mod subscription;
 

@@ -1,0 +1,187 @@
+//! The HTTP API: sends, group membership and history, for service tokens.
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::{Body, NotifyServer, bearer, error, json, percent_decode, query_param};
+use crate::{HubError, Notification};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendToUsers {
+    user_ids: Vec<String>,
+    notification: Notification,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendToGroup {
+    notification: Notification,
+}
+
+pub(crate) async fn handle(
+    server: &NotifyServer,
+    request: Request<Incoming>,
+    segments: &[&str],
+) -> Response<Body> {
+    let inner = &server.inner;
+    // Route first (404/405 need no token), then authenticate.
+    let route = match (request.method(), segments) {
+        (&Method::POST, ["v1", "notifications"]) => Route::SendUsers,
+        (&Method::POST, ["v1", "groups", g, "notifications"]) => Route::SendGroup(g),
+        (&Method::PUT, ["v1", "groups", g, "members", u]) => Route::Join(g, u),
+        (&Method::DELETE, ["v1", "groups", g, "members", u]) => Route::Leave(g, u),
+        (&Method::GET, ["v1", "users", u, "notifications"]) => Route::History(u),
+        _ => return error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    };
+    let Some(token) = bearer(&request) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send a service bearer token",
+        );
+    };
+    match inner.auth.authenticate(token) {
+        Ok(identity)
+            if identity
+                .roles
+                .iter()
+                .any(|r| *r == inner.config.service_role) => {}
+        Ok(_) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                &format!("the token lacks the `{}` role", inner.config.service_role),
+            );
+        }
+        Err(e) => return error(StatusCode::UNAUTHORIZED, "invalid_token", &e.to_string()),
+    }
+    let hub = &inner.hub;
+    let decode = |s: &str| percent_decode(s).ok_or(());
+    match route {
+        Route::SendUsers => {
+            let body: SendToUsers = match read_json(request, inner.config.max_body_bytes).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            receipt(hub.send_to_users(&body.user_ids, body.notification).await)
+        }
+        Route::SendGroup(g) => {
+            let Ok(group) = decode(g) else {
+                return bad_path();
+            };
+            let body: SendToGroup = match read_json(request, inner.config.max_body_bytes).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            receipt(hub.broadcast_to_group(&group, body.notification).await)
+        }
+        Route::Join(g, u) | Route::Leave(g, u) => {
+            let (Ok(group), Ok(user)) = (decode(g), decode(u)) else {
+                return bad_path();
+            };
+            let joining = matches!(route, Route::Join(..));
+            let result = if joining {
+                hub.join_group(&group, &user).await
+            } else {
+                hub.leave_group(&group, &user).await
+            };
+            match result {
+                Ok(changed) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"group": group, "user_id": user, "member": joining, "changed": changed}),
+                ),
+                Err(e) => hub_error(&e),
+            }
+        }
+        Route::History(u) => {
+            let Ok(user) = decode(u) else {
+                return bad_path();
+            };
+            let limit = match query_param(request.uri().query(), "limit") {
+                None => 50,
+                Some(v) => match v.parse::<usize>() {
+                    Ok(n) => n,
+                    Err(_) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_limit",
+                            "`limit` must be 1 to 1000",
+                        );
+                    }
+                },
+            };
+            match hub.deliveries(&user, limit).await {
+                Ok(list) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"user_id": user, "notifications": list}),
+                ),
+                Err(e) => hub_error(&e),
+            }
+        }
+    }
+}
+
+enum Route<'a> {
+    SendUsers,
+    SendGroup(&'a str),
+    Join(&'a str, &'a str),
+    Leave(&'a str, &'a str),
+    History(&'a str),
+}
+
+fn bad_path() -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_path",
+        "bad percent-encoding in the path",
+    )
+}
+
+fn receipt(result: Result<crate::Receipt, HubError>) -> Response<Body> {
+    match result {
+        Ok(r) => json(
+            StatusCode::CREATED,
+            &serde_json::json!({"id": r.id, "timestamp": r.timestamp, "recipients": r.recipients}),
+        ),
+        Err(e) => hub_error(&e),
+    }
+}
+
+pub(crate) fn hub_error(e: &HubError) -> Response<Body> {
+    let (status, code) = match e {
+        HubError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        HubError::Broker(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
+        HubError::ShutDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        HubError::InvalidNotification(_) => (StatusCode::BAD_REQUEST, "invalid_notification"),
+        HubError::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id"),
+        HubError::NoRecipients | HubError::TooManyRecipients { .. } => {
+            (StatusCode::BAD_REQUEST, "invalid_recipients")
+        }
+        HubError::InvalidLimit { .. } => (StatusCode::BAD_REQUEST, "invalid_limit"),
+    };
+    error(status, code, &e.to_string())
+}
+
+/// Reads a JSON body of at most `limit` bytes (chunked bodies included):
+/// 413 over the limit, 400 for malformed JSON.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request<Incoming>,
+    limit: usize,
+) -> Result<T, Response<Body>> {
+    let bytes = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                &format!("the body must be at most {limit} bytes"),
+            ));
+        }
+        Err(e) => return Err(error(StatusCode::BAD_REQUEST, "bad_body", &e.to_string())),
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()))
+}

@@ -1,0 +1,107 @@
+//! Prometheus metrics of a notify server (prometheus-client).
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::Hub;
+
+/// The metrics `GET /metrics` serves:
+///
+/// | name | type | meaning |
+/// |---|---|---|
+/// | `notify_connections` | gauge | open WebSocket connections on this node |
+/// | `notify_delivered_total` | counter | notifications handed to connections |
+/// | `notify_dropped_connections_total` | counter | connections closed as slow consumers |
+/// | `notify_sends_total`, `notify_send_errors_total` | counters | sends stored / failed |
+/// | `notify_broker_errors_total` | counter | publishes that failed after commit |
+/// | `notify_store_batches_total` | counter | group-commit transactions |
+/// | `notify_delivery_latency_seconds` | histogram | notification timestamp to frame written |
+#[derive(Debug)]
+pub struct ServerMetrics {
+    registry: Registry,
+    /// Delivery latency, observed when a frame has been written.
+    pub(crate) latency: Histogram,
+}
+
+#[derive(Debug)]
+struct HubCollector(Hub);
+
+impl Collector for HubCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let stats = self.0.stats();
+        let gauge = ConstGauge::new(i64::try_from(stats.connections()).unwrap_or(i64::MAX));
+        gauge.encode(encoder.encode_descriptor(
+            "notify_connections",
+            "Open WebSocket connections on this node",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        for (name, help, value) in [
+            (
+                "notify_delivered",
+                "Notifications handed to connections",
+                stats.delivered(),
+            ),
+            (
+                "notify_dropped_connections",
+                "Connections closed as slow consumers",
+                stats.overflowed(),
+            ),
+            ("notify_sends", "Sends stored", stats.sends()),
+            (
+                "notify_send_errors",
+                "Sends that failed in the store",
+                stats.send_errors(),
+            ),
+            (
+                "notify_broker_errors",
+                "Publishes that failed after commit",
+                stats.broker_errors(),
+            ),
+            (
+                "notify_store_batches",
+                "Group-commit store transactions",
+                stats.batches(),
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+impl ServerMetrics {
+    pub(crate) fn new(hub: Hub) -> Arc<ServerMetrics> {
+        let mut registry = Registry::default();
+        // 0.5 ms .. ~16 s.
+        let latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "notify_delivery_latency_seconds",
+            "From the notification's timestamp to its frame being written",
+            latency.clone(),
+        );
+        registry.register_collector(Box::new(HubCollector(hub)));
+        Arc::new(ServerMetrics { registry, latency })
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        text
+    }
+}

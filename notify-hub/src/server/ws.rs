@@ -1,0 +1,299 @@
+//! `GET /v1/ws`: authenticate, upgrade, then run the connection: welcome,
+//! replay + live deliveries, acks and resumes, heartbeats, close codes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::{Body, NotifyServer, bearer, error, query_param};
+use crate::subscription::{Closed, Subscription};
+
+/// The WebSocket close codes the server sends.
+pub mod close_codes {
+    /// The client closed, or the server ended the session normally.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down; reconnect (to another node) with `since`.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The client kept sending invalid frames, or missed its pongs.
+    pub const POLICY: u16 = 1008;
+    /// A client message was over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// The server failed (e.g. the store during a replay); reconnect with `since`.
+    pub const INTERNAL: u16 = 1011;
+    /// Slow consumer: the connection's queue overflowed; reconnect with `since`.
+    pub const SLOW_CONSUMER: u16 = 4000;
+}
+
+/// The subprotocol a client may offer alongside `bearer.<token>`.
+pub(crate) const SUBPROTOCOL: &str = "notify.v1";
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientFrame {
+    Ack { seq: u64 },
+    Resume { since: u64 },
+}
+
+pub(crate) async fn upgrade(server: &NotifyServer, request: Request<Incoming>) -> Response<Body> {
+    let headers = request.headers();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let connection_upgrade = headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "expected a WebSocket upgrade",
+        );
+    };
+    if !is_upgrade || !connection_upgrade {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "not_websocket",
+            "expected a WebSocket upgrade",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Response::builder()
+            .status(StatusCode::UPGRADE_REQUIRED)
+            .header(header::SEC_WEBSOCKET_VERSION, "13")
+            .body(Body::default())
+            .unwrap_or_default();
+    }
+    // Offered subprotocols: `notify.v1` and/or `bearer.<token>`.
+    let offered: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .collect();
+    let query = request.uri().query();
+    let token = bearer(&request)
+        .map(str::to_owned)
+        .or_else(|| query_param(query, "access_token"))
+        .or_else(|| {
+            offered
+                .iter()
+                .find_map(|p| p.strip_prefix("bearer.").map(str::to_owned))
+        });
+    let Some(token) = token else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send a bearer token",
+        );
+    };
+    let identity = match server.inner.auth.authenticate(&token) {
+        Ok(identity) => identity,
+        Err(e) => {
+            tracing::debug!(reason = %e.reason, "WebSocket token refused");
+            return error(StatusCode::UNAUTHORIZED, "invalid_token", &e.to_string());
+        }
+    };
+    let since = match query_param(query, "since") {
+        None => None,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_since",
+                    "`since` must be a non-negative integer",
+                );
+            }
+        },
+    };
+    let hub = &server.inner.hub;
+    for group in &identity.groups {
+        if let Err(e) = hub.join_group(group, &identity.user_id).await {
+            return hub_error(&e);
+        }
+    }
+    let subscription = match hub.subscribe(&identity.user_id, since).await {
+        Ok(s) => s,
+        Err(e) => return hub_error(&e),
+    };
+
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        );
+    if offered.iter().any(|p| p == SUBPROTOCOL) {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    }
+    let server = server.clone();
+    let tracker = server.track();
+    tokio::spawn(async move {
+        let _tracker = tracker;
+        match hyper::upgrade::on(request).await {
+            Ok(upgraded) => {
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(4 * 1024)
+                    .write_buffer_size(0)
+                    .max_message_size(Some(server.inner.config.max_client_message))
+                    .max_frame_size(Some(server.inner.config.max_client_message));
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                run(&server, socket, subscription).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    response.body(Body::default()).unwrap_or_default()
+}
+
+fn hub_error(e: &crate::HubError) -> Response<Body> {
+    match e {
+        crate::HubError::InvalidId(_) => {
+            error(StatusCode::BAD_REQUEST, "invalid_id", &e.to_string())
+        }
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    }))
+}
+
+fn error_frame(code: &str, message: &str) -> Message {
+    Message::text(
+        serde_json::json!({"type": "error", "code": code, "message": message}).to_string(),
+    )
+}
+
+async fn run<S>(server: &NotifyServer, socket: WebSocketStream<S>, mut subscription: Subscription)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let config = &server.inner.config;
+    let metrics = Arc::clone(&server.inner.metrics);
+    let (mut sink, mut stream) = socket.split();
+    let welcome = serde_json::json!({
+        "type": "welcome",
+        "user_id": subscription.user_id(),
+        "last_seq": subscription.latest_at_start(),
+    });
+    if sink.send(Message::text(welcome.to_string())).await.is_err() {
+        return;
+    }
+    let mut heartbeat = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.heartbeat,
+        config.heartbeat,
+    );
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut missed_pongs = 0u32;
+    let mut invalid = 0u32;
+    let end: Option<Message> = loop {
+        tokio::select! {
+            delivery = subscription.next() => match delivery {
+                Ok(d) => {
+                    let body = match serde_json::to_string(&*d.notification) {
+                        Ok(b) => b,
+                        Err(_) => continue,
+                    };
+                    let frame = format!(r#"{{"type":"notification","seq":{},"notification":{body}}}"#, d.seq);
+                    if sink.send(Message::text(frame)).await.is_err() {
+                        break None;
+                    }
+                    if let Some(ts) = d.notification.timestamp {
+                        let latency = chrono::Utc::now().signed_duration_since(ts);
+                        metrics.latency.observe(latency.to_std().unwrap_or(Duration::ZERO).as_secs_f64());
+                    }
+                }
+                Err(Closed::Overflow) => break Some(close(close_codes::SLOW_CONSUMER, "slow consumer: resume with since")),
+                Err(Closed::ShuttingDown) => break Some(close(close_codes::GOING_AWAY, "server shutting down")),
+                Err(Closed::Store(e)) => {
+                    tracing::warn!(error = %e, "replay failed");
+                    break Some(close(close_codes::INTERNAL, "replay failed: resume with since"));
+                }
+            },
+            message = stream.next() => match message {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
+                    Ok(ClientFrame::Ack { seq }) => {
+                        if !subscription.ack(seq) {
+                            let _ = sink.send(error_frame("invalid_ack", "ack beyond the last delivered seq")).await;
+                        }
+                    }
+                    Ok(ClientFrame::Resume { since }) => subscription.resume(since),
+                    Err(e) => {
+                        invalid += 1;
+                        if invalid > config.max_invalid_frames {
+                            break Some(close(close_codes::POLICY, "too many invalid frames"));
+                        }
+                        let _ = sink.send(error_frame("invalid_frame", &e.to_string())).await;
+                    }
+                },
+                Some(Ok(Message::Binary(_))) => {
+                    invalid += 1;
+                    if invalid > config.max_invalid_frames {
+                        break Some(close(close_codes::POLICY, "too many invalid frames"));
+                    }
+                    let _ = sink.send(error_frame("invalid_frame", "frames are JSON text")).await;
+                }
+                Some(Ok(Message::Pong(_))) => missed_pongs = 0,
+                Some(Ok(Message::Close(_))) => break None, // tungstenite answers the close
+                Some(Ok(_)) => {} // pings are answered by tungstenite
+                Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                    break Some(close(close_codes::TOO_BIG, "message too big"));
+                }
+                Some(Err(_)) | None => break None, // abrupt disconnect
+            },
+            _ = heartbeat.tick() => {
+                if missed_pongs >= config.max_missed_pongs {
+                    break Some(close(close_codes::POLICY, "missed pongs"));
+                }
+                missed_pongs += 1;
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(frame) = end {
+        // Best effort, bounded: a peer that does not read must not hold the task.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = sink.send(frame).await;
+            let _ = sink.close().await;
+        })
+        .await;
+    }
+}
