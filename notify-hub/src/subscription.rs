@@ -127,7 +127,9 @@ impl Subscription {
     pub(crate) fn start(&mut self, latest: u64, since: Option<u64>) {
         self.latest_at_start = latest;
         match since {
-            Some(since) => self.resume(since),
+            // A `since` beyond the user's latest seq would silently skip
+            // what comes next; clamp it.
+            Some(since) => self.resume(since.min(latest)),
             None => {
                 self.last = latest;
                 self.acked = latest;

@@ -346,3 +346,12 @@ async fn shutdown_flushes_queued_deliveries_then_refuses_sends() {
         Err(HubError::ShutDown)
     ));
 }
+
+#[tokio::test]
+async fn a_since_beyond_the_latest_seq_is_clamped() {
+    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    hub.send_to_users(&["u"], note(1)).await.unwrap();
+    let mut sub = hub.subscribe("u", Some(1_000)).await.unwrap();
+    hub.send_to_users(&["u"], note(2)).await.unwrap();
+    assert_eq!(next(&mut sub).await.seq, 2);
+}

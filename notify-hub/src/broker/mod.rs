@@ -59,6 +59,21 @@ pub trait Broker: Send + Sync + 'static {
     fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
 }
 
+impl<B: Broker + ?Sized> Broker for Arc<B> {
+    fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        (**self).publish(message)
+    }
+    fn subscribe(
+        &self,
+        sink: mpsc::Sender<Arc<Published>>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        (**self).subscribe(sink)
+    }
+    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        (**self).ping()
+    }
+}
+
 /// The single-node broker: publishing hands the message straight to this
 /// process's hub. Backpressure is real: `publish` waits when the hub's
 /// dispatcher falls behind, so memory stays bounded.

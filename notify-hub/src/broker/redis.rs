@@ -10,6 +10,9 @@ use tokio::sync::mpsc;
 use super::{Broker, BrokerError, Published};
 use crate::store::BoxFuture;
 
+/// How long a publish (or ping) may take before it counts as failed.
+const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// A [`Broker`] over Redis pub/sub: every node publishes to and subscribes
 /// to one channel, `{prefix}notify:deliveries`.
 ///
@@ -67,11 +70,20 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             let payload = serde_json::to_string(&*message)
                 .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-            self.publisher
-                .publish::<i64, _, _>(self.channel.as_str(), payload)
-                .await
-                .map(drop)
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+            // Bounded: during an outage fred would hold the command until it
+            // reconnects, and the writer (and every send behind it) with it.
+            match tokio::time::timeout(
+                PUBLISH_TIMEOUT,
+                self.publisher
+                    .publish::<i64, _, _>(self.channel.as_str(), payload),
+            )
+            .await
+            {
+                Ok(result) => result
+                    .map(drop)
+                    .map_err(|e| BrokerError::Unavailable(e.to_string())),
+                Err(_) => Err(BrokerError::Unavailable("publish timed out".into())),
+            }
         })
     }
 
@@ -127,11 +139,12 @@ impl Broker for RedisBroker {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
-            self.publisher
-                .ping::<String>(None)
-                .await
-                .map(drop)
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+            match tokio::time::timeout(PUBLISH_TIMEOUT, self.publisher.ping::<String>(None)).await {
+                Ok(result) => result
+                    .map(drop)
+                    .map_err(|e| BrokerError::Unavailable(e.to_string())),
+                Err(_) => Err(BrokerError::Unavailable("ping timed out".into())),
+            }
         })
     }
 }

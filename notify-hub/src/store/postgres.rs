@@ -300,9 +300,13 @@ impl Store for PgStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>> {
         Box::pin(self.read(
-            "SELECT d.seq, n.body FROM notify_deliveries d
+            // LIMIT inside, join outside: with a long history the planner
+            // otherwise joins every remaining row before sorting (ADR 0010).
+            "SELECT d.seq, n.body FROM (
+                 SELECT seq, notification_id FROM notify_deliveries
+                 WHERE user_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3) d
              JOIN notify_notifications n ON n.id = d.notification_id
-             WHERE d.user_id = $1 AND d.seq > $2 ORDER BY d.seq ASC LIMIT $3",
+             ORDER BY d.seq ASC",
             user,
             i64::try_from(after).unwrap_or(i64::MAX),
             i64::try_from(limit).unwrap_or(i64::MAX),
