@@ -1,0 +1,359 @@
+//! The WebSocket adapter and HTTP API over real sockets.
+#![cfg(all(feature = "server", feature = "jwt"))]
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use gateway_mw::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
+use jsonwebtoken::{EncodingKey, Header};
+use notify_hub::server::{NotifyServer, ServerConfig};
+use notify_hub::{Hub, HubConfig, Notification};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const SECRET: &str = "server-test-secret-0123456789abcdef";
+
+fn token_with(secret: &str, claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn token(sub: &str, groups: &[&str], roles: &[&str]) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    token_with(
+        SECRET,
+        serde_json::json!({"sub": sub, "exp": exp, "groups": groups, "roles": roles}),
+    )
+}
+
+async fn start() -> (SocketAddr, Hub) {
+    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    let keys = KeySet::new()
+        .with_key(VerifyingKey::hs256("k", SECRET.as_bytes()))
+        .unwrap()
+        .with_default_kid("k");
+    let server = NotifyServer::new(
+        hub.clone(),
+        JwtVerifier::new(keys, JwtConfig::default()),
+        ServerConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    (addr, hub)
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(addr: SocketAddr, query: &str) -> Result<Ws, u16> {
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?{query}")).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+async fn frame(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = m {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// One raw HTTP/1.1 request; returns (status, body).
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn bad_and_expired_tokens_get_401_and_no_upgrade() {
+    let (addr, hub) = start().await;
+    let past = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3600;
+    let future = past + 7200;
+    let cases = [
+        String::new(),
+        "access_token=not.a.jwt".to_owned(),
+        format!(
+            "access_token={}",
+            token_with(
+                "another-secret-0123456789abcdef012",
+                serde_json::json!({"sub": "u", "exp": future})
+            )
+        ),
+        format!(
+            "access_token={}",
+            token_with(SECRET, serde_json::json!({"sub": "u", "exp": past}))
+        ),
+        format!(
+            "access_token={}",
+            token_with(SECRET, serde_json::json!({"sub": "u"}))
+        ),
+        // alg "none": header {"alg":"none"}, payload, empty signature.
+        "access_token=eyJhbGciOiJub25lIn0.eyJzdWIiOiJ1IiwiZXhwIjo0MTAyNDQ0ODAwfQ.".to_owned(),
+    ];
+    for query in &cases {
+        assert_eq!(connect(addr, query).await.err(), Some(401), "{query}");
+    }
+    assert_eq!(hub.connection_count(), 0);
+}
+
+#[tokio::test]
+async fn deliveries_acks_resume_and_error_frames() {
+    let (addr, hub) = start().await;
+    let mut ws = connect(
+        addr,
+        &format!("access_token={}", token("alice", &["team"], &[])),
+    )
+    .await
+    .unwrap();
+    let welcome = frame(&mut ws).await;
+    assert_eq!(
+        welcome,
+        serde_json::json!({"type": "welcome", "user_id": "alice", "last_seq": 0})
+    );
+    // The groups claim joined alice to "team".
+    hub.broadcast_to_group("team", Notification::new("t", "one", "m"))
+        .await
+        .unwrap();
+    hub.send_to_users(&["alice"], Notification::new("t", "two", "m"))
+        .await
+        .unwrap();
+    let one = frame(&mut ws).await;
+    assert_eq!(
+        (one["type"].as_str(), one["seq"].as_u64()),
+        (Some("notification"), Some(1))
+    );
+    assert_eq!(one["notification"]["title"], "one");
+    assert_eq!(frame(&mut ws).await["seq"], 2);
+    ws.send(Message::text(r#"{"type":"ack","seq":2}"#))
+        .await
+        .unwrap();
+    ws.send(Message::text(r#"{"type":"ack","seq":9}"#))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["code"], "invalid_ack");
+    ws.send(Message::text(r#"{"type":"resume","since":1}"#))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["seq"], 2);
+    // Invalid frames get error frames, then a 1008 close.
+    for _ in 0..3 {
+        ws.send(Message::text("{not json")).await.unwrap();
+        assert_eq!(frame(&mut ws).await["code"], "invalid_frame");
+    }
+    ws.send(Message::text("{not json")).await.unwrap();
+    let close = loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(c))) => break c,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close, got {other:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.unwrap().code), 1008);
+    // The hub forgets the connection.
+    drop(ws);
+    for _ in 0..50 {
+        if hub.connection_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hub.connection_count(), 0);
+}
+
+#[tokio::test]
+async fn since_on_connect_and_token_in_the_subprotocol() {
+    let (addr, hub) = start().await;
+    for i in 1..=3 {
+        hub.send_to_users(&["bob"], Notification::new("t", format!("n{i}"), "m"))
+            .await
+            .unwrap();
+    }
+    let mut request = format!("ws://{addr}/v1/ws?since=1")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("notify.v1, bearer.{}", token("bob", &[], &[]))
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "notify.v1");
+    assert_eq!(frame(&mut ws).await["last_seq"], 3);
+    assert_eq!(frame(&mut ws).await["seq"], 2);
+    assert_eq!(frame(&mut ws).await["seq"], 3);
+    // An abrupt disconnect (no close frame) is cleaned up too.
+    drop(ws);
+    for _ in 0..50 {
+        if hub.connection_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hub.connection_count(), 0);
+}
+
+#[tokio::test]
+async fn http_api_statuses() {
+    let (addr, _hub) = start().await;
+    let service = token("svc", &[], &["notify:send"]);
+    let user = token("alice", &[], &[]);
+    let send = r#"{"user_ids":["alice"],"notification":{"type":"t","title":"a","message":"b"}}"#;
+    assert_eq!(
+        http(addr, "POST", "/v1/notifications", None, send).await.0,
+        401
+    );
+    assert_eq!(
+        http(addr, "POST", "/v1/notifications", Some(&user), send)
+            .await
+            .0,
+        403
+    );
+    let (status, body) = http(addr, "POST", "/v1/notifications", Some(&service), send).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["recipients"],
+        1
+    );
+    assert_eq!(
+        http(addr, "POST", "/v1/notifications", Some(&service), "{bad")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        http(
+            addr,
+            "POST",
+            "/v1/notifications",
+            Some(&service),
+            r#"{"user_ids":[],"notification":{"type":"t","title":"a","message":"b"}}"#
+        )
+        .await
+        .0,
+        400
+    );
+    let huge = format!(
+        r#"{{"user_ids":["a"],"notification":{{"type":"t","title":"a","message":"{}"}}}}"#,
+        "x".repeat(1024 * 1024 + 1)
+    );
+    assert_eq!(
+        http(addr, "POST", "/v1/notifications", Some(&service), &huge)
+            .await
+            .0,
+        413
+    );
+    assert_eq!(
+        http(addr, "PUT", "/v1/groups/g1/members/bob", Some(&service), "")
+            .await
+            .0,
+        200
+    );
+    let group_send = r#"{"notification":{"type":"t","title":"g","message":"b"}}"#;
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/v1/groups/g1/notifications",
+        Some(&service),
+        group_send,
+    )
+    .await;
+    assert_eq!(
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["recipients"].as_u64()
+        ),
+        (201, Some(1))
+    );
+    let (status, body) = http(
+        addr,
+        "GET",
+        "/v1/users/bob/notifications?limit=10",
+        Some(&service),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let history: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(history["notifications"][0]["seq"], 1);
+    assert_eq!(history["notifications"][0]["notification"]["title"], "g");
+    assert_eq!(
+        http(
+            addr,
+            "GET",
+            "/v1/users/bob/notifications?limit=1001",
+            Some(&service),
+            ""
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        http(
+            addr,
+            "DELETE",
+            "/v1/groups/g1/members/bob",
+            Some(&service),
+            ""
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        http(addr, "GET", "/v1/nope", Some(&service), "").await.0,
+        404
+    );
+    assert_eq!(http(addr, "GET", "/healthz", None, "").await.0, 200);
+    assert_eq!(http(addr, "GET", "/readyz", None, "").await.0, 200);
+    let (status, metrics) = http(addr, "GET", "/metrics", None, "").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("notify_sends_total 2"), "{metrics}");
+}
