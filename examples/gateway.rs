@@ -11,6 +11,9 @@
 //! `[demo_upstream]` is set, and serves until SIGINT/SIGTERM, then drains.
 #![allow(clippy::print_stdout)]
 
+#[path = "support/shutdown.rs"]
+mod shutdown;
+
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -40,7 +43,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(addr = %config.listen, "gateway listening");
     GatewayServer::build(config)
         .await?
-        .serve(listener, shutdown_signal())
+        .serve(listener, shutdown::shutdown_signal())
         .await;
     Ok(())
 }
@@ -68,19 +71,4 @@ async fn demo_upstream(listener: tokio::net::TcpListener) {
                 .await;
         });
     }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutdown signal received; draining");
 }

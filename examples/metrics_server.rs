@@ -18,6 +18,9 @@
 //! finish, shuts the processor down and writes the snapshot, all within 5 s.
 #![allow(clippy::print_stdout)]
 
+#[path = "support/shutdown.rs"]
+mod shutdown;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,7 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(%addr, "listening");
 
     let graceful = GracefulShutdown::new();
-    let shutdown = shutdown_signal();
+    let shutdown = shutdown::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -115,28 +118,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "shut down"
     );
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown signal received");
 }

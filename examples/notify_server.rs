@@ -12,8 +12,10 @@
 //! `NOTIFY_JWT_ISSUER`, `NOTIFY_JWT_AUDIENCE`. SIGINT/SIGTERM drains
 //! gracefully: sockets close with 1001 after their queues are flushed.
 
+#[path = "support/shutdown.rs"]
+mod shutdown;
+
 use std::sync::Arc;
-use std::time::Duration;
 
 use gateway_mw::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 use notify_hub::server::{NotifyServer, ServerConfig};
@@ -72,22 +74,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = NotifyServer::new(hub, verifier, ServerConfig::default());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(%addr, "notify_server listening");
-    server.serve(listener, shutdown_signal()).await;
+    server.serve(listener, shutdown::shutdown_signal()).await;
     tracing::info!("drained; bye");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tokio::time::sleep(Duration::ZERO).await;
 }

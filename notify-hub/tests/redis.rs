@@ -13,31 +13,31 @@ fn note(i: usize) -> Notification {
     Notification::new("test.event", format!("n{i}"), "body")
 }
 
+/// Two hubs on one shared store (as two nodes share one PostgreSQL), each
+/// with its own Redis broker connection.
+async fn two_hubs(redis: &TestRedis) -> (Hub, Hub) {
+    let store = Arc::new(MemoryStore::new());
+    let mut hubs = Vec::new();
+    for _ in 0..2 {
+        let broker = RedisBroker::connect(redis.url(), redis.prefix())
+            .await
+            .unwrap();
+        hubs.push(
+            Hub::start(HubConfig::default(), Arc::clone(&store), broker)
+                .await
+                .unwrap(),
+        );
+    }
+    let b = hubs.pop().unwrap();
+    (hubs.pop().unwrap(), b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_through_hub_a_reaches_a_user_on_hub_b() {
     let Some(redis) = TestRedis::create().await else {
         return;
     };
-    // One shared store (as two nodes share one PostgreSQL), one broker each.
-    let store = Arc::new(MemoryStore::new());
-    let a = Hub::start(
-        HubConfig::default(),
-        Arc::clone(&store),
-        RedisBroker::connect(redis.url(), redis.prefix())
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let b = Hub::start(
-        HubConfig::default(),
-        Arc::clone(&store),
-        RedisBroker::connect(redis.url(), redis.prefix())
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (a, b) = two_hubs(&redis).await;
     a.ready().await.unwrap();
     let mut on_b = b.subscribe("alice", None).await.unwrap();
     let mut on_a = a.subscribe("alice", None).await.unwrap();
@@ -69,22 +69,7 @@ async fn group_broadcast_through_one_hub_reaches_members_on_both() {
     let Some(redis) = TestRedis::create().await else {
         return;
     };
-    let store = Arc::new(MemoryStore::new());
-    let connect = || RedisBroker::connect(redis.url(), redis.prefix());
-    let a = Hub::start(
-        HubConfig::default(),
-        Arc::clone(&store),
-        connect().await.unwrap(),
-    )
-    .await
-    .unwrap();
-    let b = Hub::start(
-        HubConfig::default(),
-        Arc::clone(&store),
-        connect().await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let (a, b) = two_hubs(&redis).await;
     a.join_group("g", "u1").await.unwrap();
     b.join_group("g", "u2").await.unwrap();
     let mut u1 = a.subscribe("u1", None).await.unwrap();

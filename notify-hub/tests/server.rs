@@ -79,6 +79,17 @@ async fn frame(ws: &mut Ws) -> serde_json::Value {
     }
 }
 
+/// The server notices a closed socket asynchronously: give it a second.
+async fn assert_connections_drop_to_zero(hub: &Hub) {
+    for _ in 0..50 {
+        if hub.connection_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hub.connection_count(), 0);
+}
+
 /// One raw HTTP/1.1 request; returns (status, body).
 async fn http(
     addr: SocketAddr,
@@ -197,13 +208,7 @@ async fn deliveries_acks_resume_and_error_frames() {
     assert_eq!(u16::from(close.unwrap().code), 1008);
     // The hub forgets the connection.
     drop(ws);
-    for _ in 0..50 {
-        if hub.connection_count() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(hub.connection_count(), 0);
+    assert_connections_drop_to_zero(&hub).await;
 }
 
 #[tokio::test]
@@ -230,13 +235,7 @@ async fn since_on_connect_and_token_in_the_subprotocol() {
     assert_eq!(frame(&mut ws).await["seq"], 3);
     // An abrupt disconnect (no close frame) is cleaned up too.
     drop(ws);
-    for _ in 0..50 {
-        if hub.connection_count() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(hub.connection_count(), 0);
+    assert_connections_drop_to_zero(&hub).await;
 }
 
 #[tokio::test]
