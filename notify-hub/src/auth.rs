@@ -11,6 +11,9 @@ pub struct Identity {
     pub groups: Vec<String>,
     /// Roles (`roles` claim), used by the HTTP API for service tokens.
     pub roles: Vec<String>,
+    /// When the credential expires (Unix seconds), if it does: a WebSocket
+    /// opened with it is closed then (close code 4001).
+    pub expires_at: Option<i64>,
 }
 
 /// Why a token was refused.
@@ -52,6 +55,7 @@ impl Authenticator for gateway_mw::jwt::JwtVerifier {
             user_id: claims.subject,
             groups,
             roles: claims.roles,
+            expires_at: Some(claims.expires_at),
         })
     }
 }

@@ -356,3 +356,32 @@ async fn http_api_statuses() {
     assert_eq!(status, 200);
     assert!(metrics.contains("notify_sends_total 2"), "{metrics}");
 }
+
+#[tokio::test]
+async fn a_connection_ends_with_4001_when_its_token_expires() {
+    let (addr, hub) = start().await;
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 2;
+    let short = token_with(SECRET, serde_json::json!({"sub": "eve", "exp": exp}));
+    let mut ws = connect(addr, &format!("access_token={short}"))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["type"], "welcome");
+    let close = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(c))) => break c,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("closed when the token expired");
+    assert_eq!(u16::from(close.unwrap().code), 4001);
+    drop(ws);
+    assert_connections_drop_to_zero(&hub).await;
+}

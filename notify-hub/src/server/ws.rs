@@ -33,6 +33,9 @@ pub mod close_codes {
     pub const INTERNAL: u16 = 1011;
     /// Slow consumer: the connection's queue overflowed; reconnect with `since`.
     pub const SLOW_CONSUMER: u16 = 4000;
+    /// The token the connection was opened with has expired; reconnect with
+    /// a fresh token and `since`.
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
 /// The subprotocol a client may offer alongside `bearer.<token>`.
@@ -166,7 +169,7 @@ pub(crate) async fn upgrade(server: &NotifyServer, request: Request<Incoming>) -
                     Some(config),
                 )
                 .await;
-                run(&server, socket, subscription).await;
+                run(&server, socket, subscription, identity.expires_at).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
@@ -200,8 +203,12 @@ fn error_frame(code: &str, message: &str) -> Message {
     )
 }
 
-async fn run<S>(server: &NotifyServer, socket: WebSocketStream<S>, mut subscription: Subscription)
-where
+async fn run<S>(
+    server: &NotifyServer,
+    socket: WebSocketStream<S>,
+    mut subscription: Subscription,
+    expires_at: Option<i64>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let config = &server.inner.config;
@@ -220,6 +227,18 @@ where
         config.heartbeat,
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The token is checked once, at the upgrade; the connection ends when it expires.
+    let expiry = expires_at.map(|exp| {
+        let left = exp.saturating_sub(chrono::Utc::now().timestamp()).max(0);
+        tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+    });
+    let expired = async move {
+        match expiry {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let mut missed_pongs = 0u32;
     let mut invalid = 0u32;
     let end: Option<Message> = loop {
@@ -277,6 +296,7 @@ where
                 }
                 Some(Err(_)) | None => break None, // abrupt disconnect
             },
+            () = &mut expired => break Some(close(close_codes::TOKEN_EXPIRED, "token expired: reconnect with a fresh token")),
             _ = heartbeat.tick() => {
                 if missed_pongs >= config.max_missed_pongs {
                     break Some(close(close_codes::POLICY, "missed pongs"));
