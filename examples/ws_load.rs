@@ -94,6 +94,22 @@ fn now_ns() -> u64 {
         .as_nanos() as u64
 }
 
+#[derive(serde::Deserialize)]
+struct Frame {
+    notification: Option<FrameNotification>,
+}
+
+#[derive(serde::Deserialize)]
+struct FrameNotification {
+    data: Option<LoadData>,
+}
+
+#[derive(serde::Deserialize)]
+struct LoadData {
+    k: u64,
+    sent_ns: u64,
+}
+
 /// What one connection saw.
 #[derive(Default)]
 struct Seen {

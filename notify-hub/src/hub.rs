@@ -561,16 +561,23 @@ async fn dispatch_loop(
 }
 
 fn dispatch(shared: &Shared, message: &Published) {
+    // Serialized once per send, on the first local recipient.
+    let mut json: Option<Option<Arc<str>>> = None;
     for recipient in &message.recipients {
         let Some(slots) = shared.registry.get(&recipient.user_id) else {
             continue;
         };
+        let json = json
+            .get_or_insert_with(|| {
+                serde_json::to_string(&*message.notification)
+                    .ok()
+                    .map(Arc::from)
+            })
+            .clone();
         for slot in slots.iter() {
             slot.push(
-                Delivery {
-                    seq: recipient.seq,
-                    notification: Arc::clone(&message.notification),
-                },
+                Delivery::new(recipient.seq, Arc::clone(&message.notification))
+                    .with_json(json.clone()),
                 &shared.stats,
             );
         }

@@ -132,12 +132,49 @@ pub enum InvalidNotification {
 }
 
 /// One notification in one user's stream, with its per-user sequence number.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Delivery {
     /// The user's sequence number: strictly increasing, gap-free per user.
     pub seq: u64,
     /// The notification (shared between the recipients of one send).
     pub notification: Arc<Notification>,
+    /// The notification's JSON, serialized once per send for live delivery.
+    #[serde(skip)]
+    json: Option<Arc<str>>,
+}
+
+impl PartialEq for Delivery {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq && self.notification == other.notification
+    }
+}
+
+impl Delivery {
+    /// A delivery of `notification` as the user's `seq`-th.
+    pub fn new(seq: u64, notification: Arc<Notification>) -> Delivery {
+        Delivery {
+            seq,
+            notification,
+            json: None,
+        }
+    }
+
+    /// Attaches the notification's JSON, shared by every recipient.
+    pub(crate) fn with_json(mut self, json: Option<Arc<str>>) -> Delivery {
+        self.json = json;
+        self
+    }
+
+    /// The notification as JSON. Live deliveries carry it serialized once
+    /// for all recipients of a send; others serialize it here.
+    pub fn notification_json(&self) -> std::borrow::Cow<'_, str> {
+        match &self.json {
+            Some(json) => std::borrow::Cow::Borrowed(json),
+            None => std::borrow::Cow::Owned(
+                serde_json::to_string(&*self.notification).unwrap_or_default(),
+            ),
+        }
+    }
 }
 
 /// Checks a user or group id: 1 to 128 bytes, no control characters.

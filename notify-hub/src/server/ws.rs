@@ -245,11 +245,11 @@ async fn run<S>(
         tokio::select! {
             delivery = subscription.next() => match delivery {
                 Ok(d) => {
-                    let body = match serde_json::to_string(&*d.notification) {
-                        Ok(b) => b,
-                        Err(_) => continue,
-                    };
-                    let frame = format!(r#"{{"type":"notification","seq":{},"notification":{body}}}"#, d.seq);
+                    let frame = format!(
+                        r#"{{"type":"notification","seq":{},"notification":{}}}"#,
+                        d.seq,
+                        d.notification_json()
+                    );
                     if sink.send(Message::text(frame)).await.is_err() {
                         break None;
                     }

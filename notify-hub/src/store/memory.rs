@@ -104,10 +104,7 @@ impl Store for MemoryStore {
                     .iter()
                     .rev()
                     .take(limit)
-                    .map(|(seq, n)| Delivery {
-                        seq: *seq,
-                        notification: Arc::clone(n),
-                    })
+                    .map(|(seq, n)| Delivery::new(*seq, Arc::clone(n)))
                     .collect()
             }))
         })
@@ -129,10 +126,7 @@ impl Store for MemoryStore {
                     .iter()
                     .skip(usize::try_from(skip).unwrap_or(usize::MAX))
                     .take(limit)
-                    .map(|(seq, n)| Delivery {
-                        seq: *seq,
-                        notification: Arc::clone(n),
-                    })
+                    .map(|(seq, n)| Delivery::new(*seq, Arc::clone(n)))
                     .collect()
             }))
         })

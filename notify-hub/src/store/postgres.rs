@@ -231,11 +231,10 @@ impl PgStore {
                 let Json(notification): Json<Notification> = row
                     .try_get(1)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                Ok(Delivery {
-                    seq: u64::try_from(seq)
-                        .map_err(|_| StoreError::Corrupt("negative seq".into()))?,
-                    notification: Arc::new(notification),
-                })
+                Ok(Delivery::new(
+                    u64::try_from(seq).map_err(|_| StoreError::Corrupt("negative seq".into()))?,
+                    Arc::new(notification),
+                ))
             })
             .collect()
     }
