@@ -15,6 +15,9 @@
 #[path = "support/shutdown.rs"]
 mod shutdown;
 
+#[path = "support/fd_limit.rs"]
+mod fd_limit;
+
 use std::sync::Arc;
 
 use gateway_mw::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
@@ -29,8 +32,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     // Tens of thousands of sockets need as many descriptors.
-    match rlimit::increase_nofile_limit(1_048_576) {
-        Ok(n) => tracing::info!(limit = n, "open-file limit"),
+    match fd_limit::raise_fd_limit(1_048_576) {
+        Ok(n) => tracing::warn!(limit = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());

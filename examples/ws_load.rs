@@ -9,6 +9,9 @@
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+#[path = "support/fd_limit.rs"]
+mod fd_limit;
+
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -95,16 +98,19 @@ fn now_ns() -> u64 {
 }
 
 #[derive(serde::Deserialize)]
+#[allow(dead_code, reason = "built by serde_json only")]
 struct Frame {
     notification: Option<FrameNotification>,
 }
 
 #[derive(serde::Deserialize)]
+#[allow(dead_code, reason = "built by serde_json only")]
 struct FrameNotification {
     data: Option<LoadData>,
 }
 
 #[derive(serde::Deserialize)]
+#[allow(dead_code, reason = "built by serde_json only")]
 struct LoadData {
     k: u64,
     sent_ns: u64,
@@ -139,7 +145,9 @@ fn server_rss_mib(pid: Option<u32>) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = parse_args();
-    let _ = rlimit::increase_nofile_limit(1_048_576);
+    if let Ok(limit) = fd_limit::raise_fd_limit(1_048_576) {
+        eprintln!("open-file limit {limit}");
+    }
     let uri: http::Uri = args.server.parse().expect("--server URL");
     let host = uri.host().unwrap_or("127.0.0.1").to_owned();
     let port = uri.port_u16().unwrap_or(80);
@@ -151,7 +159,9 @@ async fn main() {
     let rss_before = server_rss_mib(args.server_pid);
 
     // Connect, spreading source addresses when one address has too few ports.
-    let spread = args.connections > 20_000 && addr.ip().is_loopback();
+    // One source address has ~28K ephemeral ports, fewer while earlier runs'
+    // sockets sit in TIME_WAIT: use a fresh 127.0.x.1 per 10,000 connections.
+    let spread = args.connections > 10_000 && addr.ip().is_loopback();
     let seen: Vec<Arc<Mutex<Seen>>> = (0..args.connections).map(|_| Arc::default()).collect();
     let connect_errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -173,9 +183,13 @@ async fn main() {
         );
         readers.push(tokio::spawn(async move {
             let permit = semaphore.acquire_owned().await.unwrap();
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+                errors.fetch_add(1, Ordering::Relaxed);
+                let _ = ready.send(false);
+                return;
+            };
             if spread {
-                let ip = Ipv4Addr::new(127, 0, 1 + (i / 20_000) as u8, 1);
+                let ip = Ipv4Addr::new(127, 0, 1 + (i / 10_000) as u8, 1);
                 let _ = socket.bind(SocketAddr::new(IpAddr::V4(ip), 0));
             }
             let stream = match socket.connect(addr).await {
