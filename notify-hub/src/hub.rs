@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::broker::{Broker, BrokerError, LocalBroker, Published};
 use crate::notification::{Delivery, InvalidNotification, Limits, Notification, valid_id};
-use crate::store::{Append, Audience, MemoryStore, Store, StoreError};
+use crate::store::{Append, Appended, Audience, MemoryStore, Store, StoreError};
 use crate::subscription::{Slot, Subscription};
 
 /// Hub settings.
@@ -104,6 +104,10 @@ pub enum HubError {
         /// The configured maximum.
         max: usize,
     },
+    /// A notification with this id is already stored; this send stored
+    /// nothing (it is treated as a retry, not delivered twice).
+    #[error("a notification with id {0} already exists")]
+    DuplicateId(Uuid),
     /// The hub is shutting down.
     #[error("hub is shut down")]
     ShutDown,
@@ -497,7 +501,15 @@ async fn write_loop(
         shared.stats.batches.fetch_add(1, Ordering::Relaxed);
         match store.append(&appends).await {
             Ok(results) => {
-                for ((append, reply), recipients) in appends.into_iter().zip(replies).zip(results) {
+                for ((append, reply), result) in appends.into_iter().zip(replies).zip(results) {
+                    let recipients = match result {
+                        Appended::Stored(recipients) => recipients,
+                        Appended::DuplicateId => {
+                            let id = append.notification.id.unwrap_or_default();
+                            let _ = reply.send(Err(HubError::DuplicateId(id)));
+                            continue;
+                        }
+                    };
                     shared.stats.sends.fetch_add(1, Ordering::Relaxed);
                     let receipt = Receipt {
                         id: append.notification.id.unwrap_or_default(),

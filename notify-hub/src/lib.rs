@@ -44,5 +44,5 @@ mod subscription;
 pub use broker::{Broker, BrokerError, LocalBroker, Published};
 pub use hub::{Hub, HubConfig, HubError, HubStats, Receipt};
 pub use notification::{Delivery, InvalidNotification, Limits, Notification};
-pub use store::{MemoryStore, Store, StoreError};
+pub use store::{Appended, MemoryStore, Store, StoreError};
 pub use subscription::{Closed, Subscription};

@@ -355,3 +355,22 @@ async fn a_since_beyond_the_latest_seq_is_clamped() {
     hub.send_to_users(&["u"], note(2)).await.unwrap();
     assert_eq!(next(&mut sub).await.seq, 2);
 }
+
+#[tokio::test]
+async fn a_repeated_id_is_refused_and_stored_once() {
+    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    let mut n = note(1);
+    let id = uuid::Uuid::now_v7();
+    n.id = Some(id);
+    hub.send_to_users(&["u"], n.clone()).await.unwrap();
+    assert!(matches!(hub.send_to_users(&["u"], n).await, Err(HubError::DuplicateId(d)) if d == id));
+    hub.send_to_users(&["u"], note(2)).await.unwrap();
+    let seqs: Vec<u64> = hub
+        .deliveries("u", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.seq)
+        .collect();
+    assert_eq!(seqs, [2, 1], "the duplicate used no seq");
+}

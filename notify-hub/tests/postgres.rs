@@ -205,3 +205,58 @@ async fn storage_outage_fails_sends_and_loses_nothing_acknowledged() {
         "the failed send used no seq"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_id_fails_only_that_send_even_inside_one_batch() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
+        .await
+        .unwrap();
+    let id = uuid::Uuid::now_v7();
+    let with_id = |title: &str| {
+        let mut n = Notification::new("t", title, "m");
+        n.id = Some(id);
+        n
+    };
+    // Many concurrent sends, two of which carry the same id: they share
+    // group-commit batches, and only the second of the pair is refused.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let hub = hub.clone();
+        let n = if i == 10 || i == 11 {
+            with_id(&format!("dup{i}"))
+        } else {
+            note(i)
+        };
+        tasks.push(tokio::spawn(
+            async move { hub.send_to_users(&["u"], n).await },
+        ));
+    }
+    let mut ok = 0;
+    let mut duplicates = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(HubError::DuplicateId(d)) => {
+                assert_eq!(d, id);
+                duplicates += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((ok, duplicates), (39, 1));
+    assert!(matches!(
+        hub.send_to_users(&["u"], with_id("again")).await,
+        Err(HubError::DuplicateId(_))
+    ));
+    let seqs: Vec<u64> = hub
+        .deliveries("u", 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.seq)
+        .collect();
+    assert_eq!(seqs, (1..=39).rev().collect::<Vec<_>>());
+}

@@ -260,6 +260,12 @@ async fn http_api_statuses() {
         serde_json::from_str::<serde_json::Value>(&body).unwrap()["recipients"],
         1
     );
+    let with_id = r#"{"user_ids":["alice"],"notification":{"id":"0190c1a2-7b3c-7d4e-8f00-0123456789ab","type":"t","title":"a","message":"b"}}"#;
+    let post = |body: &'static str| http(addr, "POST", "/v1/notifications", Some(&service), body);
+    assert_eq!(post(with_id).await.0, 201);
+    let (status, body) = post(with_id).await;
+    assert_eq!(status, 409, "a retried send with the same id: {body}");
+    assert!(body.contains("duplicate_id"), "{body}");
     assert_eq!(
         http(addr, "POST", "/v1/notifications", Some(&service), "{bad")
             .await
@@ -354,7 +360,7 @@ async fn http_api_statuses() {
     assert_eq!(http(addr, "GET", "/readyz", None, "").await.0, 200);
     let (status, metrics) = http(addr, "GET", "/metrics", None, "").await;
     assert_eq!(status, 200);
-    assert!(metrics.contains("notify_sends_total 2"), "{metrics}");
+    assert!(metrics.contains("notify_sends_total 3"), "{metrics}");
 }
 
 #[tokio::test]

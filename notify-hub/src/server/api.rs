@@ -161,6 +161,7 @@ pub(crate) fn hub_error(e: &HubError) -> Response<Body> {
             (StatusCode::BAD_REQUEST, "invalid_recipients")
         }
         HubError::InvalidLimit { .. } => (StatusCode::BAD_REQUEST, "invalid_limit"),
+        HubError::DuplicateId(_) => (StatusCode::CONFLICT, "duplicate_id"),
     };
     error(status, code, &e.to_string())
 }

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{Append, Audience, BoxFuture, Recipient, Store, StoreError};
+use super::{Append, Appended, Audience, BoxFuture, Recipient, Store, StoreError};
 use crate::notification::{Delivery, Notification};
 
 /// An in-memory [`Store`] that keeps the newest `retention` deliveries per
-/// user (default 10,000), so memory stays bounded.
+/// user (default 10,000), so memory stays bounded. It refuses a send whose
+/// `id` is among the last 100,000 stored.
 #[derive(Debug)]
 pub struct MemoryStore {
     retention: usize,
@@ -21,7 +22,14 @@ pub struct MemoryStore {
 struct State {
     users: HashMap<String, UserLog>,
     groups: HashMap<String, HashSet<String>>,
+    /// Ids of the most recent sends, for duplicate detection (bounded).
+    ids: HashSet<uuid::Uuid>,
+    id_order: VecDeque<uuid::Uuid>,
 }
+
+/// How many recent notification ids the memory store remembers to refuse
+/// duplicates.
+const ID_WINDOW: usize = 100_000;
 
 #[derive(Debug, Default)]
 struct UserLog {
@@ -55,12 +63,28 @@ impl Store for MemoryStore {
     fn append<'a>(
         &'a self,
         batch: &'a [Append],
-    ) -> BoxFuture<'a, Result<Vec<Vec<Recipient>>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
         Box::pin(async move {
             let mut state = self.state.lock();
-            let State { users, groups } = &mut *state;
+            let State {
+                users,
+                groups,
+                ids,
+                id_order,
+            } = &mut *state;
             let mut out = Vec::with_capacity(batch.len());
             for append in batch {
+                let id = append.notification.id.unwrap_or_default();
+                if !ids.insert(id) {
+                    out.push(Appended::DuplicateId);
+                    continue;
+                }
+                id_order.push_back(id);
+                if id_order.len() > ID_WINDOW {
+                    if let Some(old) = id_order.pop_front() {
+                        ids.remove(&old);
+                    }
+                }
                 let members: Vec<String> = match &append.audience {
                     Audience::Users(list) => list.clone(),
                     Audience::Group(group) => {
@@ -86,7 +110,7 @@ impl Store for MemoryStore {
                         seq: log.last_seq,
                     });
                 }
-                out.push(recipients);
+                out.push(Appended::Stored(recipients));
             }
             Ok(out)
         })

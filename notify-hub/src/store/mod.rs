@@ -49,6 +49,17 @@ pub struct Recipient {
     pub seq: u64,
 }
 
+/// What a store did with one send of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored for these recipients, with their new sequence numbers.
+    Stored(Vec<Recipient>),
+    /// A notification with this send's `id` is already stored: nothing was
+    /// written for it (a retried send is not delivered twice). The rest of
+    /// the batch is unaffected.
+    DuplicateId,
+}
+
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -67,11 +78,11 @@ pub enum StoreError {
 /// send of the batch is stored with its sequence numbers, or none is.
 pub trait Store: Send + Sync + 'static {
     /// Stores a batch and returns, for each send in order, its recipients
-    /// with their new sequence numbers.
+    /// with their new sequence numbers, or [`Appended::DuplicateId`].
     fn append<'a>(
         &'a self,
         batch: &'a [Append],
-    ) -> BoxFuture<'a, Result<Vec<Vec<Recipient>>, StoreError>>;
+    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>>;
 
     /// The newest `limit` deliveries of `user`, newest first.
     fn history<'a>(
@@ -113,7 +124,7 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn append<'a>(
         &'a self,
         batch: &'a [Append],
-    ) -> BoxFuture<'a, Result<Vec<Vec<Recipient>>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
         (**self).append(batch)
     }
     fn history<'a>(

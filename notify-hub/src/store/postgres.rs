@@ -12,7 +12,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
-use super::{Append, Audience, BoxFuture, Recipient, Store, StoreError};
+use super::{Append, Appended, Audience, BoxFuture, Recipient, Store, StoreError};
 use crate::notification::{Delivery, Notification};
 
 /// The migrations, in order. Each runs once, in a transaction, under an
@@ -96,7 +96,7 @@ impl PgStore {
         Ok(ran)
     }
 
-    async fn append_once(&self, batch: &[Append]) -> Result<Vec<Vec<Recipient>>, AppendError> {
+    async fn append_once(&self, batch: &[Append]) -> Result<Vec<Appended>, AppendError> {
         let mut conn = self.pool.get().await.map_err(|e| match e {
             bb8::RunError::User(e) => AppendError::Pg(e),
             bb8::RunError::TimedOut => AppendError::PoolTimeout,
@@ -112,12 +112,20 @@ impl PgStore {
             .iter()
             .map(|a| a.notification.timestamp.unwrap_or_default())
             .collect();
-        tx.execute(
-            "INSERT INTO notify_notifications (id, body, created_at)
-             SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::timestamptz[])",
-            &[&ids, &bodies, &times],
-        )
-        .await?;
+        // An id that is already stored (a retried send) is skipped, not an
+        // error for the whole batch; within a batch the first one wins.
+        let mut inserted: std::collections::HashSet<Uuid> = tx
+            .query(
+                "INSERT INTO notify_notifications (id, body, created_at)
+                 SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::timestamptz[])
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
+                &[&ids, &bodies, &times],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let stored: Vec<bool> = ids.iter().map(|id| inserted.remove(id)).collect();
 
         // Group members as of this transaction.
         let groups: Vec<&str> = batch
@@ -142,7 +150,9 @@ impl PgStore {
         }
         let audiences: Vec<&[String]> = batch
             .iter()
-            .map(|a| match &a.audience {
+            .zip(&stored)
+            .map(|(a, stored)| match &a.audience {
+                _ if !stored => &[][..],
                 Audience::Users(users) => users.as_slice(),
                 Audience::Group(g) => members.get(g).map_or(&[][..], Vec::as_slice),
             })
@@ -181,7 +191,11 @@ impl PgStore {
         // Hand the reserved seqs out in batch order.
         let mut out = Vec::with_capacity(batch.len());
         let (mut d_users, mut d_seqs, mut d_ids) = (Vec::new(), Vec::new(), Vec::new());
-        for (users, id) in audiences.iter().zip(&ids) {
+        for ((users, id), stored) in audiences.iter().zip(&ids).zip(&stored) {
+            if !stored {
+                out.push(Appended::DuplicateId);
+                continue;
+            }
             let mut recipients = Vec::with_capacity(users.len());
             for u in *users {
                 let seq = next.get_mut(u.as_str()).map_or(0, |s| {
@@ -197,7 +211,7 @@ impl PgStore {
                     seq: u64::try_from(seq).unwrap_or(0),
                 });
             }
-            out.push(recipients);
+            out.push(Appended::Stored(recipients));
         }
         if !d_users.is_empty() {
             tx.execute(
@@ -261,7 +275,7 @@ impl Store for PgStore {
     fn append<'a>(
         &'a self,
         batch: &'a [Append],
-    ) -> BoxFuture<'a, Result<Vec<Vec<Recipient>>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
         Box::pin(async move {
             let mut attempt = 0;
             loop {
