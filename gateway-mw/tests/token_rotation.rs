@@ -170,6 +170,28 @@ async fn logout_and_garbage<S: RefreshStore>(store: S) {
     }
 }
 
+async fn revoke_every_session_of_a_subject<S: RefreshStore>(store: S) {
+    let clock = Clock::new();
+    let svc = service(store, &clock, Duration::from_secs(10));
+    // Three sessions of alice (one already rotated, one logged out), one of bob.
+    let a1 = svc.issue("alice", &[]).await.unwrap();
+    let a1 = svc.refresh(&a1.refresh_token).await.unwrap();
+    let a2 = svc.issue("alice", &[]).await.unwrap();
+    let a3 = svc.issue("alice", &[]).await.unwrap();
+    svc.logout(&a3.refresh_token).await.unwrap();
+    let b = svc.issue("bob", &[]).await.unwrap();
+    assert_eq!(svc.revoke_subject("alice").await.unwrap(), 2, "two were active");
+    for token in [&a1.refresh_token, &a2.refresh_token] {
+        assert!(matches!(svc.refresh(token).await, Err(TokenError::Revoked)));
+    }
+    // Nobody else is touched; a second call finds nothing; a new login works.
+    assert!(svc.refresh(&b.refresh_token).await.is_ok());
+    assert_eq!(svc.revoke_subject("alice").await.unwrap(), 0);
+    assert_eq!(svc.revoke_subject("nobody").await.unwrap(), 0);
+    let again = svc.issue("alice", &[]).await.unwrap();
+    assert!(svc.refresh(&again.refresh_token).await.is_ok());
+}
+
 /// `n` concurrent refreshes of one token through `services` (round robin):
 /// returns how many succeeded.
 async fn concurrent_refreshes<S: RefreshStore + 'static>(
@@ -204,6 +226,11 @@ async fn memory_rotation_and_reuse() {
 #[tokio::test]
 async fn memory_grace_window() {
     grace_window(MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn memory_revoke_every_session_of_a_subject() {
+    revoke_every_session_of_a_subject(MemoryStore::new()).await;
 }
 
 #[tokio::test]
@@ -268,6 +295,14 @@ mod redis {
     }
 
     #[tokio::test]
+    async fn redis_revoke_every_session_of_a_subject() {
+        let Some(redis) = TestRedis::create().await else {
+            return;
+        };
+        revoke_every_session_of_a_subject(store(&redis).await).await;
+    }
+
+    #[tokio::test]
     async fn redis_logout_and_garbage() {
         let Some(redis) = TestRedis::create().await else {
             return;
@@ -310,7 +345,8 @@ mod redis {
             )
             .await
             .unwrap();
-        assert_eq!(keys.len(), 2, "{keys:?}");
+        // The token record, its family, and the subject's family index.
+        assert_eq!(keys.len(), 3, "{keys:?}");
         assert!(keys.iter().all(|k| !k.contains(&pair.refresh_token)));
         assert!(
             keys.iter()

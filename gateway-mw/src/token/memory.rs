@@ -163,4 +163,16 @@ impl RefreshStore for MemoryStore {
         revoke_family(&mut state, &family);
         Ok(true)
     }
+
+    async fn revoke_subject(&self, subject: &str) -> Result<usize, StoreError> {
+        let mut state = self.state.lock();
+        let mut revoked = 0;
+        for family in state.families.values_mut() {
+            if family.subject == subject && !family.revoked {
+                family.revoked = true;
+                revoked += 1;
+            }
+        }
+        Ok(revoked)
+    }
 }

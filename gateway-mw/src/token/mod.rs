@@ -103,6 +103,11 @@ pub trait RefreshStore: Send + Sync {
     /// Revokes the family of `presented_hash`; `false` if there is no such token.
     fn revoke(&self, presented_hash: &str)
     -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Revokes every family (session) of `subject`; returns how many were
+    /// still active.
+    fn revoke_subject(&self, subject: &str)
+    -> impl Future<Output = Result<usize, StoreError>> + Send;
 }
 
 /// Why issuing or refreshing failed.
@@ -378,6 +383,14 @@ impl<S: RefreshStore> TokenService<S> {
         } else {
             Err(TokenError::Invalid)
         }
+    }
+
+    /// Ends every session of `subject` (an administrator's action): all its
+    /// refresh-token families are revoked, so no refresh succeeds; access
+    /// tokens already issued stay valid until they expire (minutes).
+    /// Returns how many sessions were active.
+    pub async fn revoke_subject(&self, subject: &str) -> Result<usize, TokenError> {
+        Ok(self.store.revoke_subject(subject).await?)
     }
 
     fn pair(

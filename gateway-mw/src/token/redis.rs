@@ -5,6 +5,8 @@
 //!   `grace`; expires at the idle lifetime.
 //! - `fam:{family}`: a hash `sub`, `roles` (JSON), `created`, `revoked`;
 //!   expires at the absolute lifetime.
+//! - `subfam:{subject}`: a set of the subject's family ids, for
+//!   `revoke_subject`; expires with the newest family.
 //!
 //! `rotate` and `revoke` are single Lua scripts, so two gateways rotating the
 //! same token at the same instant are serialized by Redis: exactly one sees
@@ -62,7 +64,26 @@ redis.call('HSET', fkey, 'sub', ARGV[4], 'roles', ARGV[5], 'created', ARGV[6], '
 redis.call('PEXPIRE', fkey, ARGV[7])
 redis.call('HSET', tkey, 'family', ARGV[3], 'issued', ARGV[6])
 redis.call('PEXPIRE', tkey, ARGV[8])
+-- The subject's families, for revoking all its sessions at once.
+local skey = ARGV[1] .. 'subfam:' .. ARGV[4]
+redis.call('SADD', skey, ARGV[3])
+redis.call('PEXPIRE', skey, ARGV[7])
 return 1
+"#;
+
+const REVOKE_SUBJECT_LUA: &str = r#"
+local skey = ARGV[1] .. 'subfam:' .. ARGV[2]
+local revoked = 0
+for _, family in ipairs(redis.call('SMEMBERS', skey)) do
+  local fkey = ARGV[1] .. 'fam:' .. family
+  local state = redis.call('HGET', fkey, 'revoked')
+  if state == '0' then
+    redis.call('HSET', fkey, 'revoked', '1')
+    revoked = revoked + 1
+  end
+end
+redis.call('DEL', skey)
+return revoked
 "#;
 
 /// ARGV: prefix, presented hash. Returns 1 if a family was revoked.
@@ -80,6 +101,7 @@ pub struct RedisStore {
     create: Script,
     rotate: Script,
     revoke: Script,
+    revoke_subject: Script,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -99,6 +121,7 @@ impl RedisStore {
             create: Script::from_lua(CREATE_LUA),
             rotate: Script::from_lua(ROTATE_LUA),
             revoke: Script::from_lua(REVOKE_LUA),
+            revoke_subject: Script::from_lua(REVOKE_SUBJECT_LUA),
         }
     }
 }
@@ -191,5 +214,18 @@ impl RefreshStore for RedisStore {
             .await
             .map_err(store_error)?;
         Ok(revoked == 1)
+    }
+
+    async fn revoke_subject(&self, subject: &str) -> Result<usize, StoreError> {
+        let revoked: i64 = self
+            .revoke_subject
+            .evalsha_with_reload(
+                &self.client,
+                Vec::<String>::new(),
+                vec![self.prefix.clone(), subject.to_owned()],
+            )
+            .await
+            .map_err(store_error)?;
+        Ok(usize::try_from(revoked).unwrap_or(0))
     }
 }
