@@ -68,6 +68,9 @@ pub struct GatewayConfig {
     /// The audit log.
     #[serde(default)]
     pub audit: AuditSection,
+    /// The gateway's own administrative endpoints.
+    #[serde(default)]
+    pub admin: AdminSection,
     /// A demo upstream the example starts in-process.
     #[serde(default)]
     pub demo_upstream: Option<DemoUpstream>,
@@ -356,6 +359,28 @@ fn default_audit_sink() -> String {
 }
 fn default_audit_queue() -> usize {
     10_000
+}
+
+/// `[admin]`: the gateway's administrative endpoints
+/// (`POST /admin/users/{user}/revoke-sessions`), each audited.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// The permission an administrator needs. Default `gateway:admin`.
+    #[serde(default = "default_admin_permission")]
+    pub permission: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            permission: default_admin_permission(),
+        }
+    }
+}
+
+fn default_admin_permission() -> String {
+    "gateway:admin".into()
 }
 
 /// `[demo_upstream]`.

@@ -85,7 +85,18 @@ impl Tokens {
             Tokens::Redis(t) => t.logout(token).await,
         }
     }
+
+    async fn revoke_subject(&self, subject: &str) -> Result<usize, TokenError> {
+        match self {
+            Tokens::Memory(t) => t.revoke_subject(subject).await,
+            #[cfg(feature = "redis")]
+            Tokens::Redis(t) => t.revoke_subject(subject).await,
+        }
+    }
 }
+
+/// The administrative route; its permission comes from `[admin]`.
+const ADMIN_REVOKE_SESSIONS: &str = "/admin/users/{user}/revoke-sessions";
 
 /// Everything a request needs, shared by all connections.
 struct State {
@@ -245,6 +256,20 @@ impl GatewayServer {
                     .map_err(|e| invalid(&e))?;
             }
         }
+        // The gateway's own admin route, behind the same auth, RBAC, limits
+        // and audit as every other route.
+        policy = policy.rule(RouteRule::new(
+            "POST",
+            ADMIN_REVOKE_SESSIONS,
+            config.admin.permission.clone(),
+        ));
+        validation = validation
+            .route(
+                "POST",
+                ADMIN_REVOKE_SESSIONS,
+                RouteLimits::content_types(Vec::<String>::new()),
+            )
+            .map_err(|e| invalid(&e))?;
         let policy = policy.compile().map_err(|e| invalid(&e))?;
 
         // API keys, limits, proxies, CORS.
@@ -423,7 +448,16 @@ impl GatewayServer {
         let guarded = auth_layer.layer(
             AuthzLayer::new(Arc::clone(&parts.policy), Arc::clone(&parts.audit)).layer(
                 RateLimitLayer::new(Arc::clone(&parts.limits), Arc::clone(&parts.audit)).layer(
-                    tower::service_fn(move |req| proxy(Arc::clone(&proxy_state), req)),
+                    tower::service_fn(move |req: Request<Full<Bytes>>| {
+                        let state = Arc::clone(&proxy_state);
+                        async move {
+                            if req.uri().path().starts_with("/admin/") {
+                                admin_endpoint(state, req).await
+                            } else {
+                                proxy(state, req).await
+                            }
+                        }
+                    }),
                 ),
             ),
         );
@@ -736,6 +770,66 @@ struct RefreshBody {
 }
 
 /// `/auth/token`, `/auth/refresh`, `/auth/logout` (demo user store).
+/// `POST /admin/users/{user}/revoke-sessions`: authorization already ran
+/// (the route needs `[admin] permission`); this ends the user's sessions and
+/// audits who did it to whom.
+async fn admin_endpoint(
+    state: Arc<State>,
+    request: Request<Full<Bytes>>,
+) -> Result<Response<GatewayBody>, Infallible> {
+    let path = request.uri().path();
+    let target = path
+        .strip_prefix("/admin/users/")
+        .and_then(|rest| rest.strip_suffix("/revoke-sessions"))
+        .filter(|user| !user.is_empty() && !user.contains('/'))
+        .map(str::to_owned);
+    let (Some(target), Some(tokens)) = (target, state.tokens.as_ref()) else {
+        return Ok(crate::http::error_response(
+            StatusCode::NOT_FOUND,
+            "route_not_found",
+            "no such route",
+        ));
+    };
+    let entry_for = |outcome| {
+        let mut entry = AuditEntry::new("admin.revoke_sessions", outcome)
+            .target(target.clone())
+            .route(format!("POST {ADMIN_REVOKE_SESSIONS}"));
+        if let Some(p) = request.extensions().get::<Principal>() {
+            entry = entry.who(p.id.clone());
+        }
+        if let Some(ClientIp(ip)) = request.extensions().get::<ClientIp>() {
+            entry = entry.client_ip(ip.to_string());
+        }
+        if let Some(id) = request
+            .headers()
+            .get(&X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+        {
+            entry = entry.request_id(id);
+        }
+        entry
+    };
+    Ok(match tokens.revoke_subject(&target).await {
+        Ok(revoked) => {
+            let entry = entry_for(Outcome::Success).reason(format!("revoked={revoked}"));
+            crate::audit::AuditSink::record(&*state.audit, entry);
+            json(
+                StatusCode::OK,
+                serde_json::json!({"user": target, "revoked_sessions": revoked}),
+            )
+        }
+        Err(e) => {
+            let entry = entry_for(Outcome::Failure).reason("token_store");
+            crate::audit::AuditSink::record(&*state.audit, entry);
+            crate::http::error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "token_store",
+                &e.to_string(),
+            )
+        }
+    })
+}
+
 async fn auth_endpoint(
     state: Arc<State>,
     request: Request<Full<Bytes>>,

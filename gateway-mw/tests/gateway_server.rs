@@ -113,6 +113,13 @@ roles = ["writer"]
 name = "bob"
 password_sha256 = "{bob}"
 roles = ["reader"]
+[[users]]
+name = "carol"
+password_sha256 = "{carol}"
+roles = ["admin"]
+[roles.admin]
+permissions = ["gateway:admin"]
+inherits = ["writer"]
 [roles.reader]
 permissions = ["orders:read"]
 [roles.writer]
@@ -146,6 +153,7 @@ sink = "{audit}"
 "#,
         alice = sha256_hex("alice-pw"),
         bob = sha256_hex("bob-pw"),
+        carol = sha256_hex("carol-pw"),
         audit = std::env::temp_dir()
             .join(format!("gw-it-audit-{}.jsonl", std::process::id()))
             .display(),
@@ -372,6 +380,73 @@ fn open_file_limit() -> usize {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_ends_a_users_sessions_and_the_action_is_audited() {
+    let (orders, _) = upstream(false).await;
+    let gw = start(config(&orders, "http://127.0.0.1:1")).await;
+    let alice = gw.login("alice", "alice-pw").await;
+    let bob = gw.login("bob", "bob-pw").await;
+    let carol = gw.login("carol", "carol-pw").await;
+    let bearer = |t: &Value| format!("Bearer {}", t["access_token"].as_str().unwrap());
+    let path = "/admin/users/alice/revoke-sessions";
+    // Not an administrator: 403; no credentials: 401.
+    let (status, _, _) = gw
+        .call("POST", path, &[("authorization", &bearer(&bob))], None)
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(gw.call("POST", path, &[], None).await.0, 401);
+    assert_eq!(
+        gw.refresh(alice["refresh_token"].as_str().unwrap()).await.0,
+        200,
+        "still valid"
+    );
+    let alice = gw.login("alice", "alice-pw").await;
+
+    let request_id = "admin-req-7";
+    let (status, _, body) = gw
+        .call(
+            "POST",
+            path,
+            &[
+                ("authorization", &bearer(&carol)),
+                ("x-request-id", request_id),
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"user": "alice", "revoked_sessions": 2}));
+    assert_eq!(
+        gw.refresh(alice["refresh_token"].as_str().unwrap()).await.0,
+        401
+    );
+    assert_eq!(
+        gw.refresh(bob["refresh_token"].as_str().unwrap()).await.0,
+        200,
+        "others untouched"
+    );
+    gw.stop().await;
+
+    // The audit log (flushed at stop) names who acted, on whom, and the request.
+    let audit = std::fs::read_to_string(
+        std::env::temp_dir().join(format!("gw-it-audit-{}.jsonl", std::process::id())),
+    )
+    .unwrap();
+    let record: Value = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["action"] == "admin.revoke_sessions" && r["request_id"] == request_id)
+        .expect("an admin.revoke_sessions record");
+    assert_eq!(record["who"], "carol");
+    assert_eq!(record["target"], "alice");
+    assert_eq!(record["outcome"], "success");
+    assert_eq!(record["reason"], "revoked=2");
+    assert!(
+        !audit.contains(carol["access_token"].as_str().unwrap()),
+        "no token in the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -180,7 +180,11 @@ async fn revoke_every_session_of_a_subject<S: RefreshStore>(store: S) {
     let a3 = svc.issue("alice", &[]).await.unwrap();
     svc.logout(&a3.refresh_token).await.unwrap();
     let b = svc.issue("bob", &[]).await.unwrap();
-    assert_eq!(svc.revoke_subject("alice").await.unwrap(), 2, "two were active");
+    assert_eq!(
+        svc.revoke_subject("alice").await.unwrap(),
+        2,
+        "two were active"
+    );
     for token in [&a1.refresh_token, &a2.refresh_token] {
         assert!(matches!(svc.refresh(token).await, Err(TokenError::Revoked)));
     }

@@ -66,6 +66,7 @@ pub struct AuditEntry {
     route: Option<String>,
     request_id: Option<String>,
     reason: Option<String>,
+    target: Option<String>,
 }
 
 impl AuditEntry {
@@ -80,6 +81,7 @@ impl AuditEntry {
             route: None,
             request_id: None,
             reason: None,
+            target: None,
         }
     }
 
@@ -112,6 +114,13 @@ impl AuditEntry {
         self.reason = Some(reason.into());
         self
     }
+
+    /// Whom or what the action acted on (e.g. the user whose sessions an
+    /// administrator revoked).
+    pub fn target(mut self, target: impl Into<String>) -> Self {
+        self.target = Some(target.into());
+        self
+    }
 }
 
 /// A sealed record: an entry with its sequence number, time and hashes.
@@ -141,6 +150,10 @@ pub struct AuditRecord {
     /// The reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Whom or what the action acted on. Absent from records without one,
+    /// so chains written before this field existed still verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// Hash of the previous record (hex).
     pub prev_hash: String,
     /// Hash of this record (hex).
@@ -213,6 +226,7 @@ impl AuditChain {
             route: entry.route,
             request_id: entry.request_id,
             reason: entry.reason,
+            target: entry.target,
             prev_hash: self.last_hash.clone(),
             hash: String::new(),
         };

@@ -106,8 +106,10 @@ pub trait RefreshStore: Send + Sync {
 
     /// Revokes every family (session) of `subject`; returns how many were
     /// still active.
-    fn revoke_subject(&self, subject: &str)
-    -> impl Future<Output = Result<usize, StoreError>> + Send;
+    fn revoke_subject(
+        &self,
+        subject: &str,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 }
 
 /// Why issuing or refreshing failed.
