@@ -163,9 +163,14 @@ pub struct KeyEntry {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokensSection {
-    /// The HS256 key (`kid`) that signs access tokens; must be in `[jwt]`.
+    /// The key (`kid`) that signs access tokens; must be in `[jwt]`. An
+    /// HS256 key signs with its secret; an RS256/ES256/EdDSA key needs
+    /// `private_key_pem`.
     #[serde(default)]
     pub signing_kid: Option<String>,
+    /// For an asymmetric `signing_kid`: a PEM file with its private key.
+    #[serde(default)]
+    pub private_key_pem: Option<PathBuf>,
     /// Access-token lifetime. Default 600 s.
     #[serde(default = "default_access_ttl")]
     pub access_ttl_secs: u64,
@@ -184,6 +189,7 @@ impl Default for TokensSection {
     fn default() -> Self {
         TokensSection {
             signing_kid: None,
+            private_key_pem: None,
             access_ttl_secs: default_access_ttl(),
             refresh_idle_ttl_secs: default_idle(),
             refresh_absolute_ttl_secs: default_absolute(),
@@ -444,16 +450,21 @@ impl GatewayConfig {
                 )));
             }
         }
-        if let Some(kid) = &self.tokens.signing_kid
-            && !self
-                .jwt
-                .keys
-                .iter()
-                .any(|k| &k.kid == kid && k.alg == "HS256")
-        {
-            return Err(ConfigError::Invalid(format!(
-                "[tokens] signing_kid {kid:?} must name an HS256 key in [jwt]"
-            )));
+        if let Some(kid) = &self.tokens.signing_kid {
+            match self.jwt.keys.iter().find(|k| &k.kid == kid) {
+                None => {
+                    return Err(ConfigError::Invalid(format!(
+                        "[tokens] signing_kid {kid:?} must name a key in [jwt]"
+                    )));
+                }
+                Some(k) if k.alg != "HS256" && self.tokens.private_key_pem.is_none() => {
+                    return Err(ConfigError::Invalid(format!(
+                        "[tokens] signing_kid {kid:?} is {}: set [tokens] private_key_pem",
+                        k.alg
+                    )));
+                }
+                Some(_) => {}
+            }
         }
         Ok(())
     }

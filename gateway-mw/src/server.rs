@@ -161,20 +161,51 @@ fn key_from_entry(entry: &KeyEntry) -> Result<VerifyingKey, ConfigError> {
     }
 }
 
-fn hs256_secret(config: &GatewayConfig, kid: &str) -> Result<Vec<u8>, ConfigError> {
+/// How `[tokens] signing_kid` signs: with its HS256 secret, or with the
+/// private key in `[tokens] private_key_pem` for an asymmetric key.
+fn signing_config(config: &GatewayConfig, kid: &str) -> Result<TokenConfig, ConfigError> {
     let entry = config
         .jwt
         .keys
         .iter()
         .find(|k| k.kid == kid)
         .ok_or_else(|| ConfigError::Invalid(format!("no key {kid:?}")))?;
-    match (&entry.secret, &entry.secret_env) {
-        (Some(s), _) => Ok(s.as_bytes().to_vec()),
-        (None, Some(var)) => std::env::var(var)
-            .map(String::into_bytes)
-            .map_err(|_| ConfigError::Invalid(format!("{var} is not set"))),
-        (None, None) => Err(ConfigError::Invalid(format!("key {kid:?} has no secret"))),
-    }
+    let issuer = config.jwt.issuer.clone().unwrap_or_default();
+    let audience = config.jwt.audience.clone().unwrap_or_default();
+    let alg = match entry.alg.as_str() {
+        "HS256" => {
+            let secret = match (&entry.secret, &entry.secret_env) {
+                (Some(s), _) => s.as_bytes().to_vec(),
+                (None, Some(var)) => std::env::var(var)
+                    .map(String::into_bytes)
+                    .map_err(|_| ConfigError::Invalid(format!("{var} is not set")))?,
+                (None, None) => {
+                    return Err(ConfigError::Invalid(format!("key {kid:?} has no secret")));
+                }
+            };
+            return Ok(TokenConfig::hs256(issuer, audience, kid, &secret));
+        }
+        "RS256" => crate::jwt::KeyAlg::Rs256,
+        "ES256" => crate::jwt::KeyAlg::Es256,
+        "EdDSA" => crate::jwt::KeyAlg::EdDsa,
+        other => {
+            return Err(ConfigError::Invalid(format!(
+                "key {kid:?}: unknown alg {other:?}"
+            )));
+        }
+    };
+    let path = config.tokens.private_key_pem.as_ref().ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "[tokens] signing_kid {kid:?} is {}: set [tokens] private_key_pem",
+            entry.alg
+        ))
+    })?;
+    let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    TokenConfig::from_private_pem(issuer, audience, kid, alg, &pem)
+        .map_err(|e| ConfigError::Invalid(format!("[tokens] private_key_pem: {e}")))
 }
 
 impl GatewayServer {
@@ -349,17 +380,12 @@ impl GatewayServer {
         let tokens = match &config.tokens.signing_kid {
             Some(kid) => {
                 let t = &config.tokens;
-                let token_config = TokenConfig::hs256(
-                    config.jwt.issuer.clone().unwrap_or_default(),
-                    config.jwt.audience.clone().unwrap_or_default(),
-                    kid.clone(),
-                    &hs256_secret(&config, kid)?,
-                )
-                .with_reuse_grace(Duration::from_secs(t.reuse_grace_secs))
-                .with_refresh_lifetimes(
-                    Duration::from_secs(t.refresh_idle_ttl_secs),
-                    Duration::from_secs(t.refresh_absolute_ttl_secs),
-                );
+                let token_config = signing_config(&config, kid)?
+                    .with_reuse_grace(Duration::from_secs(t.reuse_grace_secs))
+                    .with_refresh_lifetimes(
+                        Duration::from_secs(t.refresh_idle_ttl_secs),
+                        Duration::from_secs(t.refresh_absolute_ttl_secs),
+                    );
                 let token_config =
                     token_config.with_access_ttl(Duration::from_secs(t.access_ttl_secs));
                 #[cfg(feature = "redis")]

@@ -450,6 +450,55 @@ async fn an_admin_ends_a_users_sessions_and_the_action_is_audited() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_tokens_signed_rs256_from_config() {
+    let (orders, _) = upstream(false).await;
+    let fixture = |name: &str| format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = config_text(&orders, "http://127.0.0.1:1").replace(
+        "[tokens]\nsigning_kid = \"k\"\n",
+        &format!(
+            "[[jwt.keys]]\nkid = \"rs\"\nalg = \"RS256\"\npublic_key_pem = \"{}\"\n[tokens]\nsigning_kid = \"rs\"\nprivate_key_pem = \"{}\"\n",
+            fixture("rsa_public.pem"),
+            fixture("rsa_private.pem")
+        ),
+    );
+    assert!(text.contains("private_key_pem"), "the replacement applied");
+    // Without the private key the gateway refuses to start, saying why.
+    let missing = text.replace(
+        &format!("private_key_pem = \"{}\"\n", fixture("rsa_private.pem")),
+        "",
+    );
+    let error = GatewayConfig::parse(&missing)
+        .expect_err("refused")
+        .to_string();
+    assert!(error.contains("private_key_pem"), "{error}");
+
+    let gw = start(GatewayConfig::parse(&text).unwrap()).await;
+    let pair = gw.login("alice", "alice-pw").await;
+    let access = pair["access_token"].as_str().unwrap();
+    use base64::Engine as _;
+    let header: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(access.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (header["alg"].as_str(), header["kid"].as_str()),
+        (Some("RS256"), Some("rs"))
+    );
+    let (status, _, _) = gw
+        .call(
+            "GET",
+            "/v1/orders/1",
+            &[("authorization", &format!("Bearer {access}"))],
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_drain_loses_no_in_flight_request() {
     // Each request holds four sockets (client, gateway in and out, upstream).
     let in_flight = 1_000.min(open_file_limit().saturating_sub(200) / 4);

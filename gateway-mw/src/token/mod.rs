@@ -142,6 +142,33 @@ pub enum TokenError {
     Signing(String),
 }
 
+/// The signing key of an asymmetric algorithm, from its private PEM.
+fn asymmetric_key(
+    alg: crate::jwt::KeyAlg,
+    private_pem: &[u8],
+) -> Result<(Algorithm, EncodingKey), TokenError> {
+    let signing = |e: jsonwebtoken::errors::Error| TokenError::Signing(e.to_string());
+    Ok(match alg {
+        crate::jwt::KeyAlg::Rs256 => (
+            Algorithm::RS256,
+            EncodingKey::from_rsa_pem(private_pem).map_err(signing)?,
+        ),
+        crate::jwt::KeyAlg::Es256 => (
+            Algorithm::ES256,
+            EncodingKey::from_ec_pem(private_pem).map_err(signing)?,
+        ),
+        crate::jwt::KeyAlg::EdDsa => (
+            Algorithm::EdDSA,
+            EncodingKey::from_ed_pem(private_pem).map_err(signing)?,
+        ),
+        crate::jwt::KeyAlg::Hs256 => {
+            return Err(TokenError::Signing(
+                "HS256 takes a secret: use TokenConfig::hs256".into(),
+            ));
+        }
+    })
+}
+
 /// Token lifetimes and the signing key.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -198,35 +225,32 @@ impl TokenConfig {
         }
     }
 
-    /// Signs access tokens with an asymmetric private key instead (PEM), so
-    /// verifiers need only the public key: `RS256` (RSA), `ES256` (P-256) or
-    /// `EdDSA` (Ed25519).
+    /// Access tokens signed with an asymmetric private key (PEM) under
+    /// `kid`, so verifiers need only the public key: `RS256` (RSA), `ES256`
+    /// (P-256) or `EdDSA` (Ed25519).
+    pub fn from_private_pem(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        kid: impl Into<String>,
+        alg: crate::jwt::KeyAlg,
+        private_pem: &[u8],
+    ) -> Result<TokenConfig, TokenError> {
+        let (alg, key) = asymmetric_key(alg, private_pem)?;
+        let mut config = TokenConfig::hs256(issuer, audience, kid, &[]);
+        config.alg = alg;
+        config.key = key;
+        Ok(config)
+    }
+
+    /// Switches an existing configuration to an asymmetric private key (PEM);
+    /// see [`TokenConfig::from_private_pem`].
     pub fn with_signing_key_pem(
         mut self,
         kid: impl Into<String>,
         alg: crate::jwt::KeyAlg,
         private_pem: &[u8],
     ) -> Result<Self, TokenError> {
-        let signing = |e: jsonwebtoken::errors::Error| TokenError::Signing(e.to_string());
-        let (alg, key) = match alg {
-            crate::jwt::KeyAlg::Rs256 => (
-                Algorithm::RS256,
-                EncodingKey::from_rsa_pem(private_pem).map_err(signing)?,
-            ),
-            crate::jwt::KeyAlg::Es256 => (
-                Algorithm::ES256,
-                EncodingKey::from_ec_pem(private_pem).map_err(signing)?,
-            ),
-            crate::jwt::KeyAlg::EdDsa => (
-                Algorithm::EdDSA,
-                EncodingKey::from_ed_pem(private_pem).map_err(signing)?,
-            ),
-            crate::jwt::KeyAlg::Hs256 => {
-                return Err(TokenError::Signing(
-                    "HS256 takes a secret: use TokenConfig::hs256".into(),
-                ));
-            }
-        };
+        let (alg, key) = asymmetric_key(alg, private_pem)?;
         self.kid = kid.into();
         self.alg = alg;
         self.key = key;
