@@ -66,9 +66,11 @@ async fn demo_upstream(listener: tokio::net::TcpListener) {
             },
         );
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            // HTTP/1.1 and h2c (prior knowledge), for `http2 = true` upstreams.
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
         });
     }
 }

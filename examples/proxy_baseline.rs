@@ -5,7 +5,7 @@
 //! separately.
 //!
 //! ```text
-//! cargo run --release --features gateway-proxy --example proxy_baseline -- 127.0.0.1:8081 http://127.0.0.1:9000
+//! cargo run --release --features gateway-proxy --example proxy_baseline -- 127.0.0.1:8081 http://127.0.0.1:9000 [--http2]
 //! ```
 
 use std::convert::Infallible;
@@ -22,10 +22,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .unwrap_or_else(|| "http://127.0.0.1:9000".into())
         .parse()?;
+    // `--http2`: h2c to the upstream, as the gateway does for `http2 = true`.
+    let http2 = args.next().as_deref() == Some("--http2");
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client: Client<_, Full<bytes::Bytes>> =
-        Client::builder(TokioExecutor::new()).build(connector);
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build(connector);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     loop {
         let (stream, _) = listener.accept().await?;
@@ -44,6 +47,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let mut uri = upstream.into_parts();
                     uri.path_and_query = parts.uri.path_and_query().cloned();
                     parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+                    parts.headers.remove(http::header::CONNECTION);
+                    if http2 {
+                        parts.version = http::Version::HTTP_2;
+                    }
                     let response = match client
                         .request(http::Request::from_parts(parts, Full::new(body)))
                         .await

@@ -286,6 +286,11 @@ pub struct UpstreamEntry {
     /// Per-request timeout. Default 10 s.
     #[serde(default = "default_upstream_timeout")]
     pub timeout_ms: u64,
+    /// Speak HTTP/2 (cleartext, prior knowledge) to this upstream: requests
+    /// share a few multiplexed connections instead of one connection each.
+    /// The upstream must accept h2c. Default false (HTTP/1.1, pooled).
+    #[serde(default)]
+    pub http2: bool,
 }
 
 fn default_upstream_timeout() -> u64 {

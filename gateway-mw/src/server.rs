@@ -48,6 +48,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 struct Upstream {
     base: String,
     timeout: Duration,
+    http2: bool,
 }
 
 /// The token service over whichever store is configured.
@@ -101,6 +102,8 @@ const ADMIN_REVOKE_SESSIONS: &str = "/admin/users/{user}/revoke-sessions";
 /// Everything a request needs, shared by all connections.
 struct State {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// For upstreams with `http2 = true`.
+    client_h2: Client<HttpConnector, Full<Bytes>>,
     upstreams: Router<Upstream>,
     all_upstreams: Vec<Upstream>,
     tokens: Option<Tokens>,
@@ -268,6 +271,7 @@ impl GatewayServer {
             let upstream = Upstream {
                 base: target.url.trim_end_matches('/').to_owned(),
                 timeout: Duration::from_millis(target.timeout_ms),
+                http2: target.http2,
             };
             upstreams
                 .insert(&route.method, &route.path, upstream)
@@ -429,6 +433,7 @@ impl GatewayServer {
             all_upstreams.push(Upstream {
                 base: u.url.trim_end_matches('/').to_owned(),
                 timeout: Duration::from_millis(u.timeout_ms),
+                http2: u.http2,
             });
         }
         // Small request/response messages: Nagle's algorithm would hold
@@ -437,9 +442,14 @@ impl GatewayServer {
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector.clone());
+        let client_h2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .http2_only(true)
             .build(connector);
         let state = Arc::new(State {
             client,
+            client_h2,
             upstreams,
             all_upstreams,
             tokens,
@@ -763,8 +773,17 @@ async fn proxy(
             parts.headers.insert("x-gateway-roles", v);
         }
     }
-    let outgoing = Request::from_parts(parts, body);
-    match tokio::time::timeout(upstream.timeout, state.client.request(outgoing)).await {
+    let mut outgoing = Request::from_parts(parts, body);
+    if upstream.http2 {
+        // Hop-by-hop headers are already stripped (STRIPPED).
+        *outgoing.version_mut() = http::Version::HTTP_2;
+    }
+    let client = if upstream.http2 {
+        &state.client_h2
+    } else {
+        &state.client
+    };
+    match tokio::time::timeout(upstream.timeout, client.request(outgoing)).await {
         Ok(Ok(response)) => {
             Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
         }

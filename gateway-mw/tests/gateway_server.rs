@@ -70,6 +70,7 @@ async fn upstream(gated: bool) -> (String, Counts) {
                                 .to_owned()
                         };
                         let body = json!({
+                            "version": format!("{:?}", req.version()),
                             "path": req.uri().path(),
                             "subject": h("x-gateway-subject"),
                             "authorization": h("authorization"),
@@ -81,9 +82,12 @@ async fn upstream(gated: bool) -> (String, Counts) {
                     }
                 });
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                // HTTP/1.1 and h2c, for `http2 = true` upstreams.
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
             });
         }
     });
@@ -495,6 +499,30 @@ async fn access_tokens_signed_rs256_from_config() {
         )
         .await;
     assert_eq!(status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_is_reached_over_h2c() {
+    let (orders, _) = upstream(false).await;
+    let text = config_text(&orders, "http://127.0.0.1:1").replace(
+        &format!("url = \"{orders}\"\n"),
+        &format!("url = \"{orders}\"\nhttp2 = true\n"),
+    );
+    assert!(text.contains("http2 = true"));
+    let gw = start(GatewayConfig::parse(&text).unwrap()).await;
+    let pair = gw.login("alice", "alice-pw").await;
+    let auth = format!("Bearer {}", pair["access_token"].as_str().unwrap());
+    for i in 0..5 {
+        let path = format!("/v1/orders/{i}");
+        let (status, _, body) = gw
+            .call("GET", &path, &[("authorization", &auth)], None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["version"], "HTTP/2.0");
+        assert_eq!(body["path"], path);
+        assert_eq!(body["subject"], "alice");
+    }
     gw.stop().await;
 }
 
