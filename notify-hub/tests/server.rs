@@ -37,7 +37,11 @@ fn token(sub: &str, groups: &[&str], roles: &[&str]) -> String {
 }
 
 async fn start() -> (SocketAddr, Hub) {
-    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    start_with(HubConfig::default()).await
+}
+
+async fn start_with(config: HubConfig) -> (SocketAddr, Hub) {
+    let hub = Hub::in_memory(config).await.unwrap();
     let keys = KeySet::new()
         .with_key(VerifyingKey::hs256("k", SECRET.as_bytes()))
         .unwrap()
@@ -390,4 +394,41 @@ async fn a_connection_ends_with_4001_when_its_token_expires() {
     assert_eq!(u16::from(close.unwrap().code), 4001);
     drop(ws);
     assert_connections_drop_to_zero(&hub).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_with_4000_then_recovers() {
+    let (addr, hub) = start_with(HubConfig::default().with_queue_capacity(4)).await;
+    let mut ws = connect(addr, &format!("access_token={}", token("slow", &[], &[]))).await.unwrap();
+    assert_eq!(frame(&mut ws).await["type"], "welcome");
+    // 30 MB of notifications while the client reads nothing: the socket
+    // buffers fill, the server's writes stall, the 4-deep queue overflows.
+    let body = "x".repeat(15_000);
+    for i in 1..=2_000 {
+        hub.send_to_users(&["slow"], Notification::new("t", format!("n{i}"), body.clone())).await.unwrap();
+    }
+    // Now read: what was written arrives in order, then the 4000 close.
+    let mut last = 0u64;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("frames").unwrap().unwrap() {
+            Message::Text(t) => {
+                let f: serde_json::Value = serde_json::from_str(&t).unwrap();
+                let seq = f["seq"].as_u64().unwrap();
+                assert_eq!(seq, last + 1, "in order, no gap before the close");
+                last = seq;
+            }
+            Message::Close(c) => break u16::from(c.unwrap().code),
+            _ => {}
+        }
+    };
+    assert_eq!(code, 4000);
+    assert!(last < 2_000, "it fell behind ({last})");
+    assert!(hub.stats().overflowed() >= 1);
+    drop(ws);
+    // Recovery: reconnect with since = the last seq received.
+    let mut ws = connect(addr, &format!("since={last}&access_token={}", token("slow", &[], &[]))).await.unwrap();
+    assert_eq!(frame(&mut ws).await["last_seq"], 2_000);
+    for seq in last + 1..=2_000 {
+        assert_eq!(frame(&mut ws).await["seq"], seq);
+    }
 }
