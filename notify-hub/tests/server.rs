@@ -399,18 +399,30 @@ async fn a_connection_ends_with_4001_when_its_token_expires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_with_4000_then_recovers() {
     let (addr, hub) = start_with(HubConfig::default().with_queue_capacity(4)).await;
-    let mut ws = connect(addr, &format!("access_token={}", token("slow", &[], &[]))).await.unwrap();
+    let mut ws = connect(addr, &format!("access_token={}", token("slow", &[], &[])))
+        .await
+        .unwrap();
     assert_eq!(frame(&mut ws).await["type"], "welcome");
     // 30 MB of notifications while the client reads nothing: the socket
     // buffers fill, the server's writes stall, the 4-deep queue overflows.
     let body = "x".repeat(15_000);
     for i in 1..=2_000 {
-        hub.send_to_users(&["slow"], Notification::new("t", format!("n{i}"), body.clone())).await.unwrap();
+        hub.send_to_users(
+            &["slow"],
+            Notification::new("t", format!("n{i}"), body.clone()),
+        )
+        .await
+        .unwrap();
     }
     // Now read: what was written arrives in order, then the 4000 close.
     let mut last = 0u64;
     let code = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("frames").unwrap().unwrap() {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frames")
+            .unwrap()
+            .unwrap()
+        {
             Message::Text(t) => {
                 let f: serde_json::Value = serde_json::from_str(&t).unwrap();
                 let seq = f["seq"].as_u64().unwrap();
@@ -426,9 +438,81 @@ async fn a_client_that_stops_reading_is_closed_with_4000_then_recovers() {
     assert!(hub.stats().overflowed() >= 1);
     drop(ws);
     // Recovery: reconnect with since = the last seq received.
-    let mut ws = connect(addr, &format!("since={last}&access_token={}", token("slow", &[], &[]))).await.unwrap();
+    let mut ws = connect(
+        addr,
+        &format!("since={last}&access_token={}", token("slow", &[], &[])),
+    )
+    .await
+    .unwrap();
     assert_eq!(frame(&mut ws).await["last_seq"], 2_000);
     for seq in last + 1..=2_000 {
         assert_eq!(frame(&mut ws).await["seq"], seq);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_queued_notifications_then_closes_with_1001() {
+    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    let keys = KeySet::new()
+        .with_key(VerifyingKey::hs256("k", SECRET.as_bytes()))
+        .unwrap()
+        .with_default_kid("k");
+    let server = NotifyServer::new(
+        hub.clone(),
+        JwtVerifier::new(keys, JwtConfig::default()),
+        ServerConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    let mut ws = connect(addr, &format!("access_token={}", token("dana", &[], &[])))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["type"], "welcome");
+    // Sends in flight when the signal comes: every acknowledged one is
+    // delivered before the close.
+    let sends: Vec<_> = (1..=100)
+        .map(|i| {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                hub.send_to_users(&["dana"], Notification::new("t", format!("n{i}"), "m"))
+                    .await
+            })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let _ = stop.send(());
+    let mut acknowledged = 0;
+    for s in sends {
+        if s.await.unwrap().is_ok() {
+            acknowledged += 1;
+        }
+    }
+    let mut received = 0;
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frames")
+            .unwrap()
+            .unwrap()
+        {
+            Message::Text(_) => received += 1,
+            Message::Close(c) => break u16::from(c.unwrap().code),
+            _ => {}
+        }
+    };
+    assert_eq!(code, 1001);
+    assert_eq!(
+        received, acknowledged,
+        "every acknowledged send was flushed"
+    );
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("serve returns")
+        .unwrap();
+    // New connections are refused once it has stopped.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
