@@ -212,8 +212,10 @@ struct Inner {
     writes: mpsc::Sender<WriteJob>,
     /// Set first: no new sends; the writer drains its queue.
     shutdown: watch::Sender<bool>,
-    /// Set once the writer is done: the dispatcher and subscriptions end.
+    /// Set once the writer is done: the dispatcher delivers what it has, ends.
     closing: watch::Sender<bool>,
+    /// Set once the dispatcher is done: subscriptions flush their queues, end.
+    ended: watch::Sender<bool>,
     tasks: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
 }
 
@@ -249,6 +251,7 @@ impl Hub {
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (closing, closing_rx) = watch::channel(false);
+        let (ended, _) = watch::channel(false);
         let (dispatch_tx, dispatch_rx) = mpsc::channel(4096);
         broker.subscribe(dispatch_tx).await?;
         let (writes, writes_rx) = mpsc::channel(config.write_queue.max(1));
@@ -270,6 +273,7 @@ impl Hub {
                 writes,
                 shutdown,
                 closing,
+                ended,
                 tasks: Mutex::new(Some((writer, dispatcher))),
             }),
         })
@@ -415,7 +419,7 @@ impl Hub {
             user,
             self.inner.config.queue_capacity,
             self.inner.config.replay_page,
-            self.inner.closing.subscribe(),
+            self.inner.ended.subscribe(),
         );
         let latest = self.inner.store.last_seq(user).await?;
         subscription.start(latest, since);
@@ -452,6 +456,8 @@ impl Hub {
             }
         }
         let _ = self.inner.closing.send(true);
+        // Only now: every published send has reached the subscriptions' queues.
+        let _ = self.inner.ended.send(true);
         finished
     }
 }
