@@ -11,8 +11,8 @@
 //! `[demo_upstream]` is set, and serves until SIGINT/SIGTERM, then drains.
 #![allow(clippy::print_stdout)]
 
-#[path = "support/shutdown.rs"]
-mod shutdown;
+#[path = "support/server.rs"]
+mod server_support;
 
 use std::convert::Infallible;
 
@@ -24,11 +24,7 @@ use hyper_util::rt::TokioIo;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    server_support::init_tracing();
     let path = std::env::args()
         .skip_while(|a| a != "--config")
         .nth(1)
@@ -43,7 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(addr = %config.listen, "gateway listening");
     GatewayServer::build(config)
         .await?
-        .serve(listener, shutdown::shutdown_signal())
+        .serve(listener, server_support::shutdown_signal())
         .await;
     Ok(())
 }

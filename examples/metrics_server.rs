@@ -18,8 +18,8 @@
 //! finish, shuts the processor down and writes the snapshot, all within 5 s.
 #![allow(clippy::print_stdout)]
 
-#[path = "support/shutdown.rs"]
-mod shutdown;
+#[path = "support/server.rs"]
+mod server_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,11 +41,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    server_support::init_tracing();
 
     let addr: SocketAddr = env_or("METRICS_ADDR", "127.0.0.1:8080".parse()?)?;
     let snapshot =
@@ -73,7 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(%addr, "listening");
 
     let graceful = GracefulShutdown::new();
-    let shutdown = shutdown::shutdown_signal();
+    let shutdown = server_support::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

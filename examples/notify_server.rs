@@ -12,8 +12,8 @@
 //! `NOTIFY_JWT_ISSUER`, `NOTIFY_JWT_AUDIENCE`. SIGINT/SIGTERM drains
 //! gracefully: sockets close with 1001 after their queues are flushed.
 
-#[path = "support/shutdown.rs"]
-mod shutdown;
+#[path = "support/server.rs"]
+mod server_support;
 
 #[path = "support/fd_limit.rs"]
 mod fd_limit;
@@ -26,11 +26,7 @@ use notify_hub::{Broker, Hub, HubConfig, LocalBroker, MemoryStore, Store};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    server_support::init_tracing();
     // Tens of thousands of sockets need as many descriptors.
     match fd_limit::raise_fd_limit(1_048_576) {
         Ok(n) => tracing::warn!(limit = n, "open-file limit"),
@@ -77,7 +73,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = NotifyServer::new(hub, verifier, ServerConfig::default());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(%addr, "notify_server listening");
-    server.serve(listener, shutdown::shutdown_signal()).await;
+    server
+        .serve(listener, server_support::shutdown_signal())
+        .await;
     tracing::info!("drained; bye");
     Ok(())
 }

@@ -2,34 +2,17 @@
 //! user connected to hub B, in order, with no gap.
 #![cfg(feature = "redis")]
 
-use std::sync::Arc;
+mod common;
+
+use common::two_hubs;
+
 use std::time::Duration;
 
-use notify_hub::broker::RedisBroker;
-use notify_hub::{Hub, HubConfig, MemoryStore, Notification};
+use notify_hub::Notification;
 use testkit::TestRedis;
 
 fn note(i: usize) -> Notification {
     Notification::new("test.event", format!("n{i}"), "body")
-}
-
-/// Two hubs on one shared store (as two nodes share one PostgreSQL), each
-/// with its own Redis broker connection.
-async fn two_hubs(redis: &TestRedis) -> (Hub, Hub) {
-    let store = Arc::new(MemoryStore::new());
-    let mut hubs = Vec::new();
-    for _ in 0..2 {
-        let broker = RedisBroker::connect(redis.url(), redis.prefix())
-            .await
-            .unwrap();
-        hubs.push(
-            Hub::start(HubConfig::default(), Arc::clone(&store), broker)
-                .await
-                .unwrap(),
-        );
-    }
-    let b = hubs.pop().unwrap();
-    (hubs.pop().unwrap(), b)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,12 +4,14 @@
 //! from the store. In its own test binary: the pause affects every client.
 #![cfg(feature = "redis")]
 
-use std::sync::Arc;
+mod common;
+
+use common::two_hubs;
+
 use std::time::{Duration, Instant};
 
 use fred::prelude::ClientLike;
-use notify_hub::broker::RedisBroker;
-use notify_hub::{Hub, HubConfig, MemoryStore, Notification};
+use notify_hub::Notification;
 use testkit::TestRedis;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -17,25 +19,7 @@ async fn a_paused_redis_delays_nothing_and_loses_nothing() {
     let Some(redis) = TestRedis::create().await else {
         return;
     };
-    let store = Arc::new(MemoryStore::new());
-    let a = Hub::start(
-        HubConfig::default(),
-        Arc::clone(&store),
-        RedisBroker::connect(redis.url(), redis.prefix())
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let b = Hub::start(
-        HubConfig::default(),
-        Arc::clone(&store),
-        RedisBroker::connect(redis.url(), redis.prefix())
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let (a, b) = two_hubs(&redis).await;
     let mut on_b = b.subscribe("u", None).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 

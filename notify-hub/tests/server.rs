@@ -40,20 +40,24 @@ async fn start() -> (SocketAddr, Hub) {
     start_with(HubConfig::default()).await
 }
 
-async fn start_with(config: HubConfig) -> (SocketAddr, Hub) {
-    let hub = Hub::in_memory(config).await.unwrap();
+/// A server for `hub` that accepts HS256 tokens signed with `SECRET`.
+fn server_for(hub: &Hub) -> NotifyServer {
     let keys = KeySet::new()
         .with_key(VerifyingKey::hs256("k", SECRET.as_bytes()))
         .unwrap()
         .with_default_kid("k");
-    let server = NotifyServer::new(
+    NotifyServer::new(
         hub.clone(),
         JwtVerifier::new(keys, JwtConfig::default()),
         ServerConfig::default(),
-    );
+    )
+}
+
+async fn start_with(config: HubConfig) -> (SocketAddr, Hub) {
+    let hub = Hub::in_memory(config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(server.serve(listener, std::future::pending()));
+    tokio::spawn(server_for(&hub).serve(listener, std::future::pending()));
     (addr, hub)
 }
 
@@ -453,15 +457,7 @@ async fn a_client_that_stops_reading_is_closed_with_4000_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flushes_queued_notifications_then_closes_with_1001() {
     let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
-    let keys = KeySet::new()
-        .with_key(VerifyingKey::hs256("k", SECRET.as_bytes()))
-        .unwrap()
-        .with_default_kid("k");
-    let server = NotifyServer::new(
-        hub.clone(),
-        JwtVerifier::new(keys, JwtConfig::default()),
-        ServerConfig::default(),
-    );
+    let server = server_for(&hub);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

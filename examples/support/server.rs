@@ -1,4 +1,13 @@
-//! Shared by the example servers: resolves on SIGINT (Ctrl-C) or SIGTERM.
+//! Shared by the example servers: logging set-up and the stop signal.
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub(crate) fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
 
 /// Resolves when the process is asked to stop.
 pub(crate) async fn shutdown_signal() {
