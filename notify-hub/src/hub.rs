@@ -594,8 +594,11 @@ fn dispatch(shared: &Shared, message: &Published) {
             .clone();
         for slot in slots.iter() {
             slot.push(
-                Delivery::new(recipient.seq, Arc::clone(&message.notification))
-                    .with_json(json.clone()),
+                Delivery::live(
+                    recipient.seq,
+                    Arc::clone(&message.notification),
+                    json.clone(),
+                ),
                 &shared.stats,
             );
         }

@@ -141,6 +141,9 @@ pub struct Delivery {
     /// The notification's JSON, serialized once per send for live delivery.
     #[serde(skip)]
     json: Option<Arc<str>>,
+    /// Whether it arrived live (from the broker) rather than from the store.
+    #[serde(skip)]
+    live: bool,
 }
 
 impl PartialEq for Delivery {
@@ -156,13 +159,29 @@ impl Delivery {
             seq,
             notification,
             json: None,
+            live: false,
         }
     }
 
-    /// Attaches the notification's JSON, shared by every recipient.
-    pub(crate) fn with_json(mut self, json: Option<Arc<str>>) -> Delivery {
-        self.json = json;
-        self
+    /// A delivery that arrived live, with the notification's JSON shared by
+    /// every recipient of the send.
+    pub(crate) fn live(
+        seq: u64,
+        notification: Arc<Notification>,
+        json: Option<Arc<str>>,
+    ) -> Delivery {
+        Delivery {
+            seq,
+            notification,
+            json,
+            live: true,
+        }
+    }
+
+    /// `true` if it came live from a send just committed, `false` if it was
+    /// read back from the store (a replay after `since` or a gap).
+    pub fn is_live(&self) -> bool {
+        self.live
     }
 
     /// The notification as JSON. Live deliveries carry it serialized once

@@ -374,3 +374,19 @@ async fn a_repeated_id_is_refused_and_stored_once() {
         .collect();
     assert_eq!(seqs, [2, 1], "the duplicate used no seq");
 }
+
+#[tokio::test]
+async fn deliveries_say_whether_they_came_live_or_from_the_store() {
+    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    hub.send_to_users(&["u"], note(1)).await.unwrap();
+    let mut sub = hub.subscribe("u", Some(0)).await.unwrap();
+    let replayed = next(&mut sub).await;
+    hub.send_to_users(&["u"], note(2)).await.unwrap();
+    let live = next(&mut sub).await;
+    assert_eq!((replayed.seq, replayed.is_live()), (1, false));
+    assert_eq!((live.seq, live.is_live()), (2, true));
+    assert_eq!(
+        live.notification_json(),
+        serde_json::to_string(&*live.notification).unwrap()
+    );
+}

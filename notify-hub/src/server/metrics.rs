@@ -21,7 +21,7 @@ use crate::Hub;
 /// | `notify_sends_total`, `notify_send_errors_total` | counters | sends stored / failed |
 /// | `notify_broker_errors_total` | counter | publishes that failed after commit |
 /// | `notify_store_batches_total` | counter | group-commit transactions |
-/// | `notify_delivery_latency_seconds` | histogram | notification timestamp to frame written |
+/// | `notify_delivery_latency_seconds` | histogram | notification timestamp to frame written (live deliveries only) |
 #[derive(Debug)]
 pub struct ServerMetrics {
     registry: Registry,

@@ -253,7 +253,8 @@ async fn run<S>(
                     if sink.send(Message::text(frame)).await.is_err() {
                         break None;
                     }
-                    if let Some(ts) = d.notification.timestamp {
+                    // Live deliveries only: a replay's age is not a latency.
+                    if let Some(ts) = d.notification.timestamp.filter(|_| d.is_live()) {
                         let latency = chrono::Utc::now().signed_duration_since(ts);
                         metrics.latency.observe(latency.to_std().unwrap_or(Duration::ZERO).as_secs_f64());
                     }
