@@ -24,12 +24,15 @@ fn token_with(secret: &str, claims: serde_json::Value) -> String {
     .unwrap()
 }
 
-fn token(sub: &str, groups: &[&str], roles: &[&str]) -> String {
-    let exp = SystemTime::now()
+fn now_secs() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
-        + 600;
+}
+
+fn token(sub: &str, groups: &[&str], roles: &[&str]) -> String {
+    let exp = now_secs() + 600;
     token_with(
         SECRET,
         serde_json::json!({"sub": sub, "exp": exp, "groups": groups, "roles": roles}),
@@ -128,11 +131,7 @@ async fn http(
 #[tokio::test]
 async fn bad_and_expired_tokens_get_401_and_no_upgrade() {
     let (addr, hub) = start().await;
-    let past = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - 3600;
+    let past = now_secs() - 3600;
     let future = past + 7200;
     let cases = [
         String::new(),
@@ -374,11 +373,7 @@ async fn http_api_statuses() {
 #[tokio::test]
 async fn a_connection_ends_with_4001_when_its_token_expires() {
     let (addr, hub) = start().await;
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 2;
+    let exp = now_secs() + 2;
     let short = token_with(SECRET, serde_json::json!({"sub": "eve", "exp": exp}));
     let mut ws = connect(addr, &format!("access_token={short}"))
         .await

@@ -225,6 +225,16 @@ impl PgStore {
         Ok(out)
     }
 
+    /// Runs a membership statement; `true` if it changed a row.
+    async fn membership(&self, sql: &str, group: &str, user: &str) -> Result<bool, StoreError> {
+        let conn = self.pool.get().await.map_err(unavailable)?;
+        let n = conn
+            .execute(sql, &[&group, &user])
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
     async fn read(
         &self,
         sql: &str,
@@ -345,18 +355,12 @@ impl Store for PgStore {
         group: &'a str,
         user: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            let conn = self.pool.get().await.map_err(unavailable)?;
-            let n = conn
-                .execute(
-                    "INSERT INTO notify_group_members (group_id, user_id) VALUES ($1, $2)
-                     ON CONFLICT DO NOTHING",
-                    &[&group, &user],
-                )
-                .await
-                .map_err(unavailable)?;
-            Ok(n == 1)
-        })
+        Box::pin(self.membership(
+            "INSERT INTO notify_group_members (group_id, user_id) VALUES ($1, $2)
+             ON CONFLICT DO NOTHING",
+            group,
+            user,
+        ))
     }
 
     fn leave_group<'a>(
@@ -364,17 +368,11 @@ impl Store for PgStore {
         group: &'a str,
         user: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            let conn = self.pool.get().await.map_err(unavailable)?;
-            let n = conn
-                .execute(
-                    "DELETE FROM notify_group_members WHERE group_id = $1 AND user_id = $2",
-                    &[&group, &user],
-                )
-                .await
-                .map_err(unavailable)?;
-            Ok(n == 1)
-        })
+        Box::pin(self.membership(
+            "DELETE FROM notify_group_members WHERE group_id = $1 AND user_id = $2",
+            group,
+            user,
+        ))
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
