@@ -442,17 +442,22 @@ impl Hub {
         let deadline = tokio::time::Instant::now() + timeout;
         let tasks = self.inner.tasks.lock().take();
         let mut finished = true;
-        if let Some((writer, dispatcher)) = tasks {
-            for (stage, task) in [
-                (&self.inner.shutdown, writer),
-                (&self.inner.closing, dispatcher),
-            ] {
-                let _ = stage.send(true);
-                let abort = task.abort_handle();
-                if tokio::time::timeout_at(deadline, task).await.is_err() {
-                    abort.abort();
-                    finished = false;
-                }
+        let Some((writer, dispatcher)) = tasks else {
+            // Another call is shutting down: wait for it to finish.
+            let mut ended = self.inner.ended.subscribe();
+            return tokio::time::timeout_at(deadline, ended.wait_for(|e| *e))
+                .await
+                .is_ok_and(|r| r.is_ok());
+        };
+        for (stage, task) in [
+            (&self.inner.shutdown, writer),
+            (&self.inner.closing, dispatcher),
+        ] {
+            let _ = stage.send(true);
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                abort.abort();
+                finished = false;
             }
         }
         let _ = self.inner.closing.send(true);
@@ -507,6 +512,7 @@ async fn write_loop(
         shared.stats.batches.fetch_add(1, Ordering::Relaxed);
         match store.append(&appends).await {
             Ok(results) => {
+                let mut broker_down = false;
                 for ((append, reply), result) in appends.into_iter().zip(replies).zip(results) {
                     let recipients = match result {
                         Appended::Stored(recipients) => recipients,
@@ -527,10 +533,20 @@ async fn write_loop(
                             notification: append.notification,
                             recipients,
                         });
-                        if let Err(e) = broker.publish(message).await {
+                        // After one failure the broker is down: skip the rest
+                        // of this batch rather than wait out a timeout per send.
+                        let published = if broker_down {
+                            Err(BrokerError::Unavailable("skipped: broker down".into()))
+                        } else {
+                            broker.publish(message).await
+                        };
+                        if let Err(e) = published {
                             // Stored but not delivered live: clients recover by `since`.
                             shared.stats.broker_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(error = %e, "publish failed after commit");
+                            if !broker_down {
+                                tracing::warn!(error = %e, "publish failed after commit");
+                            }
+                            broker_down = true;
                         }
                     }
                     let _ = reply.send(Ok(receipt));
@@ -562,9 +578,10 @@ async fn dispatch_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
+        // The stop signal first: under steady traffic from other nodes the
+        // queue is never empty, and the drain below must still happen.
         let message = tokio::select! {
             biased;
-            m = rx.recv() => m,
             _ = shutdown.wait_for(|stop| *stop) => {
                 // Deliver what has already arrived, then stop.
                 while let Ok(m) = rx.try_recv() {
@@ -572,6 +589,7 @@ async fn dispatch_loop(
                 }
                 None
             }
+            m = rx.recv() => m,
         };
         let Some(message) = message else { break };
         dispatch(&shared, &message);

@@ -390,3 +390,23 @@ async fn deliveries_say_whether_they_came_live_or_from_the_store() {
         serde_json::to_string(&*live.notification).unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_shutdowns_both_wait_for_the_flush() {
+    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    let mut sub = hub.subscribe("u", None).await.unwrap();
+    for i in 1..=20 {
+        hub.send_to_users(&["u"], note(i)).await.unwrap();
+    }
+    let (a, b) = tokio::join!(
+        hub.shutdown(Duration::from_secs(5)),
+        hub.shutdown(Duration::from_secs(5))
+    );
+    assert!(a && b);
+    let mut got = 0;
+    while let Ok(d) = timeout(Duration::from_secs(5), sub.next()).await.unwrap() {
+        got += 1;
+        assert_eq!(d.seq, got);
+    }
+    assert_eq!(got, 20);
+}

@@ -507,3 +507,43 @@ async fn shutdown_flushes_queued_notifications_then_closes_with_1001() {
     // New connections are refused once it has stopped.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn a_client_close_is_answered_and_bad_since_is_refused() {
+    let (addr, hub) = start().await;
+    let user = token("frank", &[], &[]);
+    assert_eq!(
+        connect(addr, &format!("since=%zz&access_token={user}"))
+            .await
+            .err(),
+        Some(400)
+    );
+    assert_eq!(
+        connect(addr, &format!("since=-1&access_token={user}"))
+            .await
+            .err(),
+        Some(400)
+    );
+    // A token whose `exp` is absurdly far away works (and does not overflow).
+    let far = token_with(
+        SECRET,
+        serde_json::json!({"sub": "frank", "exp": i64::MAX / 2}),
+    );
+    let mut ws = connect(addr, &format!("access_token={far}")).await.unwrap();
+    assert_eq!(frame(&mut ws).await["type"], "welcome");
+    ws.close(None).await.unwrap();
+    // The server answers the close: the stream ends with its Close frame.
+    let reply = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None => break true,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => break false,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(reply, "a clean close, not a reset");
+    assert_connections_drop_to_zero(&hub).await;
+}

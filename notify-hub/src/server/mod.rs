@@ -30,8 +30,11 @@ use crate::auth::Authenticator;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServerConfig {
-    /// Interval between server pings. Default 25 s.
+    /// Interval between server pings (at least 10 ms). Default 25 s.
     pub heartbeat: Duration,
+    /// Longest a single frame write may take before the peer counts as
+    /// gone and is dropped. Default 10 s.
+    pub write_timeout: Duration,
     /// Pings a peer may leave unanswered before it is dropped. Default 2.
     pub max_missed_pongs: u32,
     /// Largest client message (and frame), in bytes. Default 16 KiB.
@@ -51,6 +54,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             heartbeat: Duration::from_secs(25),
+            write_timeout: Duration::from_secs(10),
             max_missed_pongs: 2,
             max_client_message: 16 * 1024,
             max_invalid_frames: 3,
@@ -279,13 +283,13 @@ pub(crate) fn bearer(request: &Request<Incoming>) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// The first value of query parameter `name`, percent-decoded.
+/// The first value of query parameter `name`, percent-decoded. A value
+/// with a bad escape is returned as sent, so the caller's own validation
+/// refuses it (rather than the parameter silently counting as absent).
 pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(k)? == name)
-            .then(|| percent_decode(v))
-            .flatten()
+        (percent_decode(k)? == name).then(|| percent_decode(v).unwrap_or_else(|| v.to_owned()))
     })
 }
 
@@ -327,6 +331,10 @@ mod tests {
         assert_eq!(query_param(q, "x").as_deref(), Some(""));
         assert_eq!(query_param(q, "y"), None);
         assert_eq!(query_param(None, "since"), None);
+        assert_eq!(
+            query_param(Some("since=%zz"), "since").as_deref(),
+            Some("%zz")
+        );
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%"), None);
         assert_eq!(percent_decode("a%20b+c").as_deref(), Some("a b c"));

@@ -219,18 +219,29 @@ async fn run<S>(
         "user_id": subscription.user_id(),
         "last_seq": subscription.latest_at_start(),
     });
-    if sink.send(Message::text(welcome.to_string())).await.is_err() {
+    // Every write is bounded: a peer that stops reading must not pin the
+    // task (and its queue) forever; it is dropped instead.
+    let write_timeout = config.write_timeout;
+    macro_rules! send {
+        ($message:expr) => {
+            matches!(
+                tokio::time::timeout(write_timeout, sink.send($message)).await,
+                Ok(Ok(()))
+            )
+        };
+    }
+    if !send!(Message::text(welcome.to_string())) {
         return;
     }
-    let mut heartbeat = tokio::time::interval_at(
-        tokio::time::Instant::now() + config.heartbeat,
-        config.heartbeat,
-    );
+    let every = config.heartbeat.max(Duration::from_millis(10));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The token is checked once, at the upgrade; the connection ends when it expires.
-    let expiry = expires_at.map(|exp| {
+    let expiry = expires_at.and_then(|exp| {
         let left = exp.saturating_sub(chrono::Utc::now().timestamp()).max(0);
-        tokio::time::Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+        // An `exp` too far away to represent never fires.
+        tokio::time::Instant::now()
+            .checked_add(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
     });
     let expired = async move {
         match expiry {
@@ -250,7 +261,7 @@ async fn run<S>(
                         d.seq,
                         d.notification_json()
                     );
-                    if sink.send(Message::text(frame)).await.is_err() {
+                    if !send!(Message::text(frame)) {
                         break None;
                     }
                     // Live deliveries only: a replay's age is not a latency.
@@ -269,8 +280,10 @@ async fn run<S>(
             message = stream.next() => match message {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
                     Ok(ClientFrame::Ack { seq }) => {
-                        if !subscription.ack(seq) {
-                            let _ = sink.send(error_frame("invalid_ack", "ack beyond the last delivered seq")).await;
+                        if !subscription.ack(seq)
+                            && !send!(error_frame("invalid_ack", "ack beyond the last delivered seq"))
+                        {
+                            break None;
                         }
                     }
                     Ok(ClientFrame::Resume { since }) => subscription.resume(since),
@@ -279,7 +292,9 @@ async fn run<S>(
                         if invalid > config.max_invalid_frames {
                             break Some(close(close_codes::POLICY, "too many invalid frames"));
                         }
-                        let _ = sink.send(error_frame("invalid_frame", &e.to_string())).await;
+                        if !send!(error_frame("invalid_frame", &e.to_string())) {
+                            break None;
+                        }
                     }
                 },
                 Some(Ok(Message::Binary(_))) => {
@@ -287,10 +302,17 @@ async fn run<S>(
                     if invalid > config.max_invalid_frames {
                         break Some(close(close_codes::POLICY, "too many invalid frames"));
                     }
-                    let _ = sink.send(error_frame("invalid_frame", "frames are JSON text")).await;
+                    if !send!(error_frame("invalid_frame", "frames are JSON text")) {
+                        break None;
+                    }
                 }
                 Some(Ok(Message::Pong(_))) => missed_pongs = 0,
-                Some(Ok(Message::Close(_))) => break None, // tungstenite answers the close
+                Some(Ok(Message::Close(_))) => {
+                    // tungstenite queues the close reply; flushing sends it,
+                    // so the client sees a clean close, not 1006.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+                    break None;
+                }
                 Some(Ok(_)) => {} // pings are answered by tungstenite
                 Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
                     break Some(close(close_codes::TOO_BIG, "message too big"));
@@ -303,7 +325,7 @@ async fn run<S>(
                     break Some(close(close_codes::POLICY, "missed pongs"));
                 }
                 missed_pongs += 1;
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                if !send!(Message::Ping(Default::default())) {
                     break None;
                 }
             }
