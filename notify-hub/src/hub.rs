@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::broker::{Broker, BrokerError, LocalBroker, Published};
+use crate::broker::{Broker, BrokerError, BrokerEvent, LocalBroker, Published};
 use crate::notification::{Delivery, InvalidNotification, Limits, Notification, valid_id};
 use crate::store::{Append, Appended, Audience, MemoryStore, Store, StoreError};
 use crate::subscription::{Slot, Subscription};
@@ -573,7 +573,7 @@ async fn write_loop(
 /// without ever waiting on a connection: a full queue marks that connection
 /// as a slow consumer instead.
 async fn dispatch_loop(
-    mut rx: mpsc::Receiver<Arc<Published>>,
+    mut rx: mpsc::Receiver<BrokerEvent>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -584,15 +584,28 @@ async fn dispatch_loop(
             biased;
             _ = shutdown.wait_for(|stop| *stop) => {
                 // Deliver what has already arrived, then stop.
-                while let Ok(m) = rx.try_recv() {
-                    dispatch(&shared, &m);
+                while let Ok(event) = rx.try_recv() {
+                    handle(&shared, &event);
                 }
                 None
             }
-            m = rx.recv() => m,
+            event = rx.recv() => event,
         };
-        let Some(message) = message else { break };
-        dispatch(&shared, &message);
+        let Some(event) = message else { break };
+        handle(&shared, &event);
+    }
+}
+
+fn handle(shared: &Shared, event: &BrokerEvent) {
+    match event {
+        BrokerEvent::Published(message) => dispatch(shared, message),
+        BrokerEvent::Resync => {
+            for slots in shared.registry.iter() {
+                for slot in slots.iter() {
+                    slot.resync();
+                }
+            }
+        }
     }
 }
 

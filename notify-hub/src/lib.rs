@@ -41,7 +41,7 @@ pub mod server;
 pub mod store;
 mod subscription;
 
-pub use broker::{Broker, BrokerError, LocalBroker, Published};
+pub use broker::{Broker, BrokerError, BrokerEvent, LocalBroker, Published};
 pub use hub::{Hub, HubConfig, HubError, HubStats, Receipt};
 pub use notification::{Delivery, InvalidNotification, Limits, Notification};
 pub use store::{Appended, MemoryStore, Store, StoreError};

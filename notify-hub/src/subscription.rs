@@ -34,6 +34,9 @@ pub(crate) struct Slot {
     id: u64,
     tx: mpsc::Sender<Delivery>,
     overflowed: AtomicBool,
+    /// Set when broker messages may have been lost: re-read from the store.
+    resync: AtomicBool,
+    /// Wakes the subscription for an overflow or a resync.
     overflow: Notify,
 }
 
@@ -50,6 +53,12 @@ impl Slot {
             }
             Err(TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// Asks the subscription to re-read its stream from the store.
+    pub(crate) fn resync(&self) {
+        self.resync.store(true, Ordering::Release);
+        self.overflow.notify_one();
     }
 }
 
@@ -99,6 +108,7 @@ impl Subscription {
             id: shared.next_id.fetch_add(1, Ordering::Relaxed),
             tx,
             overflowed: AtomicBool::new(false),
+            resync: AtomicBool::new(false),
             overflow: Notify::new(),
         });
         shared
@@ -186,6 +196,9 @@ impl Subscription {
         loop {
             if self.slot.overflowed.load(Ordering::Acquire) {
                 return Err(Closed::Overflow);
+            }
+            if self.slot.resync.swap(false, Ordering::AcqRel) {
+                self.need_replay = true;
             }
             if let Some(d) = self.replay.pop_front() {
                 if d.seq > self.last {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify_hub::store::BoxFuture;
-use notify_hub::{Broker, BrokerError, Hub, HubConfig, MemoryStore, Notification, Published};
+use notify_hub::{
+    Broker, BrokerError, BrokerEvent, Hub, HubConfig, MemoryStore, Notification, Published,
+};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use tokio::sync::mpsc;
@@ -15,7 +17,7 @@ use tokio::sync::mpsc;
 /// order, or never.
 #[derive(Default)]
 struct ChaosBroker {
-    sink: Mutex<Option<mpsc::Sender<Arc<Published>>>>,
+    sink: Mutex<Option<mpsc::Sender<BrokerEvent>>>,
     held: Mutex<Vec<Arc<Published>>>,
 }
 
@@ -24,10 +26,7 @@ impl Broker for ChaosBroker {
         self.held.lock().push(message);
         Box::pin(async { Ok(()) })
     }
-    fn subscribe(
-        &self,
-        sink: mpsc::Sender<Arc<Published>>,
-    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn subscribe(&self, sink: mpsc::Sender<BrokerEvent>) -> BoxFuture<'_, Result<(), BrokerError>> {
         *self.sink.lock() = Some(sink);
         Box::pin(async { Ok(()) })
     }
@@ -95,7 +94,7 @@ proptest! {
                 waiting = later;
                 for (_, message) in due.into_iter().rev() {
                     highest_live = highest_live.max(message.recipients[0].seq);
-                    sink.send(message).await.unwrap();
+                    sink.send(BrokerEvent::Published(message)).await.unwrap();
                 }
                 // Read whatever is available now.
                 while let Ok(d) = tokio::time::timeout(Duration::from_millis(2), sub.next()).await {
@@ -117,5 +116,39 @@ proptest! {
             assert!(last >= expect_until && last <= n, "last {last}, expected ≥ {expect_until}, ≤ {n}");
             assert_eq!(got, (start + 1..=last).collect::<Vec<_>>());
         });
+    }
+}
+
+#[tokio::test]
+async fn a_resync_recovers_what_the_broker_lost_with_nothing_after_it() {
+    let broker = Arc::new(ChaosBroker::default());
+    let hub = Hub::start(
+        HubConfig::default(),
+        MemoryStore::new(),
+        Arc::clone(&broker),
+    )
+    .await
+    .unwrap();
+    let mut sub = hub.subscribe("u", None).await.unwrap();
+    for i in 1..=3 {
+        hub.send_to_users(&["u"], Notification::new("t", format!("n{i}"), "m"))
+            .await
+            .unwrap();
+    }
+    // The broker lost all three, and nothing follows to reveal the gap.
+    broker.held.lock().clear();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), sub.next())
+            .await
+            .is_err()
+    );
+    let sink = broker.sink.lock().clone().unwrap();
+    sink.send(BrokerEvent::Resync).await.unwrap();
+    for seq in 1..=3 {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.seq, seq);
     }
 }

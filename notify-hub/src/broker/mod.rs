@@ -31,6 +31,16 @@ pub struct Published {
     pub recipients: Vec<Recipient>,
 }
 
+/// What a broker hands to its hub.
+#[derive(Debug, Clone)]
+pub enum BrokerEvent {
+    /// A committed send, from any node.
+    Published(Arc<Published>),
+    /// Messages may have been lost (the subscriber lagged or reconnected):
+    /// every local connection re-reads its stream from the store.
+    Resync,
+}
+
 /// A broker failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,12 +58,10 @@ pub trait Broker: Send + Sync + 'static {
     /// Sends `message` to every subscribed node.
     fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>>;
 
-    /// Starts forwarding every message published by any node to `sink`.
+    /// Starts forwarding every message published by any node to `sink`,
+    /// and a [`BrokerEvent::Resync`] whenever messages may have been lost.
     /// The hub calls this once, at start.
-    fn subscribe(
-        &self,
-        sink: mpsc::Sender<Arc<Published>>,
-    ) -> BoxFuture<'_, Result<(), BrokerError>>;
+    fn subscribe(&self, sink: mpsc::Sender<BrokerEvent>) -> BoxFuture<'_, Result<(), BrokerError>>;
 
     /// Checks that the broker answers (for readiness probes).
     fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
@@ -63,10 +71,7 @@ impl<B: Broker + ?Sized> Broker for Arc<B> {
     fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
         (**self).publish(message)
     }
-    fn subscribe(
-        &self,
-        sink: mpsc::Sender<Arc<Published>>,
-    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn subscribe(&self, sink: mpsc::Sender<BrokerEvent>) -> BoxFuture<'_, Result<(), BrokerError>> {
         (**self).subscribe(sink)
     }
     fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
@@ -79,7 +84,7 @@ impl<B: Broker + ?Sized> Broker for Arc<B> {
 /// dispatcher falls behind, so memory stays bounded.
 #[derive(Debug, Default)]
 pub struct LocalBroker {
-    sink: Mutex<Option<mpsc::Sender<Arc<Published>>>>,
+    sink: Mutex<Option<mpsc::Sender<BrokerEvent>>>,
 }
 
 impl LocalBroker {
@@ -97,17 +102,14 @@ impl Broker for LocalBroker {
                 // No subscriber (or it is gone): nobody is connected here.
                 None => Ok(()),
                 Some(sink) => {
-                    let _ = sink.send(message).await;
+                    let _ = sink.send(BrokerEvent::Published(message)).await;
                     Ok(())
                 }
             }
         })
     }
 
-    fn subscribe(
-        &self,
-        sink: mpsc::Sender<Arc<Published>>,
-    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn subscribe(&self, sink: mpsc::Sender<BrokerEvent>) -> BoxFuture<'_, Result<(), BrokerError>> {
         let mut slot = self.sink.lock();
         let result = if slot.is_some() {
             Err(BrokerError::AlreadySubscribed)

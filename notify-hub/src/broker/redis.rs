@@ -7,7 +7,7 @@ use fred::prelude::{Builder, ClientLike, Config, EventInterface, PubsubInterface
 use fred::types::config::ReconnectPolicy;
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, Published};
+use super::{Broker, BrokerError, BrokerEvent, Published};
 use crate::store::BoxFuture;
 
 /// How long a publish (or ping) may take before it counts as failed.
@@ -87,10 +87,7 @@ impl Broker for RedisBroker {
         })
     }
 
-    fn subscribe(
-        &self,
-        sink: mpsc::Sender<Arc<Published>>,
-    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn subscribe(&self, sink: mpsc::Sender<BrokerEvent>) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
             {
                 let mut subscribed = self.subscribed.lock();
@@ -100,33 +97,45 @@ impl Broker for RedisBroker {
                 *subscribed = true;
             }
             let mut messages = self.subscriber.message_rx();
+            // After a reconnect, whatever was published meanwhile is gone.
+            let mut reconnects = self.subscriber.reconnect_rx();
             let channel = self.channel.clone();
             tokio::spawn(async move {
+                use tokio::sync::broadcast::error::RecvError;
                 loop {
-                    match messages.recv().await {
-                        Ok(message) => {
-                            if *message.channel != *channel {
-                                continue;
-                            }
-                            let Some(bytes) = message.value.as_bytes() else {
-                                continue;
-                            };
-                            match serde_json::from_slice::<Published>(bytes) {
-                                Ok(published) => {
-                                    if sink.send(Arc::new(published)).await.is_err() {
-                                        break;
+                    let event = tokio::select! {
+                        received = messages.recv() => match received {
+                            Ok(message) => {
+                                if *message.channel != *channel {
+                                    continue;
+                                }
+                                let Some(bytes) = message.value.as_bytes() else {
+                                    continue;
+                                };
+                                match serde_json::from_slice::<Published>(bytes) {
+                                    Ok(published) => BrokerEvent::Published(Arc::new(published)),
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "undecodable broker message");
+                                        continue;
                                     }
                                 }
-                                Err(e) => tracing::warn!(error = %e, "undecodable broker message"),
                             }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::warn!(
-                                missed = n,
-                                "broker subscriber lagged; connections recover from the store"
-                            );
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                            Err(RecvError::Lagged(n)) => {
+                                tracing::warn!(missed = n, "broker subscriber lagged; connections resync from the store");
+                                BrokerEvent::Resync
+                            }
+                            Err(RecvError::Closed) => break,
+                        },
+                        reconnected = reconnects.recv() => match reconnected {
+                            Ok(_) | Err(RecvError::Lagged(_)) => {
+                                tracing::info!("broker subscriber reconnected; connections resync from the store");
+                                BrokerEvent::Resync
+                            }
+                            Err(RecvError::Closed) => break,
+                        },
+                    };
+                    if sink.send(event).await.is_err() {
+                        break;
                     }
                 }
             });
