@@ -33,6 +33,9 @@ pub struct HubConfig {
     pub replay_page: usize,
     /// Most recipients of one `send_to_users`. Default 10,000.
     pub max_recipients: usize,
+    /// Most members a group may have for `broadcast_to_group` (checked when
+    /// the batch commits). Default 100,000.
+    pub max_group_recipients: usize,
     /// Largest `limit` accepted by [`Hub::history`]. Default 1,000.
     pub max_history: usize,
     /// Size limits on notifications.
@@ -47,6 +50,7 @@ impl Default for HubConfig {
             write_queue: 16_384,
             replay_page: 500,
             max_recipients: 10_000,
+            max_group_recipients: 100_000,
             max_history: 1000,
             limits: Limits::default(),
         }
@@ -63,6 +67,12 @@ impl HubConfig {
     /// Sets [`max_batch`](HubConfig::max_batch) (at least 1).
     pub fn with_max_batch(mut self, max: usize) -> Self {
         self.max_batch = max.max(1);
+        self
+    }
+
+    /// Sets [`max_group_recipients`](HubConfig::max_group_recipients).
+    pub fn with_max_group_recipients(mut self, max: usize) -> Self {
+        self.max_group_recipients = max;
         self
     }
 
@@ -92,7 +102,8 @@ pub enum HubError {
     /// `send_to_users` got an empty list.
     #[error("no recipients")]
     NoRecipients,
-    /// `send_to_users` got more recipients than the configured maximum.
+    /// `send_to_users` got more recipients than the configured maximum, or
+    /// the group of `broadcast_to_group` has more members than its maximum.
     #[error("too many recipients (at most {max})")]
     TooManyRecipients {
         /// The configured maximum.
@@ -349,6 +360,10 @@ impl Hub {
         let (reply, receipt) = oneshot::channel();
         let job = WriteJob {
             append: Append {
+                max_recipients: match audience {
+                    Audience::Users(_) => usize::MAX,
+                    Audience::Group(_) => self.inner.config.max_group_recipients,
+                },
                 audience,
                 notification: Arc::new(notification),
             },
@@ -519,6 +534,11 @@ async fn write_loop(
                         Appended::DuplicateId => {
                             let id = append.notification.id.unwrap_or_default();
                             let _ = reply.send(Err(HubError::DuplicateId(id)));
+                            continue;
+                        }
+                        Appended::TooManyRecipients => {
+                            let max = append.max_recipients;
+                            let _ = reply.send(Err(HubError::TooManyRecipients { max }));
                             continue;
                         }
                     };

@@ -410,3 +410,33 @@ async fn concurrent_shutdowns_both_wait_for_the_flush() {
     }
     assert_eq!(got, 20);
 }
+
+#[tokio::test]
+async fn an_oversized_group_broadcast_stores_nothing() {
+    let hub = Hub::in_memory(HubConfig::default().with_max_group_recipients(2))
+        .await
+        .unwrap();
+    for u in ["a", "b"] {
+        hub.join_group("small", u).await.unwrap();
+    }
+    for u in ["a", "b", "c"] {
+        hub.join_group("big", u).await.unwrap();
+    }
+    assert!(matches!(
+        hub.broadcast_to_group("big", note(1)).await,
+        Err(HubError::TooManyRecipients { max: 2 })
+    ));
+    assert_eq!(
+        hub.broadcast_to_group("small", note(2))
+            .await
+            .unwrap()
+            .recipients,
+        2
+    );
+    assert!(hub.history("c", 10).await.unwrap().is_empty());
+    assert_eq!(
+        hub.deliveries("a", 10).await.unwrap()[0].seq,
+        1,
+        "the refused send used no seq"
+    );
+}

@@ -260,3 +260,39 @@ async fn a_repeated_id_fails_only_that_send_even_inside_one_batch() {
         .collect();
     assert_eq!(seqs, (1..=39).rev().collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn an_oversized_group_broadcast_stores_nothing_and_spares_its_batch() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let config = HubConfig::default().with_max_group_recipients(2);
+    let hub = Hub::start(config, store(&db).await, LocalBroker::new())
+        .await
+        .unwrap();
+    for u in ["a", "b", "c"] {
+        hub.join_group("big", u).await.unwrap();
+    }
+    // Concurrent with other sends, so they share a batch.
+    let big = {
+        let hub = hub.clone();
+        tokio::spawn(async move { hub.broadcast_to_group("big", note(0)).await })
+    };
+    let small = {
+        let hub = hub.clone();
+        tokio::spawn(async move { hub.send_to_users(&["a", "c"], note(1)).await })
+    };
+    assert!(matches!(
+        big.await.unwrap(),
+        Err(HubError::TooManyRecipients { max: 2 })
+    ));
+    assert_eq!(small.await.unwrap().unwrap().recipients, 2);
+    let c: Vec<String> = hub
+        .history("c", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.title)
+        .collect();
+    assert_eq!(c, ["n1"]);
+}

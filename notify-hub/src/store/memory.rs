@@ -74,6 +74,14 @@ impl Store for MemoryStore {
             } = &mut *state;
             let mut out = Vec::with_capacity(batch.len());
             for append in batch {
+                if let Audience::Group(group) = &append.audience
+                    && groups
+                        .get(group)
+                        .is_some_and(|m| m.len() > append.max_recipients)
+                {
+                    out.push(Appended::TooManyRecipients);
+                    continue;
+                }
                 let id = append.notification.id.unwrap_or_default();
                 if !ids.insert(id) {
                     out.push(Appended::DuplicateId);

@@ -38,6 +38,9 @@ pub struct Append {
     pub audience: Audience,
     /// The stamped notification (with `id` and `timestamp`).
     pub notification: Arc<Notification>,
+    /// The most recipients a group send may have; a larger group stores
+    /// nothing ([`Appended::TooManyRecipients`]).
+    pub max_recipients: usize,
 }
 
 /// A recipient of one send and the sequence number it got.
@@ -58,6 +61,9 @@ pub enum Appended {
     /// written for it (a retried send is not delivered twice). The rest of
     /// the batch is unaffected.
     DuplicateId,
+    /// The group has more members than [`Append::max_recipients`]: nothing
+    /// was written for this send.
+    TooManyRecipients,
 }
 
 /// A storage failure.

@@ -102,32 +102,8 @@ impl PgStore {
             bb8::RunError::TimedOut => AppendError::PoolTimeout,
         })?;
         let tx = conn.transaction().await?;
-        let ids: Vec<Uuid> = batch
-            .iter()
-            .map(|a| a.notification.id.unwrap_or_default())
-            .collect();
-        let bodies: Vec<Json<&Notification>> =
-            batch.iter().map(|a| Json(&*a.notification)).collect();
-        let times: Vec<DateTime<Utc>> = batch
-            .iter()
-            .map(|a| a.notification.timestamp.unwrap_or_default())
-            .collect();
-        // An id that is already stored (a retried send) is skipped, not an
-        // error for the whole batch; within a batch the first one wins.
-        let mut inserted: std::collections::HashSet<Uuid> = tx
-            .query(
-                "INSERT INTO notify_notifications (id, body, created_at)
-                 SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::timestamptz[])
-                 ON CONFLICT (id) DO NOTHING RETURNING id",
-                &[&ids, &bodies, &times],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let stored: Vec<bool> = ids.iter().map(|id| inserted.remove(id)).collect();
-
-        // Group members as of this transaction.
+        // Group members as of this transaction, read first so an oversized
+        // group's send writes nothing at all.
         let groups: Vec<&str> = batch
             .iter()
             .filter_map(|a| match &a.audience {
@@ -148,6 +124,51 @@ impl PgStore {
                 members.entry(row.get(0)).or_default().push(row.get(1));
             }
         }
+        let too_big: Vec<bool> = batch
+            .iter()
+            .map(|a| match &a.audience {
+                Audience::Group(g) => members.get(g).is_some_and(|m| m.len() > a.max_recipients),
+                Audience::Users(_) => false,
+            })
+            .collect();
+
+        let accepted = || {
+            batch
+                .iter()
+                .zip(&too_big)
+                .filter(|(_, big)| !**big)
+                .map(|(a, _)| a)
+        };
+        let ids: Vec<Uuid> = accepted()
+            .map(|a| a.notification.id.unwrap_or_default())
+            .collect();
+        let bodies: Vec<Json<&Notification>> = accepted().map(|a| Json(&*a.notification)).collect();
+        let times: Vec<DateTime<Utc>> = accepted()
+            .map(|a| a.notification.timestamp.unwrap_or_default())
+            .collect();
+        // An id that is already stored (a retried send) is skipped, not an
+        // error for the whole batch; within a batch the first one wins.
+        let mut inserted: std::collections::HashSet<Uuid> = tx
+            .query(
+                "INSERT INTO notify_notifications (id, body, created_at)
+                 SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::timestamptz[])
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
+                &[&ids, &bodies, &times],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let ids: Vec<Uuid> = batch
+            .iter()
+            .map(|a| a.notification.id.unwrap_or_default())
+            .collect();
+        let stored: Vec<bool> = ids
+            .iter()
+            .zip(&too_big)
+            .map(|(id, big)| !big && inserted.remove(id))
+            .collect();
+
         let audiences: Vec<&[String]> = batch
             .iter()
             .zip(&stored)
@@ -191,7 +212,11 @@ impl PgStore {
         // Hand the reserved seqs out in batch order.
         let mut out = Vec::with_capacity(batch.len());
         let (mut d_users, mut d_seqs, mut d_ids) = (Vec::new(), Vec::new(), Vec::new());
-        for ((users, id), stored) in audiences.iter().zip(&ids).zip(&stored) {
+        for (((users, id), stored), big) in audiences.iter().zip(&ids).zip(&stored).zip(&too_big) {
+            if *big {
+                out.push(Appended::TooManyRecipients);
+                continue;
+            }
             if !stored {
                 out.push(Appended::DuplicateId);
                 continue;
