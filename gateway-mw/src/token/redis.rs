@@ -204,28 +204,25 @@ impl RefreshStore for RedisStore {
     }
 
     async fn revoke(&self, presented: &str) -> Result<bool, StoreError> {
-        let revoked: i64 = self
-            .revoke
-            .evalsha_with_reload(
-                &self.client,
-                Vec::<String>::new(),
-                vec![self.prefix.clone(), presented.to_owned()],
-            )
-            .await
-            .map_err(store_error)?;
-        Ok(revoked == 1)
+        Ok(self.run_prefixed(&self.revoke, presented).await? == 1)
     }
 
     async fn revoke_subject(&self, subject: &str) -> Result<usize, StoreError> {
-        let revoked: i64 = self
-            .revoke_subject
+        let revoked = self.run_prefixed(&self.revoke_subject, subject).await?;
+        Ok(usize::try_from(revoked).unwrap_or(0))
+    }
+}
+
+impl RedisStore {
+    /// Runs a script whose arguments are the key prefix and one value.
+    async fn run_prefixed(&self, script: &Script, arg: &str) -> Result<i64, StoreError> {
+        script
             .evalsha_with_reload(
                 &self.client,
                 Vec::<String>::new(),
-                vec![self.prefix.clone(), subject.to_owned()],
+                vec![self.prefix.clone(), arg.to_owned()],
             )
             .await
-            .map_err(store_error)?;
-        Ok(usize::try_from(revoked).unwrap_or(0))
+            .map_err(store_error)
     }
 }
