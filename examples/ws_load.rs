@@ -12,8 +12,11 @@
 #[path = "support/fd_limit.rs"]
 mod fd_limit;
 
+#[path = "support/loopback.rs"]
+mod loopback;
+
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +29,26 @@ use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::{EncodingKey, Header};
 use parking_lot::Mutex;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// The parts of a server frame the loader reads.
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    notification: Option<LoadNotification>,
+}
+
+#[derive(serde::Deserialize)]
+struct LoadNotification {
+    data: LoadData,
+}
+
+#[derive(serde::Deserialize)]
+struct LoadData {
+    k: u64,
+    sent_ns: u64,
+}
 
 struct Args {
     server: String,
@@ -97,25 +120,6 @@ fn now_ns() -> u64 {
         .as_nanos() as u64
 }
 
-#[derive(serde::Deserialize)]
-#[allow(dead_code, reason = "built by serde_json only")]
-struct Frame {
-    notification: Option<FrameNotification>,
-}
-
-#[derive(serde::Deserialize)]
-#[allow(dead_code, reason = "built by serde_json only")]
-struct FrameNotification {
-    data: Option<LoadData>,
-}
-
-#[derive(serde::Deserialize)]
-#[allow(dead_code, reason = "built by serde_json only")]
-struct LoadData {
-    k: u64,
-    sent_ns: u64,
-}
-
 /// What one connection saw.
 #[derive(Default)]
 struct Seen {
@@ -158,10 +162,8 @@ async fn main() {
         .unwrap();
     let rss_before = server_rss_mib(args.server_pid);
 
-    // Connect, spreading source addresses when one address has too few ports.
-    // One source address has ~28K ephemeral ports, fewer while earlier runs'
-    // sockets sit in TIME_WAIT: use a fresh 127.0.x.1 per 10,000 connections.
-    let spread = args.connections > 10_000 && addr.ip().is_loopback();
+    // Connect (spreading source addresses, see `loopback`).
+    let connections = args.connections;
     let seen: Vec<Arc<Mutex<Seen>>> = (0..args.connections).map(|_| Arc::default()).collect();
     let connect_errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -183,15 +185,11 @@ async fn main() {
         );
         readers.push(tokio::spawn(async move {
             let permit = semaphore.acquire_owned().await.unwrap();
-            let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            let Ok(socket) = loopback::socket_for(addr, i, connections) else {
                 errors.fetch_add(1, Ordering::Relaxed);
                 let _ = ready.send(false);
                 return;
             };
-            if spread {
-                let ip = Ipv4Addr::new(127, 0, 1 + (i / 10_000) as u8, 1);
-                let _ = socket.bind(SocketAddr::new(IpAddr::V4(ip), 0));
-            }
             let stream = match socket.connect(addr).await {
                 Ok(s) => s,
                 Err(_) => {
@@ -200,7 +198,17 @@ async fn main() {
                     return;
                 }
             };
-            let mut ws = match tokio_tungstenite::client_async(url.as_str(), stream).await {
+            // A 4 KiB read buffer, like the server's: tungstenite's default
+            // (128 KiB) is zeroed on every read, which made the loader, not
+            // the server, the bottleneck of a 10,000-connection broadcast.
+            let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
+            let mut ws = match tokio_tungstenite::client_async_with_config(
+                url.as_str(),
+                stream,
+                Some(config),
+            )
+            .await
+            {
                 Ok((ws, _)) => ws,
                 Err(_) => {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -217,16 +225,16 @@ async fn main() {
                     continue;
                 };
                 let received = now_ns();
-                let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+                // Only the fields the check needs; welcome, error and other
+                // frames fail to parse and are skipped.
+                let Ok(Frame {
+                    kind: "notification",
+                    notification: Some(notification),
+                }) = serde_json::from_str::<Frame<'_>>(&text)
+                else {
                     continue;
                 };
-                if frame["type"] != "notification" {
-                    continue;
-                }
-                let data = &frame["notification"]["data"];
-                let (Some(k), Some(sent)) = (data["k"].as_u64(), data["sent_ns"].as_u64()) else {
-                    continue;
-                };
+                let (k, sent) = (notification.data.k, notification.data.sent_ns);
                 let mut s = seen.lock();
                 if s.keys.insert(k) {
                     s.latencies_us.push(received.saturating_sub(sent) / 1000);

@@ -525,7 +525,15 @@ async fn write_loop(
         let (appends, replies): (Vec<Append>, Vec<_>) =
             jobs.drain(..).map(|j| (j.append, j.reply)).unzip();
         shared.stats.batches.fetch_add(1, Ordering::Relaxed);
-        match store.append(&appends).await {
+        let started = std::time::Instant::now();
+        let appended = store.append(&appends).await;
+        tracing::debug!(
+            sends = appends.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            ok = appended.is_ok(),
+            "batch appended"
+        );
+        match appended {
             Ok(results) => {
                 let mut broker_down = false;
                 for ((append, reply), result) in appends.into_iter().zip(replies).zip(results) {
@@ -578,11 +586,8 @@ async fn write_loop(
                     .stats
                     .send_errors
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
-                let message = e.to_string();
                 for reply in replies {
-                    let _ = reply.send(Err(HubError::Store(StoreError::Unavailable(
-                        message.clone(),
-                    ))));
+                    let _ = reply.send(Err(HubError::Store(e.clone())));
                 }
             }
         }

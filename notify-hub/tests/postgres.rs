@@ -13,7 +13,7 @@ fn note(i: usize) -> Notification {
 
 async fn store(db: &TestDatabase) -> PgStore {
     let store = PgStore::connect(db.url(), 4).await.unwrap();
-    assert_eq!(store.migrate().await.unwrap(), 1);
+    assert_eq!(store.migrate().await.unwrap(), 2);
     assert_eq!(store.migrate().await.unwrap(), 0, "migrations run once");
     store
 }
@@ -295,4 +295,115 @@ async fn an_oversized_group_broadcast_stores_nothing_and_spares_its_batch() {
         .map(|n| n.title)
         .collect();
     assert_eq!(c, ["n1"]);
+}
+
+#[tokio::test]
+async fn a_version_1_database_is_upgraded_in_place_and_keeps_its_sequences() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    // A deployment at schema version 1, with data.
+    let client = db.connect().await;
+    client
+        .batch_execute(include_str!("../migrations/0001_init.sql"))
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE notify_schema_migrations (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO notify_schema_migrations (version) VALUES (1);
+             INSERT INTO notify_notifications VALUES
+                 ('0192f0a0-0000-7000-8000-000000000001',
+                  '{\"type\":\"old\",\"title\":\"before\",\"message\":\"m\"}', now());
+             INSERT INTO notify_user_seqs VALUES ('alice', 3);
+             INSERT INTO notify_deliveries VALUES
+                 ('alice', 3, '0192f0a0-0000-7000-8000-000000000001');
+             INSERT INTO notify_group_members (group_id, user_id) VALUES ('g', 'alice');",
+        )
+        .await
+        .unwrap();
+    let store = PgStore::connect(db.url(), 4).await.unwrap();
+    assert_eq!(store.migrate().await.unwrap(), 1, "only version 2 runs");
+    let collations: Vec<(String, String, Option<String>)> = client
+        .query(
+            "SELECT table_name::text, column_name::text, collation_name::text
+             FROM information_schema.columns
+             WHERE table_name LIKE 'notify_%' AND data_type = 'text'
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(collations.len(), 4, "{collations:?}");
+    assert!(
+        collations.iter().all(|(_, _, c)| c.as_deref() == Some("C")),
+        "{collations:?}"
+    );
+    let hub = Hub::start(HubConfig::default(), store, LocalBroker::new())
+        .await
+        .unwrap();
+    hub.broadcast_to_group("g", note(1)).await.unwrap();
+    let seqs: Vec<(u64, String)> = hub
+        .deliveries("alice", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.seq, d.notification.title.clone()))
+        .collect();
+    assert_eq!(seqs, vec![(4, "n1".to_owned()), (3, "before".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_outside_ascii_get_contiguous_sequences_in_mixed_batches() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
+        .await
+        .unwrap();
+    // Byte order and a linguistic collation disagree on these.
+    let users = ["émile", "Zoe", "adam", "ß", "Ådne", "zed", "ZZ", "a b"];
+    for u in users {
+        hub.join_group("g", u).await.unwrap();
+    }
+    // Direct and group sends at once, so they share batches.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let hub = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                hub.broadcast_to_group("g", note(i)).await
+            } else {
+                hub.send_to_users(&users[..1 + i % users.len()], note(i))
+                    .await
+            }
+        }));
+    }
+    let mut expected = std::collections::HashMap::<&str, u64>::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        t.await.unwrap().unwrap();
+        let reached: &[&str] = if i % 2 == 0 {
+            &users
+        } else {
+            &users[..1 + i % users.len()]
+        };
+        for u in reached {
+            *expected.entry(u).or_default() += 1;
+        }
+    }
+    for u in users {
+        let seqs: Vec<u64> = hub
+            .deliveries(u, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.seq)
+            .collect();
+        assert_eq!(seqs, (1..=expected[u]).rev().collect::<Vec<_>>(), "{u}");
+    }
 }

@@ -17,7 +17,10 @@ use crate::notification::{Delivery, Notification};
 
 /// The migrations, in order. Each runs once, in a transaction, under an
 /// advisory lock so several nodes can start at the same time.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_init.sql")),
+    (2, include_str!("../../migrations/0002_c_collation.sql")),
+];
 
 /// Advisory-lock key for migrations (`notify-hub` in ASCII, truncated).
 const MIGRATION_LOCK: i64 = 0x6e6f_7469_6679_6875;
@@ -113,15 +116,18 @@ impl PgStore {
             .collect();
         let mut members: HashMap<String, Vec<String>> = HashMap::new();
         if !groups.is_empty() {
+            // One row per group: decoding one array is far cheaper than
+            // 10,000 rows for a large group.
             for row in tx
                 .query(
-                    "SELECT group_id, user_id FROM notify_group_members
-                     WHERE group_id = ANY($1) ORDER BY group_id, user_id",
+                    "SELECT group_id, array_agg(user_id ORDER BY user_id)
+                     FROM notify_group_members
+                     WHERE group_id = ANY($1) GROUP BY group_id",
                     &[&groups],
                 )
                 .await?
             {
-                members.entry(row.get(0)).or_default().push(row.get(1));
+                members.insert(row.get(0), row.get(1));
             }
         }
         let too_big: Vec<bool> = batch
@@ -190,22 +196,30 @@ impl PgStore {
         let mut count_users: Vec<&str> = counts.keys().copied().collect();
         count_users.sort_unstable();
         let count_values: Vec<i64> = count_users.iter().map(|u| counts[u]).collect();
-        let mut next: HashMap<String, i64> = HashMap::with_capacity(count_users.len());
+        let mut next: HashMap<&str, i64> = HashMap::with_capacity(count_users.len());
         if !count_users.is_empty() {
-            for row in tx
-                .query(
-                    "INSERT INTO notify_user_seqs AS s (user_id, last_seq)
-                     SELECT * FROM unnest($1::text[], $2::int8[]) ORDER BY 1
-                     ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
-                     RETURNING user_id, last_seq",
+            // The new last seqs come back as two arrays in user order (the
+            // order of `count_users`: byte order, which is COLLATE "C"), not
+            // as a row per user.
+            let row = tx
+                .query_one(
+                    "WITH upserted AS (
+                         INSERT INTO notify_user_seqs AS s (user_id, last_seq)
+                         SELECT * FROM unnest($1::text[], $2::int8[]) ORDER BY 1
+                         ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
+                         RETURNING user_id, last_seq)
+                     SELECT array_agg(user_id ORDER BY user_id), array_agg(last_seq ORDER BY user_id)
+                     FROM upserted",
                     &[&count_users, &count_values],
                 )
-                .await?
-            {
-                let user: String = row.get(0);
-                let last: i64 = row.get(1);
-                let first = last - counts[user.as_str()] + 1;
-                next.insert(user, first);
+                .await?;
+            let users: Vec<&str> = row.get(0);
+            let lasts: Vec<i64> = row.get(1);
+            if users != count_users || lasts.len() != users.len() {
+                return Err(AppendError::Corrupt("sequence upsert returned other users"));
+            }
+            for ((user, last), n) in count_users.iter().zip(lasts).zip(&count_values) {
+                next.insert(user, last - n + 1);
             }
         }
 
@@ -295,6 +309,8 @@ enum AppendError {
     Pg(#[from] tokio_postgres::Error),
     #[error("timed out waiting for a database connection")]
     PoolTimeout,
+    #[error("{0}")]
+    Corrupt(&'static str),
 }
 
 impl AppendError {
@@ -319,6 +335,9 @@ impl Store for PgStore {
                     Err(e) if e.retryable() && attempt < 3 => {
                         attempt += 1;
                         tracing::debug!(error = %e, attempt, "append retried");
+                    }
+                    Err(AppendError::Corrupt(what)) => {
+                        return Err(StoreError::Corrupt(what.into()));
                     }
                     Err(e) => return Err(unavailable(e)),
                 }
