@@ -198,28 +198,24 @@ impl PgStore {
         let count_values: Vec<i64> = count_users.iter().map(|u| counts[u]).collect();
         let mut next: HashMap<&str, i64> = HashMap::with_capacity(count_users.len());
         if !count_users.is_empty() {
-            // The new last seqs come back as two arrays in user order (the
-            // order of `count_users`: byte order, which is COLLATE "C"), not
-            // as a row per user.
-            let row = tx
-                .query_one(
-                    "WITH upserted AS (
-                         INSERT INTO notify_user_seqs AS s (user_id, last_seq)
-                         SELECT * FROM unnest($1::text[], $2::int8[]) ORDER BY 1
-                         ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
-                         RETURNING user_id, last_seq)
-                     SELECT array_agg(user_id ORDER BY user_id), array_agg(last_seq ORDER BY user_id)
-                     FROM upserted",
+            for row in tx
+                .query(
+                    "INSERT INTO notify_user_seqs AS s (user_id, last_seq)
+                     SELECT * FROM unnest($1::text[], $2::int8[]) ORDER BY 1
+                     ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
+                     RETURNING user_id, last_seq",
                     &[&count_users, &count_values],
                 )
-                .await?;
-            let users: Vec<&str> = row.get(0);
-            let lasts: Vec<i64> = row.get(1);
-            if users != count_users || lasts.len() != users.len() {
-                return Err(AppendError::Corrupt("sequence upsert returned other users"));
-            }
-            for ((user, last), n) in count_users.iter().zip(lasts).zip(&count_values) {
-                next.insert(user, last - n + 1);
+                .await?
+            {
+                let user: &str = row.get(0);
+                let last: i64 = row.get(1);
+                let Some((key, n)) = counts.get_key_value(user) else {
+                    return Err(AppendError::Corrupt(
+                        "sequence upsert returned another user",
+                    ));
+                };
+                next.insert(key, last - n + 1);
             }
         }
 
