@@ -161,6 +161,10 @@ async fn storage_outage_fails_sends_and_loses_nothing_acknowledged() {
         .await
         .expect("a send during an outage returns instead of hanging");
     assert!(matches!(failed, Err(HubError::Store(_))), "{failed:?}");
+    let join = tokio::time::timeout(Duration::from_secs(10), hub.join_group("g", "u"))
+        .await
+        .expect("a join during an outage returns instead of hanging");
+    assert!(matches!(join, Err(HubError::Store(_))), "{join:?}");
     assert!(hub.ready().await.is_err());
     assert!(hub.stats().send_errors() >= 1);
 
@@ -406,4 +410,57 @@ async fn ids_outside_ascii_get_contiguous_sequences_in_mixed_batches() {
             .collect();
         assert_eq!(seqs, (1..=expected[u]).rev().collect::<Vec<_>>(), "{u}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_joins_share_commits_and_each_pair_is_new_once() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
+        .await
+        .unwrap();
+    hub.join_group("g0", "already").await.unwrap();
+    // 100 distinct pairs over 4 groups, each asked for 3 times at once,
+    // plus one pair that already exists.
+    let mut tasks = Vec::new();
+    for round in 0..3 {
+        for i in 0..100 {
+            let hub = hub.clone();
+            tasks.push(tokio::spawn(async move {
+                let group = format!("g{}", i % 4);
+                let user = format!("u{i}");
+                (round, hub.join_group(&group, &user).await.unwrap())
+            }));
+        }
+        let hub = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            (round, hub.join_group("g0", "already").await.unwrap())
+        }));
+    }
+    let mut new = 0;
+    for t in tasks {
+        let (_, fresh) = t.await.unwrap();
+        new += usize::from(fresh);
+    }
+    assert_eq!(new, 100, "each new pair reported new exactly once");
+    // Every member, and only members, gets the broadcasts.
+    let mut reached = 0;
+    for g in 0..4 {
+        reached += hub
+            .broadcast_to_group(&format!("g{g}"), note(g))
+            .await
+            .unwrap()
+            .recipients;
+    }
+    assert_eq!(reached, 101);
+    assert!(
+        !hub.join_group("g1", "u1").await.unwrap(),
+        "already a member"
+    );
+    assert!(hub.leave_group("g1", "u1").await.unwrap());
+    assert!(
+        hub.join_group("g1", "u1").await.unwrap(),
+        "new again after leaving"
+    );
 }

@@ -1,13 +1,14 @@
 //! The PostgreSQL store (tokio-postgres + bb8): plain-SQL migrations, one
 //! transaction per batch, per-user sequence numbers under row locks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bb8::Pool;
 use bb8_postgres::PostgresConnectionManager;
 use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
@@ -25,10 +26,24 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// Advisory-lock key for migrations (`notify-hub` in ASCII, truncated).
 const MIGRATION_LOCK: i64 = 0x6e6f_7469_6679_6875;
 
+/// Most joins written in one statement by the membership writer.
+const MAX_JOIN_BATCH: usize = 512;
+
 /// A [`Store`] on PostgreSQL.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool<PostgresConnectionManager<NoTls>>,
+    /// Group joins go through one writer that puts every join waiting at the
+    /// time into one statement (group commit), so a reconnect storm of
+    /// thousands of clients with a `groups` claim costs a few commits, not
+    /// one each. It ends when the last clone of the store is dropped.
+    joins: mpsc::Sender<JoinJob>,
+}
+
+struct JoinJob {
+    group: String,
+    user: String,
+    reply: oneshot::Sender<Result<bool, StoreError>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -47,6 +62,10 @@ impl PgStore {
     /// Connects a pool of up to `pool_size` connections to `url`
     /// (`postgres://user@host:port/db`). Checking out a connection waits at
     /// most 2 s, so an outage surfaces as an error instead of a hang.
+    ///
+    /// Also spawns the task that batches group joins (see
+    /// [`join_group`](Store::join_group)) on the current tokio runtime; it
+    /// ends when the last clone of the store is dropped.
     pub async fn connect(url: &str, pool_size: u32) -> Result<PgStore, StoreError> {
         let manager =
             PostgresConnectionManager::new_from_stringlike(url, NoTls).map_err(unavailable)?;
@@ -56,7 +75,9 @@ impl PgStore {
             .build(manager)
             .await
             .map_err(unavailable)?;
-        Ok(PgStore { pool })
+        let (joins, jobs) = mpsc::channel(4 * MAX_JOIN_BATCH);
+        tokio::spawn(join_loop(pool.clone(), jobs));
+        Ok(PgStore { pool, joins })
     }
 
     /// Applies the migrations that have not run yet. Returns how many ran.
@@ -154,7 +175,7 @@ impl PgStore {
             .collect();
         // An id that is already stored (a retried send) is skipped, not an
         // error for the whole batch; within a batch the first one wins.
-        let mut inserted: std::collections::HashSet<Uuid> = tx
+        let mut inserted: HashSet<Uuid> = tx
             .query(
                 "INSERT INTO notify_notifications (id, body, created_at)
                  SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::timestamptz[])
@@ -299,6 +320,53 @@ impl PgStore {
     }
 }
 
+/// The membership writer: takes every queued join (up to
+/// [`MAX_JOIN_BATCH`]) and inserts them with one statement, a single commit.
+/// A pair already present, or repeated within the batch, reports `false`
+/// to all but the call that inserted it.
+async fn join_loop(
+    pool: Pool<PostgresConnectionManager<NoTls>>,
+    mut jobs: mpsc::Receiver<JoinJob>,
+) {
+    let mut batch: Vec<JoinJob> = Vec::with_capacity(MAX_JOIN_BATCH);
+    while jobs.recv_many(&mut batch, MAX_JOIN_BATCH).await > 0 {
+        let groups: Vec<&str> = batch.iter().map(|j| j.group.as_str()).collect();
+        let users: Vec<&str> = batch.iter().map(|j| j.user.as_str()).collect();
+        let inserted = async {
+            let conn = pool.get().await.map_err(unavailable)?;
+            let rows = conn
+                .query(
+                    "INSERT INTO notify_group_members (group_id, user_id)
+                     SELECT * FROM unnest($1::text[], $2::text[])
+                     ON CONFLICT DO NOTHING RETURNING group_id, user_id",
+                    &[&groups, &users],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok::<_, StoreError>(
+                rows.iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                    .collect::<HashSet<(String, String)>>(),
+            )
+        }
+        .await;
+        match inserted {
+            Ok(mut new) => {
+                for job in batch.drain(..) {
+                    let fresh = new.remove(&(job.group, job.user));
+                    let _ = job.reply.send(Ok(fresh));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, joins = batch.len(), "group joins failed");
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum AppendError {
     #[error(transparent)]
@@ -395,12 +463,17 @@ impl Store for PgStore {
         group: &'a str,
         user: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.membership(
-            "INSERT INTO notify_group_members (group_id, user_id) VALUES ($1, $2)
-             ON CONFLICT DO NOTHING",
-            group,
-            user,
-        ))
+        Box::pin(async move {
+            let (reply, joined) = oneshot::channel();
+            let job = JoinJob {
+                group: group.to_owned(),
+                user: user.to_owned(),
+                reply,
+            };
+            let gone = || StoreError::Unavailable("membership writer stopped".into());
+            self.joins.send(job).await.map_err(|_| gone())?;
+            joined.await.map_err(|_| gone())?
+        })
     }
 
     fn leave_group<'a>(
