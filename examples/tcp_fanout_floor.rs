@@ -131,7 +131,7 @@ async fn write_side(args: &Args) {
 
 /// This process: start the writer, connect, read every frame, report.
 async fn read_side(args: &Args) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let child = Command::new(std::env::current_exe().unwrap())
         .args(["--writer", "--connections", &args.connections.to_string()])
         .args(["--rounds", &args.rounds.to_string()])
         .args(["--frame-bytes", &args.frame_bytes.to_string()])
@@ -139,10 +139,13 @@ async fn read_side(args: &Args) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the writer process");
+    // Killed and reaped on every way out, a panic included.
+    let mut writer = Writer(child);
     let mut port = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    let read = BufReader::new(writer.0.stdout.take().unwrap())
         .read_line(&mut port)
         .unwrap();
+    assert!(read > 0, "the writer process exited before listening");
     let server: SocketAddr = format!("127.0.0.1:{}", port.trim()).parse().unwrap();
 
     let latencies_us = Arc::new(Mutex::new(Vec::<u64>::new()));
@@ -175,7 +178,11 @@ async fn read_side(args: &Args) {
         streams.extend(r.await);
     }
     drop(streams);
-    let _ = child.wait();
+    let status = tokio::task::spawn_blocking(move || writer.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "the writer process failed: {status}");
     let mut latencies = std::mem::take(&mut *latencies_us.lock());
     latencies.sort_unstable();
     let expected = args.connections as u64 * args.rounds;
@@ -195,4 +202,14 @@ async fn read_side(args: &Args) {
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0),
         })
     );
+}
+
+/// The writer process, killed and reaped when dropped.
+struct Writer(std::process::Child);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -220,7 +220,12 @@ async fn main() {
                 }
             };
             // Wait for the welcome frame: then the subscription is live.
-            let welcomed = matches!(ws.next().await, Some(Ok(Message::Text(_))));
+            let welcomed = match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    matches!(serde_json::from_str::<Frame<'_>>(&text), Ok(f) if f.kind == "welcome")
+                }
+                _ => false,
+            };
             seen.lock().connected = welcomed;
             drop(permit);
             let _ = ready.send(welcomed);

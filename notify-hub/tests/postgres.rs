@@ -464,3 +464,46 @@ async fn concurrent_joins_share_commits_and_each_pair_is_new_once() {
         "new again after leaving"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_joining_the_same_pairs_in_opposite_orders_neither_fail_nor_double_count() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let a = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
+        .await
+        .unwrap();
+    let second = PgStore::connect(db.url(), 4).await.unwrap();
+    assert_eq!(second.migrate().await.unwrap(), 0);
+    let b = Hub::start(HubConfig::default(), second, LocalBroker::new())
+        .await
+        .unwrap();
+    // Both nodes get the same 2,000 pairs at once, in opposite orders, so
+    // their join batches overlap: no join may fail, and each pair is new on
+    // exactly one node.
+    let n = 2000;
+    let pairs: Vec<(String, String)> = (0..n)
+        .map(|i| (format!("g{}", i % 5), format!("u{i}")))
+        .collect();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        for (hub, (g, u)) in [(&a, &pairs[i]), (&b, &pairs[n - 1 - i])] {
+            let (hub, g, u) = (hub.clone(), g.clone(), u.clone());
+            tasks.push(tokio::spawn(async move { hub.join_group(&g, &u).await }));
+        }
+    }
+    let mut new = 0;
+    for t in tasks {
+        new += usize::from(t.await.unwrap().expect("no join fails"));
+    }
+    assert_eq!(new, n, "each pair is new on exactly one node");
+    let mut reached = 0;
+    for g in 0..5 {
+        reached += a
+            .broadcast_to_group(&format!("g{g}"), note(g))
+            .await
+            .unwrap()
+            .recipients;
+    }
+    assert_eq!(reached, n);
+}

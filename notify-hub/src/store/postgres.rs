@@ -54,8 +54,20 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// The error and its sources: tokio-postgres shows only "db error" at the
+/// top and keeps PostgreSQL's message in the source.
+fn unavailable(e: impl std::error::Error) -> StoreError {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !message.ends_with(&cause_text) {
+            message.push_str(": ");
+            message.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    StoreError::Unavailable(message)
 }
 
 impl PgStore {
@@ -222,7 +234,7 @@ impl PgStore {
             for row in tx
                 .query(
                     "INSERT INTO notify_user_seqs AS s (user_id, last_seq)
-                     SELECT * FROM unnest($1::text[], $2::int8[]) ORDER BY 1
+                     SELECT * FROM unnest($1::text[], $2::int8[]) AS t(user_id, n) ORDER BY user_id COLLATE \"C\"
                      ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
                      RETURNING user_id, last_seq",
                     &[&count_users, &count_values],
@@ -320,6 +332,10 @@ impl PgStore {
     }
 }
 
+/// How long one batch of joins may take before its callers get an error,
+/// so a stalled statement cannot hold every later join on the node.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The membership writer: takes every queued join (up to
 /// [`MAX_JOIN_BATCH`]) and inserts them with one statement, a single commit.
 /// A pair already present, or repeated within the batch, reports `false`
@@ -330,26 +346,18 @@ async fn join_loop(
 ) {
     let mut batch: Vec<JoinJob> = Vec::with_capacity(MAX_JOIN_BATCH);
     while jobs.recv_many(&mut batch, MAX_JOIN_BATCH).await > 0 {
-        let groups: Vec<&str> = batch.iter().map(|j| j.group.as_str()).collect();
-        let users: Vec<&str> = batch.iter().map(|j| j.user.as_str()).collect();
-        let inserted = async {
-            let conn = pool.get().await.map_err(unavailable)?;
-            let rows = conn
-                .query(
-                    "INSERT INTO notify_group_members (group_id, user_id)
-                     SELECT * FROM unnest($1::text[], $2::text[])
-                     ON CONFLICT DO NOTHING RETURNING group_id, user_id",
-                    &[&groups, &users],
-                )
-                .await
-                .map_err(unavailable)?;
-            Ok::<_, StoreError>(
-                rows.iter()
-                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-                    .collect::<HashSet<(String, String)>>(),
-            )
-        }
-        .await;
+        // Sorted and deduplicated: every node inserts (and so locks) pairs
+        // in the same order, so two nodes' batches queue instead of deadlock.
+        let mut pairs: Vec<(&str, &str)> = batch
+            .iter()
+            .map(|j| (j.group.as_str(), j.user.as_str()))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        let inserted = match tokio::time::timeout(JOIN_TIMEOUT, insert_joins(&pool, &pairs)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable("group joins timed out".into())),
+        };
         match inserted {
             Ok(mut new) => {
                 for job in batch.drain(..) {
@@ -363,6 +371,43 @@ async fn join_loop(
                     let _ = job.reply.send(Err(e.clone()));
                 }
             }
+        }
+    }
+}
+
+/// Inserts `pairs` (sorted, distinct) in one statement; returns those that
+/// were new. A deadlock or serialization failure is retried, up to 3 times.
+async fn insert_joins(
+    pool: &Pool<PostgresConnectionManager<NoTls>>,
+    pairs: &[(&str, &str)],
+) -> Result<HashSet<(String, String)>, StoreError> {
+    let groups: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+    let users: Vec<&str> = pairs.iter().map(|p| p.1).collect();
+    let mut attempt = 0;
+    loop {
+        let conn = pool.get().await.map_err(unavailable)?;
+        let result = conn
+            .query(
+                "INSERT INTO notify_group_members (group_id, user_id)
+                 SELECT g, u FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(g, u, i)
+                 ORDER BY i
+                 ON CONFLICT DO NOTHING RETURNING group_id, user_id",
+                &[&groups, &users],
+            )
+            .await;
+        match result.map_err(AppendError::Pg) {
+            Ok(rows) => {
+                return rows
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<Result<_, tokio_postgres::Error>>()
+                    .map_err(|e| StoreError::Corrupt(e.to_string()));
+            }
+            Err(e) if e.retryable() && attempt < 3 => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "group joins retried");
+            }
+            Err(e) => return Err(unavailable(e)),
         }
     }
 }
@@ -490,9 +535,36 @@ impl Store for PgStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
+            if self.joins.is_closed() {
+                return Err(StoreError::Unavailable("membership writer stopped".into()));
+            }
             let conn = self.pool.get().await.map_err(unavailable)?;
             conn.simple_query("SELECT 1").await.map_err(unavailable)?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("db error")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("ERROR: relation \"notify_deliveries\" does not exist")]
+    struct Inner;
+
+    #[test]
+    fn store_errors_carry_the_whole_chain() {
+        let StoreError::Unavailable(message) = unavailable(Outer(Inner)) else {
+            panic!("expected Unavailable");
+        };
+        assert_eq!(
+            message,
+            "db error: ERROR: relation \"notify_deliveries\" does not exist"
+        );
     }
 }
