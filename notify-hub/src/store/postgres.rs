@@ -132,11 +132,8 @@ impl PgStore {
         Ok(ran)
     }
 
-    async fn append_once(&self, batch: &[Append]) -> Result<Vec<Appended>, AppendError> {
-        let mut conn = self.pool.get().await.map_err(|e| match e {
-            bb8::RunError::User(e) => AppendError::Pg(e),
-            bb8::RunError::TimedOut => AppendError::PoolTimeout,
-        })?;
+    async fn append_once(&self, batch: &[Append]) -> Result<Vec<Appended>, WriteError> {
+        let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
         // Group members as of this transaction, read first so an oversized
         // group's send writes nothing at all.
@@ -244,7 +241,7 @@ impl PgStore {
                 let user: &str = row.get(0);
                 let last: i64 = row.get(1);
                 let Some((key, n)) = counts.get_key_value(user) else {
-                    return Err(AppendError::Corrupt(
+                    return Err(WriteError::Corrupt(
                         "sequence upsert returned another user",
                     ));
                 };
@@ -376,44 +373,36 @@ async fn join_loop(
 }
 
 /// Inserts `pairs` (sorted, distinct) in one statement; returns those that
-/// were new. A deadlock or serialization failure is retried, up to 3 times.
+/// were new.
 async fn insert_joins(
     pool: &Pool<PostgresConnectionManager<NoTls>>,
     pairs: &[(&str, &str)],
 ) -> Result<HashSet<(String, String)>, StoreError> {
     let groups: Vec<&str> = pairs.iter().map(|p| p.0).collect();
     let users: Vec<&str> = pairs.iter().map(|p| p.1).collect();
-    let mut attempt = 0;
-    loop {
-        let conn = pool.get().await.map_err(unavailable)?;
-        let result = conn
+    let (groups, users) = (&groups, &users);
+    retrying("group joins", || async move {
+        let conn = pool.get().await?;
+        let rows = conn
             .query(
                 "INSERT INTO notify_group_members (group_id, user_id)
                  SELECT g, u FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(g, u, i)
                  ORDER BY i
                  ON CONFLICT DO NOTHING RETURNING group_id, user_id",
-                &[&groups, &users],
+                &[groups, users],
             )
-            .await;
-        match result.map_err(AppendError::Pg) {
-            Ok(rows) => {
-                return rows
-                    .iter()
-                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                    .collect::<Result<_, tokio_postgres::Error>>()
-                    .map_err(|e| StoreError::Corrupt(e.to_string()));
-            }
-            Err(e) if e.retryable() && attempt < 3 => {
-                attempt += 1;
-                tracing::debug!(error = %e, attempt, "group joins retried");
-            }
-            Err(e) => return Err(unavailable(e)),
-        }
-    }
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|_| WriteError::Corrupt("group_members row of an unexpected type"))
+    })
+    .await
 }
 
+/// Why a write (a batch of sends or of joins) failed.
 #[derive(Debug, thiserror::Error)]
-enum AppendError {
+enum WriteError {
     #[error(transparent)]
     Pg(#[from] tokio_postgres::Error),
     #[error("timed out waiting for a database connection")]
@@ -422,12 +411,48 @@ enum AppendError {
     Corrupt(&'static str),
 }
 
-impl AppendError {
+impl From<bb8::RunError<tokio_postgres::Error>> for WriteError {
+    fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
+        match e {
+            bb8::RunError::User(e) => WriteError::Pg(e),
+            bb8::RunError::TimedOut => WriteError::PoolTimeout,
+        }
+    }
+}
+
+impl From<WriteError> for StoreError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Corrupt(what) => StoreError::Corrupt(what.into()),
+            e => unavailable(e),
+        }
+    }
+}
+
+impl WriteError {
     /// Deadlocks (two nodes locking overlapping users) are retried.
     fn retryable(&self) -> bool {
         use tokio_postgres::error::SqlState;
-        matches!(self, AppendError::Pg(e) if matches!(e.code(), Some(c)
+        matches!(self, WriteError::Pg(e) if matches!(e.code(), Some(c)
             if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE))
+    }
+}
+
+/// Runs a write, retrying a deadlock or serialization failure up to 3 times.
+async fn retrying<T, F, Fut>(what: &'static str, mut write: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, WriteError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match write().await {
+            Err(e) if e.retryable() && attempt < 3 => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, what, "write retried");
+            }
+            result => return result.map_err(StoreError::from),
+        }
     }
 }
 
@@ -436,22 +461,7 @@ impl Store for PgStore {
         &'a self,
         batch: &'a [Append],
     ) -> BoxFuture<'a, Result<Vec<Appended>, StoreError>> {
-        Box::pin(async move {
-            let mut attempt = 0;
-            loop {
-                match self.append_once(batch).await {
-                    Ok(out) => return Ok(out),
-                    Err(e) if e.retryable() && attempt < 3 => {
-                        attempt += 1;
-                        tracing::debug!(error = %e, attempt, "append retried");
-                    }
-                    Err(AppendError::Corrupt(what)) => {
-                        return Err(StoreError::Corrupt(what.into()));
-                    }
-                    Err(e) => return Err(unavailable(e)),
-                }
-            }
-        })
+        Box::pin(retrying("append", || self.append_once(batch)))
     }
 
     fn history<'a>(
