@@ -11,6 +11,13 @@ fn note(i: usize) -> Notification {
     Notification::new("test.event", format!("n{i}"), "body").with_data("i", i)
 }
 
+/// A hub on a freshly migrated store in `db`, with the local broker.
+async fn hub(db: &TestDatabase) -> Hub {
+    Hub::start(HubConfig::default(), store(db).await, LocalBroker::new())
+        .await
+        .unwrap()
+}
+
 async fn store(db: &TestDatabase) -> PgStore {
     let store = PgStore::connect(db.url(), 4).await.unwrap();
     assert_eq!(store.migrate().await.unwrap(), 2);
@@ -23,9 +30,7 @@ async fn history_order_and_limit() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
-        .await
-        .unwrap();
+    let hub = hub(&db).await;
     for i in 1..=120 {
         hub.send_to_users(&["alice", "bob"], note(i)).await.unwrap();
     }
@@ -50,9 +55,7 @@ async fn groups_and_live_delivery_with_replay() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
-        .await
-        .unwrap();
+    let hub = hub(&db).await;
     hub.join_group("g", "alice").await.unwrap();
     hub.join_group("g", "bob").await.unwrap();
     hub.send_to_users(&["alice"], note(0)).await.unwrap();
@@ -80,9 +83,7 @@ async fn two_hubs_on_one_database_keep_per_user_sequences_contiguous() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let a = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
-        .await
-        .unwrap();
+    let a = hub(&db).await;
     let b = Hub::start(
         HubConfig::default(),
         PgStore::connect(db.url(), 4).await.unwrap(),
@@ -135,9 +136,7 @@ async fn storage_outage_fails_sends_and_loses_nothing_acknowledged() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
-        .await
-        .unwrap();
+    let hub = hub(&db).await;
     let mut acknowledged = Vec::new();
     for i in 0..20 {
         hub.send_to_users(&["u"], note(i)).await.unwrap();
@@ -215,9 +214,7 @@ async fn a_repeated_id_fails_only_that_send_even_inside_one_batch() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
-        .await
-        .unwrap();
+    let hub = hub(&db).await;
     let id = uuid::Uuid::now_v7();
     let with_id = |title: &str| {
         let mut n = Notification::new("t", title, "m");
@@ -367,9 +364,7 @@ async fn ids_outside_ascii_get_contiguous_sequences_in_mixed_batches() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
-        .await
-        .unwrap();
+    let hub = hub(&db).await;
     // Byte order and a linguistic collation disagree on these.
     let users = ["émile", "Zoe", "adam", "ß", "Ådne", "zed", "ZZ", "a b"];
     for u in users {
@@ -417,9 +412,7 @@ async fn concurrent_joins_share_commits_and_each_pair_is_new_once() {
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let hub = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
-        .await
-        .unwrap();
+    let hub = hub(&db).await;
     hub.join_group("g0", "already").await.unwrap();
     // 100 distinct pairs over 4 groups, each asked for 3 times at once,
     // plus one pair that already exists.
@@ -470,9 +463,7 @@ async fn two_nodes_joining_the_same_pairs_in_opposite_orders_neither_fail_nor_do
     let Some(db) = TestDatabase::create().await else {
         return;
     };
-    let a = Hub::start(HubConfig::default(), store(&db).await, LocalBroker::new())
-        .await
-        .unwrap();
+    let a = hub(&db).await;
     let second = PgStore::connect(db.url(), 4).await.unwrap();
     assert_eq!(second.migrate().await.unwrap(), 0);
     let b = Hub::start(HubConfig::default(), second, LocalBroker::new())
