@@ -20,7 +20,7 @@ mod fd_limit;
 
 use std::sync::Arc;
 
-use gateway_mw::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
+use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 use notify_hub::server::{NotifyServer, ServerConfig};
 use notify_hub::{Broker, Hub, HubConfig, LocalBroker, MemoryStore, Store};
 

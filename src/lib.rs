@@ -10,6 +10,8 @@
 //! | `order-saga` | `order_saga` | an order saga that never oversells |
 //! | `pg-analytics` | `pg_analytics` | multi-tenant PostgreSQL analytics |
 //! | `gateway` | `gateway_mw` | API gateway middleware for tower and hyper |
+//! | `jwt` | `jwt_kit` | strict JWT verification, shared by the gateway and notify-hub |
+//! | (always) | `time_kit` | the suite's injectable clock |
 //! | `notify` | `notify_hub` | real-time WebSocket notifications |
 //!
 //! `full` enables all of them. The workspace's runnable examples and
@@ -30,3 +32,8 @@ pub use gateway_mw;
 
 #[cfg(feature = "notify")]
 pub use notify_hub;
+
+#[cfg(feature = "jwt")]
+pub use jwt_kit;
+
+pub use time_kit;

@@ -30,7 +30,8 @@ pub mod client_ip;
 pub mod config;
 #[cfg(feature = "http")]
 pub mod http;
-pub mod jwt;
+/// JWT verification, re-exported from `ferrokeel-jwt` (the suite's one JWT implementation).
+pub use jwt_kit as jwt;
 pub mod ratelimit;
 pub mod rbac;
 pub mod router;

@@ -456,7 +456,12 @@ async fn an_admin_ends_a_users_sessions_and_the_action_is_audited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_tokens_signed_rs256_from_config() {
     let (orders, _) = upstream(false).await;
-    let fixture = |name: &str| format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let fixture = |name: &str| {
+        format!(
+            "{}/../jwt-kit/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    };
     let text = config_text(&orders, "http://127.0.0.1:1").replace(
         "[tokens]\nsigning_kid = \"k\"\n",
         &format!(

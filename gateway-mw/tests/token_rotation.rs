@@ -364,7 +364,7 @@ async fn access_tokens_can_be_signed_with_an_asymmetric_key() {
     use gateway_mw::jwt::KeyAlg;
     let fixture = |name: &str| {
         std::fs::read(format!(
-            "{}/tests/fixtures/{name}",
+            "{}/../jwt-kit/tests/fixtures/{name}",
             env!("CARGO_MANIFEST_DIR")
         ))
         .unwrap()

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clock::{Clock, SystemClock};
+use time_kit::{Clock, SystemClock};
 
 /// Configuration of a [`MetricsProcessor`](crate::MetricsProcessor).
 ///

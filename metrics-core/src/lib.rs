@@ -60,7 +60,6 @@
 //! `docs/metrics-core.md`.
 #![forbid(unsafe_code)]
 
-mod clock;
 mod config;
 mod error;
 mod event;
@@ -76,7 +75,6 @@ mod window;
 #[cfg(feature = "http")]
 pub mod http;
 
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Config;
 pub use error::{Error, Field, RejectReason, SnapshotError};
 pub use event::{Event, EventRef};
@@ -84,3 +82,4 @@ pub use processor::{MemoryUsage, MetricsProcessor, TOTAL};
 pub use sketch::RELATIVE_ACCURACY;
 pub use stats::Stats;
 pub use summary::{TypeSummary, WindowSummary};
+pub use time_kit::{Clock, ManualClock, SystemClock};

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::clock::to_unix_nanos;
 use crate::config::Config;
 use crate::error::{Error, Field};
 use crate::event::{Event, EventRef};
@@ -17,6 +16,7 @@ use crate::snapshot;
 use crate::stats::{Counters, Stats};
 use crate::summary::{TypeSummary, WindowSummary};
 use crate::window::WindowAccumulator;
+use time_kit::unix_nanos as to_unix_nanos;
 
 /// The name reserved for cross-type aggregates.
 pub const TOTAL: &str = "total";

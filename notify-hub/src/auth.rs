@@ -1,5 +1,5 @@
 //! Who a connection belongs to: the [`Authenticator`] trait, and (feature
-//! `jwt`) its implementation by gateway-mw's JWT verifier, so tokens are
+//! `jwt`) its implementation by the suite's JWT verifier (ferrokeel-jwt), so tokens are
 //! checked by one audited implementation, not a second one.
 
 /// The identity a verified token carries.
@@ -31,7 +31,7 @@ pub trait Authenticator: Send + Sync + 'static {
 }
 
 #[cfg(feature = "jwt")]
-impl Authenticator for gateway_mw::jwt::JwtVerifier {
+impl Authenticator for jwt_kit::JwtVerifier {
     fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         let claims = self.verify(token).map_err(|e| AuthError {
             reason: e.to_string(),

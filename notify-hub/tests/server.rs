@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
-use gateway_mw::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 use jsonwebtoken::{EncodingKey, Header};
+use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 use notify_hub::server::{NotifyServer, ServerConfig};
 use notify_hub::{Hub, HubConfig, Notification};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,5 +1,8 @@
-//! JWT verification: keys pinned to algorithms, selected by `kid`, and strict
-//! claim checks.
+//! # jwt_kit: JWT verification for the ferrokeel suite
+//!
+//! Keys pinned to algorithms, selected by `kid`, and strict claim checks:
+//! the one JWT implementation that gateway-mw, notify-hub and order-saga
+//! share.
 //!
 //! Signatures are checked by [`jsonwebtoken`]; everything around them is
 //! decided here, before and after, so each rule is explicit and testable:
@@ -20,15 +23,16 @@
 //!    string.
 //!
 //! ```
-//! use gateway_mw::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
+//! use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 //!
 //! let keys = KeySet::new().with_key(VerifyingKey::hs256("k1", b"a-32-byte-or-longer-shared-secret!")).unwrap();
 //! let verifier = JwtVerifier::new(keys, JwtConfig::default().with_issuer("https://issuer.test"));
 //! assert!(verifier.verify("not.a.jwt").is_err());
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -399,6 +403,7 @@ pub struct JwtVerifier {
     keys: KeySet,
     config: JwtConfig,
     cache: Option<std::sync::Arc<VerifiedCache>>,
+    clock: time_kit::SharedClock,
 }
 
 /// Tokens already verified, by the SHA-256 of the whole token: a hit skips
@@ -426,7 +431,21 @@ impl JwtVerifier {
             keys,
             config,
             cache: None,
+            clock: time_kit::system(),
         }
+    }
+
+    /// Reads "now" from `clock` in [`JwtVerifier::verify`] (the system
+    /// clock by default), so tests of expiry move a
+    /// [`ManualClock`](time_kit::ManualClock) instead of sleeping.
+    pub fn with_clock(mut self, clock: time_kit::SharedClock) -> JwtVerifier {
+        self.clock = clock;
+        self
+    }
+
+    /// The clock [`JwtVerifier::verify`] reads.
+    pub fn clock(&self) -> &time_kit::SharedClock {
+        &self.clock
     }
 
     /// Remembers up to `capacity` verified tokens (keyed by their SHA-256),
@@ -441,12 +460,9 @@ impl JwtVerifier {
         self
     }
 
-    /// Verifies `token` against the system clock.
+    /// Verifies `token` as of the verifier's clock.
     pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        self.verify_at(token, now)
+        self.verify_at(token, self.clock.unix_secs())
     }
 
     /// Verifies `token` as of `now` (Unix seconds).

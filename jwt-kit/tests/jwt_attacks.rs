@@ -4,8 +4,8 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use gateway_mw::jwt::{JwtConfig, JwtError, JwtVerifier, KeySet, VerifyingKey};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use jwt_kit::{JwtConfig, JwtError, JwtVerifier, KeySet, VerifyingKey};
 use serde_json::{Value, json};
 
 const NOW: i64 = 1_795_557_600; // 2026-11-24T22:00:00Z, as in the fixtures

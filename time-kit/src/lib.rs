@@ -1,4 +1,23 @@
-//! Time sources: the processor reads "now" only through [`Clock`].
+//! # time_kit: the one injectable clock of the ferrokeel suite
+//!
+//! Every crate of the suite that asks "what time is it?" (a metrics window,
+//! a token's `exp`, a refresh token's grace period, a rate limit, a
+//! reservation's TTL) asks a [`Clock`], never `SystemTime::now()` directly.
+//! Production code passes [`SystemClock`]; tests pass a [`ManualClock`] and
+//! move it by hand, so expiry is tested without sleeping.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::{Duration, SystemTime};
+//! use time_kit::{Clock, ManualClock, SharedClock};
+//!
+//! let manual = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+//! let clock: SharedClock = Arc::new(manual.clone());
+//! assert_eq!(clock.unix_secs(), 1_800_000_000);
+//! manual.advance(Duration::from_millis(1_500));
+//! assert_eq!(clock.unix_millis(), 1_800_000_001_500);
+//! ```
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -6,12 +25,31 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A source of wall-clock time.
 ///
-/// The processor calls [`Clock::now`] on every event (to check skew and
-/// retention) and on every query (to place the window), so implementations
-/// must be cheap and thread-safe.
+/// Hot paths call [`Clock::now`] on every event or request (metrics-core on
+/// every ingested event, the JWT verifier on every token), so
+/// implementations must be cheap and thread-safe.
 pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     /// The current time.
     fn now(&self) -> SystemTime;
+
+    /// The current time in whole seconds since the Unix epoch (negative
+    /// before it), as JWT `exp`/`nbf`/`iat` count.
+    fn unix_secs(&self) -> i64 {
+        unix_nanos(self.now()).div_euclid(1_000_000_000)
+    }
+
+    /// The current time in whole milliseconds since the Unix epoch.
+    fn unix_millis(&self) -> i64 {
+        unix_nanos(self.now()).div_euclid(1_000_000)
+    }
+}
+
+/// A clock shared by many owners, as the suite's configs hold it.
+pub type SharedClock = std::sync::Arc<dyn Clock>;
+
+/// The system clock as a [`SharedClock`].
+pub fn system() -> SharedClock {
+    std::sync::Arc::new(SystemClock)
 }
 
 /// The operating system's real-time clock. The default.
@@ -31,7 +69,7 @@ impl Clock for SystemClock {
 ///
 /// ```
 /// use std::time::{Duration, SystemTime};
-/// use metrics_core::{Clock, ManualClock};
+/// use time_kit::{Clock, ManualClock};
 ///
 /// let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
 /// let clock = ManualClock::new(start);
@@ -49,7 +87,7 @@ impl ManualClock {
     /// A clock that reads `start` until moved.
     pub fn new(start: SystemTime) -> ManualClock {
         ManualClock {
-            nanos: Arc::new(AtomicI64::new(to_unix_nanos(start))),
+            nanos: Arc::new(AtomicI64::new(unix_nanos(start))),
         }
     }
 
@@ -70,7 +108,7 @@ impl ManualClock {
 
     /// Sets the clock to `to` (which may be earlier than the current reading).
     pub fn set(&self, to: SystemTime) {
-        self.nanos.store(to_unix_nanos(to), Ordering::Release);
+        self.nanos.store(unix_nanos(to), Ordering::Release);
     }
 }
 
@@ -80,7 +118,9 @@ impl Clock for ManualClock {
     }
 }
 
-pub(crate) fn to_unix_nanos(t: SystemTime) -> i64 {
+/// `t` in nanoseconds since the Unix epoch (negative before it), saturating
+/// at the ends of `i64` (years 1677 and 2262).
+pub fn unix_nanos(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
         Err(e) => i64::try_from(e.duration().as_nanos()).map_or(i64::MIN, |n| -n),
@@ -106,7 +146,7 @@ mod tests {
             UNIX_EPOCH - Duration::new(5, 7),
             UNIX_EPOCH,
         ] {
-            assert_eq!(from_unix_nanos(to_unix_nanos(t)), t);
+            assert_eq!(from_unix_nanos(unix_nanos(t)), t);
         }
     }
 
