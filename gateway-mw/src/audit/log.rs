@@ -341,7 +341,7 @@ mod tests {
     impl AuditWriter for Flaky {
         fn write_batch(&mut self, records: &[AuditRecord]) -> std::io::Result<()> {
             self.0 += 1;
-            if self.0 % 2 == 0 {
+            if self.0.is_multiple_of(2) {
                 return Err(std::io::Error::other("disk full"));
             }
             self.1

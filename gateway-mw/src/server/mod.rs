@@ -1,0 +1,209 @@
+//! A complete gateway built from a [`GatewayConfig`] (feature `proxy`): the
+//! layers of [`crate::http`] in front of a pooled hyper client that forwards
+//! to the configured upstreams, plus the demo token endpoints, health,
+//! readiness and metrics. The example `gateway` is a thin `main` over this.
+//!
+//! Request flow for `/v1/...` routes:
+//! metrics → security headers → CORS → request id → client IP → validation →
+//! authentication → authorization → rate limit → proxy.
+//! `/auth/token`, `/auth/refresh` and `/auth/logout` skip authentication and
+//! are rate-limited per client IP instead.
+
+mod admin;
+mod build;
+mod health;
+mod login;
+mod proxy;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tower::ServiceExt;
+
+use crate::audit::AuditLog;
+use crate::config::GatewayConfig;
+use crate::http::{GatewayBody, GatewayMetrics, PeerAddr};
+use crate::router::Router;
+
+use login::Tokens;
+use proxy::Upstream;
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Everything a request needs, shared by all connections.
+struct State {
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// For upstreams with `http2 = true`.
+    client_h2: Client<HttpConnector, Full<Bytes>>,
+    upstreams: Router<Upstream>,
+    all_upstreams: Vec<Upstream>,
+    tokens: Option<Tokens>,
+    #[cfg(feature = "redis")]
+    redis: Option<fred::prelude::Client>,
+    users: HashMap<String, ([u8; 32], Vec<String>)>,
+    audit: Arc<AuditLog>,
+    metrics: Arc<GatewayMetrics>,
+}
+
+/// A gateway ready to serve.
+pub struct GatewayServer {
+    config: GatewayConfig,
+    state: Arc<State>,
+    api: BoxedService,
+    auth: BoxedService,
+}
+
+impl std::fmt::Debug for GatewayServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayServer")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+type BoxedService =
+    tower::util::BoxCloneSyncService<Request<Incoming>, Response<GatewayBody>, Infallible>;
+
+impl GatewayServer {
+    /// The configuration in use.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops accepting,
+    /// lets in-flight requests finish for up to `shutdown_grace_secs`, and
+    /// flushes the audit log.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            continue;
+                        }
+                    };
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY not set");
+                    }
+                    let (api, auth, state) = (self.api.clone(), self.auth.clone(), Arc::clone(&self.state));
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        dispatch(api.clone(), auth.clone(), Arc::clone(&state), peer, request)
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        let grace = Duration::from_secs(self.config.shutdown_grace_secs);
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "in-flight requests still running after the grace period"
+            );
+        }
+        let audit = Arc::clone(&self.state.audit);
+        let _ = tokio::task::spawn_blocking(move || audit.shutdown(Duration::from_secs(5))).await;
+    }
+}
+
+/// Routes a request to health, metrics, the auth endpoints or the API stack,
+/// after attaching the peer address and a request id.
+async fn dispatch(
+    api: BoxedService,
+    auth: BoxedService,
+    state: Arc<State>,
+    peer: SocketAddr,
+    mut request: Request<Incoming>,
+) -> Result<Response<GatewayBody>, Infallible> {
+    request.extensions_mut().insert(PeerAddr(peer));
+    let request_id = match request
+        .headers()
+        .get(&X_REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+    {
+        Some(id) => id.clone(),
+        None => {
+            let id = HeaderValue::from_str(&new_request_id())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+            request
+                .headers_mut()
+                .insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    };
+    let path = request.uri().path().to_owned();
+    let mut response = match (request.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        (&Method::GET, "/readyz") => health::readiness(&state).await,
+        (&Method::GET, "/metrics") => {
+            let mut r = text(StatusCode::OK, state.metrics.encode());
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        (_, p) if p.starts_with("/auth/") => auth.oneshot(request).await?,
+        _ => api.oneshot(request).await?,
+    };
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id);
+    Ok(response)
+}
+
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        return "unavailable".into();
+    }
+    hex::encode(bytes)
+}
+
+pub(super) fn json(status: StatusCode, body: serde_json::Value) -> Response<GatewayBody> {
+    let mut r = text(status, body.to_string());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+pub(super) fn text(status: StatusCode, body: String) -> Response<GatewayBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r
+}

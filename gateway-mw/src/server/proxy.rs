@@ -1,0 +1,119 @@
+//! Forwarding a request that passed every layer to its upstream.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+
+use super::State;
+use crate::http::{BoxError, ClientIp, GatewayBody, Principal};
+
+/// A configured upstream.
+#[derive(Debug, Clone)]
+pub(super) struct Upstream {
+    pub(super) base: String,
+    pub(super) timeout: Duration,
+    pub(super) http2: bool,
+}
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1),
+/// plus the caller's credentials, which upstreams must not see.
+const STRIPPED: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "authorization",
+    "x-api-key",
+];
+
+pub(super) async fn proxy(
+    state: Arc<State>,
+    request: Request<Full<Bytes>>,
+) -> Result<Response<GatewayBody>, Infallible> {
+    let Some(route) = state
+        .upstreams
+        .find(request.method().as_str(), request.uri().path())
+    else {
+        return Ok(crate::http::error_response(
+            StatusCode::NOT_FOUND,
+            "route_not_found",
+            "no such route",
+        ));
+    };
+    let upstream = route.value.clone();
+    let (mut parts, body) = request.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let Ok(uri) = format!("{}{path_and_query}", upstream.base).parse::<Uri>() else {
+        return Ok(crate::http::error_response(
+            StatusCode::BAD_GATEWAY,
+            "bad_upstream",
+            "invalid upstream URL",
+        ));
+    };
+    parts.uri = uri;
+    for name in STRIPPED {
+        parts.headers.remove(name);
+    }
+    if let Some(ClientIp(ip)) = parts.extensions.get::<ClientIp>().copied() {
+        let forwarded = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(existing) => format!("{existing}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            parts.headers.insert("x-forwarded-for", v);
+        }
+    }
+    if let Some(principal) = parts.extensions.get::<Principal>().cloned() {
+        if let Ok(v) = HeaderValue::from_str(&principal.id) {
+            parts.headers.insert("x-gateway-subject", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&principal.roles.join(",")) {
+            parts.headers.insert("x-gateway-roles", v);
+        }
+    }
+    let mut outgoing = Request::from_parts(parts, body);
+    if upstream.http2 {
+        // Hop-by-hop headers are already stripped (STRIPPED).
+        *outgoing.version_mut() = http::Version::HTTP_2;
+    }
+    let client = if upstream.http2 {
+        &state.client_h2
+    } else {
+        &state.client
+    };
+    match tokio::time::timeout(upstream.timeout, client.request(outgoing)).await {
+        Ok(Ok(response)) => {
+            Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, upstream = %upstream.base, "upstream request failed");
+            Ok(crate::http::error_response(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the upstream service is unavailable",
+            ))
+        }
+        Err(_) => Ok(crate::http::error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            "the upstream service timed out",
+        )),
+    }
+}
