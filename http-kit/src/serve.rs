@@ -1,0 +1,216 @@
+//! [`serve()`]: the suite's one accept loop.
+//!
+//! What it does, in order, for every connection:
+//!
+//! 1. Waits for a free slot (at most [`ServeConfig::max_connections`] open
+//!    connections; the rest wait in the kernel's listen backlog, so an
+//!    overload cannot exhaust file descriptors or memory).
+//! 2. Accepts. An accept error (`EMFILE`, `ENFILE`, `ENOBUFS`,
+//!    `ECONNABORTED`…) is logged and retried after a back-off that doubles
+//!    from 1 ms to 1 s, so the loop never spins on a full descriptor table.
+//! 3. Sets `TCP_NODELAY` (responses are small and latency-bound).
+//! 4. Serves HTTP/1.1 with upgrades (WebSocket) and a header-read timeout
+//!    (slow-loris defence), inserting into every request's extensions the
+//!    [`PeerAddr`], the server's [`Shutdown`] and the [`ConnectionSlot`].
+//!
+//! When the [`Shutdown`] is triggered it stops accepting (the listener is
+//! closed), asks every connection to finish its request in flight and
+//! close, and waits up to [`ServeConfig::drain_timeout`] for connections and
+//! [`DrainGuard`](crate::DrainGuard)s to end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
+
+use crate::response::BoxError;
+use crate::shutdown::Shutdown;
+
+/// The TCP peer of the connection a request came on; [`serve()`] inserts
+/// it into every request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// The connection's place under [`ServeConfig::max_connections`], in every
+/// request's extensions. Work that outlives the HTTP connection (a
+/// WebSocket after the upgrade) clones it to stay counted until it ends.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
+/// Settings of [`serve()`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServeConfig {
+    /// Most connections open at once (WebSockets that keep their
+    /// [`ConnectionSlot`] included). Default 10,000.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers. Default 30 s.
+    pub header_read_timeout: Duration,
+    /// How long the drain waits for connections and guards. Default 10 s.
+    pub drain_timeout: Duration,
+    /// Set `TCP_NODELAY` on accepted sockets. Default true.
+    pub nodelay: bool,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+            nodelay: true,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Sets [`ServeConfig::max_connections`] (at least 1).
+    pub fn with_max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// Sets [`ServeConfig::drain_timeout`].
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ServeConfig::header_read_timeout`].
+    pub fn with_header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+}
+
+/// How a [`serve()`] call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServeReport {
+    /// Connections accepted over the server's life.
+    pub accepted: u64,
+    /// Accept errors survived (each followed by a back-off).
+    pub accept_errors: u64,
+    /// True when every connection and guard ended within the drain timeout.
+    pub drained: bool,
+    /// Connections and guards still open when `serve` returned.
+    pub left_open: usize,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Serves `service` on `listener` until `shutdown` is triggered, then
+/// drains (see the [module docs](self)).
+///
+/// `service` is any `tower::Service<Request<Incoming>>` that is `Clone`
+/// (cloned once per request); its errors end only the connection they
+/// happen on, logged at debug.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    service: S,
+    config: ServeConfig,
+    shutdown: Shutdown,
+) -> ServeReport
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let mut report = ServeReport {
+        accepted: 0,
+        accept_errors: 0,
+        drained: true,
+        left_open: 0,
+    };
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.triggered() => break,
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.triggered() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
+                backoff = FIRST_BACKOFF;
+                accepted
+            }
+            Err(e) => {
+                report.accept_errors += 1;
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                drop(permit);
+                tokio::select! {
+                    () = shutdown.triggered() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        report.accepted += 1;
+        if config.nodelay
+            && let Err(e) = stream.set_nodelay(true)
+        {
+            tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+        }
+        let slot = ConnectionSlot(Arc::new(permit));
+        let per_request = shutdown.clone();
+        let service = service.clone();
+        let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            let extensions = request.extensions_mut();
+            extensions.insert(PeerAddr(peer));
+            extensions.insert(per_request.clone());
+            extensions.insert(slot.clone());
+            service.clone().oneshot(request)
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .serve_connection(TokioIo::new(stream), hyper_service)
+            .with_upgrades();
+        let guard = shutdown.guard();
+        let draining = shutdown.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = draining.triggered() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    report.drained = shutdown.wait_idle(config.drain_timeout).await;
+    report.left_open = shutdown.active();
+    if !report.drained {
+        tracing::warn!(
+            open = report.left_open,
+            "connections still open after the drain timeout"
+        );
+    }
+    report
+}
