@@ -373,6 +373,93 @@ async fn login_call_refresh_and_the_error_paths() {
     gw.stop().await;
 }
 
+/// The gateway routes once, from one table holding its own endpoints and
+/// the configured routes: a route that collides with a built-in endpoint is
+/// refused at build, naming it, instead of being silently shadowed.
+#[tokio::test]
+async fn a_route_colliding_with_a_built_in_endpoint_is_refused() {
+    for (method, path) in [
+        ("GET", "/healthz"),
+        ("POST", "/auth/token"),
+        ("POST", "/admin/users/{user}/revoke-sessions"),
+    ] {
+        let text = config_text("http://127.0.0.1:1", "http://127.0.0.1:1").replace(
+            "[upstreams.orders]",
+            &format!(
+                "[[routes]]\nmethod = \"{method}\"\npath = \"{path}\"\npermission = \"orders:read\"\nupstream = \"orders\"\n[upstreams.orders]"
+            ),
+        );
+        let config = GatewayConfig::parse(&text).unwrap();
+        let error = GatewayServer::build(config)
+            .await
+            .expect_err("a colliding route is refused")
+            .to_string();
+        assert!(
+            error.contains(&format!("{method} {path}")) && error.contains("already routed"),
+            "{error}"
+        );
+    }
+}
+
+/// Validation and authorization read the route the gateway matched once
+/// (the `Routed` extension) instead of routing the path again: here the
+/// policy has no route rules and the validation config no routes, so only
+/// the extension can decide.
+#[tokio::test]
+async fn the_layers_reuse_the_front_routers_match() {
+    use gateway_mw::http::{
+        AuthzLayer, JsonLimits, NoAudit, Principal, PrincipalKind, RouteLimits, RouteSpec, Routed,
+        ValidationConfig, ValidationLayer,
+    };
+    use gateway_mw::rbac::{PolicyConfig, RoleDef};
+    use tower::{Layer, ServiceExt};
+
+    let policy = PolicyConfig::default()
+        .role("reader", RoleDef::new(["orders:read"]))
+        .compile()
+        .unwrap();
+    let ok = tower::service_fn(|_: http::Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+    });
+    let service = ValidationLayer::new(ValidationConfig::default())
+        .layer(AuthzLayer::new(Arc::new(policy), Arc::new(NoAudit)).layer(ok));
+    let status = |routed: Routed, content_type: &'static str| {
+        let service = service.clone();
+        async move {
+            let mut request = http::Request::post("/v1/anything")
+                .header("content-type", content_type)
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            request.extensions_mut().insert(Principal {
+                id: "bob".into(),
+                roles: vec!["reader".into()],
+                kind: PrincipalKind::User,
+            });
+            request.extensions_mut().insert(routed);
+            service.oneshot(request).await.unwrap().status().as_u16()
+        }
+    };
+    let route = |permission: &str, limits: Option<RouteLimits>| {
+        Routed(Some(Arc::new(RouteSpec::new(
+            "/v1/anything",
+            Some(permission.to_owned()),
+            limits,
+        ))))
+    };
+    assert_eq!(status(route("orders:read", None), "text/plain").await, 200);
+    assert_eq!(status(route("orders:write", None), "text/plain").await, 403);
+    assert_eq!(status(Routed(None), "text/plain").await, 404);
+    let json = Some(RouteLimits::json(JsonLimits::default()));
+    assert_eq!(
+        status(route("orders:read", json.clone()), "text/plain").await,
+        415
+    );
+    assert_eq!(
+        status(route("orders:read", json), "application/json").await,
+        200
+    );
+}
+
 /// Soft open-file limit, to size the drain test on machines with a low one.
 fn open_file_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")

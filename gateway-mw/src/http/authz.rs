@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 
 use super::{
-    AuditSink, BoxError, GatewayBody, MatchedRoute, Principal, boxed, error_response,
+    AuditSink, BoxError, GatewayBody, MatchedRoute, Principal, Routed, boxed, error_response,
     with_request_context,
 };
 use crate::audit::{AuditEntry, Outcome};
@@ -80,11 +80,15 @@ where
             );
             return Box::pin(async move { Ok(response) });
         };
-        let decision = self.layer.policy.check(
-            request.method().as_str(),
-            request.uri().path(),
-            &principal.roles,
-        );
+        // A front router's match (`Routed`) is reused rather than routing again.
+        let decision = match request.extensions().get::<Routed>() {
+            Some(routed) => routed.decide(&self.layer.policy, &principal.roles),
+            None => self.layer.policy.check(
+                request.method().as_str(),
+                request.uri().path(),
+                &principal.roles,
+            ),
+        };
         let denied =
             |status, code, route: Option<String>, message: String, request: &Request<B>| {
                 let mut entry = AuditEntry::new("authz.check", Outcome::Denied)

@@ -108,6 +108,63 @@ pub enum PrincipalKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatchedRoute(pub String);
 
+/// The route a front router (such as `server::GatewayServer`'s single route
+/// table) already matched, as a request extension: when present,
+/// [`AuthzLayer`] and [`ValidationLayer`] use it instead of matching the path
+/// against their own tables again, so a request is routed once.
+///
+/// `Routed(None)` means the front router found no route: authorization then
+/// denies it (404), as with no rule.
+#[derive(Debug, Clone, Default)]
+pub struct Routed(pub Option<Arc<RouteSpec>>);
+
+/// What [`Routed`] knows about the matched route.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RouteSpec {
+    /// The matched template (e.g. `/v1/orders/{id}`).
+    pub template: String,
+    /// The permission the route requires; `None` is denied by [`AuthzLayer`]
+    /// (routes without one must not sit behind it).
+    pub permission: Option<String>,
+    /// The route's validation limits (`None`: only the global limits).
+    pub limits: Option<RouteLimits>,
+}
+
+impl RouteSpec {
+    /// A route on `template` requiring `permission`, with `limits`.
+    pub fn new(
+        template: impl Into<String>,
+        permission: Option<String>,
+        limits: Option<RouteLimits>,
+    ) -> RouteSpec {
+        RouteSpec {
+            template: template.into(),
+            permission,
+            limits,
+        }
+    }
+}
+
+impl Routed {
+    /// The authorization decision for a caller holding `roles`.
+    fn decide(&self, policy: &Policy, roles: &[String]) -> crate::rbac::Decision {
+        use crate::rbac::Decision;
+        let Some((route, permission)) = self
+            .0
+            .as_deref()
+            .and_then(|r| Some((r.template.clone(), r.permission.clone()?)))
+        else {
+            return Decision::NoRoute;
+        };
+        if policy.grants(roles, &permission) {
+            Decision::Allow { route, permission }
+        } else {
+            Decision::Forbidden { route, permission }
+        }
+    }
+}
+
 /// Adds what a request tells about itself to an audit entry: the client IP,
 /// the matched route (when authorization has run) and `X-Request-Id`.
 fn with_request_context<B>(mut entry: AuditEntry, request: &http::Request<B>) -> AuditEntry {

@@ -272,10 +272,14 @@ fn check_head<B>(
             "the query string is too long",
         ));
     }
-    let limits = config
-        .routes
-        .find(request.method().as_str(), path)
-        .map(|r| r.value.clone());
+    // A front router's match (`Routed`) is reused rather than routing again.
+    let limits = match request.extensions().get::<super::Routed>() {
+        Some(super::Routed(route)) => route.as_ref().and_then(|r| r.limits.clone()),
+        None => config
+            .routes
+            .find(request.method().as_str(), path)
+            .map(|r| r.value.clone()),
+    };
     if let Some(limits) = &limits
         && !limits.content_types.is_empty()
     {

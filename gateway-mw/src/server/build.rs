@@ -13,22 +13,22 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::Layer;
 
-use super::admin::{ADMIN_REVOKE_SESSIONS, admin_endpoint};
+use super::admin::admin_endpoint;
 use super::login::{Tokens, auth_endpoint};
 use super::proxy::{Upstream, proxy};
+use super::routes::{Handler, Matched, build_table};
 use super::{BoxedService, GatewayServer, State};
 use crate::audit::{AuditChain, AuditLog, FileWriter, StdoutWriter};
 use crate::client_ip::TrustedProxies;
 use crate::config::{ConfigError, GatewayConfig, KeyEntry};
 use crate::http::{
     ApiKeys, AuthLayer, AuthzLayer, ClientIpLayer, CorsConfig, GatewayMetrics, GatewayParts,
-    JsonLimits, MetricsLayer, RateLimitLayer, RateLimits, RouteLimits, SecurityHeadersLayer,
-    ValidationConfig, ValidationLayer,
+    MetricsLayer, RateLimitLayer, RateLimits, SecurityHeadersLayer, ValidationConfig,
+    ValidationLayer,
 };
 use crate::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 use crate::ratelimit::Quota;
-use crate::rbac::{PolicyConfig, RoleDef, RouteRule};
-use crate::router::Router;
+use crate::rbac::{PolicyConfig, RoleDef};
 use crate::token::{MemoryStore, TokenConfig, TokenService};
 
 fn key_from_entry(entry: &KeyEntry) -> Result<VerifyingKey, ConfigError> {
@@ -141,7 +141,9 @@ impl GatewayServer {
         // RS256/ES256 signature costs hundreds of microseconds.
         let verifier = JwtVerifier::new(keys, jwt).with_cache(100_000);
 
-        // Policy, validation and upstream routing from the same route list.
+        // One route table for dispatch, validation, authorization and the
+        // upstreams; the policy holds only the roles.
+        let routes = build_table(&config)?;
         let mut policy = PolicyConfig::default();
         for (name, role) in &config.roles {
             policy = policy.role(
@@ -149,60 +151,7 @@ impl GatewayServer {
                 RoleDef::new(role.permissions.clone()).inherits(role.inherits.clone()),
             );
         }
-        let mut validation = ValidationConfig::default();
-        let mut upstreams = Router::new();
-        for route in &config.routes {
-            policy = policy.rule(RouteRule::new(
-                route.method.clone(),
-                route.path.clone(),
-                route.permission.clone(),
-            ));
-            let limits = if route.json {
-                RouteLimits::json(JsonLimits::default())
-            } else {
-                RouteLimits::content_types(route.content_types.clone())
-            };
-            validation = validation
-                .route(&route.method, &route.path, limits)
-                .map_err(|e| invalid(&e))?;
-            let target = &config.upstreams[&route.upstream];
-            let upstream = Upstream {
-                base: target.url.trim_end_matches('/').to_owned(),
-                timeout: Duration::from_millis(target.timeout_ms),
-                http2: target.http2,
-            };
-            upstreams
-                .insert(&route.method, &route.path, upstream)
-                .map_err(|e| invalid(&e))?;
-        }
-        for method in ["POST"] {
-            for path in ["/auth/token", "/auth/refresh", "/auth/logout"] {
-                validation = validation
-                    .route(
-                        method,
-                        path,
-                        RouteLimits::json(JsonLimits {
-                            max_depth: 4,
-                            max_bytes: 4_096,
-                        }),
-                    )
-                    .map_err(|e| invalid(&e))?;
-            }
-        }
-        // The gateway's own admin route, behind the same auth, RBAC, limits
-        // and audit as every other route.
-        policy = policy.rule(RouteRule::new(
-            "POST",
-            ADMIN_REVOKE_SESSIONS,
-            config.admin.permission.clone(),
-        ));
-        validation = validation
-            .route(
-                "POST",
-                ADMIN_REVOKE_SESSIONS,
-                RouteLimits::content_types(Vec::<String>::new()),
-            )
-            .map_err(|e| invalid(&e))?;
+        let validation = ValidationConfig::default();
         let policy = policy.compile().map_err(|e| invalid(&e))?;
 
         // API keys, limits, proxies, CORS.
@@ -348,7 +297,7 @@ impl GatewayServer {
         let state = Arc::new(State {
             client,
             client_h2,
-            upstreams,
+            routes,
             all_upstreams,
             tokens,
             #[cfg(feature = "redis")]
@@ -385,10 +334,16 @@ impl GatewayServer {
                     tower::service_fn(move |req: Request<Full<Bytes>>| {
                         let state = Arc::clone(&proxy_state);
                         async move {
-                            if req.uri().path().starts_with("/admin/") {
-                                admin_endpoint(state, req).await
-                            } else {
-                                proxy(state, req).await
+                            let route = req.extensions().get::<Matched>().map(|m| Arc::clone(&m.0));
+                            match route.as_ref().map(|r| &r.handler) {
+                                Some(Handler::RevokeSessions) => admin_endpoint(state, req).await,
+                                Some(Handler::Proxy(upstream)) => proxy(state, upstream, req).await,
+                                // Authorization denies unrouted requests before this.
+                                _ => Ok(crate::http::error_response(
+                                    http::StatusCode::NOT_FOUND,
+                                    "route_not_found",
+                                    "no such route",
+                                )),
                             }
                         }
                     }),

@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::routes::{Handler, LoginOp, Matched};
 use super::{State, json};
 use crate::audit::{AuditEntry, Outcome};
 use crate::http::{ClientIp, GatewayBody};
@@ -101,7 +102,10 @@ pub(super) async fn auth_endpoint(
             "use POST",
         ));
     }
-    let path = request.uri().path().to_owned();
+    let op = match request.extensions().get::<Matched>().map(|m| &m.0.handler) {
+        Some(Handler::Login(op)) => *op,
+        _ => LoginOp::Unknown,
+    };
     let body = match request.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(never) => match never {},
@@ -115,8 +119,8 @@ pub(super) async fn auth_endpoint(
     let unauthorized = |code: &str, message: &str| {
         crate::http::error_response(StatusCode::UNAUTHORIZED, code, message)
     };
-    Ok(match path.as_str() {
-        "/auth/token" => {
+    Ok(match op {
+        LoginOp::Token => {
             let Ok(login) = serde_json::from_slice::<Login>(&body) else {
                 return Ok(crate::http::error_response(
                     StatusCode::BAD_REQUEST,
@@ -150,7 +154,7 @@ pub(super) async fn auth_endpoint(
                 }
             }
         }
-        "/auth/refresh" | "/auth/logout" => {
+        LoginOp::Refresh | LoginOp::Logout => {
             let Ok(body) = serde_json::from_slice::<RefreshBody>(&body) else {
                 return Ok(crate::http::error_response(
                     StatusCode::BAD_REQUEST,
@@ -158,7 +162,7 @@ pub(super) async fn auth_endpoint(
                     "send {\"refresh_token\"}",
                 ));
             };
-            if path == "/auth/logout" {
+            if op == LoginOp::Logout {
                 match tokens.logout(&body.refresh_token).await {
                     Ok(()) => {
                         audit(AuditEntry::new("token.revoke", Outcome::Success));
@@ -190,7 +194,9 @@ pub(super) async fn auth_endpoint(
                 }
             }
         }
-        _ => crate::http::error_response(StatusCode::NOT_FOUND, "route_not_found", "no such route"),
+        LoginOp::Unknown => {
+            crate::http::error_response(StatusCode::NOT_FOUND, "route_not_found", "no such route")
+        }
     })
 }
 

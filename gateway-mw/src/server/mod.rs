@@ -14,6 +14,7 @@ mod build;
 mod health;
 mod login;
 mod proxy;
+mod routes;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -33,11 +34,11 @@ use tower::ServiceExt;
 
 use crate::audit::AuditLog;
 use crate::config::GatewayConfig;
-use crate::http::{GatewayBody, GatewayMetrics, PeerAddr};
-use crate::router::Router;
+use crate::http::{GatewayBody, GatewayMetrics, PeerAddr, Routed};
 
 use login::Tokens;
 use proxy::Upstream;
+use routes::{Handler, Matched};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -46,7 +47,8 @@ struct State {
     client: Client<HttpConnector, Full<Bytes>>,
     /// For upstreams with `http2 = true`.
     client_h2: Client<HttpConnector, Full<Bytes>>,
-    upstreams: Router<Upstream>,
+    /// The one route table (see `routes`).
+    routes: routes::RouteTable,
     all_upstreams: Vec<Upstream>,
     tokens: Option<Tokens>,
     #[cfg(feature = "redis")]
@@ -160,11 +162,15 @@ async fn dispatch(
             id
         }
     };
-    let path = request.uri().path().to_owned();
-    let mut response = match (request.method(), path.as_str()) {
-        (&Method::GET, "/healthz") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => health::readiness(&state).await,
-        (&Method::GET, "/metrics") => {
+    // The one routing of this request; the layers and handlers behind reuse it.
+    let route = state
+        .routes
+        .find(request.method().as_str(), request.uri().path())
+        .map(|r| Arc::clone(r.value));
+    let mut response = match route.as_ref().map(|r| &r.handler) {
+        Some(Handler::Healthz) => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        Some(Handler::Readyz) => health::readiness(&state).await,
+        Some(Handler::Metrics) => {
             let mut r = text(StatusCode::OK, state.metrics.encode());
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -174,8 +180,21 @@ async fn dispatch(
             );
             r
         }
-        (_, p) if p.starts_with("/auth/") => auth.oneshot(request).await?,
-        _ => api.oneshot(request).await?,
+        handler => {
+            let login = matches!(handler, Some(Handler::Login(_)));
+            let routed = route
+                .as_ref()
+                .map_or_else(Routed::default, |r| r.routed.clone());
+            request.extensions_mut().insert(routed);
+            if let Some(route) = route {
+                request.extensions_mut().insert(Matched(route));
+            }
+            if login {
+                auth.oneshot(request).await?
+            } else {
+                api.oneshot(request).await?
+            }
+        }
     };
     response
         .headers_mut()

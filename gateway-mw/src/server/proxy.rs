@@ -37,19 +37,9 @@ const STRIPPED: [&str; 10] = [
 
 pub(super) async fn proxy(
     state: Arc<State>,
+    upstream: &Upstream,
     request: Request<Full<Bytes>>,
 ) -> Result<Response<GatewayBody>, Infallible> {
-    let Some(route) = state
-        .upstreams
-        .find(request.method().as_str(), request.uri().path())
-    else {
-        return Ok(crate::http::error_response(
-            StatusCode::NOT_FOUND,
-            "route_not_found",
-            "no such route",
-        ));
-    };
-    let upstream = route.value.clone();
     let (mut parts, body) = request.into_parts();
     let path_and_query = parts
         .uri
