@@ -258,8 +258,11 @@ pub struct Policy {
 
 impl Policy {
     /// Whether a caller holding `roles` may call `method` on `path`.
-    /// `path` must already be normalized (no `..`, no empty segments).
-    /// Unknown roles grant nothing.
+    /// `path` must be the output of [`crate::router::normalize_path`] (the
+    /// HTTP layers normalize before they check): literal segments are
+    /// compared after one percent-decoding, but dot segments, `;` and
+    /// encoded slashes are only refused by the normalizer. Unknown roles
+    /// grant nothing.
     pub fn check<R: AsRef<str>>(&self, method: &str, path: &str, roles: &[R]) -> Decision {
         let Some(route) = self.routes.find(method, path) else {
             return Decision::NoRoute;

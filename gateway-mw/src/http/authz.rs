@@ -1,4 +1,10 @@
 //! Authorization: RBAC on the matched route.
+//!
+//! The path is first rewritten into its normal form
+//! ([`crate::router::normalize_path`]), so the rule that decides is the rule
+//! the upstream's spelling of the path selects, and the upstream receives
+//! that normal form. A path with no safe normal form is refused (400
+//! `invalid_path`) even when no `ValidationLayer` runs in front.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,12 +20,14 @@ use super::{
 };
 use crate::audit::{AuditEntry, Outcome};
 use crate::rbac::{Decision, Policy};
+use crate::router::PathOptions;
 
 /// Checks the [`Principal`]'s roles against a [`Policy`]; see the module docs.
 #[derive(Clone)]
 pub struct AuthzLayer {
     policy: Arc<Policy>,
     audit: Arc<dyn AuditSink>,
+    path_options: PathOptions,
 }
 
 impl std::fmt::Debug for AuthzLayer {
@@ -33,7 +41,18 @@ impl std::fmt::Debug for AuthzLayer {
 impl AuthzLayer {
     /// Enforces `policy`.
     pub fn new(policy: Arc<Policy>, audit: Arc<dyn AuditSink>) -> AuthzLayer {
-        AuthzLayer { policy, audit }
+        AuthzLayer {
+            policy,
+            audit,
+            path_options: PathOptions::default(),
+        }
+    }
+
+    /// Accepts `;` in path segments (refused by default; see
+    /// [`PathOptions::allow_semicolons`]).
+    pub fn with_semicolons(mut self, allow: bool) -> Self {
+        self.path_options = self.path_options.with_semicolons(allow);
+        self
     }
 }
 
@@ -80,6 +99,20 @@ where
             );
             return Box::pin(async move { Ok(response) });
         };
+        // Normalize before deciding, so the decision is about the spelling
+        // the upstream will see (and receive). A front router's `Routed`
+        // was matched on the raw path; `Router::find` compares decoded
+        // literals, so it agrees with the normal form whenever one exists.
+        if let Err(e) = super::path::normalize_request_path(&mut request, self.layer.path_options) {
+            let entry = AuditEntry::new("authz.check", Outcome::Denied)
+                .who(principal.id.clone())
+                .reason("invalid_path");
+            self.layer
+                .audit
+                .record(with_request_context(entry, &request));
+            let response = error_response(StatusCode::BAD_REQUEST, "invalid_path", &e.to_string());
+            return Box::pin(async move { Ok(response) });
+        }
         // A front router's match (`Routed`) is reused rather than routing again.
         let decision = match request.extensions().get::<Routed>() {
             Some(routed) => routed.decide(&self.layer.policy, &principal.roles),

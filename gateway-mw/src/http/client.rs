@@ -1,5 +1,8 @@
 //! Inserts the client's address ([`ClientIp`]) from the TCP peer
-//! ([`PeerAddr`], set by the server) and trusted `X-Forwarded-For` hops.
+//! ([`PeerAddr`], set by the server) and trusted `X-Forwarded-For` hops, and
+//! whether the peer is a trusted proxy
+//! ([`PeerIsTrustedProxy`](super::PeerIsTrustedProxy), read by
+//! [`prepare_forward`](super::prepare_forward)).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -74,6 +77,11 @@ where
             let forwarded = (!joined.is_empty()).then(|| joined.join(","));
             let ip = client_ip(peer.ip(), forwarded.as_deref(), &self.trusted);
             request.extensions_mut().insert(ClientIp(ip));
+            // The proxy needs this to decide whose forwarding headers to keep.
+            let trusted = self.trusted.contains(peer.ip());
+            request
+                .extensions_mut()
+                .insert(super::PeerIsTrustedProxy(trusted));
         }
         self.inner.call(request)
     }

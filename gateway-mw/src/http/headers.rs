@@ -10,7 +10,7 @@ use http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, HeaderName, HeaderValue, REFERRER_POLICY, SERVER,
     STRICT_TRANSPORT_SECURITY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 
 static PERMISSIONS_POLICY: HeaderName = HeaderName::from_static("permissions-policy");
 static X_POWERED_BY: HeaderName = HeaderName::from_static("x-powered-by");
@@ -47,6 +47,35 @@ impl Default for SecurityHeaders {
                 "accelerometer=(), camera=(), geolocation=(), gyroscope=(), magnetometer=(), microphone=(), payment=(), usb=()",
             ),
             no_store_prefixes: vec!["/auth/".into()],
+        }
+    }
+}
+
+impl SecurityHeaders {
+    /// Sets these headers on the response `headers` of a request for
+    /// `path` (and removes `Server` and `X-Powered-By`). This is what
+    /// [`SecurityHeadersLayer`] does; a server that answers some paths
+    /// outside its layer stack (health checks, metrics) calls it directly so
+    /// that every response carries them. Idempotent.
+    pub fn apply(&self, path: &str, h: &mut HeaderMap) {
+        h.insert(STRICT_TRANSPORT_SECURITY, self.hsts.clone());
+        h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        h.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        h.insert(CONTENT_SECURITY_POLICY, self.csp.clone());
+        h.insert(REFERRER_POLICY, self.referrer_policy.clone());
+        h.insert(PERMISSIONS_POLICY.clone(), self.permissions_policy.clone());
+        h.insert(
+            CROSS_ORIGIN_RESOURCE_POLICY.clone(),
+            HeaderValue::from_static("same-origin"),
+        );
+        h.remove(SERVER);
+        h.remove(&X_POWERED_BY);
+        if self
+            .no_store_prefixes
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
+        {
+            h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
     }
 }
@@ -98,34 +127,12 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let no_store = self
-            .headers
-            .no_store_prefixes
-            .iter()
-            .any(|p| request.uri().path().starts_with(p.as_str()));
+        let path = request.uri().path().to_owned();
         let headers = Arc::clone(&self.headers);
         let future = self.inner.call(request);
         Box::pin(async move {
             let mut response = future.await?;
-            let h = response.headers_mut();
-            h.insert(STRICT_TRANSPORT_SECURITY, headers.hsts.clone());
-            h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-            h.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-            h.insert(CONTENT_SECURITY_POLICY, headers.csp.clone());
-            h.insert(REFERRER_POLICY, headers.referrer_policy.clone());
-            h.insert(
-                PERMISSIONS_POLICY.clone(),
-                headers.permissions_policy.clone(),
-            );
-            h.insert(
-                CROSS_ORIGIN_RESOURCE_POLICY.clone(),
-                HeaderValue::from_static("same-origin"),
-            );
-            h.remove(SERVER);
-            h.remove(&X_POWERED_BY);
-            if no_store {
-                h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            }
+            headers.apply(&path, response.headers_mut());
             Ok(response)
         })
     }

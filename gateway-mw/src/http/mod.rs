@@ -44,20 +44,30 @@ mod auth;
 mod authz;
 mod client;
 mod cors;
+mod forward;
 mod headers;
 mod metrics;
+mod path;
 mod rate;
+mod request_id;
 mod validate;
 
 pub use auth::{ApiKeys, AuthLayer, AuthService};
 pub use authz::{AuthzLayer, AuthzService};
 pub use client::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
 pub use cors::{CorsConfig, CorsConfigError};
+pub use forward::{
+    HOP_BY_HOP, OVERRIDES, PeerIsTrustedProxy, prepare_forward, sanitize_forward_headers,
+};
 pub use headers::{SecurityHeaders, SecurityHeadersLayer, SecurityHeadersService};
 pub use metrics::{GatewayMetrics, MetricsLayer, MetricsService};
 #[cfg(feature = "redis")]
 pub use rate::RedisLimits;
-pub use rate::{RateLimitLayer, RateLimitService, RateLimits};
+pub use rate::{DEFAULT_AUTH_FAILURES_PER_MINUTE, RateLimitLayer, RateLimitService, RateLimits};
+pub use request_id::{
+    MAX_REQUEST_ID_LEN, RequestId, RequestIdLayer, RequestIdService, X_REQUEST_ID,
+    assign_request_id, is_valid_request_id,
+};
 pub use validate::{
     JsonLimits, RouteLimits, ValidationConfig, ValidationLayer, ValidationService,
     path_is_normalized,
@@ -174,12 +184,10 @@ fn with_request_context<B>(mut entry: AuditEntry, request: &http::Request<B>) ->
     if let Some(MatchedRoute(route)) = request.extensions().get::<MatchedRoute>() {
         entry = entry.route(route.clone());
     }
-    let id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok());
-    if let Some(id) = id {
-        entry = entry.request_id(id.chars().take(128).collect::<String>());
+    // Only an id the gateway would accept or generate is recorded: the
+    // audit log must not carry a client's tabs or markup.
+    if let Some(id) = request_id::request_id_of(request) {
+        entry = entry.request_id(id.as_str());
     }
     entry
 }
@@ -298,7 +306,8 @@ impl Gateway {
         let p = &self.parts;
         let rate = RateLimitLayer::new(Arc::clone(&p.limits), Arc::clone(&p.audit)).layer(upstream);
         let authz = AuthzLayer::new(Arc::clone(&p.policy), Arc::clone(&p.audit)).layer(rate);
-        let mut auth = AuthLayer::new(Arc::clone(&p.verifier), Arc::clone(&p.audit));
+        let mut auth = AuthLayer::new(Arc::clone(&p.verifier), Arc::clone(&p.audit))
+            .with_limits(Arc::clone(&p.limits));
         if let Some(keys) = &p.api_keys {
             auth = auth.with_api_keys(Arc::clone(keys));
         }
@@ -308,5 +317,7 @@ impl Gateway {
 
 #[cfg(test)]
 mod cors_tests;
+#[cfg(test)]
+mod hardening_tests;
 #[cfg(test)]
 mod tests;

@@ -27,8 +27,10 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 #[derive(Debug)]
 enum Limiter {
     Local(KeyedLimiter<String>),
+    // Boxed: the Redis limiter (client, scripts, fallback) is several times
+    // the size of a local one.
     #[cfg(feature = "redis")]
-    Redis(crate::ratelimit::RedisLimiter),
+    Redis(Box<crate::ratelimit::RedisLimiter>),
 }
 
 impl Limiter {
@@ -51,6 +53,14 @@ impl Limiter {
             Limiter::Redis(l) => l.check(key).await,
         }
     }
+
+    async fn peek(&self, key: &str) -> RateDecision {
+        match self {
+            Limiter::Local(l) => l.peek(key),
+            #[cfg(feature = "redis")]
+            Limiter::Redis(l) => l.peek(key).await,
+        }
+    }
 }
 
 /// Where shared limits live (feature `redis`).
@@ -68,33 +78,41 @@ pub struct RedisLimits {
 }
 
 /// The limiters: keyed by user, by API key, and by client IP for requests
-/// without a principal, plus optional per-route quotas.
+/// without a principal, plus optional per-route quotas and the limit on
+/// failed authentications per client IP (enforced by [`AuthLayer`](super::AuthLayer)).
 #[derive(Debug)]
 pub struct RateLimits {
     users: Limiter,
     api_keys: Limiter,
     anonymous: Limiter,
+    auth_failures: Limiter,
     /// Per-route quotas by `"METHOD template"`, keyed by caller.
     routes: HashMap<String, Limiter>,
     #[cfg(feature = "redis")]
     redis: Option<RedisLimits>,
 }
 
+/// The default limit on failed authentications per client IP (IPv6 /64):
+/// 20 per minute, bursts of 20.
+pub const DEFAULT_AUTH_FAILURES_PER_MINUTE: u32 = 20;
+
 impl Default for RateLimits {
     /// 1,000 requests per minute per user, 10,000 per API key, 60 per
-    /// anonymous client IP.
+    /// anonymous client IP, 20 failed authentications per client IP.
     fn default() -> Self {
         RateLimits::new(Quota::per_minute(1_000), Quota::per_minute(10_000))
     }
 }
 
 impl RateLimits {
-    /// `user` per user and `api_key` per API key (60/min per anonymous IP).
+    /// `user` per user and `api_key` per API key (60/min per anonymous IP,
+    /// 20 failed authentications/min per IP).
     pub fn new(user: Quota, api_key: Quota) -> RateLimits {
         RateLimits {
             users: Limiter::local(user),
             api_keys: Limiter::local(api_key),
             anonymous: Limiter::local(Quota::per_minute(60)),
+            auth_failures: Limiter::local(Quota::per_minute(DEFAULT_AUTH_FAILURES_PER_MINUTE)),
             routes: HashMap::new(),
             #[cfg(feature = "redis")]
             redis: None,
@@ -109,10 +127,10 @@ impl RateLimits {
                 crate::ratelimit::RedisLimiterConfig::new(quota, format!("{}{_scope}:", r.prefix))
                     .with_timeout(r.timeout)
                     .with_failure_policy(r.on_failure);
-            return Limiter::Redis(crate::ratelimit::RedisLimiter::new(
+            return Limiter::Redis(Box::new(crate::ratelimit::RedisLimiter::new(
                 r.client.clone(),
                 config,
-            ));
+            )));
         }
         Limiter::local(quota)
     }
@@ -121,6 +139,37 @@ impl RateLimits {
     pub fn with_anonymous(mut self, quota: Quota) -> Self {
         self.anonymous = self.limiter(quota, "ip");
         self
+    }
+
+    /// Sets the quota of failed authentications (bad or forged bearer
+    /// tokens, unknown API keys, conflicting credentials) per client IP
+    /// (IPv6 clients share their /64). Over it, [`AuthLayer`](super::AuthLayer)
+    /// answers 429 `auth_failures_limited` to every request from that
+    /// address that carries a credential, before verifying anything.
+    pub fn with_auth_failures(mut self, quota: Quota) -> Self {
+        self.auth_failures = self.limiter(quota, "auth_fail");
+        self
+    }
+
+    /// The failed-authentication quota.
+    pub fn auth_failure_quota(&self) -> Quota {
+        self.auth_failures.quota()
+    }
+
+    /// Whether `ip` is over its failed-authentication limit (a peek: nothing
+    /// is counted).
+    pub(crate) async fn auth_failures_exceeded(
+        &self,
+        ip: Option<ClientIp>,
+    ) -> Option<RateDecision> {
+        let decision = self.auth_failures.peek(&ip_key(ip)).await;
+        (!decision.allowed).then_some(decision)
+    }
+
+    /// Counts one failed authentication from `ip`; the decision says
+    /// whether it was still within the limit.
+    pub(crate) async fn record_auth_failure(&self, ip: Option<ClientIp>) -> RateDecision {
+        self.auth_failures.check(&ip_key(ip)).await
     }
 
     /// Gives `method` on the route `template` its own quota per caller (user,
@@ -140,6 +189,7 @@ impl RateLimits {
         self.users = self.limiter(self.users.quota(), "user");
         self.api_keys = self.limiter(self.api_keys.quota(), "api_key");
         self.anonymous = self.limiter(self.anonymous.quota(), "ip");
+        self.auth_failures = self.limiter(self.auth_failures.quota(), "auth_fail");
         let routes = std::mem::take(&mut self.routes);
         for (key, limiter) in routes {
             let shared = self.limiter(limiter.quota(), &format!("route:{key}"));
@@ -155,8 +205,7 @@ impl RateLimits {
         ip: Option<ClientIp>,
         route: Option<String>,
     ) -> (&'static str, String, Quota, RateDecision) {
-        let anonymous_key =
-            || ip.map_or_else(|| "unknown".to_owned(), |ClientIp(ip)| limit_key(ip));
+        let anonymous_key = || ip_key(ip);
         if let Some(limiter) = route.as_ref().and_then(|r| self.routes.get(r)) {
             let subject = principal.map_or_else(anonymous_key, |p| p.id.clone());
             let decision = limiter.check(&subject).await;
@@ -172,6 +221,12 @@ impl RateLimits {
         let decision = limiter.check(&subject).await;
         (name, subject, limiter.quota(), decision)
     }
+}
+
+/// The limit key of a client address; without an address all such traffic
+/// shares one key (limiting too much beats not limiting at all).
+fn ip_key(ip: Option<ClientIp>) -> String {
+    ip.map_or_else(|| "unknown".to_owned(), |ClientIp(ip)| limit_key(ip))
 }
 
 /// Applies [`RateLimits`]; see the module docs.
@@ -219,8 +274,9 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
 }
 
 /// Sets `RateLimit-Policy: "name";q=Q;w=W` and `RateLimit: "name";r=R;t=T`
-/// (draft-ietf-httpapi-ratelimit-headers).
-fn set_headers(
+/// (draft-ietf-httpapi-ratelimit-headers-08, the structured-field syntax),
+/// plus `Retry-After` when denied.
+pub(super) fn set_headers(
     response: &mut Response<GatewayBody>,
     name: &str,
     quota: Quota,

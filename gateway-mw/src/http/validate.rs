@@ -5,15 +5,18 @@
 //! | check | status | code |
 //! | --- | --- | --- |
 //! | more than `max_headers` headers, or over `max_header_bytes` in total | 431 | `headers_too_large` |
-//! | `..`, `.`, `//`, a backslash, or encoded `.`/`/`/`\`/NUL in the path | 400 | `invalid_path` |
+//! | a path with no safe normal form: `..`, `.` (also encoded, e.g. `%2e%2e`), `//` or a trailing `/`, a backslash, an encoded `/`, `\` or NUL, a malformed `%` escape, or a `;` (unless [`ValidationConfig::allow_semicolons`]) | 400 | `invalid_path` |
 //! | query string over `max_query_bytes` | 414 | `query_too_long` |
 //! | body over the limit (declared, or counted while reading a chunked body) | 413 | `body_too_large` |
 //! | content type not allowed for the route | 415 | `unsupported_media_type` |
 //! | a JSON route's body is not JSON | 400 | `malformed_json` |
 //! | a JSON route's body nests deeper than `max_depth` | 400 | `json_too_deep` |
 //!
-//! Bodies are read into memory (bounded by the limit) so the upstream sees
-//! exactly what was validated.
+//! The path is rewritten into its normal form
+//! ([`crate::router::normalize_path`]: `%61` → `a`, `%3a` → `%3A`) before
+//! anything routes on it, so the inner service, the route limits and the
+//! upstream all see one spelling. Bodies are read into memory (bounded by the
+//! limit) so the upstream sees exactly what was validated.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,7 +29,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 
 use super::{BoxError, GatewayBody, boxed, error_response};
-use crate::router::{RouteError, Router};
+use crate::router::{PathOptions, RouteError, Router, normalize_path};
 
 /// Limits of one route.
 #[derive(Debug, Clone, Default)]
@@ -92,6 +95,10 @@ pub struct ValidationConfig {
     pub max_header_bytes: usize,
     /// Longest query string. Default 2 KiB.
     pub max_query_bytes: usize,
+    /// Accept `;` in path segments. Default `false`: servlet containers
+    /// strip `;...` before routing, so `/admin;x/y` would reach `/admin/y`
+    /// behind the gateway's back (see [`PathOptions`]).
+    pub allow_semicolons: bool,
     routes: Router<RouteLimits>,
 }
 
@@ -102,6 +109,7 @@ impl Default for ValidationConfig {
             max_headers: 64,
             max_header_bytes: 16 * 1024,
             max_query_bytes: 2 * 1024,
+            allow_semicolons: false,
             routes: Router::new(),
         }
     }
@@ -129,6 +137,16 @@ impl ValidationConfig {
     pub fn with_max_query_bytes(mut self, max: usize) -> Self {
         self.max_query_bytes = max;
         self
+    }
+
+    /// Sets [`ValidationConfig::allow_semicolons`].
+    pub fn with_semicolons(mut self, allow: bool) -> Self {
+        self.allow_semicolons = allow;
+        self
+    }
+
+    fn path_options(&self) -> PathOptions {
+        PathOptions::default().with_semicolons(self.allow_semicolons)
     }
 }
 
@@ -189,25 +207,15 @@ impl Invalid {
     }
 }
 
-/// Whether a raw path is normalized: no dot segments, no empty segments, no
-/// backslashes, and no percent-encoded `.`, `/`, `\` or NUL that a backend
-/// might decode into one.
+/// Whether a raw path is already in the normal form
+/// [`crate::router::normalize_path`] produces (with `;` refused): no dot or
+/// empty segments, no backslash, no encoded `/`, `\` or NUL, no escape of
+/// an unreserved character, escapes in upper case.
 pub fn path_is_normalized(path: &str) -> bool {
-    if !path.starts_with('/') || path.contains('\\') || path.contains('\0') {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c", "%00"]
-        .iter()
-        .any(|bad| lower.contains(bad))
-    {
-        return false;
-    }
-    let rest = &path[1..];
-    rest.is_empty()
-        || rest
-            .split('/')
-            .all(|segment| !segment.is_empty() && segment != "." && segment != "..")
+    matches!(
+        normalize_path(path, PathOptions::default()),
+        Ok(std::borrow::Cow::Borrowed(_))
+    )
 }
 
 /// Deepest nesting of arrays and objects in `json`, counted without
@@ -254,13 +262,6 @@ fn check_head<B>(
         ));
     }
     let path = request.uri().path();
-    if !path_is_normalized(path) {
-        return Err(Invalid::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_path",
-            "the path is not normalized",
-        ));
-    }
     if request
         .uri()
         .query()
@@ -335,7 +336,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Err(e) =
+            super::path::normalize_request_path(&mut request, self.config.path_options())
+        {
+            let rejection = error_response(StatusCode::BAD_REQUEST, "invalid_path", &e.to_string());
+            return Box::pin(async move { Ok(rejection) });
+        }
         let limits = match check_head(&self.config, &request) {
             Ok(limits) => limits,
             Err(invalid) => {

@@ -210,6 +210,48 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         }
     }
 
+    /// Whether one request for `key` would be allowed now, without counting
+    /// it: the decision [`KeyedLimiter::check`] would return, minus its
+    /// effect. Used to refuse before doing expensive work (the gateway peeks
+    /// at the failed-authentication limit before verifying a signature).
+    pub fn peek<Q>(&self, key: &Q) -> RateDecision
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.peek_at(key, self.now_nanos())
+    }
+
+    /// [`KeyedLimiter::peek`] at `now` (the limiter's clock).
+    pub fn peek_at<Q>(&self, key: &Q, now: u64) -> RateDecision
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let t = self.quota.emission_interval_nanos();
+        let tolerance = self.quota.tolerance_nanos();
+        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
+        let tat = shard.lock().get(key).copied().unwrap_or(now).max(now);
+        let allow_from = tat.saturating_sub(tolerance);
+        if now < allow_from {
+            return RateDecision {
+                allowed: false,
+                limit: self.quota.burst,
+                remaining: 0,
+                reset_after: Duration::from_nanos(tat - now),
+                retry_after: Some(Duration::from_nanos(allow_from - now)),
+            };
+        }
+        let ahead = tat - now;
+        RateDecision {
+            allowed: true,
+            limit: self.quota.burst,
+            remaining: ((tolerance + t).saturating_sub(ahead) / t) as u32,
+            reset_after: Duration::from_nanos(ahead),
+            retry_after: None,
+        }
+    }
+
     /// Drops keys whose TAT has passed (exactly equivalent to fresh keys);
     /// if none has, evicts one active key.
     fn make_room(&self, map: &mut HashMap<K, u64>, now: u64) {
@@ -278,6 +320,24 @@ mod tests {
         assert!(!l.check_at("k", SEC / 10).allowed);
         // Other keys are independent.
         assert!(l.check_at("other", 0).allowed);
+    }
+
+    #[test]
+    fn peeking_reports_the_next_decision_without_counting() {
+        let l: KeyedLimiter = KeyedLimiter::new(LimiterConfig::new(Quota::per_second(2)));
+        for _ in 0..10 {
+            assert_eq!(l.peek_at("k", 0).remaining, 2);
+        }
+        assert!(l.is_empty(), "a peek stores nothing");
+        assert!(l.check_at("k", 0).allowed);
+        assert!(l.peek_at("k", 0).allowed);
+        assert!(l.check_at("k", 0).allowed);
+        let peeked = l.peek_at("k", 0);
+        let checked = l.check_at("k", 0);
+        assert_eq!(peeked, checked);
+        assert!(!peeked.allowed);
+        assert_eq!(peeked.retry_after, Some(Duration::from_millis(500)));
+        assert!(l.peek_at("k", SEC / 2).allowed);
     }
 
     #[test]

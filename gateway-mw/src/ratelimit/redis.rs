@@ -34,6 +34,21 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
 return {1, now, new_tat}
 "#;
 
+/// The GCRA test of [`GCRA_LUA`] without the update: would one request be
+/// allowed now? KEYS[1]: the key. ARGV[1]: tolerance in µs. Returns
+/// {allowed, now_us, tat_us}.
+const PEEK_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tolerance = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+if now < tat - tolerance then
+  return {0, now, tat}
+end
+return {1, now, tat}
+"#;
+
 /// What to do when Redis cannot answer in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
@@ -114,6 +129,7 @@ pub struct RedisCheck {
 pub struct RedisLimiter {
     client: Client,
     script: Script,
+    peek_script: Script,
     config: RedisLimiterConfig,
     fallback: KeyedLimiter<String>,
     failures: AtomicU64,
@@ -134,6 +150,7 @@ impl RedisLimiter {
         RedisLimiter {
             fallback: KeyedLimiter::new(LimiterConfig::new(config.quota)),
             script: Script::from_lua(GCRA_LUA),
+            peek_script: Script::from_lua(PEEK_LUA),
             client,
             config,
             failures: AtomicU64::new(0),
@@ -143,12 +160,31 @@ impl RedisLimiter {
     /// Checks one request for `key`; on a Redis failure or timeout the
     /// failure policy decides (and the failure is counted).
     pub async fn check(&self, key: &str) -> RateDecision {
-        match self.try_check(key).await {
+        let result = self.try_check(key).await;
+        self.decide(key, result, false)
+    }
+
+    /// Whether one request for `key` would be allowed now, without counting
+    /// it (see [`KeyedLimiter::peek`]); Redis failures are decided by the
+    /// failure policy, as in [`RedisLimiter::check`].
+    pub async fn peek(&self, key: &str) -> RateDecision {
+        let result = self.try_peek(key).await;
+        self.decide(key, result, true)
+    }
+
+    fn decide(
+        &self,
+        key: &str,
+        result: Result<RedisCheck, RedisLimitError>,
+        peek: bool,
+    ) -> RateDecision {
+        match result {
             Ok(check) => check.decision,
             Err(e) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, policy = ?self.config.on_failure, "rate limit: redis unavailable");
                 match self.config.on_failure {
+                    FailurePolicy::LocalFallback if peek => self.fallback.peek(key),
                     FailurePolicy::LocalFallback => self.fallback.check(key),
                     FailurePolicy::FailOpen => self.unlimited(),
                     FailurePolicy::FailClosed => RateDecision {
@@ -166,15 +202,32 @@ impl RedisLimiter {
     /// Checks one request in Redis, returning errors instead of applying the
     /// failure policy.
     pub async fn try_check(&self, key: &str) -> Result<RedisCheck, RedisLimitError> {
+        self.run(&self.script, key, true).await
+    }
+
+    /// Peeks in Redis (see [`RedisLimiter::peek`]), returning errors instead
+    /// of applying the failure policy.
+    pub async fn try_peek(&self, key: &str) -> Result<RedisCheck, RedisLimitError> {
+        self.run(&self.peek_script, key, false).await
+    }
+
+    async fn run(
+        &self,
+        script: &Script,
+        key: &str,
+        counting: bool,
+    ) -> Result<RedisCheck, RedisLimitError> {
         let quota = self.config.quota;
         let interval_us = (quota.emission_interval_nanos() / 1_000).max(1);
         let tolerance_us = interval_us * u64::from(quota.burst.max(1) - 1);
         let redis_key = format!("{}{key}", self.config.key_prefix);
-        let call = self.script.evalsha_with_reload::<Vec<i64>, _, _>(
-            &self.client,
-            vec![redis_key],
-            vec![interval_us as i64, tolerance_us as i64],
-        );
+        let args = if counting {
+            vec![interval_us as i64, tolerance_us as i64]
+        } else {
+            vec![tolerance_us as i64]
+        };
+        let call =
+            script.evalsha_with_reload::<Vec<i64>, _, _>(&self.client, vec![redis_key], args);
         let reply = tokio::time::timeout(self.config.timeout, call)
             .await
             .map_err(|_| RedisLimitError::Timeout(self.config.timeout))??;
