@@ -45,7 +45,10 @@ fn an_unknown_or_unpinned_alg_is_refused_before_the_signature() {
     for alg in ["RS512", "PS256", "ES384", "HS512", "rs256"] {
         let token = forged(json!({"alg": alg, "kid": "hs-key"}));
         assert!(
-            matches!(verifier().verify(&token), Err(JwtError::UnsupportedAlgorithm(_))),
+            matches!(
+                verifier().verify(&token),
+                Err(JwtError::UnsupportedAlgorithm(_))
+            ),
             "{alg}"
         );
     }

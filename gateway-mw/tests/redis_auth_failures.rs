@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fred::prelude::{Builder, Client, ClientLike, Config};
-use gateway_mw::http::{AuthLayer, NoAudit, PeerAddr, RateLimits, RedisLimits, ClientIpLayer};
+use gateway_mw::http::{AuthLayer, ClientIpLayer, NoAudit, PeerAddr, RateLimits, RedisLimits};
 use gateway_mw::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 use gateway_mw::ratelimit::{FailurePolicy, Quota, RedisLimiter, RedisLimiterConfig};
 use http::{Request, Response, StatusCode};
@@ -39,12 +39,18 @@ async fn a_peek_counts_nothing_and_sees_the_shared_state() {
     }
     assert_eq!(redis.count_keys().await, 0, "a peek writes nothing");
     assert!(a.try_check("198.51.100.1").await.unwrap().decision.allowed);
-    assert_eq!(b.try_peek("198.51.100.1").await.unwrap().decision.remaining, 1);
+    assert_eq!(
+        b.try_peek("198.51.100.1").await.unwrap().decision.remaining,
+        1
+    );
     assert!(a.try_check("198.51.100.1").await.unwrap().decision.allowed);
     let over = b.try_peek("198.51.100.1").await.unwrap().decision;
     assert!(!over.allowed);
     assert!(over.retry_after.is_some_and(|r| r.as_secs() <= 30));
-    assert!(b.peek("198.51.100.2").await.allowed, "other addresses are free");
+    assert!(
+        b.peek("198.51.100.2").await.allowed,
+        "other addresses are free"
+    );
 }
 
 fn gateway(
@@ -56,7 +62,10 @@ fn gateway(
 > + Clone {
     let verifier = JwtVerifier::new(
         KeySet::new()
-            .with_key(VerifyingKey::hs256("k", b"redis-auth-failure-secret-0123456789"))
+            .with_key(VerifyingKey::hs256(
+                "k",
+                b"redis-auth-failure-secret-0123456789",
+            ))
             .unwrap(),
         JwtConfig::default(),
     );
