@@ -154,8 +154,9 @@ pub enum Error {
         /// What was still running.
         stage: &'static str,
     },
-    /// Reading or writing the snapshot failed.
-    #[error("snapshot {path}: {source}")]
+    /// Reading or writing the snapshot failed. The cause is the
+    /// [`source`](std::error::Error::source), a [`SnapshotError`].
+    #[error("snapshot {path} could not be used ({kind})", kind = .source.kind())]
     Snapshot {
         /// The snapshot file.
         path: PathBuf,
@@ -165,11 +166,32 @@ pub enum Error {
     },
 }
 
+/// What kind of failure an [`Error`] is: a stable, `Copy` value to match on
+/// without binding the variants' fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// `process`/`process_event` refused the event, for this reason.
+    Rejected(RejectReason),
+    /// `aggregates`/`summary` was asked for a window outside the retention.
+    InvalidWindow,
+    /// `shutdown` did not finish within its timeout.
+    ShutdownTimedOut,
+    /// Reading, writing or decoding the snapshot failed.
+    Snapshot(SnapshotErrorKind),
+}
+
 impl Error {
-    /// The rejection reason for errors returned by `process`/`process_event`;
-    /// `None` for errors of other operations.
-    pub fn reject_reason(&self) -> Option<RejectReason> {
-        Some(match self {
+    /// What kind of failure this is.
+    ///
+    /// ```
+    /// use metrics_core::{Config, ErrorKind, MetricsProcessor};
+    ///
+    /// let p = MetricsProcessor::new(Config::default());
+    /// assert_eq!(p.aggregates(0).unwrap_err().kind(), ErrorKind::InvalidWindow);
+    /// ```
+    pub fn kind(&self) -> ErrorKind {
+        let reason = match self {
             Error::NonFiniteValue { .. } => RejectReason::NonFiniteValue,
             Error::EmptyField {
                 field: Field::EventType,
@@ -190,10 +212,20 @@ impl Error {
             Error::TimestampTooOld { .. } => RejectReason::TimestampTooOld,
             Error::TooManyEventTypes { .. } => RejectReason::TooManyEventTypes,
             Error::ShutDown => RejectReason::ShutDown,
-            Error::InvalidWindow { .. }
-            | Error::ShutdownTimedOut { .. }
-            | Error::Snapshot { .. } => return None,
-        })
+            Error::InvalidWindow { .. } => return ErrorKind::InvalidWindow,
+            Error::ShutdownTimedOut { .. } => return ErrorKind::ShutdownTimedOut,
+            Error::Snapshot { source, .. } => return ErrorKind::Snapshot(source.kind()),
+        };
+        ErrorKind::Rejected(reason)
+    }
+
+    /// The rejection reason for errors returned by `process`/`process_event`;
+    /// `None` for errors of other operations.
+    pub fn reject_reason(&self) -> Option<RejectReason> {
+        match self.kind() {
+            ErrorKind::Rejected(reason) => Some(reason),
+            _ => None,
+        }
     }
 }
 
@@ -201,8 +233,8 @@ impl Error {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SnapshotError {
-    /// The file could not be read or written.
-    #[error("I/O error: {0}")]
+    /// The file could not be read or written; the `io::Error` is the source.
+    #[error("snapshot I/O failed")]
     Io(#[from] std::io::Error),
     /// The file does not start with the snapshot magic: it is not a snapshot.
     #[error("not a metrics_core snapshot (bad magic)")]
@@ -215,11 +247,77 @@ pub enum SnapshotError {
         /// The version this build reads.
         supported: u32,
     },
-    /// The file is truncated or its checksum does not match: it is corrupt.
-    #[error("snapshot is corrupt: {0}")]
-    Corrupt(String),
+    /// The file is truncated, its checksum does not match, or its content is
+    /// inconsistent: it is corrupt.
+    #[error("snapshot is corrupt: {detail}")]
+    Corrupt {
+        /// What was found wrong (a description, not a cause).
+        detail: String,
+        /// The decoder's error, when decoding failed.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
     /// The snapshot is valid but was taken with a configuration this processor
-    /// cannot load (e.g. a different retention).
-    #[error("snapshot is incompatible with the configuration: {0}")]
-    Incompatible(String),
+    /// cannot load (e.g. more event types than `max_event_types`).
+    #[error("snapshot is incompatible with the configuration: {detail}")]
+    Incompatible {
+        /// Which setting differs, and how.
+        detail: String,
+    },
+}
+
+/// What kind of failure a [`SnapshotError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SnapshotErrorKind {
+    /// [`SnapshotError::Io`].
+    Io,
+    /// [`SnapshotError::NotASnapshot`].
+    NotASnapshot,
+    /// [`SnapshotError::UnsupportedVersion`].
+    UnsupportedVersion,
+    /// [`SnapshotError::Corrupt`].
+    Corrupt,
+    /// [`SnapshotError::Incompatible`].
+    Incompatible,
+}
+
+impl std::fmt::Display for SnapshotErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SnapshotErrorKind::Io => "I/O error",
+            SnapshotErrorKind::NotASnapshot => "not a snapshot",
+            SnapshotErrorKind::UnsupportedVersion => "unsupported version",
+            SnapshotErrorKind::Corrupt => "corrupt",
+            SnapshotErrorKind::Incompatible => "incompatible",
+        })
+    }
+}
+
+impl SnapshotError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> SnapshotErrorKind {
+        match self {
+            SnapshotError::Io(_) => SnapshotErrorKind::Io,
+            SnapshotError::NotASnapshot => SnapshotErrorKind::NotASnapshot,
+            SnapshotError::UnsupportedVersion { .. } => SnapshotErrorKind::UnsupportedVersion,
+            SnapshotError::Corrupt { .. } => SnapshotErrorKind::Corrupt,
+            SnapshotError::Incompatible { .. } => SnapshotErrorKind::Incompatible,
+        }
+    }
+
+    /// A corrupt file, described by `detail`, with no underlying error.
+    pub(crate) fn corrupt(detail: impl Into<String>) -> SnapshotError {
+        SnapshotError::Corrupt {
+            detail: detail.into(),
+            source: None,
+        }
+    }
+
+    /// An incompatible file, described by `detail`.
+    pub(crate) fn incompatible(detail: impl Into<String>) -> SnapshotError {
+        SnapshotError::Incompatible {
+            detail: detail.into(),
+        }
+    }
 }

@@ -43,6 +43,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -61,18 +62,35 @@ use serde_json::json;
 
 use crate::{EventRef, MetricsProcessor, RejectReason};
 
+/// The default [`HttpConfig::blocking_ingest_bytes`]: 64 KiB, about 700
+/// typical events, which parse and ingest in well under a millisecond. Below
+/// it, handing the work to another thread would cost more than doing it.
+pub const DEFAULT_BLOCKING_INGEST_BYTES: usize = 64 * 1024;
+
+/// The reject reason of a line that is not a JSON event object. It never
+/// reaches the processor, so the adapter counts it itself.
+pub const MALFORMED_JSON: &str = "malformed_json";
+
 /// Limits of the HTTP adapter.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct HttpConfig {
     /// The largest request body accepted, in bytes. Default 8 MiB.
     pub max_body_bytes: usize,
+    /// Bodies larger than this many bytes are parsed and ingested on tokio's
+    /// blocking pool (`spawn_blocking`) instead of the runtime thread that
+    /// polls the request, so one big batch cannot stall the other
+    /// connections served by that thread. Default
+    /// [`DEFAULT_BLOCKING_INGEST_BYTES`] (64 KiB). Outside a tokio runtime
+    /// every body is ingested inline.
+    pub blocking_ingest_bytes: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             max_body_bytes: 8 * 1024 * 1024,
+            blocking_ingest_bytes: DEFAULT_BLOCKING_INGEST_BYTES,
         }
     }
 }
@@ -81,6 +99,12 @@ impl HttpConfig {
     /// Sets [`HttpConfig::max_body_bytes`].
     pub fn with_max_body_bytes(mut self, max: usize) -> Self {
         self.max_body_bytes = max;
+        self
+    }
+
+    /// Sets [`HttpConfig::blocking_ingest_bytes`].
+    pub fn with_blocking_ingest_bytes(mut self, bytes: usize) -> Self {
+        self.blocking_ingest_bytes = bytes;
         self
     }
 }
@@ -97,6 +121,8 @@ struct Inner {
     config: HttpConfig,
     registry: Registry,
     requests: Family<[(&'static str, String); 2], Counter>,
+    /// Lines rejected as [`MALFORMED_JSON`], shared with the collector.
+    malformed: Arc<AtomicU64>,
 }
 
 /// The response type of [`MetricsService`].
@@ -112,13 +138,18 @@ impl MetricsService {
             "HTTP requests served, by route and status",
             requests.clone(),
         );
-        registry.register_collector(Box::new(ProcessorCollector(Arc::clone(&processor))));
+        let malformed = Arc::new(AtomicU64::new(0));
+        registry.register_collector(Box::new(ProcessorCollector {
+            processor: Arc::clone(&processor),
+            malformed: Arc::clone(&malformed),
+        }));
         MetricsService {
             inner: Arc::new(Inner {
                 processor,
                 config,
                 registry,
                 requests,
+                malformed,
             }),
         }
     }
@@ -204,11 +235,38 @@ impl MetricsService {
                 );
             }
         };
-        let report = if ndjson {
-            ingest_lines(&self.inner.processor, &body)
+        let report = if body.len() > self.inner.config.blocking_ingest_bytes
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let processor = Arc::clone(&self.inner.processor);
+            match runtime
+                .spawn_blocking(move || ingest_body(&processor, &body, ndjson))
+                .await
+            {
+                Ok(report) => report,
+                Err(e) => {
+                    // Only a panic or a runtime shutting down gets here.
+                    tracing::error!(error = %e, "ingest task failed");
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "the body could not be ingested",
+                    );
+                }
+            }
         } else {
-            ingest_one(&self.inner.processor, &body)
+            ingest_body(&self.inner.processor, &body, ndjson)
         };
+        let malformed = report
+            .rejected
+            .iter()
+            .filter(|r| r.reason == MALFORMED_JSON)
+            .count();
+        if malformed > 0 {
+            self.inner
+                .malformed
+                .fetch_add(malformed as u64, Ordering::Relaxed);
+        }
         let status = if report.well_formed == 0 {
             StatusCode::BAD_REQUEST
         } else if !ndjson && report.accepted == 0 {
@@ -386,10 +444,18 @@ impl Report {
             }
             Err(err) => self.rejected.push(Rejection {
                 line: number,
-                reason: "malformed_json",
+                reason: MALFORMED_JSON,
                 message: format!("malformed JSON: {err}"),
             }),
         }
+    }
+}
+
+fn ingest_body(processor: &MetricsProcessor, body: &[u8], ndjson: bool) -> Report {
+    if ndjson {
+        ingest_lines(processor, body)
+    } else {
+        ingest_one(processor, body)
     }
 }
 
@@ -445,13 +511,17 @@ fn method_not_allowed(allow: &'static str) -> HttpResponse {
     response
 }
 
-/// Exposes the processor's counters at scrape time.
+/// Exposes the processor's counters (and the adapter's malformed-JSON
+/// count) at scrape time.
 #[derive(Debug)]
-struct ProcessorCollector(Arc<MetricsProcessor>);
+struct ProcessorCollector {
+    processor: Arc<MetricsProcessor>,
+    malformed: Arc<AtomicU64>,
+}
 
 impl Collector for ProcessorCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let stats = self.0.stats();
+        let stats = self.processor.stats();
         let accepted = ConstCounter::new(stats.accepted);
         accepted.encode(encoder.encode_descriptor(
             "metrics_events_accepted",
@@ -469,14 +539,16 @@ impl Collector for ProcessorCollector {
             ConstCounter::new(count)
                 .encode(rejected.encode_family(&[("reason", reason.as_str())])?)?;
         }
-        let types = ConstGauge::new(self.0.event_types() as i64);
+        ConstCounter::new(self.malformed.load(Ordering::Relaxed))
+            .encode(rejected.encode_family(&[("reason", MALFORMED_JSON)])?)?;
+        let types = ConstGauge::new(self.processor.event_types() as i64);
         types.encode(encoder.encode_descriptor(
             "metrics_event_types",
             "Registered event types",
             None,
             types.metric_type(),
         )?)?;
-        let memory = ConstGauge::new(self.0.memory_usage().total_bytes() as i64);
+        let memory = ConstGauge::new(self.processor.memory_usage().total_bytes() as i64);
         memory.encode(encoder.encode_descriptor(
             "metrics_heap_bytes",
             "Heap bytes held by the aggregation windows and sketches",

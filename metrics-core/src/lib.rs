@@ -61,6 +61,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod durable;
 mod error;
 mod event;
 mod hll;
@@ -76,7 +77,7 @@ mod window;
 pub mod http;
 
 pub use config::Config;
-pub use error::{Error, Field, RejectReason, SnapshotError};
+pub use error::{Error, ErrorKind, Field, RejectReason, SnapshotError, SnapshotErrorKind};
 pub use event::{Event, EventRef};
 pub use processor::{MemoryUsage, MetricsProcessor, TOTAL};
 pub use sketch::RELATIVE_ACCURACY;

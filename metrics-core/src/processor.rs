@@ -7,15 +7,16 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::config::Config;
-use crate::error::{Error, Field};
+use crate::durable;
+use crate::error::{Error, Field, SnapshotError};
 use crate::event::{Event, EventRef};
 use crate::hll::{SlidingHll, hash_user};
 use crate::registry::Registry;
-use crate::sketch::key_of;
-use crate::snapshot;
+use crate::sketch::{Bins, key_of};
+use crate::snapshot::{self, CellRecord, MinuteRecord, SnapshotData, TypeRecord};
 use crate::stats::{Counters, Stats};
 use crate::summary::{TypeSummary, WindowSummary};
-use crate::window::WindowAccumulator;
+use crate::window::{Cell, Exact, WindowAccumulator};
 use time_kit::unix_nanos as to_unix_nanos;
 
 /// The name reserved for cross-type aggregates.
@@ -144,8 +145,9 @@ impl MetricsProcessor {
             }
         };
         let mut processor = MetricsProcessor::new(config);
-        let loaded =
-            snapshot::decode_into(&bytes, &mut processor).map_err(|source| Error::Snapshot {
+        let loaded = snapshot::decode(&bytes)
+            .and_then(|data| processor.apply_snapshot(data))
+            .map_err(|source| Error::Snapshot {
                 path: path.clone(),
                 source,
             })?;
@@ -300,7 +302,6 @@ impl MetricsProcessor {
         let until = now_sec.max(0) as u64;
         let after = until.saturating_sub(window_secs);
         let mut types = BTreeMap::new();
-        let (mut total_count, mut total_sum) = (0u64, 0.0f64);
         for entry in self.registry.entries() {
             let mut acc = WindowAccumulator::default();
             entry.series.accumulate(after, until, &mut acc);
@@ -310,8 +311,6 @@ impl MetricsProcessor {
             else {
                 continue;
             };
-            total_count += acc.exact.count;
-            total_sum += acc.exact.sum;
             types.insert(
                 entry.name.to_string(),
                 TypeSummary {
@@ -327,6 +326,17 @@ impl MetricsProcessor {
                 },
             );
         }
+        // Summed in name order, not registry (hash) order: the hash seed is
+        // random per process, and floating-point addition is not
+        // associative, so hash order would make `total_sum`'s last bits
+        // differ between two processes holding the same data.
+        let total_count = types.values().map(|t: &TypeSummary| t.count).sum();
+        // `reduce`, not a fold from 0.0: `0.0 + -0.0` would lose the sign.
+        let total_sum = types
+            .values()
+            .map(|t| t.sum)
+            .reduce(|a, b| a + b)
+            .unwrap_or(0.0);
         let unique_users = self
             .users
             .estimate(u32::try_from(after).unwrap_or(u32::MAX))
@@ -375,11 +385,15 @@ impl MetricsProcessor {
     /// Writes a snapshot of the current state to `path` (atomically: a
     /// temporary file renamed into place). Use it for periodic checkpoints;
     /// `shutdown` writes the final one.
+    ///
+    /// Safe to call concurrently with itself and with `shutdown`, on the same
+    /// path: each write uses its own temporary file, and the file at `path`
+    /// is always one complete snapshot.
     pub fn save_snapshot(&self, path: &std::path::Path) -> Result<(), Error> {
-        let bytes = snapshot::encode(self);
-        snapshot::write_atomically(path, &bytes).map_err(|source| Error::Snapshot {
+        let bytes = snapshot::encode(&self.snapshot_data());
+        durable::replace_file(path, &bytes).map_err(|e| Error::Snapshot {
             path: path.to_owned(),
-            source,
+            source: SnapshotError::Io(e),
         })
     }
 
@@ -410,18 +424,23 @@ impl MetricsProcessor {
             std::thread::yield_now();
         }
         if let Some(path) = self.config.snapshot_path.clone() {
-            let bytes = snapshot::encode(self);
+            let bytes = snapshot::encode(&self.snapshot_data());
             // The write runs on its own thread so a slow disk cannot hold
             // `shutdown` past its deadline; the rename keeps the file whole.
             let (done, result) = std::sync::mpsc::channel();
             let writer_path = path.clone();
             std::thread::spawn(move || {
-                let _ = done.send(snapshot::write_atomically(&writer_path, &bytes));
+                let _ = done.send(durable::replace_file(&writer_path, &bytes));
             });
             let remaining = deadline.saturating_duration_since(Instant::now());
             match result.recv_timeout(remaining) {
                 Ok(Ok(())) => {}
-                Ok(Err(source)) => return Err(Error::Snapshot { path, source }),
+                Ok(Err(e)) => {
+                    return Err(Error::Snapshot {
+                        path,
+                        source: SnapshotError::Io(e),
+                    });
+                }
                 Err(_) => {
                     return Err(Error::ShutdownTimedOut {
                         timeout_ms,
@@ -441,25 +460,213 @@ impl MetricsProcessor {
         Ok(())
     }
 
-    // --- crate-internal access for snapshots ---
-
-    pub(crate) fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    pub(crate) fn users(&self) -> &SlidingHll {
-        &self.users
-    }
-
-    pub(crate) fn set_users(&mut self, users: SlidingHll) {
-        self.users = users;
-    }
-
-    pub(crate) fn now_sec(&self) -> i64 {
+    fn now_sec(&self) -> i64 {
         to_unix_nanos(self.config.clock.now()).div_euclid(NANOS_PER_SEC)
     }
 
-    pub(crate) fn retention_secs(&self) -> u64 {
-        self.retention_secs
+    /// The first second still inside the retention.
+    fn oldest_retained_sec(&self) -> i64 {
+        self.now_sec() - self.retention_secs as i64 + 1
     }
+
+    // --- snapshots: the processor's state as plain records and back ---
+
+    /// Everything held within the retention: the non-empty seconds, the
+    /// totals of minutes wholly inside the retention (the only ones a query
+    /// reads whole), and the unique-users slots. Sorted, so equal states
+    /// encode to equal bytes.
+    fn snapshot_data(&self) -> SnapshotData {
+        let oldest = self.oldest_retained_sec();
+        let mut types = Vec::new();
+        for entry in self.registry.entries() {
+            let (mut cells, mut minutes) = (Vec::new(), Vec::new());
+            entry.series.for_each_block(|minute, total, seconds| {
+                let start = minute * 60;
+                for (offset, cell) in seconds.iter().enumerate() {
+                    let second = start + offset as u64;
+                    if cell.exact.count > 0 && second as i64 >= oldest {
+                        let Exact {
+                            count,
+                            sum,
+                            min,
+                            max,
+                        } = cell.exact;
+                        cells.push(CellRecord {
+                            second,
+                            count,
+                            sum,
+                            min,
+                            max,
+                            bins: cell.bins.raw().to_vec(),
+                        });
+                    }
+                }
+                if total.exact.count > 0 && start as i64 >= oldest {
+                    let Exact {
+                        count,
+                        sum,
+                        min,
+                        max,
+                    } = total.exact;
+                    minutes.push(MinuteRecord {
+                        minute,
+                        count,
+                        sum,
+                        min,
+                        max,
+                    });
+                }
+            });
+            if cells.is_empty() {
+                continue;
+            }
+            cells.sort_unstable_by_key(|c| c.second);
+            minutes.sort_unstable_by_key(|m| m.minute);
+            types.push(TypeRecord {
+                name: entry.name.to_string(),
+                cells,
+                minutes,
+            });
+        }
+        types.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        SnapshotData {
+            taken_at_unix_secs: self.now_sec(),
+            types,
+            users: self.users.nonzero_slots(),
+        }
+    }
+
+    /// Validates decoded records against this build and configuration, then
+    /// loads them into this fresh processor. Nothing is loaded unless all
+    /// of it is valid. Data older than the retention now is dropped. Returns
+    /// the number of one-second cells loaded.
+    fn apply_snapshot(&mut self, data: SnapshotData) -> Result<usize, SnapshotError> {
+        if data.types.len() > self.config.max_event_types {
+            return Err(SnapshotError::incompatible(format!(
+                "{} event types exceed max_event_types = {}",
+                data.types.len(),
+                self.config.max_event_types
+            )));
+        }
+        let oldest = self.oldest_retained_sec();
+        let mut validated = Vec::with_capacity(data.types.len());
+        for t in data.types {
+            if t.name.is_empty() || t.name.len() > self.config.max_field_bytes || t.name == TOTAL {
+                return Err(SnapshotError::corrupt(format!(
+                    "invalid event type name {:?}",
+                    t.name
+                )));
+            }
+            let minutes = restored_minutes(&t, oldest)?;
+            validated.push((t.name, minutes));
+        }
+        let users = SlidingHll::from_slots(&data.users).map_err(SnapshotError::corrupt)?;
+
+        let mut loaded = 0;
+        for (name, minutes) in validated {
+            if minutes.is_empty() {
+                continue;
+            }
+            loaded += minutes.iter().map(|m| m.2.len()).sum::<usize>();
+            self.registry
+                .with_entry(&name, |entry| {
+                    for (minute, total, seconds) in minutes {
+                        entry.series.load_minute(minute, total, seconds);
+                    }
+                })
+                .map_err(|_| SnapshotError::incompatible("too many event types"))?;
+        }
+        self.users = users;
+        tracing::debug!(
+            taken_at = data.taken_at_unix_secs,
+            loaded,
+            "snapshot applied"
+        );
+        Ok(loaded)
+    }
+}
+
+/// A minute ready to load: `(minute, total, [(second of minute, cell)])`.
+type RestoredMinute = (u64, Cell, Vec<(usize, Cell)>);
+
+/// Checks one type's records and groups its retained seconds by minute.
+///
+/// A second cell must be what ingest can produce: a positive count that its
+/// sketch agrees with, finite `min <= max` (accepted values are finite) and
+/// a sum that is not NaN (a sum of finite values may overflow to ±infinity,
+/// but from then on it stays there). A stored minute total must agree with
+/// its seconds on count, min and max; its sum is taken as stored, because
+/// the seconds summed in another order may differ in the last bits.
+fn restored_minutes(t: &TypeRecord, oldest: i64) -> Result<Vec<RestoredMinute>, SnapshotError> {
+    let inconsistent =
+        |what: &str, at: u64| SnapshotError::corrupt(format!("{what} for {:?} at {at}", t.name));
+    let mut minutes: Vec<RestoredMinute> = Vec::new();
+    let mut previous = None;
+    for c in &t.cells {
+        if previous.is_some_and(|p| p >= c.second) {
+            return Err(inconsistent("cells out of order", c.second));
+        }
+        previous = Some(c.second);
+        let bins = Bins::from_raw(c.bins.clone()).map_err(SnapshotError::corrupt)?;
+        if c.count == 0
+            || bins.total() != c.count
+            || !c.min.is_finite()
+            || !c.max.is_finite()
+            || c.min > c.max
+            || c.sum.is_nan()
+        {
+            return Err(inconsistent("inconsistent cell", c.second));
+        }
+        if (c.second as i64) < oldest {
+            continue;
+        }
+        let cell = Cell {
+            exact: Exact {
+                count: c.count,
+                sum: c.sum,
+                min: c.min,
+                max: c.max,
+            },
+            bins,
+        };
+        let (minute, offset) = (c.second / 60, (c.second % 60) as usize);
+        match minutes.last_mut() {
+            Some((m, total, seconds)) if *m == minute => {
+                total.merge_from(&cell);
+                seconds.push((offset, cell));
+            }
+            _ => minutes.push((minute, cell.clone(), vec![(offset, cell)])),
+        }
+    }
+    let mut previous = None;
+    for record in &t.minutes {
+        if previous.is_some_and(|p| p >= record.minute) {
+            return Err(inconsistent("minute totals out of order", record.minute));
+        }
+        previous = Some(record.minute);
+        if record.minute.saturating_mul(60) as i64 >= oldest {
+            let rebuilt = minutes
+                .iter_mut()
+                .find(|(m, _, _)| *m == record.minute)
+                .map(|(_, total, _)| total);
+            let Some(total) = rebuilt else {
+                return Err(inconsistent("minute total without seconds", record.minute));
+            };
+            if total.exact.count != record.count
+                || total.exact.min != record.min
+                || total.exact.max != record.max
+                || record.sum.is_nan()
+            {
+                return Err(inconsistent("inconsistent minute total", record.minute));
+            }
+            // The stored values, bit for bit (a zero's sign included).
+            total.exact = Exact {
+                count: record.count,
+                sum: record.sum,
+                min: record.min,
+                max: record.max,
+            };
+        }
+    }
+    Ok(minutes)
 }

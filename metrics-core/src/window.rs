@@ -46,12 +46,13 @@ impl Exact {
             return;
         }
         if self.count == 0 {
-            self.min = other.min;
-            self.max = other.max;
-        } else {
-            self.min = self.min.min(other.min);
-            self.max = self.max.max(other.max);
+            // Copied, not added to 0.0: `0.0 + -0.0` is `+0.0`, and a
+            // single `-0.0` must come back as `-0.0`.
+            *self = *other;
+            return;
         }
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
         self.count += other.count;
         self.sum += other.sum;
     }
@@ -193,20 +194,21 @@ impl Series {
         }
     }
 
-    /// Calls `f(minute, seconds)` for each block holding data, under its lock.
-    pub(crate) fn for_each_block(&self, mut f: impl FnMut(u64, &[Cell; 60])) {
+    /// Calls `f(minute, total, seconds)` for each block holding data, under
+    /// its lock.
+    pub(crate) fn for_each_block(&self, mut f: impl FnMut(u64, &Cell, &[Cell; 60])) {
         for block in self.blocks.iter() {
             let block = block.lock();
             if block.minute != EMPTY {
-                f(block.minute, &block.seconds);
+                f(block.minute, &block.total, &block.seconds);
             }
         }
     }
 
-    /// Loads one second cell from a snapshot (the block must be fresh or hold
-    /// `minute`); recomputes the minute total.
-    pub(crate) fn load_cell(&self, second: u64, cell: Cell) {
-        let minute = second / 60;
+    /// Loads one minute from a snapshot into a fresh series: its total and
+    /// its `(second of minute, cell)`s. Ignored if the ring slot already
+    /// holds a later minute.
+    pub(crate) fn load_minute(&self, minute: u64, total: Cell, seconds: Vec<(usize, Cell)>) {
         let mut block = self.block(minute).lock();
         if block.minute != minute {
             if block.minute != EMPTY && block.minute > minute {
@@ -214,8 +216,12 @@ impl Series {
             }
             block.reset(minute);
         }
-        block.total.merge_from(&cell);
-        block.seconds[(second % 60) as usize] = cell;
+        block.total = total;
+        for (offset, cell) in seconds {
+            if let Some(slot) = block.seconds.get_mut(offset) {
+                *slot = cell;
+            }
+        }
     }
 
     /// Heap bytes held by this series (blocks, cells and bins).

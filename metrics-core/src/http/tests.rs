@@ -297,3 +297,193 @@ async fn metrics_health_and_routing() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["rejected"][0]["reason"], "shut_down");
 }
+
+/// Finite `f64`s of every class, at full precision: normal, subnormal, both
+/// zeros, and the extremes (whose sums overflow).
+fn full_precision() -> impl proptest::strategy::Strategy<Value = f64> {
+    use proptest::prelude::*;
+    prop_oneof![
+        8 => prop::num::f64::NORMAL | prop::num::f64::POSITIVE | prop::num::f64::NEGATIVE,
+        1 => prop::num::f64::SUBNORMAL | prop::num::f64::ZERO,
+        1 => prop::sample::select(vec![f64::MAX, -f64::MAX, f64::MIN_POSITIVE, -0.0, 0.0, 218.781_037_337_688_62]),
+    ]
+}
+
+/// What `aggregates` must say for one type whose values arrived in this
+/// order within one second: the processor's own fold, in the same order.
+fn expected_exact(values: &[f64]) -> (f64, f64, f64) {
+    let (mut min, mut max, mut sum) = (values[0], values[0], values[0]);
+    for &v in &values[1..] {
+        min = min.min(v);
+        max = max.max(v);
+        sum += v;
+    }
+    (min, max, sum)
+}
+
+/// `null` stands for a non-finite result (JSON has no infinity).
+fn bits_of(value: &Value) -> Option<u64> {
+    value.as_f64().map(f64::to_bits)
+}
+
+fn expect_bits(got: &Value, want: f64) -> Option<u64> {
+    want.is_finite().then_some(want.to_bits()).or_else(|| {
+        // A non-finite value must come back as null, not as a number.
+        assert!(got.is_null(), "non-finite {want} came back as {got}");
+        None
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Defect: min/max/sum came back 1–2 ulp off (JSON floats were parsed
+    /// with a fast but inexact algorithm). Every value must survive
+    /// ingest → `/v1/aggregates` bit for bit.
+    #[test]
+    fn full_precision_values_come_back_bit_identical(
+        types in proptest::collection::vec(proptest::collection::vec(full_precision(), 1..4), 1..6),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let svc = service();
+            // One timestamp for all: each type's values land in one second,
+            // in body order, so the expected sum is a plain left fold.
+            let timestamp = now();
+            let mut lines = Vec::new();
+            for (t, values) in types.iter().enumerate() {
+                for &value in values {
+                    lines.push(json!({
+                        "timestamp": timestamp, "user_id": "u", "event_type": format!("t{t}"), "value": value,
+                    }).to_string());
+                }
+            }
+            let (status, report) =
+                call(&svc, Method::POST, "/v1/events", Some("application/x-ndjson"), lines.join("\n")).await;
+            assert_eq!(status, StatusCode::OK, "{report}");
+            assert_eq!(report["accepted"], lines.len());
+            let (status, m) = call(&svc, Method::GET, "/v1/aggregates?minutes=1", None, String::new()).await;
+            assert_eq!(status, StatusCode::OK);
+            for (t, values) in types.iter().enumerate() {
+                let (min, max, sum) = expected_exact(values);
+                for (stat, want) in [("min", min), ("max", max), ("sum", sum)] {
+                    let got = &m[format!("t{t}.{stat}")];
+                    assert_eq!(bits_of(got), expect_bits(got, want), "t{t}.{stat}: {got} vs {want:e} ({values:?})");
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn malformed_json_lines_are_counted_in_metrics() {
+    let svc = service();
+    let body = [event("a", 1.0), "{broken".into(), "[]".into()].join("\n");
+    let (status, _) = call(
+        &svc,
+        Method::POST,
+        "/v1/events",
+        Some("application/x-ndjson"),
+        body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    call(&svc, Method::POST, "/v1/events", None, "{nope".into()).await;
+    let (_, text) = call(&svc, Method::GET, "/metrics", None, String::new()).await;
+    let text = text.as_str().unwrap().to_owned();
+    assert!(
+        text.contains(r#"metrics_events_rejected_total{reason="malformed_json"} 3"#),
+        "{text}"
+    );
+    assert!(text.contains("metrics_events_accepted_total 1"), "{text}");
+}
+
+/// A clock that, once armed, holds the first reading until a token arrives
+/// from the test's other task: if ingest ran on the (only) runtime thread,
+/// that task could never run and the reading would time out.
+#[derive(Debug)]
+struct GateClock {
+    at: std::time::SystemTime,
+    gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    timed_out: std::sync::atomic::AtomicBool,
+}
+
+impl time_kit::Clock for GateClock {
+    fn now(&self) -> std::time::SystemTime {
+        let gate = self.gate.lock().unwrap().take();
+        if let Some(gate) = gate
+            && gate.recv_timeout(Duration::from_secs(10)).is_err()
+        {
+            self.timed_out
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.at
+    }
+}
+
+/// Defect: a large NDJSON body was parsed and ingested inside the request's
+/// future, stalling every other task on that runtime thread.
+#[test]
+fn a_large_body_is_ingested_off_the_runtime_thread_and_exactly() {
+    let at = std::time::SystemTime::now();
+    let (token, gate) = std::sync::mpsc::channel();
+    let clock = Arc::new(GateClock {
+        at,
+        gate: std::sync::Mutex::new(Some(gate)),
+        timed_out: std::sync::atomic::AtomicBool::new(false),
+    });
+    let processor = Arc::new(MetricsProcessor::new(
+        Config::default().with_clock(SharedGate(Arc::clone(&clock))),
+    ));
+    let svc = MetricsService::new(processor, HttpConfig::default());
+    let timestamp = DateTime::<Utc>::from(at).to_rfc3339();
+    let lines: Vec<String> = (0..4_000)
+        .map(|i| {
+            json!({"timestamp": timestamp, "user_id": format!("u{i}"), "event_type": "big", "value": i})
+                .to_string()
+        })
+        .collect();
+    let body = lines.join("\n");
+    assert!(
+        body.len() > 2 * DEFAULT_BLOCKING_INGEST_BYTES,
+        "the body must count as large"
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (status, report) = runtime.block_on(async {
+        // Runs only when the ingesting request yields the runtime thread.
+        let other = tokio::spawn(async move { token.send(()).is_ok() });
+        let result = call(
+            &svc,
+            Method::POST,
+            "/v1/events",
+            Some("application/x-ndjson"),
+            body,
+        )
+        .await;
+        other.await.unwrap();
+        result
+    });
+    assert!(
+        !clock.timed_out.load(std::sync::atomic::Ordering::SeqCst),
+        "the runtime thread was blocked while the body was ingested"
+    );
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report, json!({"accepted": 4_000, "rejected": []}));
+    let m = svc.processor().aggregates(1).unwrap();
+    assert_eq!(m["big.count"], 4_000.0);
+    assert_eq!(m["big.sum"], (0..4_000).sum::<i32>() as f64);
+    assert_eq!(m["big.min"], 0.0);
+    assert_eq!(m["big.max"], 3_999.0);
+}
+
+#[derive(Debug)]
+struct SharedGate(Arc<GateClock>);
+
+impl time_kit::Clock for SharedGate {
+    fn now(&self) -> std::time::SystemTime {
+        self.0.now()
+    }
+}
