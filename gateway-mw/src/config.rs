@@ -2,30 +2,301 @@
 //! `docs/gateway-mw/CONFIG.md`. Every section but `[jwt]`, `[[routes]]` and
 //! `[upstreams]` is optional and has defaults.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
-/// Why a configuration could not be loaded.
+/// Why a configuration could not be loaded or built. Each variant keeps the
+/// error that caused it as its [`source`](std::error::Error::source).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file could not be read.
+    /// A file could not be read (the configuration, a key, the audit log).
     #[error("cannot read {path}: {source}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
+        #[source]
         source: std::io::Error,
     },
-    /// The TOML is invalid or does not match the schema.
-    #[error("invalid configuration: {0}")]
-    Parse(String),
+    /// The TOML is invalid or does not match the schema (unknown keys, a
+    /// value outside a field's allowed values, a wrong type).
+    #[error("invalid configuration: {source}")]
+    Parse {
+        /// The TOML error, with the line, the field and what is allowed.
+        #[source]
+        source: toml::de::Error,
+    },
     /// The configuration is well-formed but inconsistent.
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
+    #[error("invalid configuration: {field}: {reason}")]
+    Invalid {
+        /// The key or section at fault, as written in the file
+        /// (e.g. `[redis] on_failure`, `[[routes]] GET /v1/x`).
+        field: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// An environment variable a key names is unset or not UTF-8.
+    #[error("invalid configuration: {field}: environment variable {var}: {source}")]
+    Env {
+        /// The key naming the variable.
+        field: String,
+        /// The variable.
+        var: String,
+        /// Why it could not be read.
+        #[source]
+        source: std::env::VarError,
+    },
+    /// A JWT verification key (or the JWKS file) was refused.
+    #[error("invalid configuration: [jwt]: {source}")]
+    Key {
+        /// The key error.
+        #[source]
+        source: crate::jwt::KeyError,
+    },
+    /// `[tokens]` could not make a signing key.
+    #[error("invalid configuration: [tokens]: {source}")]
+    Signing {
+        /// The token error.
+        #[source]
+        source: crate::token::TokenError,
+    },
+    /// The roles do not compile into a policy (unknown parent, cycle, bad
+    /// permission).
+    #[error("invalid configuration: [roles]: {source}")]
+    Policy {
+        /// The policy error.
+        #[source]
+        source: crate::rbac::PolicyError,
+    },
+    /// A route template is invalid or routed twice.
+    #[error("invalid configuration: {route}: {source}")]
+    Route {
+        /// The route, as `[[routes]] METHOD path` (or `built-in METHOD path`).
+        route: String,
+        /// The router's error.
+        #[source]
+        source: crate::router::RouteError,
+    },
+    /// `[cors]` is refused.
+    #[error("invalid configuration: [cors]: {source}")]
+    Cors {
+        /// The CORS error.
+        #[source]
+        source: crate::http::CorsConfigError,
+    },
+    /// `trusted_proxies` holds something that is not a CIDR.
+    #[error("invalid configuration: trusted_proxies: {source}")]
+    TrustedProxies {
+        /// The parse error.
+        #[source]
+        source: crate::client_ip::InvalidCidr,
+    },
+    /// The audit log could not be opened or its writer started.
+    #[error("cannot start the audit log at {target}: {source}")]
+    Audit {
+        /// `stdout` or the file.
+        target: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `[redis]` could not be reached or is malformed.
+    #[error("invalid configuration: [redis]: {reason}")]
+    Redis {
+        /// What failed.
+        reason: String,
+        /// The client's error, if there was one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+/// What kind of failure a [`ConfigError`] is, to match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigErrorKind {
+    /// [`ConfigError::Read`].
+    Read,
+    /// [`ConfigError::Parse`].
+    Parse,
+    /// [`ConfigError::Invalid`].
+    Invalid,
+    /// [`ConfigError::Env`].
+    Env,
+    /// [`ConfigError::Key`].
+    Key,
+    /// [`ConfigError::Signing`].
+    Signing,
+    /// [`ConfigError::Policy`].
+    Policy,
+    /// [`ConfigError::Route`].
+    Route,
+    /// [`ConfigError::Cors`].
+    Cors,
+    /// [`ConfigError::TrustedProxies`].
+    TrustedProxies,
+    /// [`ConfigError::Audit`].
+    Audit,
+    /// [`ConfigError::Redis`].
+    Redis,
+}
+
+impl ConfigError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ConfigErrorKind {
+        match self {
+            ConfigError::Read { .. } => ConfigErrorKind::Read,
+            ConfigError::Parse { .. } => ConfigErrorKind::Parse,
+            ConfigError::Invalid { .. } => ConfigErrorKind::Invalid,
+            ConfigError::Env { .. } => ConfigErrorKind::Env,
+            ConfigError::Key { .. } => ConfigErrorKind::Key,
+            ConfigError::Signing { .. } => ConfigErrorKind::Signing,
+            ConfigError::Policy { .. } => ConfigErrorKind::Policy,
+            ConfigError::Route { .. } => ConfigErrorKind::Route,
+            ConfigError::Cors { .. } => ConfigErrorKind::Cors,
+            ConfigError::TrustedProxies { .. } => ConfigErrorKind::TrustedProxies,
+            ConfigError::Audit { .. } => ConfigErrorKind::Audit,
+            ConfigError::Redis { .. } => ConfigErrorKind::Redis,
+        }
+    }
+
+    /// An inconsistency in `field`.
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Reads one of a fixed set of strings, refusing any other with an error
+/// that names the field and lists the allowed values.
+fn choice<'de, D, T: Copy>(
+    deserializer: D,
+    field: &str,
+    allowed: &[(&str, T)],
+    hint: &str,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let value = String::deserialize(deserializer)?;
+    allowed
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<String> = allowed.iter().map(|(n, _)| format!("{n:?}")).collect();
+            serde::de::Error::custom(format!(
+                "{field}: unknown value {value:?}; allowed: {}{hint}",
+                names.join(", ")
+            ))
+        })
+}
+
+/// `[[jwt.keys]] alg`: the one algorithm a key verifies (and signs with,
+/// for `[tokens] signing_kid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAlgorithm {
+    /// `HS256`: HMAC-SHA-256 with a shared secret.
+    Hs256,
+    /// `RS256`: RSA PKCS#1 v1.5 with SHA-256.
+    Rs256,
+    /// `ES256`: ECDSA P-256 with SHA-256.
+    Es256,
+    /// `EdDSA`: Ed25519.
+    EdDsa,
+}
+
+impl KeyAlgorithm {
+    /// The verifier's algorithm.
+    pub fn key_alg(self) -> crate::jwt::KeyAlg {
+        match self {
+            KeyAlgorithm::Hs256 => crate::jwt::KeyAlg::Hs256,
+            KeyAlgorithm::Rs256 => crate::jwt::KeyAlg::Rs256,
+            KeyAlgorithm::Es256 => crate::jwt::KeyAlg::Es256,
+            KeyAlgorithm::EdDsa => crate::jwt::KeyAlg::EdDsa,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key_alg().as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyAlgorithm {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        choice(
+            d,
+            "[[jwt.keys]] alg",
+            &[
+                ("HS256", KeyAlgorithm::Hs256),
+                ("RS256", KeyAlgorithm::Rs256),
+                ("ES256", KeyAlgorithm::Es256),
+                ("EdDSA", KeyAlgorithm::EdDsa),
+            ],
+            "",
+        )
+    }
+}
+
+/// `[redis] on_failure`: what a rate-limit check does when Redis fails or
+/// times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RedisFailure {
+    /// `local`: a per-instance limiter with the same quota (the default).
+    #[default]
+    Local,
+    /// `open`: allow.
+    Open,
+    /// `closed`: deny.
+    Closed,
+}
+
+impl<'de> Deserialize<'de> for RedisFailure {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        choice(
+            d,
+            "[redis] on_failure",
+            &[
+                ("local", RedisFailure::Local),
+                ("open", RedisFailure::Open),
+                ("closed", RedisFailure::Closed),
+            ],
+            "",
+        )
+    }
+}
+
+/// `[audit] sink`: where audit records go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuditSinkKind {
+    /// `stdout`: JSON lines on standard output (the default).
+    #[default]
+    Stdout,
+    /// `file`: appended to `[audit] path`, mode 0600, the chain continued
+    /// across restarts.
+    File,
+}
+
+impl<'de> Deserialize<'de> for AuditSinkKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        choice(
+            d,
+            "[audit] sink",
+            &[
+                ("stdout", AuditSinkKind::Stdout),
+                ("file", AuditSinkKind::File),
+            ],
+            " (a file sink names its file in [audit] path)",
+        )
+    }
 }
 
 /// The whole file.
@@ -93,8 +364,8 @@ pub struct RedisSection {
     #[serde(default = "default_redis_timeout")]
     pub timeout_ms: u64,
     /// When Redis fails: `local` (a per-instance limiter, default), `open` or `closed`.
-    #[serde(default = "default_on_failure")]
-    pub on_failure: String,
+    #[serde(default)]
+    pub on_failure: RedisFailure,
 }
 
 fn default_redis_prefix() -> String {
@@ -102,9 +373,6 @@ fn default_redis_prefix() -> String {
 }
 fn default_redis_timeout() -> u64 {
     20
-}
-fn default_on_failure() -> String {
-    "local".into()
 }
 
 fn default_listen() -> SocketAddr {
@@ -147,7 +415,7 @@ pub struct KeyEntry {
     /// The key id tokens name in `kid`.
     pub kid: String,
     /// `HS256`, `RS256`, `ES256` or `EdDSA`: the one algorithm this key verifies.
-    pub alg: String,
+    pub alg: KeyAlgorithm,
     /// HS256: the secret, inline (for demos).
     #[serde(default)]
     pub secret: Option<String>,
@@ -348,9 +616,12 @@ pub struct CorsSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSection {
-    /// `stdout`, or a file path (appended, chained across restarts). Default `stdout`.
-    #[serde(default = "default_audit_sink")]
-    pub sink: String,
+    /// `stdout` (the default) or `file`.
+    #[serde(default)]
+    pub sink: AuditSinkKind,
+    /// The file, for `sink = "file"` (appended, chained across restarts).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
     /// Queue capacity. Default 10,000.
     #[serde(default = "default_audit_queue")]
     pub queue: usize,
@@ -359,15 +630,13 @@ pub struct AuditSection {
 impl Default for AuditSection {
     fn default() -> Self {
         AuditSection {
-            sink: default_audit_sink(),
+            sink: AuditSinkKind::Stdout,
+            path: None,
             queue: default_audit_queue(),
         }
     }
 }
 
-fn default_audit_sink() -> String {
-    "stdout".into()
-}
 fn default_audit_queue() -> usize {
     10_000
 }
@@ -415,62 +684,247 @@ impl GatewayConfig {
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         let config: GatewayConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            toml::from_str(text).map_err(|source| ConfigError::Parse { source })?;
         config.validate()?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks everything that can be checked without touching files, the
+    /// environment or the network: every reference resolves, every value is
+    /// in range, no key is set where it would be ignored. [`load`](Self::load),
+    /// [`parse`](Self::parse) and `GatewayServer::build` all run it, so a
+    /// configuration assembled in code is held to the same rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+            ConfigError::invalid(field, reason)
+        }
+        let at_least_one = |field: &str, value: u64| {
+            if value == 0 {
+                Err(invalid(field, "must be at least 1"))
+            } else {
+                Ok(())
+            }
+        };
+
+        // [jwt]
+        if self.jwt.keys.is_empty() && self.jwt.jwks_file.is_none() {
+            return Err(invalid(
+                "[jwt]",
+                "needs at least one [[jwt.keys]] or a jwks_file",
+            ));
+        }
+        for key in &self.jwt.keys {
+            let field = format!("[[jwt.keys]] {:?}", key.kid);
+            match key.alg {
+                KeyAlgorithm::Hs256 => {
+                    match (&key.secret, &key.secret_env) {
+                        (Some(_), Some(_)) => {
+                            return Err(invalid(field, "set secret or secret_env, not both"));
+                        }
+                        (None, None) => {
+                            return Err(invalid(field, "HS256 needs secret or secret_env"));
+                        }
+                        _ => {}
+                    }
+                    if key.public_key_pem.is_some() {
+                        return Err(invalid(field, "HS256 takes no public_key_pem"));
+                    }
+                }
+                alg => {
+                    if key.public_key_pem.is_none() {
+                        return Err(invalid(field, format!("{alg} needs public_key_pem")));
+                    }
+                    if key.secret.is_some() || key.secret_env.is_some() {
+                        return Err(invalid(field, format!("{alg} takes no secret")));
+                    }
+                }
+            }
+        }
+
+        // [tokens]
+        let t = &self.tokens;
+        match &t.signing_kid {
+            Some(kid) => match self.jwt.keys.iter().find(|k| &k.kid == kid) {
+                None => {
+                    return Err(invalid(
+                        "[tokens] signing_kid",
+                        format!("{kid:?} must name a key in [[jwt.keys]]"),
+                    ));
+                }
+                Some(k) if k.alg != KeyAlgorithm::Hs256 && t.private_key_pem.is_none() => {
+                    return Err(invalid(
+                        "[tokens] signing_kid",
+                        format!("{kid:?} is {}: set [tokens] private_key_pem", k.alg),
+                    ));
+                }
+                Some(k) if k.alg == KeyAlgorithm::Hs256 && t.private_key_pem.is_some() => {
+                    return Err(invalid(
+                        "[tokens] private_key_pem",
+                        format!(
+                            "{kid:?} is HS256 and signs with its secret; remove private_key_pem"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            },
+            None if t.private_key_pem.is_some() => {
+                return Err(invalid(
+                    "[tokens] private_key_pem",
+                    "is set but signing_kid is not",
+                ));
+            }
+            None => {}
+        }
+        at_least_one("[tokens] access_ttl_secs", t.access_ttl_secs)?;
+        at_least_one("[tokens] refresh_idle_ttl_secs", t.refresh_idle_ttl_secs)?;
+        at_least_one(
+            "[tokens] refresh_absolute_ttl_secs",
+            t.refresh_absolute_ttl_secs,
+        )?;
+        if t.refresh_idle_ttl_secs > t.refresh_absolute_ttl_secs {
+            return Err(invalid(
+                "[tokens] refresh_idle_ttl_secs",
+                "must not exceed refresh_absolute_ttl_secs",
+            ));
+        }
+
+        // [[users]] and [[api_keys]]
+        let role_exists = |field: &str, roles: &[String]| match roles
+            .iter()
+            .find(|r| !self.roles.contains_key(*r))
+        {
+            Some(r) => Err(invalid(
+                field,
+                format!("role {r:?} is not defined in [roles]"),
+            )),
+            None => Ok(()),
+        };
+        let mut names = HashSet::new();
+        for user in &self.users {
+            let field = format!("[[users]] {:?}", user.name);
+            if !names.insert(user.name.as_str()) {
+                return Err(invalid(field, "defined twice"));
+            }
+            role_exists(&field, &user.roles)?;
+        }
+        let mut ids = HashSet::new();
+        for key in &self.api_keys {
+            let field = format!("[[api_keys]] {:?}", key.id);
+            if !ids.insert(key.id.as_str()) {
+                return Err(invalid(field, "defined twice"));
+            }
+            match (&key.key, &key.key_env) {
+                (Some(_), Some(_)) => return Err(invalid(field, "set key or key_env, not both")),
+                (None, None) => return Err(invalid(field, "needs key or key_env")),
+                _ => {}
+            }
+            role_exists(&field, &key.roles)?;
+        }
+
+        // [[routes]] and [upstreams]
         for route in &self.routes {
+            let field = format!("[[routes]] {} {}", route.method, route.path);
+            if route.method != "*" && http::Method::from_bytes(route.method.as_bytes()).is_err() {
+                return Err(invalid(field, "method must be an HTTP method or *"));
+            }
+            if !is_permission(&route.permission) {
+                return Err(invalid(
+                    field,
+                    format!("permission {:?} is not resource:action", route.permission),
+                ));
+            }
             if !self.upstreams.contains_key(&route.upstream) {
-                return Err(ConfigError::Invalid(format!(
-                    "route {} {} names unknown upstream {:?}",
-                    route.method, route.path, route.upstream
-                )));
+                return Err(invalid(
+                    field,
+                    format!("unknown upstream {:?}", route.upstream),
+                ));
+            }
+            if route.json && !route.content_types.is_empty() {
+                return Err(invalid(
+                    field,
+                    "json = true accepts application/json only; remove content_types",
+                ));
+            }
+            if let Some(q) = route.quota_per_minute {
+                at_least_one(&format!("{field} quota_per_minute"), q.into())?;
             }
         }
         for (name, upstream) in &self.upstreams {
-            if !upstream.url.starts_with("http://") {
-                return Err(ConfigError::Invalid(format!(
-                    "upstream {name:?}: only http:// URLs are supported, got {:?}",
-                    upstream.url
-                )));
+            let field = format!("[upstreams.{name}]");
+            let authority = upstream
+                .url
+                .strip_prefix("http://")
+                .map(|rest| rest.split('/').next().unwrap_or_default());
+            match authority {
+                None => {
+                    return Err(invalid(
+                        format!("{field} url"),
+                        format!("only http:// URLs are supported, got {:?}", upstream.url),
+                    ));
+                }
+                Some(a) if a.is_empty() || a.parse::<http::uri::Authority>().is_err() => {
+                    return Err(invalid(
+                        format!("{field} url"),
+                        format!("{:?} has no valid host[:port]", upstream.url),
+                    ));
+                }
+                Some(_) => {}
             }
+            at_least_one(&format!("{field} timeout_ms"), upstream.timeout_ms)?;
         }
-        if self.jwt.keys.is_empty() && self.jwt.jwks_file.is_none() {
-            return Err(ConfigError::Invalid(
-                "[jwt] needs at least one key or a jwks_file".into(),
+
+        // [rate_limits], [audit], [admin], [redis]
+        let r = &self.rate_limits;
+        at_least_one(
+            "[rate_limits] per_user_per_minute",
+            r.per_user_per_minute.into(),
+        )?;
+        at_least_one(
+            "[rate_limits] per_api_key_per_minute",
+            r.per_api_key_per_minute.into(),
+        )?;
+        at_least_one(
+            "[rate_limits] per_ip_per_minute",
+            r.per_ip_per_minute.into(),
+        )?;
+        match (self.audit.sink, &self.audit.path) {
+            (AuditSinkKind::File, None) => {
+                return Err(invalid("[audit] path", "sink = \"file\" needs a path"));
+            }
+            (AuditSinkKind::Stdout, Some(_)) => {
+                return Err(invalid("[audit] path", "is only used with sink = \"file\""));
+            }
+            _ => {}
+        }
+        at_least_one("[audit] queue", self.audit.queue as u64)?;
+        if !is_permission(&self.admin.permission) {
+            return Err(invalid(
+                "[admin] permission",
+                format!("{:?} is not resource:action", self.admin.permission),
             ));
         }
         if let Some(redis) = &self.redis {
             if !cfg!(feature = "redis") {
-                return Err(ConfigError::Invalid(
-                    "[redis] is set but this build lacks the `redis` feature".into(),
+                return Err(invalid(
+                    "[redis]",
+                    "is set but this build lacks the `redis` feature",
                 ));
             }
-            if !matches!(redis.on_failure.as_str(), "local" | "open" | "closed") {
-                return Err(ConfigError::Invalid(format!(
-                    "[redis] on_failure must be local, open or closed, got {:?}",
-                    redis.on_failure
-                )));
+            if !(redis.url.starts_with("redis://") || redis.url.starts_with("rediss://")) {
+                return Err(invalid(
+                    "[redis] url",
+                    "must start with redis:// or rediss://",
+                ));
             }
-        }
-        if let Some(kid) = &self.tokens.signing_kid {
-            match self.jwt.keys.iter().find(|k| &k.kid == kid) {
-                None => {
-                    return Err(ConfigError::Invalid(format!(
-                        "[tokens] signing_kid {kid:?} must name a key in [jwt]"
-                    )));
-                }
-                Some(k) if k.alg != "HS256" && self.tokens.private_key_pem.is_none() => {
-                    return Err(ConfigError::Invalid(format!(
-                        "[tokens] signing_kid {kid:?} is {}: set [tokens] private_key_pem",
-                        k.alg
-                    )));
-                }
-                Some(_) => {}
-            }
+            at_least_one("[redis] timeout_ms", redis.timeout_ms)?;
         }
         Ok(())
     }
+}
+
+/// `resource:action`, as `rbac` requires of permissions.
+pub(crate) fn is_permission(permission: &str) -> bool {
+    permission
+        .split_once(':')
+        .is_some_and(|(r, a)| !r.is_empty() && !a.is_empty() && !a.contains(':'))
 }

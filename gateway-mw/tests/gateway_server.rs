@@ -153,7 +153,8 @@ timeout_ms = 2000
 [rate_limits]
 per_user_per_minute = 100000
 [audit]
-sink = "{audit}"
+sink = "file"
+path = "{audit}"
 "#,
         alice = sha256_hex("alice-pw"),
         bob = sha256_hex("bob-pw"),
@@ -458,6 +459,150 @@ async fn the_layers_reuse_the_front_routers_match() {
         status(route("orders:read", json), "application/json").await,
         200
     );
+}
+
+/// Every value that names a choice is one of a fixed set, and every
+/// inconsistency is refused when the file is loaded (or when `build` is
+/// given a configuration assembled in code), with an error naming the field
+/// and, for a choice, the allowed values.
+#[tokio::test]
+async fn each_invalid_configuration_is_refused_naming_the_field() {
+    use gateway_mw::config::ConfigErrorKind as Kind;
+    let base = config_text("http://127.0.0.1:1", "http://127.0.0.1:2");
+    let cases: &[(&str, &str, Kind, &[&str])] = &[
+        (
+            "alg = \"HS256\"",
+            "alg = \"HS512\"",
+            Kind::Parse,
+            &[
+                "[[jwt.keys]] alg",
+                "\"HS512\"",
+                "\"HS256\", \"RS256\", \"ES256\", \"EdDSA\"",
+            ],
+        ),
+        (
+            "[audit]\nsink = \"file\"",
+            "[redis]\nurl = \"redis://127.0.0.1:1\"\non_failure = \"maybe\"\n[audit]\nsink = \"file\"",
+            Kind::Parse,
+            &[
+                "[redis] on_failure",
+                "\"maybe\"",
+                "\"local\", \"open\", \"closed\"",
+            ],
+        ),
+        (
+            "sink = \"file\"",
+            "sink = \"/var/log/audit.jsonl\"",
+            Kind::Parse,
+            &["[audit] sink", "\"stdout\", \"file\"", "[audit] path"],
+        ),
+        (
+            "sink = \"file\"\npath",
+            "sink = \"file\"\n# path",
+            Kind::Invalid,
+            &["[audit] path", "needs a path"],
+        ),
+        (
+            "secret = \"integration",
+            "secret_env = \"X\"\nsecret = \"integration",
+            Kind::Invalid,
+            &["[[jwt.keys]] \"k\"", "not both"],
+        ),
+        (
+            "alg = \"HS256\"",
+            "alg = \"RS256\"",
+            Kind::Invalid,
+            &["[[jwt.keys]] \"k\"", "RS256 needs public_key_pem"],
+        ),
+        (
+            "roles = [\"reader\"]",
+            "roles = [\"raeder\"]",
+            Kind::Invalid,
+            &["[[users]] \"bob\"", "\"raeder\" is not defined"],
+        ),
+        (
+            "name = \"bob\"",
+            "name = \"alice\"",
+            Kind::Invalid,
+            &["[[users]] \"alice\"", "defined twice"],
+        ),
+        (
+            "per_user_per_minute = 100000",
+            "per_user_per_minute = 0",
+            Kind::Invalid,
+            &["[rate_limits] per_user_per_minute", "at least 1"],
+        ),
+        (
+            "method = \"POST\"",
+            "method = \"PO ST\"",
+            Kind::Invalid,
+            &["[[routes]] PO ST", "HTTP method"],
+        ),
+        (
+            "permission = \"orders:write\"",
+            "permission = \"orders\"",
+            Kind::Invalid,
+            &["[[routes]] POST /v1/orders", "resource:action"],
+        ),
+        (
+            "url = \"http://127.0.0.1:2\"",
+            "url = \"https://127.0.0.1:2\"",
+            Kind::Invalid,
+            &["[upstreams.dead] url", "http://"],
+        ),
+        (
+            "signing_kid = \"k\"",
+            "private_key_pem = \"/k.pem\"",
+            Kind::Invalid,
+            &["[tokens] private_key_pem", "signing_kid is not"],
+        ),
+        (
+            "[roles.admin]",
+            "[admin]\npermission = \"admin\"\n[roles.admin]",
+            Kind::Invalid,
+            &["[admin] permission", "resource:action"],
+        ),
+    ];
+    for (from, to, kind, needles) in cases {
+        assert!(base.contains(from), "the case applies: {from}");
+        let text = base.replacen(from, to, 1);
+        let error = GatewayConfig::parse(&text).expect_err(to);
+        let message = error.to_string();
+        assert_eq!(error.kind(), *kind, "{message}");
+        for needle in *needles {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
+    }
+
+    // `build` validates a configuration assembled in code the same way.
+    let mut config = GatewayConfig::parse(&base).unwrap();
+    config.audit.path = None;
+    let error = GatewayServer::build(config).await.unwrap_err();
+    assert_eq!(error.kind(), Kind::Invalid, "{error}");
+    assert!(error.to_string().contains("[audit] path"), "{error}");
+
+    // What needs the environment or a parser is refused at build, with the cause kept.
+    let text = base.replacen(
+        "secret = \"integration-test-secret-0123456789abcdef\"",
+        "secret_env = \"GATEWAY_TEST_SURELY_UNSET_VARIABLE\"",
+        1,
+    );
+    let error = GatewayServer::build(GatewayConfig::parse(&text).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), Kind::Env, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("GATEWAY_TEST_SURELY_UNSET_VARIABLE")
+    );
+    assert!(std::error::Error::source(&error).is_some_and(|s| s.is::<std::env::VarError>()));
+    let text = base.replacen("[jwt]", "trusted_proxies = [\"not-a-cidr\"]\n[jwt]", 1);
+    let error = GatewayServer::build(GatewayConfig::parse(&text).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), Kind::TrustedProxies, "{error}");
+    assert!(std::error::Error::source(&error).is_some());
 }
 
 /// Soft open-file limit, to size the drain test on machines with a low one.

@@ -20,7 +20,9 @@ use super::routes::{Handler, Matched, build_table};
 use super::{BoxedService, GatewayServer, State};
 use crate::audit::{AuditChain, AuditLog, FileWriter, StdoutWriter};
 use crate::client_ip::TrustedProxies;
-use crate::config::{ConfigError, GatewayConfig, KeyEntry};
+#[cfg(feature = "redis")]
+use crate::config::RedisFailure;
+use crate::config::{AuditSinkKind, ConfigError, GatewayConfig, KeyAlgorithm, KeyEntry};
 use crate::http::{
     ApiKeys, AuthLayer, AuthzLayer, ClientIpLayer, CorsConfig, GatewayMetrics, GatewayParts,
     MetricsLayer, RateLimitLayer, RateLimits, SecurityHeadersLayer, ValidationConfig,
@@ -31,35 +33,58 @@ use crate::ratelimit::Quota;
 use crate::rbac::{PolicyConfig, RoleDef};
 use crate::token::{MemoryStore, TokenConfig, TokenService};
 
-fn key_from_entry(entry: &KeyEntry) -> Result<VerifyingKey, ConfigError> {
-    let invalid =
-        |why: String| ConfigError::Invalid(format!("[[jwt.keys]] {:?}: {why}", entry.kid));
-    match entry.alg.as_str() {
-        "HS256" => {
-            let secret = match (&entry.secret, &entry.secret_env) {
-                (Some(s), _) => s.clone(),
-                (None, Some(var)) => std::env::var(var)
-                    .map_err(|_| invalid(format!("environment variable {var} is not set")))?,
-                (None, None) => return Err(invalid("HS256 needs secret or secret_env".into())),
-            };
-            Ok(VerifyingKey::hs256(entry.kid.clone(), secret.as_bytes()))
-        }
-        alg @ ("RS256" | "ES256" | "EdDSA") => {
-            let path = entry
-                .public_key_pem
-                .as_ref()
-                .ok_or_else(|| invalid(format!("{alg} needs public_key_pem")))?;
-            let pem =
-                std::fs::read(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
-            let key = match alg {
-                "RS256" => VerifyingKey::rs256_pem(entry.kid.clone(), &pem),
-                "ES256" => VerifyingKey::es256_pem(entry.kid.clone(), &pem),
-                _ => VerifyingKey::eddsa_pem(entry.kid.clone(), &pem),
-            };
-            key.map_err(|e| invalid(e.to_string()))
-        }
-        other => Err(invalid(format!("unsupported alg {other:?}"))),
+/// Reads a value given inline or through an environment variable
+/// (`validate` ensured exactly one is set).
+fn inline_or_env(
+    field: &str,
+    inline: Option<&String>,
+    env: Option<&String>,
+) -> Result<String, ConfigError> {
+    match (inline, env) {
+        (Some(value), _) => Ok(value.clone()),
+        (None, Some(var)) => std::env::var(var).map_err(|source| ConfigError::Env {
+            field: field.to_owned(),
+            var: var.clone(),
+            source,
+        }),
+        (None, None) => Err(ConfigError::invalid(
+            field,
+            "no value and no environment variable",
+        )),
     }
+}
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn hs256_secret(entry: &KeyEntry) -> Result<String, ConfigError> {
+    let field = format!("[[jwt.keys]] {:?} secret_env", entry.kid);
+    inline_or_env(&field, entry.secret.as_ref(), entry.secret_env.as_ref())
+}
+
+fn key_from_entry(entry: &KeyEntry) -> Result<VerifyingKey, ConfigError> {
+    let key = |source| ConfigError::Key { source };
+    let kid = entry.kid.clone();
+    if entry.alg == KeyAlgorithm::Hs256 {
+        return Ok(VerifyingKey::hs256(kid, hs256_secret(entry)?.as_bytes()));
+    }
+    let path = entry.public_key_pem.as_ref().ok_or_else(|| {
+        ConfigError::invalid(
+            format!("[[jwt.keys]] {:?}", entry.kid),
+            format!("{} needs public_key_pem", entry.alg),
+        )
+    })?;
+    let pem = read_file(path)?;
+    match entry.alg {
+        KeyAlgorithm::Rs256 => VerifyingKey::rs256_pem(kid, &pem),
+        KeyAlgorithm::Es256 => VerifyingKey::es256_pem(kid, &pem),
+        KeyAlgorithm::EdDsa | KeyAlgorithm::Hs256 => VerifyingKey::eddsa_pem(kid, &pem),
+    }
+    .map_err(key)
 }
 
 /// How `[tokens] signing_kid` signs: with its HS256 secret, or with the
@@ -70,50 +95,32 @@ fn signing_config(config: &GatewayConfig, kid: &str) -> Result<TokenConfig, Conf
         .keys
         .iter()
         .find(|k| k.kid == kid)
-        .ok_or_else(|| ConfigError::Invalid(format!("no key {kid:?}")))?;
+        .ok_or_else(|| ConfigError::invalid("[tokens] signing_kid", format!("no key {kid:?}")))?;
     let issuer = config.jwt.issuer.clone().unwrap_or_default();
     let audience = config.jwt.audience.clone().unwrap_or_default();
-    let alg = match entry.alg.as_str() {
-        "HS256" => {
-            let secret = match (&entry.secret, &entry.secret_env) {
-                (Some(s), _) => s.as_bytes().to_vec(),
-                (None, Some(var)) => std::env::var(var)
-                    .map(String::into_bytes)
-                    .map_err(|_| ConfigError::Invalid(format!("{var} is not set")))?,
-                (None, None) => {
-                    return Err(ConfigError::Invalid(format!("key {kid:?} has no secret")));
-                }
-            };
-            return Ok(TokenConfig::hs256(issuer, audience, kid, &secret));
-        }
-        "RS256" => crate::jwt::KeyAlg::Rs256,
-        "ES256" => crate::jwt::KeyAlg::Es256,
-        "EdDSA" => crate::jwt::KeyAlg::EdDsa,
-        other => {
-            return Err(ConfigError::Invalid(format!(
-                "key {kid:?}: unknown alg {other:?}"
-            )));
-        }
-    };
+    if entry.alg == KeyAlgorithm::Hs256 {
+        let secret = hs256_secret(entry)?;
+        return Ok(TokenConfig::hs256(issuer, audience, kid, secret.as_bytes()));
+    }
     let path = config.tokens.private_key_pem.as_ref().ok_or_else(|| {
-        ConfigError::Invalid(format!(
-            "[tokens] signing_kid {kid:?} is {}: set [tokens] private_key_pem",
-            entry.alg
-        ))
+        ConfigError::invalid(
+            "[tokens] signing_kid",
+            format!("{kid:?} is {}: set [tokens] private_key_pem", entry.alg),
+        )
     })?;
-    let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    TokenConfig::from_private_pem(issuer, audience, kid, alg, &pem)
-        .map_err(|e| ConfigError::Invalid(format!("[tokens] private_key_pem: {e}")))
+    let pem = read_file(path)?;
+    TokenConfig::from_private_pem(issuer, audience, kid, entry.alg.key_alg(), &pem)
+        .map_err(|source| ConfigError::Signing { source })
 }
 
 impl GatewayServer {
     /// Builds the gateway (keys, policy, limits, audit log, upstream client)
-    /// from `config`. Fails with a clear message on any inconsistency.
+    /// from `config`. Validates the whole configuration first
+    /// ([`GatewayConfig::validate`]) and then everything that needs files or
+    /// the environment; only then does it open the audit log and connect to
+    /// Redis. Binds nothing.
     pub async fn build(config: GatewayConfig) -> Result<GatewayServer, ConfigError> {
-        let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid(e.to_string());
+        config.validate()?;
         // Keys and verification.
         let mut keys = match &config.jwt.jwks_file {
             Some(path) => {
@@ -121,14 +128,14 @@ impl GatewayServer {
                     path: path.clone(),
                     source,
                 })?;
-                KeySet::from_jwks(&text).map_err(|e| invalid(&e))?
+                KeySet::from_jwks(&text).map_err(|source| ConfigError::Key { source })?
             }
             None => KeySet::new(),
         };
         for entry in &config.jwt.keys {
             keys = keys
                 .with_key(key_from_entry(entry)?)
-                .map_err(|e| invalid(&e))?;
+                .map_err(|source| ConfigError::Key { source })?;
         }
         let mut jwt = JwtConfig::default().with_leeway_secs(config.jwt.leeway_secs);
         if let Some(iss) = &config.jwt.issuer {
@@ -151,24 +158,17 @@ impl GatewayServer {
                 RoleDef::new(role.permissions.clone()).inherits(role.inherits.clone()),
             );
         }
+        let policy = policy
+            .compile()
+            .map_err(|source| ConfigError::Policy { source })?;
+        // Default path options (`;` refused): the same ones `dispatch` routes with.
         let validation = ValidationConfig::default();
-        let policy = policy.compile().map_err(|e| invalid(&e))?;
 
         // API keys, limits, proxies, CORS.
         let mut api_keys = ApiKeys::new();
         for entry in &config.api_keys {
-            let key = match (&entry.key, &entry.key_env) {
-                (Some(k), _) => k.clone(),
-                (None, Some(var)) => std::env::var(var).map_err(|_| {
-                    ConfigError::Invalid(format!("api key {:?}: {var} is not set", entry.id))
-                })?,
-                (None, None) => {
-                    return Err(ConfigError::Invalid(format!(
-                        "api key {:?} needs key or key_env",
-                        entry.id
-                    )));
-                }
-            };
+            let field = format!("[[api_keys]] {:?} key_env", entry.id);
+            let key = inline_or_env(&field, entry.key.as_ref(), entry.key_env.as_ref())?;
             api_keys = api_keys.with_key(entry.id.clone(), &key, entry.roles.clone());
         }
         let r = &config.rate_limits;
@@ -187,6 +187,46 @@ impl GatewayServer {
                     }
                     None => limits,
                 });
+        let trusted = TrustedProxies::parse(&config.trusted_proxies)
+            .map_err(|source| ConfigError::TrustedProxies { source })?;
+        let mut cors = CorsConfig::default().with_credentials(config.cors.allow_credentials);
+        for origin in &config.cors.allowed_origins {
+            cors = cors.allow_origin(origin.clone());
+        }
+        let cors = cors
+            .layer()
+            .map_err(|source| ConfigError::Cors { source })?;
+        let users = config
+            .users
+            .iter()
+            .map(|u| {
+                let mut hash = [0u8; 32];
+                hex::decode_to_slice(&u.password_sha256, &mut hash).map_err(|_| {
+                    ConfigError::invalid(
+                        format!("[[users]] {:?} password_sha256", u.name),
+                        "is not 64 hex digits",
+                    )
+                })?;
+                Ok((u.name.clone(), (hash, u.roles.clone())))
+            })
+            .collect::<Result<HashMap<_, _>, ConfigError>>()?;
+        let token_config = match &config.tokens.signing_kid {
+            Some(kid) => {
+                let t = &config.tokens;
+                Some(
+                    signing_config(&config, kid)?
+                        .with_reuse_grace(Duration::from_secs(t.reuse_grace_secs))
+                        .with_refresh_lifetimes(
+                            Duration::from_secs(t.refresh_idle_ttl_secs),
+                            Duration::from_secs(t.refresh_absolute_ttl_secs),
+                        )
+                        .with_access_ttl(Duration::from_secs(t.access_ttl_secs)),
+                )
+            }
+            None => None,
+        };
+
+        // Everything is checked: now the side effects (Redis, the audit file).
         #[cfg(feature = "redis")]
         let redis = match &config.redis {
             Some(section) => Some(connect_redis(&section.url).await?),
@@ -198,82 +238,46 @@ impl GatewayServer {
                 client: client.clone(),
                 prefix: format!("{}rl:", section.prefix),
                 timeout: Duration::from_millis(section.timeout_ms),
-                on_failure: match section.on_failure.as_str() {
-                    "open" => crate::ratelimit::FailurePolicy::FailOpen,
-                    "closed" => crate::ratelimit::FailurePolicy::FailClosed,
-                    _ => crate::ratelimit::FailurePolicy::LocalFallback,
+                on_failure: match section.on_failure {
+                    RedisFailure::Open => crate::ratelimit::FailurePolicy::FailOpen,
+                    RedisFailure::Closed => crate::ratelimit::FailurePolicy::FailClosed,
+                    RedisFailure::Local => crate::ratelimit::FailurePolicy::LocalFallback,
                 },
             }),
             _ => limits,
         };
         let limits = Arc::new(limits);
-        let trusted = TrustedProxies::parse(&config.trusted_proxies).map_err(|e| invalid(&e))?;
-        let mut cors = CorsConfig::default().with_credentials(config.cors.allow_credentials);
-        for origin in &config.cors.allowed_origins {
-            cors = cors.allow_origin(origin.clone());
-        }
-        let cors = cors.layer().map_err(|e| invalid(&e))?;
+        let tokens = token_config.map(|token_config| {
+            #[cfg(feature = "redis")]
+            if let (Some(client), Some(section)) = (&redis, &config.redis) {
+                let store = crate::token::RedisStore::new(
+                    client.clone(),
+                    format!("{}tokens:", section.prefix),
+                );
+                return Tokens::Redis(TokenService::new(store, token_config));
+            }
+            Tokens::Memory(TokenService::new(MemoryStore::new(), token_config))
+        });
 
         // Audit log and metrics.
-        let audit = if config.audit.sink == "stdout" {
-            AuditLog::spawn(StdoutWriter, AuditChain::new(), config.audit.queue)
-        } else {
-            let path = std::path::PathBuf::from(&config.audit.sink);
-            let (writer, chain) =
-                FileWriter::open(&path).map_err(|source| ConfigError::Read { path, source })?;
-            AuditLog::spawn(writer, chain, config.audit.queue)
-        }
-        .map_err(|e| invalid(&e))?;
+        let audit = match (config.audit.sink, &config.audit.path) {
+            (AuditSinkKind::File, Some(path)) => {
+                let target = |source| ConfigError::Audit {
+                    target: path.display().to_string(),
+                    source,
+                };
+                let (writer, chain) = FileWriter::open(path).map_err(target)?;
+                AuditLog::spawn(writer, chain, config.audit.queue).map_err(target)?
+            }
+            _ => AuditLog::spawn(StdoutWriter, AuditChain::new(), config.audit.queue).map_err(
+                |source| ConfigError::Audit {
+                    target: "stdout".into(),
+                    source,
+                },
+            )?,
+        };
         let audit = Arc::new(audit);
         let metrics = Arc::new(GatewayMetrics::new(Some(Arc::clone(&audit))));
-
-        // Demo token service.
-        let tokens = match &config.tokens.signing_kid {
-            Some(kid) => {
-                let t = &config.tokens;
-                let token_config = signing_config(&config, kid)?
-                    .with_reuse_grace(Duration::from_secs(t.reuse_grace_secs))
-                    .with_refresh_lifetimes(
-                        Duration::from_secs(t.refresh_idle_ttl_secs),
-                        Duration::from_secs(t.refresh_absolute_ttl_secs),
-                    );
-                let token_config =
-                    token_config.with_access_ttl(Duration::from_secs(t.access_ttl_secs));
-                #[cfg(feature = "redis")]
-                if let (Some(client), Some(section)) = (&redis, &config.redis) {
-                    let store = crate::token::RedisStore::new(
-                        client.clone(),
-                        format!("{}tokens:", section.prefix),
-                    );
-                    Some(Tokens::Redis(TokenService::new(store, token_config)))
-                } else {
-                    Some(Tokens::Memory(TokenService::new(
-                        MemoryStore::new(),
-                        token_config,
-                    )))
-                }
-                #[cfg(not(feature = "redis"))]
-                Some(Tokens::Memory(TokenService::new(
-                    MemoryStore::new(),
-                    token_config,
-                )))
-            }
-            None => None,
-        };
-        let users = config
-            .users
-            .iter()
-            .map(|u| {
-                let mut hash = [0u8; 32];
-                hex::decode_to_slice(&u.password_sha256, &mut hash).map_err(|_| {
-                    ConfigError::Invalid(format!(
-                        "user {:?}: password_sha256 is not 64 hex digits",
-                        u.name
-                    ))
-                })?;
-                Ok((u.name.clone(), (hash, u.roles.clone())))
-            })
-            .collect::<Result<HashMap<_, _>, ConfigError>>()?;
 
         let mut all_upstreams: Vec<Upstream> = Vec::new();
         for u in config.upstreams.values() {
@@ -372,15 +376,18 @@ impl GatewayServer {
 #[cfg(feature = "redis")]
 async fn connect_redis(url: &str) -> Result<fred::prelude::Client, ConfigError> {
     use fred::prelude::{Builder, ClientLike, Config};
-    let invalid = |why: String| ConfigError::Invalid(format!("[redis] {why}"));
-    let config = Config::from_url(url).map_err(|e| invalid(format!("bad url: {e}")))?;
+    let failed = |reason: &str, source: Option<fred::error::Error>| ConfigError::Redis {
+        reason: reason.to_owned(),
+        source: source.map(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+    };
+    let config = Config::from_url(url).map_err(|e| failed("bad url", Some(e)))?;
     let client = Builder::from_config(config)
         .with_connection_config(|c| c.connection_timeout = Duration::from_secs(3))
         .build()
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| failed("cannot build the client", Some(e)))?;
     match tokio::time::timeout(Duration::from_secs(5), client.init()).await {
         Ok(Ok(_)) => Ok(client),
-        Ok(Err(e)) => Err(invalid(format!("cannot connect: {e}"))),
-        Err(_) => Err(invalid("cannot connect: timed out".into())),
+        Ok(Err(e)) => Err(failed("cannot connect", Some(e))),
+        Err(_) => Err(failed("cannot connect: timed out after 5 s", None)),
     }
 }

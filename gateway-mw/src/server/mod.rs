@@ -35,6 +35,7 @@ use tower::ServiceExt;
 use crate::audit::AuditLog;
 use crate::config::GatewayConfig;
 use crate::http::{GatewayBody, GatewayMetrics, PeerAddr, Routed};
+use crate::router::{PathOptions, normalize_path};
 
 use login::Tokens;
 use proxy::Upstream;
@@ -162,11 +163,17 @@ async fn dispatch(
             id
         }
     };
-    // The one routing of this request; the layers and handlers behind reuse it.
-    let route = state
-        .routes
-        .find(request.method().as_str(), request.uri().path())
-        .map(|r| Arc::clone(r.value));
+    // The one routing of this request; the layers and handlers behind reuse
+    // it. It routes the path's normal form, the spelling validation forwards
+    // (with the gateway's options: `;` refused); a path without one gets no
+    // route here and is refused by validation (400) behind.
+    let route = match normalize_path(request.uri().path(), PathOptions::default()) {
+        Ok(path) => state
+            .routes
+            .find(request.method().as_str(), &path)
+            .map(|r| Arc::clone(r.value)),
+        Err(_) => None,
+    };
     let mut response = match route.as_ref().map(|r| &r.handler) {
         Some(Handler::Healthz) => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         Some(Handler::Readyz) => health::readiness(&state).await,

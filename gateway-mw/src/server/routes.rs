@@ -84,40 +84,29 @@ pub(super) fn build_table(config: &GatewayConfig) -> Result<RouteTable, ConfigEr
         let routed = Routed(Some(Arc::new(RouteSpec::new(template, permission, limits))));
         table.insert(method, template, Arc::new(GatewayRoute { handler, routed }))
     };
-    let builtin = |e: RouteError| ConfigError::Invalid(format!("built-in route: {e}"));
-    add("GET", "/healthz", Handler::Healthz, None, None).map_err(builtin)?;
-    add("GET", "/readyz", Handler::Readyz, None, None).map_err(builtin)?;
-    add("GET", "/metrics", Handler::Metrics, None, None).map_err(builtin)?;
+    let builtin = |method: &str, template: &str| {
+        let route = format!("built-in {method} {template}");
+        move |source| ConfigError::Route { route, source }
+    };
+    for (template, handler) in [
+        ("/healthz", Handler::Healthz),
+        ("/readyz", Handler::Readyz),
+        ("/metrics", Handler::Metrics),
+    ] {
+        add("GET", template, handler, None, None).map_err(builtin("GET", template))?;
+    }
     for (path, op) in [
         ("/auth/token", LoginOp::Token),
         ("/auth/refresh", LoginOp::Refresh),
         ("/auth/logout", LoginOp::Logout),
     ] {
-        add(
-            "POST",
-            path,
-            Handler::Login(op),
-            None,
-            Some(RouteLimits::json(LOGIN_JSON)),
-        )
-        .map_err(builtin)?;
+        let limits = Some(RouteLimits::json(LOGIN_JSON));
+        add("POST", path, Handler::Login(op), None, limits).map_err(builtin("POST", path))?;
         // Other methods reach the endpoint too, which answers 405.
-        add("*", path, Handler::Login(op), None, None).map_err(builtin)?;
+        add("*", path, Handler::Login(op), None, None).map_err(builtin("*", path))?;
     }
-    add(
-        "*",
-        "/auth/*rest",
-        Handler::Login(LoginOp::Unknown),
-        None,
-        None,
-    )
-    .map_err(builtin)?;
-    if !is_permission(&config.admin.permission) {
-        return Err(ConfigError::Invalid(format!(
-            "[admin] permission {:?} is not resource:action",
-            config.admin.permission
-        )));
-    }
+    let unknown = Handler::Login(LoginOp::Unknown);
+    add("*", "/auth/*rest", unknown, None, None).map_err(builtin("*", "/auth/*rest"))?;
     add(
         "POST",
         ADMIN_REVOKE_SESSIONS,
@@ -125,28 +114,17 @@ pub(super) fn build_table(config: &GatewayConfig) -> Result<RouteTable, ConfigEr
         Some(config.admin.permission.clone()),
         Some(RouteLimits::content_types(Vec::<String>::new())),
     )
-    .map_err(builtin)?;
+    .map_err(builtin("POST", ADMIN_REVOKE_SESSIONS))?;
 
     for route in &config.routes {
-        let named = || format!("[[routes]] {} {}", route.method, route.path);
-        if !is_permission(&route.permission) {
-            return Err(ConfigError::Invalid(format!(
-                "{}: permission {:?} is not resource:action",
-                named(),
-                route.permission
-            )));
-        }
+        let named = format!("[[routes]] {} {}", route.method, route.path);
         let limits = if route.json {
             RouteLimits::json(JsonLimits::default())
         } else {
             RouteLimits::content_types(route.content_types.clone())
         };
         let target = config.upstreams.get(&route.upstream).ok_or_else(|| {
-            ConfigError::Invalid(format!(
-                "{}: unknown upstream {:?}",
-                named(),
-                route.upstream
-            ))
+            ConfigError::invalid(&named, format!("unknown upstream {:?}", route.upstream))
         })?;
         let upstream = Upstream {
             base: target.url.trim_end_matches('/').to_owned(),
@@ -160,22 +138,20 @@ pub(super) fn build_table(config: &GatewayConfig) -> Result<RouteTable, ConfigEr
             Some(route.permission.clone()),
             Some(limits),
         )
-        .map_err(|e| match e {
-            RouteError::Duplicate { .. } => ConfigError::Invalid(format!(
-                "{}: already routed (by another [[routes]] entry or a built-in endpoint: \
-                 GET /healthz, /readyz, /metrics, POST /auth/token, /auth/refresh, \
-                 /auth/logout, {ADMIN_REVOKE_SESSIONS})",
-                named()
-            )),
-            other => ConfigError::Invalid(format!("{}: {other}", named())),
+        .map_err(|source| match source {
+            RouteError::Duplicate { .. } => ConfigError::invalid(
+                &named,
+                format!(
+                    "already routed (by another [[routes]] entry or a built-in endpoint: \
+                     GET /healthz, /readyz, /metrics, POST /auth/token, /auth/refresh, \
+                     /auth/logout, {ADMIN_REVOKE_SESSIONS})"
+                ),
+            ),
+            source => ConfigError::Route {
+                route: named.clone(),
+                source,
+            },
         })?;
     }
     Ok(table)
-}
-
-/// `resource:action`, as `rbac` requires of permissions.
-fn is_permission(permission: &str) -> bool {
-    permission
-        .split_once(':')
-        .is_some_and(|(r, a)| !r.is_empty() && !a.is_empty() && !a.contains(':'))
 }
