@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 
 use super::State;
-use crate::http::{BoxError, ClientIp, GatewayBody, Principal};
+use crate::http::{BoxError, GatewayBody, Principal};
 
 /// A configured upstream.
 #[derive(Debug, Clone)]
@@ -19,21 +19,6 @@ pub(super) struct Upstream {
     pub(super) timeout: Duration,
     pub(super) http2: bool,
 }
-
-/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1),
-/// plus the caller's credentials, which upstreams must not see.
-const STRIPPED: [&str; 10] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "authorization",
-    "x-api-key",
-];
 
 pub(super) async fn proxy(
     state: Arc<State>,
@@ -54,22 +39,8 @@ pub(super) async fn proxy(
         ));
     };
     parts.uri = uri;
-    for name in STRIPPED {
-        parts.headers.remove(name);
-    }
-    if let Some(ClientIp(ip)) = parts.extensions.get::<ClientIp>().copied() {
-        let forwarded = match parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(existing) => format!("{existing}, {ip}"),
-            None => ip.to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&forwarded) {
-            parts.headers.insert("x-forwarded-for", v);
-        }
-    }
+    // Hop-by-hop, credentials, overrides, forwarding claims, request id.
+    crate::http::prepare_forward(&mut parts);
     if let Some(principal) = parts.extensions.get::<Principal>().cloned() {
         if let Ok(v) = HeaderValue::from_str(&principal.id) {
             parts.headers.insert("x-gateway-subject", v);
