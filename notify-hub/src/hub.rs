@@ -2,20 +2,22 @@
 //! live delivery to local subscriptions.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dashmap::DashMap;
 use parking_lot::Mutex;
+use time_kit::SharedClock;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::broker::{Broker, BrokerError, BrokerEvent, LocalBroker, Published};
-use crate::notification::{Delivery, InvalidNotification, Limits, Notification, valid_id};
-use crate::store::{Append, Appended, Audience, MemoryStore, Store, StoreError};
-use crate::subscription::{Slot, Subscription};
+use crate::error::Error;
+use crate::notification::{Delivery, Limits, Notification, valid_id};
+use crate::registry::{HubStats, Registry};
+use crate::store::{Append, Appended, Audience, MemoryStore, Store};
+use crate::subscription::Subscription;
 
 /// Hub settings.
 #[derive(Debug, Clone)]
@@ -40,6 +42,11 @@ pub struct HubConfig {
     pub max_history: usize,
     /// Size limits on notifications.
     pub limits: Limits,
+    /// The wall clock the hub (and its server) reads: the `timestamp` and
+    /// the UUIDv7 `id` a send gets when it has none, a token's expiry on an
+    /// open WebSocket (close 4001), the delivery-latency metric. Default:
+    /// the system clock; tests pass a `time_kit::ManualClock`.
+    pub clock: SharedClock,
 }
 
 impl Default for HubConfig {
@@ -53,6 +60,7 @@ impl Default for HubConfig {
             max_group_recipients: 100_000,
             max_history: 1000,
             limits: Limits::default(),
+            clock: time_kit::system(),
         }
     }
 }
@@ -76,52 +84,17 @@ impl HubConfig {
         self
     }
 
+    /// Sets [`clock`](HubConfig::clock).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Sets [`replay_page`](HubConfig::replay_page) (at least 1).
     pub fn with_replay_page(mut self, page: usize) -> Self {
         self.replay_page = page.max(1);
         self
     }
-}
-
-/// Why a hub operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum HubError {
-    /// The store failed; nothing of this send was stored.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The broker failed at start or in a readiness check.
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    /// The notification breaks a size limit.
-    #[error("invalid notification: {0}")]
-    InvalidNotification(#[from] InvalidNotification),
-    /// A user or group id is empty, longer than 128 bytes, or holds control characters.
-    #[error("invalid {0} id")]
-    InvalidId(&'static str),
-    /// `send_to_users` got an empty list.
-    #[error("no recipients")]
-    NoRecipients,
-    /// `send_to_users` got more recipients than the configured maximum, or
-    /// the group of `broadcast_to_group` has more members than its maximum.
-    #[error("too many recipients (at most {max})")]
-    TooManyRecipients {
-        /// The configured maximum.
-        max: usize,
-    },
-    /// A `limit` above the configured maximum.
-    #[error("limit must be 1 to {max}")]
-    InvalidLimit {
-        /// The configured maximum.
-        max: usize,
-    },
-    /// A notification with this id is already stored; this send stored
-    /// nothing (it is treated as a retry, not delivered twice).
-    #[error("a notification with id {0} already exists")]
-    DuplicateId(Uuid),
-    /// The hub is shutting down.
-    #[error("hub is shut down")]
-    ShutDown,
 }
 
 /// What a successful send stored.
@@ -135,67 +108,19 @@ pub struct Receipt {
     pub recipients: usize,
 }
 
-/// Counters of a hub, for metrics.
-#[derive(Debug, Default)]
-pub struct HubStats {
-    pub(crate) sends: AtomicU64,
-    pub(crate) send_errors: AtomicU64,
-    pub(crate) delivered: AtomicU64,
-    pub(crate) overflowed: AtomicU64,
-    pub(crate) broker_errors: AtomicU64,
-    pub(crate) batches: AtomicU64,
-    pub(crate) connections: AtomicUsize,
-}
-
-impl HubStats {
-    /// Sends stored successfully.
-    pub fn sends(&self) -> u64 {
-        self.sends.load(Ordering::Relaxed)
-    }
-    /// Sends that failed in the store.
-    pub fn send_errors(&self) -> u64 {
-        self.send_errors.load(Ordering::Relaxed)
-    }
-    /// Deliveries handed to local connections.
-    pub fn delivered(&self) -> u64 {
-        self.delivered.load(Ordering::Relaxed)
-    }
-    /// Connections closed because their queue overflowed (slow consumers).
-    pub fn overflowed(&self) -> u64 {
-        self.overflowed.load(Ordering::Relaxed)
-    }
-    /// Publishes that failed (the notification was stored; live delivery
-    /// falls back to recovery).
-    pub fn broker_errors(&self) -> u64 {
-        self.broker_errors.load(Ordering::Relaxed)
-    }
-    /// Store transactions written by the group-commit writer.
-    pub fn batches(&self) -> u64 {
-        self.batches.load(Ordering::Relaxed)
-    }
-    /// Open subscriptions on this node.
-    pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
-    }
-}
-
-/// State shared by the hub, its dispatcher and its subscriptions.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) registry: DashMap<String, Vec<Arc<Slot>>>,
-    pub(crate) stats: HubStats,
-    pub(crate) next_id: AtomicU64,
-}
-
 struct WriteJob {
     append: Append,
-    reply: oneshot::Sender<Result<Receipt, HubError>>,
+    reply: oneshot::Sender<Result<Receipt, Error>>,
 }
+
+/// Committed sends waiting for this node's dispatcher. The writer waits
+/// when it is full, so memory stays bounded if the dispatcher falls behind.
+const LOCAL_QUEUE: usize = 4096;
 
 /// The notification hub. Cheap to clone; every clone is the same hub.
 ///
 /// ```
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), notify_hub::HubError> {
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), notify_hub::Error> {
 /// use notify_hub::{Hub, HubConfig, Notification};
 ///
 /// let hub = Hub::in_memory(HubConfig::default()).await?;
@@ -219,12 +144,12 @@ struct Inner {
     config: HubConfig,
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
-    shared: Arc<Shared>,
+    registry: Arc<Registry>,
+    node: Uuid,
     writes: mpsc::Sender<WriteJob>,
-    /// Set first: no new sends; the writer drains its queue.
+    /// Set first: no new sends; the writer drains its queue, then ends,
+    /// which ends the dispatcher once it has dispatched everything.
     shutdown: watch::Sender<bool>,
-    /// Set once the writer is done: the dispatcher delivers what it has, ends.
-    closing: watch::Sender<bool>,
     /// Set once the dispatcher is done: subscriptions flush their queues, end.
     ended: watch::Sender<bool>,
     tasks: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
@@ -233,15 +158,16 @@ struct Inner {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
+            .field("node", &self.inner.node)
             .field("config", &self.inner.config)
-            .field("connections", &self.inner.shared.stats.connections())
+            .field("connections", &self.inner.registry.stats.connections())
             .finish_non_exhaustive()
     }
 }
 
 impl Hub {
     /// A single-node hub with the in-memory store and the local broker.
-    pub async fn in_memory(config: HubConfig) -> Result<Hub, HubError> {
+    pub async fn in_memory(config: HubConfig) -> Result<Hub, Error> {
         Hub::start(config, MemoryStore::new(), LocalBroker::new()).await
     }
 
@@ -252,38 +178,44 @@ impl Hub {
         config: HubConfig,
         store: impl Store,
         broker: impl Broker,
-    ) -> Result<Hub, HubError> {
+    ) -> Result<Hub, Error> {
         let store: Arc<dyn Store> = Arc::new(store);
         let broker: Arc<dyn Broker> = Arc::new(broker);
-        let shared = Arc::new(Shared {
-            registry: DashMap::new(),
-            stats: HubStats::default(),
-            next_id: AtomicU64::new(1),
-        });
+        let registry = Arc::new(Registry::default());
+        let node = Uuid::now_v7();
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let (closing, closing_rx) = watch::channel(false);
         let (ended, _) = watch::channel(false);
-        let (dispatch_tx, dispatch_rx) = mpsc::channel(4096);
-        broker.subscribe(dispatch_tx).await?;
+        let (broker_tx, broker_rx) = mpsc::channel(4096);
+        broker.subscribe(broker_tx).await?;
+        let (local_tx, local_rx) = mpsc::channel(LOCAL_QUEUE);
         let (writes, writes_rx) = mpsc::channel(config.write_queue.max(1));
         let writer = tokio::spawn(write_loop(
             writes_rx,
             Arc::clone(&store),
             Arc::clone(&broker),
-            Arc::clone(&shared),
-            config.max_batch.max(1),
+            Writer {
+                registry: Arc::clone(&registry),
+                local: local_tx,
+                node,
+                max_batch: config.max_batch.max(1),
+            },
             shutdown_rx,
         ));
-        let dispatcher = tokio::spawn(dispatch_loop(dispatch_rx, Arc::clone(&shared), closing_rx));
+        let dispatcher = tokio::spawn(dispatch_loop(
+            local_rx,
+            broker_rx,
+            Arc::clone(&registry),
+            node,
+        ));
         Ok(Hub {
             inner: Arc::new(Inner {
                 config,
                 store,
                 broker,
-                shared,
+                registry,
+                node,
                 writes,
                 shutdown,
-                closing,
                 ended,
                 tasks: Mutex::new(Some((writer, dispatcher))),
             }),
@@ -295,35 +227,41 @@ impl Hub {
         &self.inner.config
     }
 
+    /// This hub's node id: the [`Published::origin`] of its sends.
+    pub fn node_id(&self) -> Uuid {
+        self.inner.node
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> &HubStats {
-        &self.inner.shared.stats
+        &self.inner.registry.stats
     }
 
     /// Open subscriptions (connections) on this node.
     pub fn connection_count(&self) -> usize {
-        self.inner.shared.stats.connections()
+        self.inner.registry.stats.connections()
     }
 
     /// Stores `notification` for each of `users` (duplicates count once),
-    /// then delivers it live. Returns once it is durably stored.
+    /// then delivers it live. Returns once it is durably stored and handed
+    /// to this node's dispatcher.
     pub async fn send_to_users<U: AsRef<str>>(
         &self,
         users: &[U],
         notification: Notification,
-    ) -> Result<Receipt, HubError> {
+    ) -> Result<Receipt, Error> {
         if users.is_empty() {
-            return Err(HubError::NoRecipients);
+            return Err(Error::NoRecipients);
         }
         let max = self.inner.config.max_recipients;
         if users.len() > max {
-            return Err(HubError::TooManyRecipients { max });
+            return Err(Error::TooManyRecipients { max });
         }
         let mut list = Vec::with_capacity(users.len());
         for user in users {
             let user = user.as_ref();
             if !valid_id(user) {
-                return Err(HubError::InvalidId("user"));
+                return Err(Error::InvalidId("user"));
             }
             list.push(user.to_owned());
         }
@@ -334,14 +272,15 @@ impl Hub {
     }
 
     /// Stores `notification` for every current member of `group`, then
-    /// delivers it live. Returns once it is durably stored.
+    /// delivers it live. Returns once it is durably stored and handed to
+    /// this node's dispatcher.
     pub async fn broadcast_to_group(
         &self,
         group: &str,
         notification: Notification,
-    ) -> Result<Receipt, HubError> {
+    ) -> Result<Receipt, Error> {
         if !valid_id(group) {
-            return Err(HubError::InvalidId("group"));
+            return Err(Error::InvalidId("group"));
         }
         self.submit(Audience::Group(group.to_owned()), notification)
             .await
@@ -351,12 +290,12 @@ impl Hub {
         &self,
         audience: Audience,
         mut notification: Notification,
-    ) -> Result<Receipt, HubError> {
+    ) -> Result<Receipt, Error> {
         notification.validate(&self.inner.config.limits)?;
         if *self.inner.shutdown.borrow() {
-            return Err(HubError::ShutDown);
+            return Err(Error::ShutDown);
         }
-        notification.stamp();
+        notification.stamp(self.inner.config.clock.now());
         let (reply, receipt) = oneshot::channel();
         let job = WriteJob {
             append: Append {
@@ -373,24 +312,24 @@ impl Hub {
             .writes
             .send(job)
             .await
-            .map_err(|_| HubError::ShutDown)?;
-        receipt.await.map_err(|_| HubError::ShutDown)?
+            .map_err(|_| Error::ShutDown)?;
+        receipt.await.map_err(|_| Error::ShutDown)?
     }
 
     /// Adds `user` to `group`; `true` if they were not a member yet.
-    pub async fn join_group(&self, group: &str, user: &str) -> Result<bool, HubError> {
+    pub async fn join_group(&self, group: &str, user: &str) -> Result<bool, Error> {
         check_ids(group, user)?;
         Ok(self.inner.store.join_group(group, user).await?)
     }
 
     /// Removes `user` from `group`; `true` if they were a member.
-    pub async fn leave_group(&self, group: &str, user: &str) -> Result<bool, HubError> {
+    pub async fn leave_group(&self, group: &str, user: &str) -> Result<bool, Error> {
         check_ids(group, user)?;
         Ok(self.inner.store.leave_group(group, user).await?)
     }
 
     /// The newest `limit` notifications of `user`, newest first.
-    pub async fn history(&self, user: &str, limit: usize) -> Result<Vec<Notification>, HubError> {
+    pub async fn history(&self, user: &str, limit: usize) -> Result<Vec<Notification>, Error> {
         Ok(self
             .deliveries(user, limit)
             .await?
@@ -400,13 +339,13 @@ impl Hub {
     }
 
     /// Like [`history`](Hub::history), with each notification's sequence number.
-    pub async fn deliveries(&self, user: &str, limit: usize) -> Result<Vec<Delivery>, HubError> {
+    pub async fn deliveries(&self, user: &str, limit: usize) -> Result<Vec<Delivery>, Error> {
         if !valid_id(user) {
-            return Err(HubError::InvalidId("user"));
+            return Err(Error::InvalidId("user"));
         }
         let max = self.inner.config.max_history;
         if limit == 0 || limit > max {
-            return Err(HubError::InvalidLimit { max });
+            return Err(Error::InvalidLimit { max });
         }
         Ok(self.inner.store.history(user, limit).await?)
     }
@@ -414,22 +353,20 @@ impl Hub {
     /// Opens a live subscription for `user`. With `since = Some(n)` it first
     /// replays every stored notification with `seq > n`; with `None` it
     /// starts after the user's latest stored notification. Either way it
-    /// continues live with no gap and no duplicate.
-    pub async fn subscribe(
-        &self,
-        user: &str,
-        since: Option<u64>,
-    ) -> Result<Subscription, HubError> {
+    /// continues live with no gap and no duplicate. A `since` above the
+    /// user's latest seq counts as that seq, exactly as
+    /// [`Subscription::resume`] does.
+    pub async fn subscribe(&self, user: &str, since: Option<u64>) -> Result<Subscription, Error> {
         if !valid_id(user) {
-            return Err(HubError::InvalidId("user"));
+            return Err(Error::InvalidId("user"));
         }
         if *self.inner.shutdown.borrow() {
-            return Err(HubError::ShutDown);
+            return Err(Error::ShutDown);
         }
         // Register first, read the position second: whatever commits after
         // the read arrives live, whatever committed before is in the store.
         let mut subscription = Subscription::register(
-            Arc::clone(&self.inner.shared),
+            Arc::clone(&self.inner.registry),
             Arc::clone(&self.inner.store),
             user,
             self.inner.config.queue_capacity,
@@ -442,21 +379,23 @@ impl Hub {
     }
 
     /// Checks the store and the broker (for readiness probes).
-    pub async fn ready(&self) -> Result<(), HubError> {
+    pub async fn ready(&self) -> Result<(), Error> {
         self.inner.store.ping().await?;
         self.inner.broker.ping().await?;
         Ok(())
     }
 
-    /// Stops taking sends, writes and publishes every send already queued,
-    /// then ends every subscription (after it has handed out what it had
-    /// queued). Returns within about `timeout`; `false` if the writer had not
-    /// finished by then.
+    /// Stops taking sends, writes every send already queued and hands it to
+    /// this node's connections, then ends every subscription (after it has
+    /// handed out what it had queued). Every send acknowledged before is
+    /// therefore handed out by every local subscription of its recipients
+    /// before that subscription ends, whatever the broker does. Returns
+    /// within about `timeout`; `false` if the writer or the dispatcher had
+    /// not finished by then.
     pub async fn shutdown(&self, timeout: Duration) -> bool {
         let _ = self.inner.shutdown.send(true);
         let deadline = tokio::time::Instant::now() + timeout;
         let tasks = self.inner.tasks.lock().take();
-        let mut finished = true;
         let Some((writer, dispatcher)) = tasks else {
             // Another call is shutting down: wait for it to finish.
             let mut ended = self.inner.ended.subscribe();
@@ -464,45 +403,60 @@ impl Hub {
                 .await
                 .is_ok_and(|r| r.is_ok());
         };
-        for (stage, task) in [
-            (&self.inner.shutdown, writer),
-            (&self.inner.closing, dispatcher),
-        ] {
-            let _ = stage.send(true);
+        let mut finished = true;
+        // The writer ends once its queue is drained; that closes the
+        // dispatcher's local queue, and the dispatcher ends once it has
+        // dispatched all of it. An aborted writer closes it too.
+        for task in [writer, dispatcher] {
             let abort = task.abort_handle();
             if tokio::time::timeout_at(deadline, task).await.is_err() {
                 abort.abort();
                 finished = false;
             }
         }
-        let _ = self.inner.closing.send(true);
-        // Only now: every published send has reached the subscriptions' queues.
+        // Only now: every acknowledged send has reached the subscriptions' queues.
         let _ = self.inner.ended.send(true);
         finished
     }
 }
 
-fn check_ids(group: &str, user: &str) -> Result<(), HubError> {
+fn check_ids(group: &str, user: &str) -> Result<(), Error> {
     if !valid_id(group) {
-        return Err(HubError::InvalidId("group"));
+        return Err(Error::InvalidId("group"));
     }
     if !valid_id(user) {
-        return Err(HubError::InvalidId("user"));
+        return Err(Error::InvalidId("user"));
     }
     Ok(())
 }
 
+/// What the writer needs besides its queue, the store and the broker.
+struct Writer {
+    registry: Arc<Registry>,
+    /// This node's dispatcher: committed sends for local connections.
+    local: mpsc::Sender<Arc<Published>>,
+    node: Uuid,
+    max_batch: usize,
+}
+
 /// The group-commit writer: takes every queued send (up to `max_batch`),
-/// writes them in one store transaction, publishes each, then answers the
-/// senders. Sends are therefore durable before anyone sees them.
+/// writes them in one store transaction, hands each to this node's
+/// dispatcher and publishes it to the other nodes, then answers the
+/// senders. Sends are therefore durable before anyone sees them, and
+/// on their way to this node's connections before they are acknowledged.
 async fn write_loop(
     mut rx: mpsc::Receiver<WriteJob>,
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
-    shared: Arc<Shared>,
-    max_batch: usize,
+    writer: Writer,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Writer {
+        registry,
+        local,
+        node,
+        max_batch,
+    } = writer;
     let mut jobs: Vec<WriteJob> = Vec::with_capacity(max_batch);
     let mut closing = false;
     loop {
@@ -524,7 +478,8 @@ async fn write_loop(
         }
         let (appends, replies): (Vec<Append>, Vec<_>) =
             jobs.drain(..).map(|j| (j.append, j.reply)).unzip();
-        shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+        let stats = &registry.stats;
+        stats.batches.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let appended = store.append(&appends).await;
         tracing::debug!(
@@ -541,16 +496,16 @@ async fn write_loop(
                         Appended::Stored(recipients) => recipients,
                         Appended::DuplicateId => {
                             let id = append.notification.id.unwrap_or_default();
-                            let _ = reply.send(Err(HubError::DuplicateId(id)));
+                            let _ = reply.send(Err(Error::DuplicateId(id)));
                             continue;
                         }
                         Appended::TooManyRecipients => {
                             let max = append.max_recipients;
-                            let _ = reply.send(Err(HubError::TooManyRecipients { max }));
+                            let _ = reply.send(Err(Error::TooManyRecipients { max }));
                             continue;
                         }
                     };
-                    shared.stats.sends.fetch_add(1, Ordering::Relaxed);
+                    stats.sends.fetch_add(1, Ordering::Relaxed);
                     let receipt = Receipt {
                         id: append.notification.id.unwrap_or_default(),
                         timestamp: append.notification.timestamp.unwrap_or_default(),
@@ -560,19 +515,33 @@ async fn write_loop(
                         let message = Arc::new(Published {
                             notification: append.notification,
                             recipients,
+                            origin: node,
                         });
+                        // This node's connections get it from here, not from
+                        // the broker's echo: that round trip may not be back
+                        // when the hub shuts down, and an acknowledged send
+                        // must reach them before their 1001 close. The
+                        // channel closes only if the dispatcher was aborted.
+                        let _ = local.send(Arc::clone(&message)).await;
                         // After one failure the broker is down: skip the rest
                         // of this batch rather than wait out a timeout per send.
                         let published = if broker_down {
-                            Err(BrokerError::Unavailable("skipped: broker down".into()))
+                            Err(BrokerError::Unavailable {
+                                operation: "publish skipped: an earlier publish of this batch failed",
+                                source: None,
+                            })
                         } else {
                             broker.publish(message).await
                         };
                         if let Err(e) = published {
-                            // Stored but not delivered live: clients recover by `since`.
-                            shared.stats.broker_errors.fetch_add(1, Ordering::Relaxed);
+                            // Stored and delivered here; other nodes'
+                            // connections recover it by `since` or a resync.
+                            stats.broker_errors.fetch_add(1, Ordering::Relaxed);
                             if !broker_down {
-                                tracing::warn!(error = %e, "publish failed after commit");
+                                tracing::warn!(
+                                    error = %crate::error::report(&e),
+                                    "publish failed after commit"
+                                );
                             }
                             broker_down = true;
                         }
@@ -581,82 +550,57 @@ async fn write_loop(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, sends = replies.len(), "store append failed");
-                shared
-                    .stats
+                tracing::warn!(
+                    error = %crate::error::report(&e),
+                    sends = replies.len(),
+                    "store append failed"
+                );
+                stats
                     .send_errors
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
                 for reply in replies {
-                    let _ = reply.send(Err(HubError::Store(e.clone())));
+                    let _ = reply.send(Err(Error::Store(e.clone())));
                 }
             }
         }
     }
 }
 
-/// Hands each published send to the local subscriptions of its recipients,
-/// without ever waiting on a connection: a full queue marks that connection
-/// as a slow consumer instead.
+/// Hands every committed send to the local subscriptions of its
+/// recipients: this node's own sends from the writer (`local`), other
+/// nodes' from the broker. Ends when the writer has ended and everything it
+/// committed has been dispatched.
 async fn dispatch_loop(
-    mut rx: mpsc::Receiver<BrokerEvent>,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    mut local: mpsc::Receiver<Arc<Published>>,
+    mut broker: mpsc::Receiver<BrokerEvent>,
+    registry: Arc<Registry>,
+    node: Uuid,
 ) {
+    let mut broker_open = true;
     loop {
-        // The stop signal first: under steady traffic from other nodes the
-        // queue is never empty, and the drain below must still happen.
-        let message = tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|stop| *stop) => {
-                // Deliver what has already arrived, then stop.
-                while let Ok(event) = rx.try_recv() {
-                    handle(&shared, &event);
-                }
-                None
-            }
-            event = rx.recv() => event,
-        };
-        let Some(event) = message else { break };
-        handle(&shared, &event);
+        tokio::select! {
+            message = local.recv() => match message {
+                Some(message) => registry.dispatch(&message),
+                // The writer is done: everything it acknowledged is dispatched.
+                None => break,
+            },
+            event = broker.recv(), if broker_open => match event {
+                Some(event) => handle(&registry, node, &event),
+                None => broker_open = false,
+            },
+        }
+    }
+    // What other nodes published and has already arrived, best effort.
+    while let Ok(event) = broker.try_recv() {
+        handle(&registry, node, &event);
     }
 }
 
-fn handle(shared: &Shared, event: &BrokerEvent) {
+fn handle(registry: &Registry, node: Uuid, event: &BrokerEvent) {
     match event {
-        BrokerEvent::Published(message) => dispatch(shared, message),
-        BrokerEvent::Resync => {
-            for slots in shared.registry.iter() {
-                for slot in slots.iter() {
-                    slot.resync();
-                }
-            }
-        }
-    }
-}
-
-fn dispatch(shared: &Shared, message: &Published) {
-    // Serialized once per send, on the first local recipient.
-    let mut json: Option<Option<Arc<str>>> = None;
-    for recipient in &message.recipients {
-        let Some(slots) = shared.registry.get(&recipient.user_id) else {
-            continue;
-        };
-        let json = json
-            .get_or_insert_with(|| {
-                serde_json::to_string(&*message.notification)
-                    .ok()
-                    .map(Arc::from)
-            })
-            .clone();
-        for slot in slots.iter() {
-            slot.push(
-                Delivery::live(
-                    recipient.seq,
-                    Arc::clone(&message.notification),
-                    json.clone(),
-                ),
-                &shared.stats,
-            );
-        }
+        // Our own send, echoed: already dispatched from the writer.
+        BrokerEvent::Published(message) if message.origin == node => {}
+        BrokerEvent::Published(message) => registry.dispatch(message),
+        BrokerEvent::Resync => registry.resync_all(),
     }
 }

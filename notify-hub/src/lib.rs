@@ -13,12 +13,17 @@
 //!   commit) by one writer task.
 //! - Scale-out sits behind [`Broker`]: [`LocalBroker`] (one node) and
 //!   `RedisBroker` (feature `redis`).
+//! - Errors: every fallible call returns [`Error`] (or, at the store and
+//!   broker level, [`StoreError`] / [`BrokerError`]); each keeps the
+//!   driver's error as its source and has a `kind()` ([`ErrorKind`]).
+//! - Time: the hub reads one injectable clock, [`HubConfig::clock`]
+//!   (`time_kit`), for timestamps and token expiry.
 //! - Feature `server`: the hyper 1.x WebSocket adapter and HTTP API
-//!   ([`server`]); feature `jwt`: token verification with gateway-mw's JWT
-//!   verifier ([`auth`]).
+//!   ([`server`]); feature `jwt`: token verification with the suite's JWT
+//!   verifier, ferrokeel-jwt ([`auth`]).
 //!
 //! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), notify_hub::HubError> {
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), notify_hub::Error> {
 //! use notify_hub::{Hub, HubConfig, Notification};
 //!
 //! let hub = Hub::in_memory(HubConfig::default()).await?;
@@ -32,17 +37,26 @@
 //! Design, protocol and API documents: `docs/notify-hub/`.
 #![forbid(unsafe_code)]
 
+// Modules point one way: notification (the domain) → store → broker →
+// registry → subscription → hub → server; error and auth sit beside them.
 pub mod auth;
 pub mod broker;
+mod error;
 mod hub;
 mod notification;
+mod registry;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod store;
 mod subscription;
 
 pub use broker::{Broker, BrokerError, BrokerEvent, LocalBroker, Published};
-pub use hub::{Hub, HubConfig, HubError, HubStats, Receipt};
+pub use error::{Error, ErrorKind};
+pub use hub::{Hub, HubConfig, Receipt};
 pub use notification::{Delivery, InvalidNotification, Limits, Notification};
+pub use registry::HubStats;
 pub use store::{Appended, MemoryStore, Store, StoreError};
 pub use subscription::{Closed, Subscription};
+
+/// The former name of [`Error`], kept so existing code compiles.
+pub type HubError = Error;

@@ -1,6 +1,7 @@
 //! The notification payload, the per-user delivery record, and their checks.
 
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -77,13 +78,14 @@ impl Notification {
         Ok(())
     }
 
-    /// Fills in `id` and `timestamp` if the sender left them out.
-    pub(crate) fn stamp(&mut self) {
+    /// Fills in `id` (a UUIDv7 of `now`) and `timestamp` (`now`) if the
+    /// sender left them out. `now` comes from the hub's clock.
+    pub(crate) fn stamp(&mut self, now: SystemTime) {
         if self.id.is_none() {
-            self.id = Some(Uuid::now_v7());
+            self.id = Some(uuid_v7_at(now));
         }
         if self.timestamp.is_none() {
-            self.timestamp = Some(Utc::now());
+            self.timestamp = Some(DateTime::<Utc>::from(now));
         }
     }
 }
@@ -196,6 +198,22 @@ impl Delivery {
     }
 }
 
+/// One counter for every id this process generates, so ids made within the
+/// same millisecond still sort in the order they were made.
+static V7_CONTEXT: parking_lot::Mutex<uuid::ContextV7> =
+    parking_lot::Mutex::new(uuid::ContextV7::new());
+
+/// A UUIDv7 whose time part is `now` (the hub's clock, not the system's).
+fn uuid_v7_at(now: SystemTime) -> Uuid {
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let context = V7_CONTEXT.lock();
+    Uuid::new_v7(uuid::Timestamp::from_unix(
+        &*context,
+        since_epoch.as_secs(),
+        since_epoch.subsec_nanos(),
+    ))
+}
+
 /// Checks a user or group id: 1 to 128 bytes, no control characters.
 pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && !id.chars().any(char::is_control)
@@ -240,13 +258,20 @@ mod tests {
     }
 
     #[test]
-    fn stamp_fills_only_missing_fields() {
+    fn stamp_fills_only_missing_fields_from_the_given_time() {
+        let now = UNIX_EPOCH + std::time::Duration::from_millis(1_800_000_000_123);
         let mut n = Notification::new("t", "a", "b");
-        n.stamp();
+        n.stamp(now);
         let (id, ts) = (n.id, n.timestamp);
-        assert!(id.is_some() && ts.is_some());
-        n.stamp();
+        assert_eq!(ts.unwrap().to_rfc3339(), "2027-01-15T08:00:00.123+00:00");
+        let (secs, nanos) = id.unwrap().get_timestamp().unwrap().to_unix();
+        assert_eq!((secs, nanos / 1_000_000), (1_800_000_000, 123));
+        n.stamp(now + std::time::Duration::from_secs(5));
         assert_eq!((n.id, n.timestamp), (id, ts));
+        // Ids made in the same millisecond still sort in order.
+        let a = uuid_v7_at(now);
+        let b = uuid_v7_at(now);
+        assert!(a < b);
     }
 
     #[test]

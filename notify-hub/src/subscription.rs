@@ -3,13 +3,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
-use crate::hub::{HubStats, Shared};
 use crate::notification::Delivery;
+use crate::registry::{Registry, Slot};
 use crate::store::{Store, StoreError};
 
 /// Why a [`Subscription`] ended.
@@ -23,49 +21,16 @@ pub enum Closed {
     /// The hub is shutting down.
     #[error("hub is shutting down")]
     ShuttingDown,
-    /// Replaying from the store failed.
-    #[error("replay failed: {0}")]
+    /// Reading from the store (a replay, or the position of a `resume`)
+    /// failed; the store error is the source.
+    #[error("replay failed")]
     Store(#[from] StoreError),
-}
-
-/// The hub's handle on one subscription: its bounded queue and overflow flag.
-#[derive(Debug)]
-pub(crate) struct Slot {
-    id: u64,
-    tx: mpsc::Sender<Delivery>,
-    overflowed: AtomicBool,
-    /// Set when broker messages may have been lost: re-read from the store.
-    resync: AtomicBool,
-    /// Wakes the subscription for an overflow or a resync.
-    overflow: Notify,
-}
-
-impl Slot {
-    /// Queues `delivery` without waiting; a full queue marks a slow consumer.
-    pub(crate) fn push(&self, delivery: Delivery, stats: &HubStats) {
-        match self.tx.try_send(delivery) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                if !self.overflowed.swap(true, Ordering::AcqRel) {
-                    stats.overflowed.fetch_add(1, Ordering::Relaxed);
-                    self.overflow.notify_one();
-                }
-            }
-            Err(TrySendError::Closed(_)) => {}
-        }
-    }
-
-    /// Asks the subscription to re-read its stream from the store.
-    pub(crate) fn resync(&self) {
-        self.resync.store(true, Ordering::Release);
-        self.overflow.notify_one();
-    }
 }
 
 /// A live subscription to one user's notifications, from
 /// [`Hub::subscribe`](crate::Hub::subscribe). Dropping it unregisters it.
 pub struct Subscription {
-    shared: Arc<Shared>,
+    registry: Arc<Registry>,
     store: Arc<dyn Store>,
     user: String,
     slot: Arc<Slot>,
@@ -74,7 +39,7 @@ pub struct Subscription {
     page: usize,
     /// The user's latest stored seq when the subscription started.
     latest_at_start: u64,
-    /// The last seq handed out (or skipped by the client's choice).
+    /// The last seq handed out (or the start point before the first).
     last: u64,
     acked: u64,
     replay: VecDeque<Delivery>,
@@ -96,29 +61,16 @@ impl std::fmt::Debug for Subscription {
 
 impl Subscription {
     pub(crate) fn register(
-        shared: Arc<Shared>,
+        registry: Arc<Registry>,
         store: Arc<dyn Store>,
         user: &str,
         capacity: usize,
         page: usize,
         closing: watch::Receiver<bool>,
     ) -> Subscription {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let slot = Arc::new(Slot {
-            id: shared.next_id.fetch_add(1, Ordering::Relaxed),
-            tx,
-            overflowed: AtomicBool::new(false),
-            resync: AtomicBool::new(false),
-            overflow: Notify::new(),
-        });
-        shared
-            .registry
-            .entry(user.to_owned())
-            .or_default()
-            .push(Arc::clone(&slot));
-        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let (slot, rx) = registry.register(user, capacity);
         Subscription {
-            shared,
+            registry,
             store,
             user: user.to_owned(),
             slot,
@@ -134,17 +86,35 @@ impl Subscription {
         }
     }
 
+    /// Sets the start: after `since` when the client gave one, else after
+    /// `latest`, the user's latest stored seq read after registering.
     pub(crate) fn start(&mut self, latest: u64, since: Option<u64>) {
         self.latest_at_start = latest;
         match since {
-            // A `since` beyond the user's latest seq would silently skip
-            // what comes next; clamp it.
-            Some(since) => self.resume(since.min(latest)),
+            // The same path as a `resume`, with the position already read.
+            Some(since) => self.restart(since, latest),
             None => {
                 self.last = latest;
                 self.acked = latest;
             }
         }
+    }
+
+    /// Restarts the stream after `since`, given the user's `latest` stored
+    /// seq: the one code path of `since` on subscribe and of
+    /// [`resume`](Subscription::resume).
+    ///
+    /// A `since` above `latest` counts as `latest`: the client cannot have
+    /// received a seq that does not exist yet (its store was reset, or it
+    /// mixed up users), and taking it at its word would silently skip the
+    /// next notifications.
+    fn restart(&mut self, since: u64, latest: u64) {
+        let since = since.min(latest);
+        self.last = since;
+        self.acked = self.acked.min(since);
+        self.replay.clear();
+        self.ahead = None;
+        self.need_replay = true;
     }
 
     /// The user this subscription belongs to.
@@ -179,13 +149,14 @@ impl Subscription {
     }
 
     /// Restarts the stream after `since`: replays every stored notification
-    /// with `seq > since`, then continues live.
-    pub fn resume(&mut self, since: u64) {
-        self.last = since;
-        self.acked = self.acked.min(since);
-        self.replay.clear();
-        self.ahead = None;
-        self.need_replay = true;
+    /// with `seq > since`, then continues live. Reads the user's latest
+    /// stored seq first: a `since` above it counts as it, exactly as `since`
+    /// on [`Hub::subscribe`](crate::Hub::subscribe). On a store error the
+    /// subscription is unchanged.
+    pub async fn resume(&mut self, since: u64) -> Result<(), Closed> {
+        let latest = self.store.last_seq(&self.user).await?;
+        self.restart(since, latest);
+        Ok(())
     }
 
     /// The next delivery in sequence order.
@@ -194,10 +165,10 @@ impl Subscription {
     /// cancelled replay read is simply repeated.
     pub async fn next(&mut self) -> Result<Delivery, Closed> {
         loop {
-            if self.slot.overflowed.load(Ordering::Acquire) {
+            if self.slot.overflowed() {
                 return Err(Closed::Overflow);
             }
-            if self.slot.resync.swap(false, Ordering::AcqRel) {
+            if self.slot.take_resync() {
                 self.need_replay = true;
             }
             if let Some(d) = self.replay.pop_front() {
@@ -233,7 +204,7 @@ impl Subscription {
                         Some(d) => d,
                         None => return Err(Closed::ShuttingDown),
                     },
-                    () = self.slot.overflow.notified() => continue,
+                    () = self.slot.woken() => continue,
                     changed = self.closing.changed() => {
                         if changed.is_err() {
                             // The hub is gone.
@@ -259,7 +230,7 @@ impl Subscription {
 
     fn hand_out(&mut self, d: Delivery) -> Delivery {
         self.last = d.seq;
-        self.shared
+        self.registry
             .stats
             .delivered
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -269,16 +240,6 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let id = self.slot.id;
-        if let dashmap::Entry::Occupied(mut entry) = self.shared.registry.entry(self.user.clone()) {
-            entry.get_mut().retain(|s| s.id != id);
-            if entry.get().is_empty() {
-                entry.remove();
-            }
-        }
-        self.shared
-            .stats
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.registry.unregister(&self.user, &self.slot);
     }
 }

@@ -134,7 +134,7 @@ async fn since_replays_then_continues_live_without_gap_or_duplicate() {
     };
     assert_eq!(seqs, (5..=13).collect::<Vec<_>>());
     // Resume mid-stream goes back without duplicating later live traffic.
-    sub.resume(11);
+    sub.resume(11).await.unwrap();
     hub.send_to_users(&["u"], note(14)).await.unwrap();
     assert_eq!(next(&mut sub).await.seq, 12);
     assert_eq!(next(&mut sub).await.seq, 13);
@@ -348,12 +348,77 @@ async fn shutdown_flushes_queued_deliveries_then_refuses_sends() {
 }
 
 #[tokio::test]
-async fn a_since_beyond_the_latest_seq_is_clamped() {
+async fn a_since_or_resume_above_the_latest_seq_counts_as_the_latest() {
     let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
-    hub.send_to_users(&["u"], note(1)).await.unwrap();
+    for i in 1..=57 {
+        hub.send_to_users(&["u"], note(i)).await.unwrap();
+    }
+    // On subscribe.
     let mut sub = hub.subscribe("u", Some(1_000)).await.unwrap();
-    hub.send_to_users(&["u"], note(2)).await.unwrap();
-    assert_eq!(next(&mut sub).await.seq, 2);
+    assert_eq!(sub.last_seq(), 57);
+    hub.send_to_users(&["u"], note(58)).await.unwrap();
+    assert_eq!(next(&mut sub).await.seq, 58);
+    // And by resume, the same way: nothing is skipped.
+    sub.resume(1_000).await.unwrap();
+    hub.send_to_users(&["u"], note(59)).await.unwrap();
+    assert_eq!(next(&mut sub).await.seq, 59);
+    assert!(sub.ack(59) && !sub.ack(60));
+    // A resume within the stream still replays from there.
+    sub.resume(57).await.unwrap();
+    assert_eq!(next(&mut sub).await.seq, 58);
+    assert_eq!(next(&mut sub).await.seq, 59);
+}
+
+#[tokio::test]
+async fn stamps_come_from_the_configured_clock() {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let clock = time_kit::ManualClock::new(start);
+    let hub = Hub::in_memory(HubConfig::default().with_clock(Arc::new(clock.clone())))
+        .await
+        .unwrap();
+    let first = hub.send_to_users(&["u"], note(1)).await.unwrap();
+    clock.advance(Duration::from_millis(1_500));
+    let second = hub.send_to_users(&["u"], note(2)).await.unwrap();
+    assert_eq!(first.timestamp.to_rfc3339(), "2027-01-15T08:00:00+00:00");
+    assert_eq!(
+        second.timestamp.to_rfc3339(),
+        "2027-01-15T08:00:01.500+00:00"
+    );
+    // The UUIDv7 ids carry the same time.
+    let (secs, _) = second.id.get_timestamp().unwrap().to_unix();
+    assert_eq!(secs, 1_800_000_001);
+    assert!(first.id < second.id);
+}
+
+#[tokio::test]
+async fn errors_say_what_kind_they_are() {
+    use notify_hub::ErrorKind;
+    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    let empty: [&str; 0] = [];
+    let e = hub.send_to_users(&empty, note(1)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    let e = hub
+        .send_to_users(&["u"], Notification::new("", "t", "m"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    // The size limit that was broken is the source, not flattened into a string.
+    let limit = std::error::Error::source(&e).expect("a source");
+    assert!(
+        limit
+            .downcast_ref::<notify_hub::InvalidNotification>()
+            .is_some()
+    );
+    let mut n = note(1);
+    n.id = Some(uuid::Uuid::now_v7());
+    hub.send_to_users(&["u"], n.clone()).await.unwrap();
+    let e = hub.send_to_users(&["u"], n).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Duplicate);
+    hub.shutdown(Duration::from_secs(5)).await;
+    let e = hub.send_to_users(&["u"], note(2)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ShutDown);
 }
 
 #[tokio::test]

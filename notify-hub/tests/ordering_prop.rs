@@ -1,6 +1,12 @@
-//! Property: whatever order the broker hands messages over in, and whichever
-//! it loses, a subscription yields the user's notifications exactly once and
-//! in sequence, up to the highest one it was told about.
+//! Property: whatever order the broker hands another node's messages over
+//! in, and whichever it loses, a subscription yields the user's
+//! notifications exactly once and in sequence, up to the highest one it was
+//! told about.
+//!
+//! Two hubs share one store: the test sends through hub A, whose broker
+//! holds every message, and hands them to hub B (where the subscription is)
+//! in its own order. A node's own sends never go through the broker, so the
+//! reordering can only come from another node.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +20,7 @@ use proptest::prelude::*;
 use tokio::sync::mpsc;
 
 /// A broker that holds every message until the test releases it, in any
-/// order, or never.
+/// order, or never; and hands the hub whatever the test sends its sink.
 #[derive(Default)]
 struct ChaosBroker {
     sink: Mutex<Option<mpsc::Sender<BrokerEvent>>>,
@@ -62,27 +68,32 @@ proptest! {
     fn reordered_and_lost_messages_still_yield_an_exact_sequence((plan, since) in fates()) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
+            let store = Arc::new(MemoryStore::new());
             let broker = Arc::new(ChaosBroker::default());
-            let hub = Hub::start(HubConfig::default().with_replay_page(7), MemoryStore::new(), Arc::clone(&broker))
+            let sender = Hub::start(HubConfig::default(), Arc::clone(&store), Arc::clone(&broker))
+                .await
+                .unwrap();
+            let receiver_broker = Arc::new(ChaosBroker::default());
+            let hub = Hub::start(HubConfig::default().with_replay_page(7), store, Arc::clone(&receiver_broker))
                 .await
                 .unwrap();
             let n = plan.len() as u64;
             // Part of the stream exists before the client connects with `since`.
             let before = since.min(n);
             for i in 0..before {
-                hub.send_to_users(&["u"], Notification::new("t", format!("n{}", i + 1), "m")).await.unwrap();
+                sender.send_to_users(&["u"], Notification::new("t", format!("n{}", i + 1), "m")).await.unwrap();
             }
             let start = before / 2;
             let mut sub = hub.subscribe("u", Some(start)).await.unwrap();
             // What was stored before never goes through the broker here.
             broker.held.lock().clear();
-            let sink = broker.sink.lock().clone().unwrap();
+            let sink = receiver_broker.sink.lock().clone().unwrap();
             let mut got: Vec<u64> = Vec::new();
             let mut waiting: Vec<(u64, Arc<Published>)> = Vec::new();
             let mut highest_live = 0;
             for step in before..n + 4 {
                 if step < n {
-                    hub.send_to_users(&["u"], Notification::new("t", format!("n{}", step + 1), "m")).await.unwrap();
+                    sender.send_to_users(&["u"], Notification::new("t", format!("n{}", step + 1), "m")).await.unwrap();
                     let (key, fate) = plan[step as usize].clone();
                     let message = broker.held.lock().pop().unwrap();
                     if matches!(fate, Fate::Deliver) {
@@ -121,17 +132,23 @@ proptest! {
 
 #[tokio::test]
 async fn a_resync_recovers_what_the_broker_lost_with_nothing_after_it() {
+    let store = Arc::new(MemoryStore::new());
     let broker = Arc::new(ChaosBroker::default());
-    let hub = Hub::start(
+    let sender = Hub::start(
         HubConfig::default(),
-        MemoryStore::new(),
+        Arc::clone(&store),
         Arc::clone(&broker),
     )
     .await
     .unwrap();
+    let receiver_broker = Arc::new(ChaosBroker::default());
+    let hub = Hub::start(HubConfig::default(), store, Arc::clone(&receiver_broker))
+        .await
+        .unwrap();
     let mut sub = hub.subscribe("u", None).await.unwrap();
     for i in 1..=3 {
-        hub.send_to_users(&["u"], Notification::new("t", format!("n{i}"), "m"))
+        sender
+            .send_to_users(&["u"], Notification::new("t", format!("n{i}"), "m"))
             .await
             .unwrap();
     }
@@ -142,7 +159,7 @@ async fn a_resync_recovers_what_the_broker_lost_with_nothing_after_it() {
             .await
             .is_err()
     );
-    let sink = broker.sink.lock().clone().unwrap();
+    let sink = receiver_broker.sink.lock().clone().unwrap();
     sink.send(BrokerEvent::Resync).await.unwrap();
     for seq in 1..=3 {
         let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
@@ -151,4 +168,37 @@ async fn a_resync_recovers_what_the_broker_lost_with_nothing_after_it() {
             .unwrap();
         assert_eq!(d.seq, seq);
     }
+}
+
+#[tokio::test]
+async fn a_node_skips_its_own_sends_when_the_broker_brings_them_back() {
+    let broker = Arc::new(ChaosBroker::default());
+    let hub = Hub::start(
+        HubConfig::default().with_queue_capacity(2),
+        MemoryStore::new(),
+        Arc::clone(&broker),
+    )
+    .await
+    .unwrap();
+    let mut sub = hub.subscribe("u", None).await.unwrap();
+    hub.send_to_users(&["u"], Notification::new("t", "n1", "m"))
+        .await
+        .unwrap();
+    // Delivered from the writer, not from the broker.
+    assert_eq!(sub.next().await.unwrap().seq, 1);
+    let echo = broker.held.lock().pop().unwrap();
+    assert_eq!(echo.origin, hub.node_id());
+    // Echoed many times: none of it lands in the 2-deep queue (it would
+    // overflow), and nothing is handed out twice.
+    let sink = broker.sink.lock().clone().unwrap();
+    for _ in 0..5 {
+        sink.send(BrokerEvent::Published(Arc::clone(&echo)))
+            .await
+            .unwrap();
+    }
+    hub.send_to_users(&["u"], Notification::new("t", "n2", "m"))
+        .await
+        .unwrap();
+    assert_eq!(sub.next().await.unwrap().seq, 2);
+    assert_eq!(hub.stats().overflowed(), 0);
 }

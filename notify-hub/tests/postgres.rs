@@ -498,3 +498,53 @@ async fn two_nodes_joining_the_same_pairs_in_opposite_orders_neither_fail_nor_do
     }
     assert_eq!(reached, n);
 }
+
+/// A column of an unexpected type (schema drift, a hand-made migration) is
+/// a `Corrupt` store error with the decoding error as its source, never a
+/// panic.
+#[tokio::test]
+async fn a_column_of_the_wrong_type_is_a_corrupt_error_not_a_panic() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let hub = hub(&db).await;
+    hub.send_to_users(&["u"], note(1)).await.unwrap();
+    let client = db.connect().await;
+    let schema_drift = [
+        "ALTER TABLE notify_user_seqs ALTER COLUMN last_seq TYPE int4",
+        "ALTER TABLE notify_notifications ALTER COLUMN body TYPE text USING body::text",
+    ];
+    for sql in schema_drift {
+        client.batch_execute(sql).await.unwrap();
+    }
+    for result in [
+        // Reads notify_user_seqs.last_seq.
+        hub.subscribe("u", None).await.map(drop),
+        // Reads notify_notifications.body.
+        hub.deliveries("u", 10).await.map(drop),
+    ] {
+        let e = result.unwrap_err();
+        assert_eq!(e.kind(), notify_hub::ErrorKind::Corrupt, "{e:?}");
+        let HubError::Store(store) = &e else {
+            panic!("a store error: {e:?}");
+        };
+        let source = std::error::Error::source(store).expect("the decoding error is kept");
+        assert!(
+            source.downcast_ref::<tokio_postgres::Error>().is_some(),
+            "{source:?}"
+        );
+    }
+    // A replay reads the body too: the subscription ends with the store
+    // error instead of panicking the connection's task.
+    client
+        .batch_execute("ALTER TABLE notify_user_seqs ALTER COLUMN last_seq TYPE int8")
+        .await
+        .unwrap();
+    let mut sub = hub.subscribe("u", Some(0)).await.unwrap();
+    match sub.next().await {
+        Err(notify_hub::Closed::Store(e)) => {
+            assert_eq!(e.kind(), notify_hub::ErrorKind::Corrupt)
+        }
+        other => panic!("expected a store error, got {other:?}"),
+    }
+}

@@ -2,6 +2,7 @@
 #![cfg(all(feature = "server", feature = "jwt"))]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
@@ -9,6 +10,7 @@ use jsonwebtoken::{EncodingKey, Header};
 use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 use notify_hub::server::{NotifyServer, ServerConfig};
 use notify_hub::{Hub, HubConfig, Notification};
+use time_kit::{Clock, ManualClock, SharedClock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -43,17 +45,18 @@ async fn start() -> (SocketAddr, Hub) {
     start_with(HubConfig::default()).await
 }
 
-/// A server for `hub` that accepts HS256 tokens signed with `SECRET`.
-fn server_for(hub: &Hub) -> NotifyServer {
+/// A verifier of HS256 tokens signed with `SECRET`.
+fn verifier() -> JwtVerifier {
     let keys = KeySet::new()
         .with_key(VerifyingKey::hs256("k", SECRET.as_bytes()))
         .unwrap()
         .with_default_kid("k");
-    NotifyServer::new(
-        hub.clone(),
-        JwtVerifier::new(keys, JwtConfig::default()),
-        ServerConfig::default(),
-    )
+    JwtVerifier::new(keys, JwtConfig::default())
+}
+
+/// A server for `hub` that accepts HS256 tokens signed with `SECRET`.
+fn server_for(hub: &Hub) -> NotifyServer {
+    NotifyServer::new(hub.clone(), verifier(), ServerConfig::default())
 }
 
 async fn start_with(config: HubConfig) -> (SocketAddr, Hub) {
@@ -370,29 +373,284 @@ async fn http_api_statuses() {
     assert!(metrics.contains("notify_sends_total 3"), "{metrics}");
 }
 
-#[tokio::test]
-async fn a_connection_ends_with_4001_when_its_token_expires() {
-    let (addr, hub) = start().await;
-    let exp = now_secs() + 2;
+/// The next frame that is not a Ping or Pong.
+async fn next_message(ws: &mut Ws) -> Message {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message")
+            .unwrap()
+            .unwrap()
+        {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            m => return m,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_with_4001_when_the_hub_clock_passes_exp() {
+    // The hub, its server and the verifier read one manual clock, so expiry
+    // is driven by moving it, not by waiting for it.
+    let clock = ManualClock::new(SystemTime::now());
+    let shared: SharedClock = Arc::new(clock.clone());
+    let hub = Hub::in_memory(HubConfig::default().with_clock(Arc::clone(&shared)))
+        .await
+        .unwrap();
+    let mut config = ServerConfig::default().with_heartbeat(Duration::from_millis(20));
+    // Pings are answered only while the client reads; missed pongs are not
+    // what this test is about.
+    config.max_missed_pongs = u32::MAX;
+    let server = NotifyServer::new(hub.clone(), verifier().with_clock(shared), config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.serve(listener, std::future::pending()));
+
+    let exp = clock.unix_secs() + 60;
     let short = token_with(SECRET, serde_json::json!({"sub": "eve", "exp": exp}));
     let mut ws = connect(addr, &format!("access_token={short}"))
         .await
         .unwrap();
     assert_eq!(frame(&mut ws).await["type"], "welcome");
-    let close = tokio::time::timeout(Duration::from_secs(6), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(c))) => break c,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close, got {other:?}"),
-            }
+
+    // One second before `exp`: two heartbeats later (so at least one tick
+    // read the moved clock) the connection still delivers.
+    clock.advance(Duration::from_secs(59));
+    let mut pings = 0;
+    while pings < 2 {
+        if let Message::Ping(_) = ws.next().await.unwrap().unwrap() {
+            pings += 1;
         }
-    })
-    .await
-    .expect("closed when the token expired");
-    assert_eq!(u16::from(close.unwrap().code), 4001);
+    }
+    hub.send_to_users(&["eve"], Notification::new("t", "still open", "m"))
+        .await
+        .unwrap();
+    let delivered = next_message(&mut ws).await;
+    assert!(delivered.to_text().unwrap().contains("still open"));
+
+    // At `exp`: closed with 4001 within a heartbeat.
+    clock.advance(Duration::from_secs(1));
+    let Message::Close(Some(close)) = next_message(&mut ws).await else {
+        panic!("expected a close frame");
+    };
+    assert_eq!(u16::from(close.code), 4001);
+    assert_eq!(close.reason, "token expired: reconnect with a fresh token");
     drop(ws);
     assert_connections_drop_to_zero(&hub).await;
+}
+
+#[tokio::test]
+async fn a_token_past_exp_but_inside_the_verifier_leeway_is_refused() {
+    let (addr, hub) = start().await;
+    // The verifier accepts it (30 s of leeway); a connection opened with it
+    // would have to close with 4001 at once, so it is refused instead.
+    let recent = token_with(
+        SECRET,
+        serde_json::json!({"sub": "late", "exp": now_secs() - 10}),
+    );
+    assert_eq!(
+        connect(addr, &format!("access_token={recent}")).await.err(),
+        Some(401)
+    );
+    let (status, body) = ws_upgrade_answer(addr, &recent).await;
+    assert_eq!(status, 401);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "invalid_token");
+    assert_eq!(body["message"], "invalid token: token expired");
+    assert_eq!(hub.connection_count(), 0);
+}
+
+/// A raw upgrade request with `token`; returns (status, body).
+async fn ws_upgrade_answer(addr: SocketAddr, token: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /v1/ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nauthorization: Bearer {token}\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The error answer is small and complete once its body has arrived.
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        response.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&response);
+        if n == 0 || text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
+            break;
+        }
+    }
+    let response = String::from_utf8(response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn since_and_resume_above_the_latest_seq_both_count_as_the_latest() {
+    let (addr, hub) = start().await;
+    for i in 1..=3 {
+        hub.send_to_users(&["sam"], Notification::new("t", format!("n{i}"), "m"))
+            .await
+            .unwrap();
+    }
+    let user = token("sam", &[], &[]);
+    let mut ws = connect(addr, &format!("since=1000&access_token={user}"))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["last_seq"], 3);
+    hub.send_to_users(&["sam"], Notification::new("t", "n4", "m"))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["seq"], 4, "connect: not skipped");
+    ws.send(Message::text(r#"{"type":"resume","since":1000}"#))
+        .await
+        .unwrap();
+    // Frames are handled in order: once this is answered, so is the resume.
+    ws.send(Message::text(r#"{"type":"ack","seq":100000}"#))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["code"], "invalid_ack");
+    hub.send_to_users(&["sam"], Notification::new("t", "n5", "m"))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["seq"], 5, "resume: not skipped either");
+}
+
+#[tokio::test]
+async fn an_ack_before_any_delivery_is_checked_against_the_start_position() {
+    let (addr, hub) = start().await;
+    for i in 1..=3 {
+        hub.send_to_users(&["ada"], Notification::new("t", format!("n{i}"), "m"))
+            .await
+            .unwrap();
+    }
+    let mut ws = connect(addr, &format!("access_token={}", token("ada", &[], &[])))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["last_seq"], 3);
+    // Up to welcome.last_seq: accepted silently (no frame); above: refused.
+    for ack in [0, 2, 3, 4] {
+        ws.send(Message::text(format!(r#"{{"type":"ack","seq":{ack}}}"#)))
+            .await
+            .unwrap();
+    }
+    let refused = frame(&mut ws).await;
+    assert_eq!(
+        refused["code"], "invalid_ack",
+        "the first frame answers ack 4"
+    );
+    ws.send(Message::text(r#"{"type":"ack","seq":3}"#))
+        .await
+        .unwrap();
+    ws.send(Message::text("{not json")).await.unwrap();
+    assert_eq!(
+        frame(&mut ws).await["code"],
+        "invalid_frame",
+        "ack 3 again got no answer"
+    );
+}
+
+#[tokio::test]
+async fn ids_and_timestamps_come_back_in_canonical_form() {
+    let (addr, _hub) = start().await;
+    let service = token("svc", &[], &["notify:send"]);
+    let mut ws = connect(addr, &format!("access_token={}", token("cy", &[], &[])))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["type"], "welcome");
+    // Upper case, no hyphens; a +01:00 offset with half a second.
+    let send = r#"{"user_ids":["cy"],"notification":{"id":"0190C1A27B3C7D4E8F000123456789AB","type":"t","title":"a","message":"b","timestamp":"2026-11-24T23:00:00.5+01:00"}}"#;
+    let (status, body) = http(addr, "POST", "/v1/notifications", Some(&service), send).await;
+    assert_eq!(status, 201, "{body}");
+    let receipt: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let canonical = "0190c1a2-7b3c-7d4e-8f00-0123456789ab";
+    assert_eq!(receipt["id"], canonical);
+    assert_eq!(receipt["timestamp"], "2026-11-24T22:00:00.500Z");
+    let delivered = frame(&mut ws).await;
+    assert_eq!(delivered["notification"]["id"], canonical);
+    assert_eq!(
+        delivered["notification"]["timestamp"],
+        "2026-11-24T22:00:00.500Z"
+    );
+    let (_, body) = http(
+        addr,
+        "GET",
+        "/v1/users/cy/notifications",
+        Some(&service),
+        "",
+    )
+    .await;
+    let history: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(history["notifications"][0]["notification"]["id"], canonical);
+    // Any spelling of the same UUID is the same id.
+    for spelling in [
+        canonical.to_owned(),
+        format!("urn:uuid:{canonical}"),
+        format!("{{{}}}", canonical.to_uppercase()),
+    ] {
+        let again = format!(
+            r#"{{"user_ids":["cy"],"notification":{{"id":"{spelling}","type":"t","title":"a","message":"b"}}}}"#
+        );
+        let (status, body) = http(addr, "POST", "/v1/notifications", Some(&service), &again).await;
+        assert_eq!(status, 409, "{spelling}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_id_or_timestamp_is_invalid_field_naming_it() {
+    let (addr, hub) = start().await;
+    let service = token("svc", &[], &["notify:send"]);
+    let cases = [
+        (r#""id":"not-a-uuid""#, "notification.id"),
+        (r#""id":42"#, "notification.id"),
+        (r#""timestamp":"yesterday""#, "notification.timestamp"),
+        (
+            r#""timestamp":"2026-11-24T22:00:00""#,
+            "notification.timestamp",
+        ),
+        (r#""timestamp":1700000000"#, "notification.timestamp"),
+    ];
+    for (field, name) in cases {
+        for path in ["/v1/notifications", "/v1/groups/g/notifications"] {
+            let body = format!(
+                r#"{{{}"notification":{{"type":"t","title":"a","message":"b",{field}}}}}"#,
+                if path == "/v1/notifications" {
+                    r#""user_ids":["u"],"#
+                } else {
+                    ""
+                }
+            );
+            let (status, answer) = http(addr, "POST", path, Some(&service), &body).await;
+            assert_eq!(status, 400, "{body}");
+            let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+            assert_eq!(answer["error"], "invalid_field", "{body}");
+            assert!(
+                answer["message"].as_str().unwrap().contains(name),
+                "{answer}"
+            );
+        }
+    }
+    // `null` is the same as leaving it out; other shape errors stay invalid_json.
+    let null = r#"{"user_ids":["u"],"notification":{"id":null,"timestamp":null,"type":"t","title":"a","message":"b"}}"#;
+    assert_eq!(
+        http(addr, "POST", "/v1/notifications", Some(&service), null)
+            .await
+            .0,
+        201
+    );
+    let (status, answer) = http(
+        addr,
+        "POST",
+        "/v1/notifications",
+        Some(&service),
+        r#"{"user_ids":["u"],"notification":{"title":"a","message":"b"}}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(answer.contains("invalid_json"), "{answer}");
+    assert_eq!(hub.stats().sends(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,10 +1,13 @@
 //! Fan-out between hub nodes, behind the [`Broker`] trait.
 //!
-//! After a batch commits, the hub publishes one [`Published`] message per
-//! send; every hub node sharing the broker (including the sender) receives it
-//! and hands it to its own local connections. [`LocalBroker`] connects a hub
-//! to itself; `RedisBroker` (feature `redis`) connects several over Redis
-//! pub/sub.
+//! After a batch commits, the hub hands each send to its own local
+//! connections directly, then publishes one [`Published`] message per send;
+//! every other hub node sharing the broker receives it and hands it to its
+//! local connections. A node's own messages may come back to it (Redis
+//! pub/sub echoes them); it recognises them by [`Published::origin`] and
+//! skips them. [`LocalBroker`] is the single-node broker (there is no other
+//! node to reach); `RedisBroker` (feature `redis`) connects several over
+//! Redis pub/sub.
 
 #[cfg(feature = "redis")]
 mod redis;
@@ -13,14 +16,18 @@ mod redis;
 pub use self::redis::RedisBroker;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use crate::notification::Notification;
 use crate::store::{BoxFuture, Recipient};
 
 /// A committed send, on its way to the nodes that hold its recipients.
+///
+/// A broker carries it unchanged (including [`origin`](Published::origin)):
+/// its JSON is `{"n": notification, "r": [{"user_id", "seq"}, …], "o": origin}`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Published {
     /// The stored notification.
@@ -29,6 +36,11 @@ pub struct Published {
     /// Its recipients with their sequence numbers.
     #[serde(rename = "r")]
     pub recipients: Vec<Recipient>,
+    /// The hub node that committed it ([`Hub::node_id`](crate::Hub::node_id)).
+    /// That node has already handed it to its own connections, so it skips
+    /// the copy the broker brings back. Nil when absent from the message.
+    #[serde(rename = "o", default)]
+    pub origin: Uuid,
 }
 
 /// What a broker hands to its hub.
@@ -41,21 +53,44 @@ pub enum BrokerEvent {
     Resync,
 }
 
-/// A broker failure.
+/// A broker failure. `Display` names the operation; the client's error (or
+/// the timeout) is the [`source`](std::error::Error::source). Its `kind()`
+/// is [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) or
+/// [`ErrorKind::Misuse`](crate::ErrorKind::Misuse).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerError {
     /// The broker could not be reached or refused the operation.
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
+    #[error("broker unavailable ({operation})")]
+    Unavailable {
+        /// What the broker was doing, e.g. `publish` or `ping`.
+        operation: &'static str,
+        /// The client's error or the timeout, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
     /// `subscribe` was called twice.
     #[error("broker already has a subscriber")]
     AlreadySubscribed,
 }
 
+impl BrokerError {
+    /// An [`Unavailable`](BrokerError::Unavailable) error during `operation`, caused by `source`.
+    pub fn unavailable(
+        operation: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> BrokerError {
+        BrokerError::Unavailable {
+            operation,
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
 /// Carries committed sends to every hub node.
 pub trait Broker: Send + Sync + 'static {
-    /// Sends `message` to every subscribed node.
+    /// Sends `message` to every subscribed node. The publishing node may or
+    /// may not receive it back; it skips its own either way.
     fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>>;
 
     /// Starts forwarding every message published by any node to `sink`,
@@ -79,12 +114,12 @@ impl<B: Broker + ?Sized> Broker for Arc<B> {
     }
 }
 
-/// The single-node broker: publishing hands the message straight to this
-/// process's hub. Backpressure is real: `publish` waits when the hub's
-/// dispatcher falls behind, so memory stays bounded.
+/// The single-node broker: there is no other node, and the hub hands its
+/// own sends to its own connections without a broker, so publishing does
+/// nothing.
 #[derive(Debug, Default)]
 pub struct LocalBroker {
-    sink: Mutex<Option<mpsc::Sender<BrokerEvent>>>,
+    subscribed: AtomicBool,
 }
 
 impl LocalBroker {
@@ -95,26 +130,17 @@ impl LocalBroker {
 }
 
 impl Broker for LocalBroker {
-    fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
-        let sink = self.sink.lock().clone();
-        Box::pin(async move {
-            match sink {
-                // No subscriber (or it is gone): nobody is connected here.
-                None => Ok(()),
-                Some(sink) => {
-                    let _ = sink.send(BrokerEvent::Published(message)).await;
-                    Ok(())
-                }
-            }
-        })
+    fn publish(&self, _message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async { Ok(()) })
     }
 
-    fn subscribe(&self, sink: mpsc::Sender<BrokerEvent>) -> BoxFuture<'_, Result<(), BrokerError>> {
-        let mut slot = self.sink.lock();
-        let result = if slot.is_some() {
+    fn subscribe(
+        &self,
+        _sink: mpsc::Sender<BrokerEvent>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let result = if self.subscribed.swap(true, Ordering::AcqRel) {
             Err(BrokerError::AlreadySubscribed)
         } else {
-            *slot = Some(sink);
             Ok(())
         };
         Box::pin(async move { result })

@@ -39,7 +39,7 @@ impl RedisBroker {
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`); `prefix` keeps
     /// several deployments (or tests) on one Redis apart.
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisBroker, BrokerError> {
-        let unavailable = |e: fred::error::Error| BrokerError::Unavailable(e.to_string());
+        let unavailable = |e: fred::error::Error| BrokerError::unavailable("connect", e);
         let config = Config::from_url(url).map_err(unavailable)?;
         let builder = {
             let mut b = Builder::from_config(config);
@@ -69,7 +69,7 @@ impl Broker for RedisBroker {
     fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
             let payload = serde_json::to_string(&*message)
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+                .map_err(|e| BrokerError::unavailable("publish: encoding the message", e))?;
             // Bounded: during an outage fred would hold the command until it
             // reconnects, and the writer (and every send behind it) with it.
             match tokio::time::timeout(
@@ -81,8 +81,8 @@ impl Broker for RedisBroker {
             {
                 Ok(result) => result
                     .map(drop)
-                    .map_err(|e| BrokerError::Unavailable(e.to_string())),
-                Err(_) => Err(BrokerError::Unavailable("publish timed out".into())),
+                    .map_err(|e| BrokerError::unavailable("publish", e)),
+                Err(elapsed) => Err(BrokerError::unavailable("publish timed out", elapsed)),
             }
         })
     }
@@ -142,7 +142,7 @@ impl Broker for RedisBroker {
             self.subscriber
                 .subscribe(self.channel.as_str())
                 .await
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+                .map_err(|e| BrokerError::unavailable("subscribe", e))
         })
     }
 
@@ -151,8 +151,8 @@ impl Broker for RedisBroker {
             match tokio::time::timeout(PUBLISH_TIMEOUT, self.publisher.ping::<String>(None)).await {
                 Ok(result) => result
                     .map(drop)
-                    .map_err(|e| BrokerError::Unavailable(e.to_string())),
-                Err(_) => Err(BrokerError::Unavailable("ping timed out".into())),
+                    .map_err(|e| BrokerError::unavailable("ping", e)),
+                Err(elapsed) => Err(BrokerError::unavailable("ping timed out", elapsed)),
             }
         })
     }

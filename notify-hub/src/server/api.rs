@@ -6,19 +6,72 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::{Body, NotifyServer, bearer, error, json, percent_decode, query_param};
-use crate::{HubError, Notification};
+use crate::error::report;
+use crate::{Error, Notification};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SendToUsers {
     user_ids: Vec<String>,
-    notification: Notification,
+    notification: WireNotification,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SendToGroup {
-    notification: Notification,
+    notification: WireNotification,
+}
+
+/// A notification as the API reads it: `id` and `timestamp` are taken as
+/// any JSON first, so a bad one is answered `invalid_field` naming it,
+/// rather than the `invalid_json` of a body that is not the right shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireNotification {
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    #[serde(rename = "type")]
+    kind: String,
+    title: String,
+    message: String,
+    #[serde(default)]
+    data: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    timestamp: Option<serde_json::Value>,
+}
+
+impl WireNotification {
+    /// The notification, or the `invalid_field` message naming the field.
+    fn into_notification(self) -> Result<Notification, String> {
+        let mut n = Notification::new(self.kind, self.title, self.message);
+        n.data = self.data;
+        n.id = field(self.id, "notification.id", "a UUID")?;
+        n.timestamp = field(
+            self.timestamp,
+            "notification.timestamp",
+            "an RFC 3339 date-time with an offset, e.g. 2026-11-24T22:00:00Z",
+        )?;
+        Ok(n)
+    }
+}
+
+/// Decodes an optional field (`null` counts as absent); the error names
+/// it when it is not `expected`.
+fn field<T: serde::de::DeserializeOwned>(
+    value: Option<serde_json::Value>,
+    name: &str,
+    expected: &str,
+) -> Result<Option<T>, String> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|_| format!("`{name}` must be {expected}")),
+    }
+}
+
+fn invalid_field(message: &str) -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, "invalid_field", message)
 }
 
 pub(crate) async fn handle(
@@ -56,7 +109,7 @@ pub(crate) async fn handle(
                 &format!("the token lacks the `{}` role", inner.config.service_role),
             );
         }
-        Err(e) => return error(StatusCode::UNAUTHORIZED, "invalid_token", &e.to_string()),
+        Err(e) => return error(StatusCode::UNAUTHORIZED, "invalid_token", &report(&e)),
     }
     let hub = &inner.hub;
     let decode = |s: &str| percent_decode(s).ok_or(());
@@ -66,7 +119,11 @@ pub(crate) async fn handle(
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            receipt(hub.send_to_users(&body.user_ids, body.notification).await)
+            let notification = match body.notification.into_notification() {
+                Ok(n) => n,
+                Err(message) => return invalid_field(&message),
+            };
+            receipt(hub.send_to_users(&body.user_ids, notification).await)
         }
         Route::SendGroup(g) => {
             let Ok(group) = decode(g) else {
@@ -76,7 +133,11 @@ pub(crate) async fn handle(
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            receipt(hub.broadcast_to_group(&group, body.notification).await)
+            let notification = match body.notification.into_notification() {
+                Ok(n) => n,
+                Err(message) => return invalid_field(&message),
+            };
+            receipt(hub.broadcast_to_group(&group, notification).await)
         }
         Route::Join(g, u) | Route::Leave(g, u) => {
             let (Ok(group), Ok(user)) = (decode(g), decode(u)) else {
@@ -140,7 +201,7 @@ fn bad_path() -> Response<Body> {
     )
 }
 
-fn receipt(result: Result<crate::Receipt, HubError>) -> Response<Body> {
+fn receipt(result: Result<crate::Receipt, Error>) -> Response<Body> {
     match result {
         Ok(r) => json(
             StatusCode::CREATED,
@@ -150,20 +211,20 @@ fn receipt(result: Result<crate::Receipt, HubError>) -> Response<Body> {
     }
 }
 
-pub(crate) fn hub_error(e: &HubError) -> Response<Body> {
+pub(crate) fn hub_error(e: &Error) -> Response<Body> {
     let (status, code) = match e {
-        HubError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
-        HubError::Broker(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
-        HubError::ShutDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-        HubError::InvalidNotification(_) => (StatusCode::BAD_REQUEST, "invalid_notification"),
-        HubError::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id"),
-        HubError::NoRecipients | HubError::TooManyRecipients { .. } => {
+        Error::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+        Error::Broker(_) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
+        Error::ShutDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        Error::InvalidNotification(_) => (StatusCode::BAD_REQUEST, "invalid_notification"),
+        Error::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id"),
+        Error::NoRecipients | Error::TooManyRecipients { .. } => {
             (StatusCode::BAD_REQUEST, "invalid_recipients")
         }
-        HubError::InvalidLimit { .. } => (StatusCode::BAD_REQUEST, "invalid_limit"),
-        HubError::DuplicateId(_) => (StatusCode::CONFLICT, "duplicate_id"),
+        Error::InvalidLimit { .. } => (StatusCode::BAD_REQUEST, "invalid_limit"),
+        Error::DuplicateId(_) => (StatusCode::CONFLICT, "duplicate_id"),
     };
-    error(status, code, &e.to_string())
+    error(status, code, &report(e))
 }
 
 /// Reads a JSON body of at most `limit` bytes (chunked bodies included):

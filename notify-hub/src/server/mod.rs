@@ -138,7 +138,11 @@ impl NotifyServer {
             }
             (&Method::GET, ["readyz"]) => match self.inner.hub.ready().await {
                 Ok(()) => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
-                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", &e.to_string()),
+                Err(e) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    &crate::error::report(&e),
+                ),
             },
             (&Method::GET, ["metrics"]) => Response::builder()
                 .header(

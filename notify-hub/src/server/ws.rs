@@ -16,7 +16,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use time_kit::SharedClock;
+
 use super::{Body, NotifyServer, bearer, error, query_param};
+use crate::auth::AuthError;
+use crate::error::report;
 use crate::subscription::{Closed, Subscription};
 
 /// The WebSocket close codes the server sends.
@@ -37,6 +41,9 @@ pub mod close_codes {
     /// a fresh token and `since`.
     pub const TOKEN_EXPIRED: u16 = 4001;
 }
+
+/// The close reason of [`close_codes::TOKEN_EXPIRED`].
+const TOKEN_EXPIRED_REASON: &str = "token expired: reconnect with a fresh token";
 
 /// The subprotocol a client may offer alongside `bearer.<token>`.
 pub(crate) const SUBPROTOCOL: &str = "notify.v1";
@@ -110,12 +117,17 @@ pub(crate) async fn upgrade(server: &NotifyServer, request: Request<Incoming>) -
             "send a bearer token",
         );
     };
+    let clock = &server.inner.hub.config().clock;
     let identity = match server.inner.auth.authenticate(&token) {
-        Ok(identity) => identity,
-        Err(e) => {
-            tracing::debug!(reason = %e.reason, "WebSocket token refused");
-            return error(StatusCode::UNAUTHORIZED, "invalid_token", &e.to_string());
+        // A token past its `exp` that the verifier still accepts (its clock
+        // skew leeway) is refused here: a connection opened with it would
+        // be closed with 4001 at once, so the client learns it at the
+        // upgrade, where it can refresh the token first.
+        Ok(identity) if identity.expires_at.is_some_and(|exp| expired(exp, clock)) => {
+            return refused(&AuthError::expired());
         }
+        Ok(identity) => identity,
+        Err(e) => return refused(&e),
     };
     let since = match query_param(query, "since") {
         None => None,
@@ -177,17 +189,30 @@ pub(crate) async fn upgrade(server: &NotifyServer, request: Request<Incoming>) -
     response.body(Body::default()).unwrap_or_default()
 }
 
-fn hub_error(e: &crate::HubError) -> Response<Body> {
+fn refused(e: &AuthError) -> Response<Body> {
+    tracing::debug!(code = e.code(), "WebSocket token refused");
+    error(StatusCode::UNAUTHORIZED, "invalid_token", &report(e))
+}
+
+fn hub_error(e: &crate::Error) -> Response<Body> {
     match e {
-        crate::HubError::InvalidId(_) => {
-            error(StatusCode::BAD_REQUEST, "invalid_id", &e.to_string())
-        }
-        _ => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            &e.to_string(),
-        ),
+        crate::Error::InvalidId(_) => error(StatusCode::BAD_REQUEST, "invalid_id", &report(e)),
+        _ => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &report(e)),
     }
+}
+
+/// Whether the token's `exp` (Unix seconds) has passed by `clock`: JWT's
+/// "on or after `exp`, not accepted".
+fn expired(exp: i64, clock: &SharedClock) -> bool {
+    clock.unix_millis() >= exp.saturating_mul(1000)
+}
+
+/// How long until `clock` reaches `exp`, at least zero. `None` when that is
+/// too far away to represent as a timer.
+fn until(exp: i64, clock: &SharedClock) -> Option<tokio::time::Instant> {
+    let left_ms = exp.saturating_mul(1000).saturating_sub(clock.unix_millis());
+    tokio::time::Instant::now()
+        .checked_add(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0)))
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
@@ -212,6 +237,7 @@ async fn run<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let config = &server.inner.config;
+    let clock = server.inner.hub.config().clock.clone();
     let metrics = Arc::clone(&server.inner.metrics);
     let (mut sink, mut stream) = socket.split();
     let welcome = serde_json::json!({
@@ -236,20 +262,18 @@ async fn run<S>(
     let every = config.heartbeat.max(Duration::from_millis(10));
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The token is checked once, at the upgrade; the connection ends when it expires.
-    let expiry = expires_at.and_then(|exp| {
-        let left = exp.saturating_sub(chrono::Utc::now().timestamp()).max(0);
-        // An `exp` too far away to represent never fires.
-        tokio::time::Instant::now()
-            .checked_add(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
-    });
-    let expired = async move {
-        match expiry {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(expired);
+    // The token is checked once, at the upgrade; the connection ends when
+    // the hub's clock reaches its `exp`. A timer is set for that moment, and
+    // the clock itself decides: when the timer fires (the clock may have
+    // been set back, or be a test's manual clock) and at every heartbeat
+    // (it may have jumped ahead).
+    let token_expired = || expires_at.is_some_and(|exp| expired(exp, &clock));
+    // An `exp` too far away to represent never fires the timer.
+    let expiry_at = |exp: Option<i64>| exp.and_then(|exp| until(exp, &clock));
+    let expiry =
+        tokio::time::sleep_until(expiry_at(expires_at).unwrap_or_else(tokio::time::Instant::now));
+    let mut expiry_armed = expiry_at(expires_at).is_some();
+    tokio::pin!(expiry);
     let mut missed_pongs = 0u32;
     let mut invalid = 0u32;
     let end: Option<Message> = loop {
@@ -266,14 +290,15 @@ async fn run<S>(
                     }
                     // Live deliveries only: a replay's age is not a latency.
                     if let Some(ts) = d.notification.timestamp.filter(|_| d.is_live()) {
-                        let latency = chrono::Utc::now().signed_duration_since(ts);
+                        let now = chrono::DateTime::<chrono::Utc>::from(clock.now());
+                        let latency = now.signed_duration_since(ts);
                         metrics.latency.observe(latency.to_std().unwrap_or(Duration::ZERO).as_secs_f64());
                     }
                 }
                 Err(Closed::Overflow) => break Some(close(close_codes::SLOW_CONSUMER, "slow consumer: resume with since")),
                 Err(Closed::ShuttingDown) => break Some(close(close_codes::GOING_AWAY, "server shutting down")),
                 Err(Closed::Store(e)) => {
-                    tracing::warn!(error = %e, "replay failed");
+                    tracing::warn!(error = %report(&e), "replay failed");
                     break Some(close(close_codes::INTERNAL, "replay failed: resume with since"));
                 }
             },
@@ -286,7 +311,12 @@ async fn run<S>(
                             break None;
                         }
                     }
-                    Ok(ClientFrame::Resume { since }) => subscription.resume(since),
+                    Ok(ClientFrame::Resume { since }) => {
+                        if let Err(e) = subscription.resume(since).await {
+                            tracing::warn!(error = %report(&e), "resume failed");
+                            break Some(close(close_codes::INTERNAL, "replay failed: resume with since"));
+                        }
+                    }
                     Err(e) => {
                         invalid += 1;
                         if invalid > config.max_invalid_frames {
@@ -319,8 +349,21 @@ async fn run<S>(
                 }
                 Some(Err(_)) | None => break None, // abrupt disconnect
             },
-            () = &mut expired => break Some(close(close_codes::TOKEN_EXPIRED, "token expired: reconnect with a fresh token")),
+            () = &mut expiry, if expiry_armed => {
+                if token_expired() {
+                    break Some(close(close_codes::TOKEN_EXPIRED, TOKEN_EXPIRED_REASON));
+                }
+                // The clock is behind the timer: look again when it should
+                // be there (a frozen clock leaves it to the heartbeat).
+                match expiry_at(expires_at) {
+                    Some(at) => expiry.as_mut().reset(at.max(tokio::time::Instant::now() + every)),
+                    None => expiry_armed = false,
+                }
+            }
             _ = heartbeat.tick() => {
+                if token_expired() {
+                    break Some(close(close_codes::TOKEN_EXPIRED, TOKEN_EXPIRED_REASON));
+                }
                 if missed_pongs >= config.max_missed_pongs {
                     break Some(close(close_codes::POLICY, "missed pongs"));
                 }

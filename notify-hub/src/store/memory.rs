@@ -88,10 +88,10 @@ impl Store for MemoryStore {
                     continue;
                 }
                 id_order.push_back(id);
-                if id_order.len() > ID_WINDOW {
-                    if let Some(old) = id_order.pop_front() {
-                        ids.remove(&old);
-                    }
+                if id_order.len() > ID_WINDOW
+                    && let Some(old) = id_order.pop_front()
+                {
+                    ids.remove(&old);
                 }
                 let members: Vec<String> = match &append.audience {
                     Audience::Users(list) => list.clone(),

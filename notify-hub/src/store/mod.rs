@@ -13,6 +13,7 @@ pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -66,16 +67,81 @@ pub enum Appended {
     TooManyRecipients,
 }
 
-/// A storage failure.
-#[derive(Debug, Clone, thiserror::Error)]
+/// The cause of a [`StoreError`]: the driver's error, shared so the error
+/// stays `Clone` (one failed batch answers every sender in it).
+pub type StoreErrorSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A storage failure. `Display` names the operation; the driver's error
+/// (e.g. tokio-postgres', with PostgreSQL's message below it) is the
+/// [`source`](std::error::Error::source). Its `kind()` is
+/// [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) or
+/// [`ErrorKind::Corrupt`](crate::ErrorKind::Corrupt).
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The store could not be reached or refused the operation.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    /// The store returned something it should not have.
-    #[error("store data error: {0}")]
-    Corrupt(String),
+    /// The store could not be reached or refused the operation
+    /// ([`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable)).
+    Unavailable {
+        /// What the store was doing, e.g. `append` or `history`.
+        operation: Cow<'static, str>,
+        /// The driver's error, when there is one.
+        source: Option<StoreErrorSource>,
+    },
+    /// The store returned something it should not have
+    /// ([`ErrorKind::Corrupt`](crate::ErrorKind::Corrupt)).
+    Corrupt {
+        /// What was wrong, e.g. `notify_deliveries.seq is negative`.
+        what: Cow<'static, str>,
+        /// The decoding error, when there is one.
+        source: Option<StoreErrorSource>,
+    },
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Unavailable { operation, .. } => {
+                write!(f, "store unavailable ({operation})")
+            }
+            StoreError::Corrupt { what, .. } => write!(f, "store data error ({what})"),
+        }
+    }
+}
+
+// By hand rather than derived: the source is the error inside the `Arc`
+// (so callers can downcast it to the driver's type), not the `Arc` itself.
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        let (StoreError::Unavailable { source, .. } | StoreError::Corrupt { source, .. }) = self;
+        source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl StoreError {
+    /// An [`Unavailable`](StoreError::Unavailable) error during `operation`, caused by `source`.
+    pub fn unavailable(
+        operation: impl Into<Cow<'static, str>>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> StoreError {
+        StoreError::Unavailable {
+            operation: operation.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// A [`Corrupt`](StoreError::Corrupt) error: `what` was wrong, with its
+    /// decoding error if there is one.
+    pub fn corrupt(
+        what: impl Into<Cow<'static, str>>,
+        source: Option<StoreErrorSource>,
+    ) -> StoreError {
+        StoreError::Corrupt {
+            what: what.into(),
+            source,
+        }
+    }
 }
 
 /// Durable notification storage.

@@ -9,8 +9,8 @@ use bb8::Pool;
 use bb8_postgres::PostgresConnectionManager;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::NoTls;
-use tokio_postgres::types::Json;
+use tokio_postgres::types::{FromSql, Json};
+use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use super::{Append, Appended, Audience, BoxFuture, Recipient, Store, StoreError};
@@ -54,20 +54,41 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
-/// The error and its sources: tokio-postgres shows only "db error" at the
-/// top and keeps PostgreSQL's message in the source.
-fn unavailable(e: impl std::error::Error) -> StoreError {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !message.ends_with(&cause_text) {
-            message.push_str(": ");
-            message.push_str(&cause_text);
-        }
-        source = cause.source();
+/// Maps a driver or pool error of `operation` to [`StoreError::Unavailable`],
+/// keeping it as the source (tokio-postgres shows only "db error" at the
+/// top; PostgreSQL's message is the source below it).
+fn unavailable<E>(operation: &'static str) -> impl FnOnce(E) -> StoreError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    move |e| StoreError::unavailable(operation, e)
+}
+
+/// A column that could not be decoded: the schema or the data is not what
+/// this code expects.
+#[derive(Debug)]
+struct Decode {
+    what: &'static str,
+    source: tokio_postgres::Error,
+}
+
+impl From<Decode> for StoreError {
+    fn from(e: Decode) -> Self {
+        StoreError::corrupt(e.what, Some(Arc::new(e.source)))
     }
-    StoreError::Unavailable(message)
+}
+
+/// Column `idx` of `row`. `Row::get` panics on a type mismatch; a store
+/// must not panic on what the database hands back, so a mismatch (schema
+/// drift, a hand-edited row) is a `Corrupt` error with the decoding error
+/// as its source.
+fn column<'a, T: FromSql<'a>>(row: &'a Row, idx: usize, what: &'static str) -> Result<T, Decode> {
+    row.try_get(idx).map_err(|source| Decode { what, source })
+}
+
+/// A stored sequence number: `int8` in the table, never negative.
+fn seq_of(value: i64, what: &'static str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|e| StoreError::corrupt(what, Some(Arc::new(e))))
 }
 
 impl PgStore {
@@ -79,14 +100,14 @@ impl PgStore {
     /// [`join_group`](Store::join_group)) on the current tokio runtime; it
     /// ends when the last clone of the store is dropped.
     pub async fn connect(url: &str, pool_size: u32) -> Result<PgStore, StoreError> {
-        let manager =
-            PostgresConnectionManager::new_from_stringlike(url, NoTls).map_err(unavailable)?;
+        let manager = PostgresConnectionManager::new_from_stringlike(url, NoTls)
+            .map_err(unavailable("connect"))?;
         let pool = Pool::builder()
             .max_size(pool_size.max(1))
             .connection_timeout(Duration::from_secs(2))
             .build(manager)
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("connect"))?;
         let (joins, jobs) = mpsc::channel(4 * MAX_JOIN_BATCH);
         tokio::spawn(join_loop(pool.clone(), jobs));
         Ok(PgStore { pool, joins })
@@ -94,41 +115,43 @@ impl PgStore {
 
     /// Applies the migrations that have not run yet. Returns how many ran.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
-        let mut conn = self.pool.get().await.map_err(unavailable)?;
-        let tx = conn.transaction().await.map_err(unavailable)?;
+        let mut conn = self.pool.get().await.map_err(unavailable("migrate"))?;
+        let tx = conn.transaction().await.map_err(unavailable("migrate"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("migrate"))?;
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS notify_schema_migrations (
                  version integer PRIMARY KEY,
                  applied_at timestamptz NOT NULL DEFAULT now())",
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(unavailable("migrate"))?;
         let done: Vec<i32> = tx
             .query("SELECT version FROM notify_schema_migrations", &[])
             .await
-            .map_err(unavailable)?
+            .map_err(unavailable("migrate"))?
             .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map(|r| column(r, 0, "notify_schema_migrations.version"))
+            .collect::<Result<_, _>>()?;
         let mut ran = 0;
         for (version, sql) in MIGRATIONS {
             if done.contains(version) {
                 continue;
             }
-            tx.batch_execute(sql).await.map_err(unavailable)?;
+            tx.batch_execute(sql)
+                .await
+                .map_err(unavailable("migrate"))?;
             tx.execute(
                 "INSERT INTO notify_schema_migrations (version) VALUES ($1)",
                 &[version],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("migrate"))?;
             tracing::info!(version, "notify-hub migration applied");
             ran += 1;
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable("migrate"))?;
         Ok(ran)
     }
 
@@ -157,7 +180,10 @@ impl PgStore {
                 )
                 .await?
             {
-                members.insert(row.get(0), row.get(1));
+                members.insert(
+                    column(&row, 0, "notify_group_members.group_id")?,
+                    column(&row, 1, "notify_group_members.user_id array")?,
+                );
             }
         }
         let too_big: Vec<bool> = batch
@@ -193,8 +219,8 @@ impl PgStore {
             )
             .await?
             .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map(|r| column(r, 0, "notify_notifications.id"))
+            .collect::<Result<_, _>>()?;
         let ids: Vec<Uuid> = batch
             .iter()
             .map(|a| a.notification.id.unwrap_or_default())
@@ -238,12 +264,13 @@ impl PgStore {
                 )
                 .await?
             {
-                let user: &str = row.get(0);
-                let last: i64 = row.get(1);
+                let user: &str = column(&row, 0, "notify_user_seqs.user_id")?;
+                let last: i64 = column(&row, 1, "notify_user_seqs.last_seq")?;
                 let Some((key, n)) = counts.get_key_value(user) else {
-                    return Err(WriteError::Corrupt(
-                        "sequence upsert returned another user",
-                    ));
+                    return Err(WriteError::Corrupt {
+                        what: "sequence upsert returned another user",
+                        source: None,
+                    });
                 };
                 next.insert(key, last - n + 1);
             }
@@ -292,36 +319,36 @@ impl PgStore {
 
     /// Runs a membership statement; `true` if it changed a row.
     async fn membership(&self, sql: &str, group: &str, user: &str) -> Result<bool, StoreError> {
-        let conn = self.pool.get().await.map_err(unavailable)?;
+        let conn = self.pool.get().await.map_err(unavailable("leave_group"))?;
         let n = conn
             .execute(sql, &[&group, &user])
             .await
-            .map_err(unavailable)?;
+            .map_err(unavailable("leave_group"))?;
         Ok(n == 1)
     }
 
     async fn read(
         &self,
+        operation: &'static str,
         sql: &str,
         user: &str,
         a: i64,
         b: i64,
     ) -> Result<Vec<Delivery>, StoreError> {
-        let conn = self.pool.get().await.map_err(unavailable)?;
+        let conn = self.pool.get().await.map_err(unavailable(operation))?;
         let rows = if sql.contains("$3") {
             conn.query(sql, &[&user, &a, &b]).await
         } else {
             conn.query(sql, &[&user, &a]).await
         }
-        .map_err(unavailable)?;
+        .map_err(unavailable(operation))?;
         rows.iter()
             .map(|row| {
-                let seq: i64 = row.get(0);
-                let Json(notification): Json<Notification> = row
-                    .try_get(1)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let seq: i64 = column(row, 0, "notify_deliveries.seq")?;
+                let Json(notification): Json<Notification> =
+                    column(row, 1, "notify_notifications.body")?;
                 Ok(Delivery::new(
-                    u64::try_from(seq).map_err(|_| StoreError::Corrupt("negative seq".into()))?,
+                    seq_of(seq, "notify_deliveries.seq is negative")?,
                     Arc::new(notification),
                 ))
             })
@@ -353,7 +380,7 @@ async fn join_loop(
         pairs.dedup();
         let inserted = match tokio::time::timeout(JOIN_TIMEOUT, insert_joins(&pool, &pairs)).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable("group joins timed out".into())),
+            Err(elapsed) => Err(StoreError::unavailable("group joins timed out", elapsed)),
         };
         match inserted {
             Ok(mut new) => {
@@ -393,9 +420,13 @@ async fn insert_joins(
             )
             .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(|_| WriteError::Corrupt("group_members row of an unexpected type"))
+            .map(|r| {
+                Ok((
+                    column(r, 0, "notify_group_members.group_id")?,
+                    column(r, 1, "notify_group_members.user_id")?,
+                ))
+            })
+            .collect()
     })
     .await
 }
@@ -407,8 +438,12 @@ enum WriteError {
     Pg(#[from] tokio_postgres::Error),
     #[error("timed out waiting for a database connection")]
     PoolTimeout,
-    #[error("{0}")]
-    Corrupt(&'static str),
+    #[error("{what}")]
+    Corrupt {
+        what: &'static str,
+        #[source]
+        source: Option<tokio_postgres::Error>,
+    },
 }
 
 impl From<bb8::RunError<tokio_postgres::Error>> for WriteError {
@@ -420,11 +455,24 @@ impl From<bb8::RunError<tokio_postgres::Error>> for WriteError {
     }
 }
 
-impl From<WriteError> for StoreError {
-    fn from(e: WriteError) -> Self {
-        match e {
-            WriteError::Corrupt(what) => StoreError::Corrupt(what.into()),
-            e => unavailable(e),
+impl From<Decode> for WriteError {
+    fn from(e: Decode) -> Self {
+        WriteError::Corrupt {
+            what: e.what,
+            source: Some(e.source),
+        }
+    }
+}
+
+impl WriteError {
+    /// The store error `operation` fails with; the driver's error stays
+    /// the source.
+    fn into_store_error(self, operation: &'static str) -> StoreError {
+        match self {
+            WriteError::Corrupt { what, source } => {
+                StoreError::corrupt(what, source.map(|e| Arc::new(e) as _))
+            }
+            e => StoreError::unavailable(operation, e),
         }
     }
 }
@@ -451,7 +499,7 @@ where
                 attempt += 1;
                 tracing::debug!(error = %e, attempt, what, "write retried");
             }
-            result => return result.map_err(StoreError::from),
+            result => return result.map_err(|e| e.into_store_error(what)),
         }
     }
 }
@@ -470,6 +518,7 @@ impl Store for PgStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>> {
         Box::pin(self.read(
+            "history",
             "SELECT d.seq, n.body FROM notify_deliveries d
              JOIN notify_notifications n ON n.id = d.notification_id
              WHERE d.user_id = $1 ORDER BY d.seq DESC LIMIT $2",
@@ -486,6 +535,7 @@ impl Store for PgStore {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>> {
         Box::pin(self.read(
+            "since",
             // LIMIT inside, join outside: with a long history the planner
             // otherwise joins every remaining row before sorting (ADR 0010).
             "SELECT d.seq, n.body FROM (
@@ -501,15 +551,21 @@ impl Store for PgStore {
 
     fn last_seq<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(async move {
-            let conn = self.pool.get().await.map_err(unavailable)?;
+            let conn = self.pool.get().await.map_err(unavailable("last_seq"))?;
             let row = conn
                 .query_opt(
                     "SELECT last_seq FROM notify_user_seqs WHERE user_id = $1",
                     &[&user],
                 )
                 .await
-                .map_err(unavailable)?;
-            Ok(row.map_or(0, |r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)))
+                .map_err(unavailable("last_seq"))?;
+            match row {
+                None => Ok(0),
+                Some(row) => seq_of(
+                    column(&row, 0, "notify_user_seqs.last_seq")?,
+                    "notify_user_seqs.last_seq is negative",
+                ),
+            }
         })
     }
 
@@ -525,7 +581,10 @@ impl Store for PgStore {
                 user: user.to_owned(),
                 reply,
             };
-            let gone = || StoreError::Unavailable("membership writer stopped".into());
+            let gone = || StoreError::Unavailable {
+                operation: "join_group: the membership writer stopped".into(),
+                source: None,
+            };
             self.joins.send(job).await.map_err(|_| gone())?;
             joined.await.map_err(|_| gone())?
         })
@@ -546,10 +605,15 @@ impl Store for PgStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             if self.joins.is_closed() {
-                return Err(StoreError::Unavailable("membership writer stopped".into()));
+                return Err(StoreError::Unavailable {
+                    operation: "ping: the membership writer stopped".into(),
+                    source: None,
+                });
             }
-            let conn = self.pool.get().await.map_err(unavailable)?;
-            conn.simple_query("SELECT 1").await.map_err(unavailable)?;
+            let conn = self.pool.get().await.map_err(unavailable("ping"))?;
+            conn.simple_query("SELECT 1")
+                .await
+                .map_err(unavailable("ping"))?;
             Ok(())
         })
     }
@@ -568,13 +632,22 @@ mod tests {
     struct Inner;
 
     #[test]
-    fn store_errors_carry_the_whole_chain() {
-        let StoreError::Unavailable(message) = unavailable(Outer(Inner)) else {
-            panic!("expected Unavailable");
-        };
+    fn store_errors_keep_the_driver_error_as_their_source() {
+        let e = unavailable("append")(Outer(Inner));
+        assert_eq!(e.to_string(), "store unavailable (append)");
+        let source = std::error::Error::source(&e).expect("the driver error is kept");
+        assert_eq!(source.to_string(), "db error");
+        let below = source.source().expect("and what is below it");
         assert_eq!(
-            message,
-            "db error: ERROR: relation \"notify_deliveries\" does not exist"
+            below.to_string(),
+            "ERROR: relation \"notify_deliveries\" does not exist"
         );
+    }
+
+    #[test]
+    fn a_negative_seq_is_corrupt_with_its_cause() {
+        let e = seq_of(-1, "notify_deliveries.seq is negative").unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }));
+        assert!(std::error::Error::source(&e).is_some());
     }
 }
