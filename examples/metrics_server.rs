@@ -13,6 +13,11 @@
 //!   start, default `metrics.snapshot`; empty disables it.
 //! - `METRICS_RETENTION_MINUTES`: default 60.
 //! - `METRICS_MAX_BODY_BYTES`: default 8 MiB.
+//! - `METRICS_BLOCKING_INGEST_BYTES`: bodies larger than this are ingested on
+//!   the blocking pool, default 64 KiB.
+//!
+//! The HTTP interface (routes, fields, statuses, metrics) is documented in
+//! `docs/metrics-core.md`.
 //!
 //! SIGINT or SIGTERM stops accepting connections, lets in-flight requests
 //! finish, shuts the processor down and writes the snapshot, all within 5 s.
@@ -52,12 +57,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config = config.with_snapshot_path(&snapshot);
     }
     let http = HttpConfig::default()
-        .with_max_body_bytes(env_or("METRICS_MAX_BODY_BYTES", 8 * 1024 * 1024)?);
+        .with_max_body_bytes(env_or("METRICS_MAX_BODY_BYTES", 8 * 1024 * 1024)?)
+        .with_blocking_ingest_bytes(env_or(
+            "METRICS_BLOCKING_INGEST_BYTES",
+            metrics_core::http::DEFAULT_BLOCKING_INGEST_BYTES,
+        )?);
     println!("metrics_server effective configuration:");
     println!("  METRICS_ADDR={addr}");
     println!("  METRICS_SNAPSHOT_PATH={snapshot}");
     println!("  METRICS_RETENTION_MINUTES={}", config.retention_minutes);
     println!("  METRICS_MAX_BODY_BYTES={}", http.max_body_bytes);
+    println!(
+        "  METRICS_BLOCKING_INGEST_BYTES={}",
+        http.blocking_ingest_bytes
+    );
     println!(
         "  max_event_types={} max_future_skew={:?} max_field_bytes={}",
         config.max_event_types, config.max_future_skew, config.max_field_bytes

@@ -16,6 +16,14 @@
 //! while reading chunked bodies); an unsupported content type is `415`. In an
 //! NDJSON body, each malformed or invalid line is reported with its 1-based
 //! line number and the others are still processed, so nothing valid is lost.
+//! Lines that are not JSON events are counted in `/metrics` under
+//! `metrics_events_rejected_total{reason="malformed_json"}`.
+//!
+//! Numbers keep full `f64` precision both ways; a sum that overflowed to
+//! ±infinity is written as `null`. Bodies over
+//! [`HttpConfig::blocking_ingest_bytes`] are ingested on tokio's blocking
+//! pool so they do not stall the runtime thread. Every route, field, status
+//! and metric is documented in `docs/metrics-core.md`.
 //!
 //! ```no_run
 //! # async fn serve() -> std::io::Result<()> {
@@ -63,8 +71,8 @@ use serde_json::json;
 use crate::{EventRef, MetricsProcessor, RejectReason};
 
 /// The default [`HttpConfig::blocking_ingest_bytes`]: 64 KiB, about 700
-/// typical events, which parse and ingest in well under a millisecond. Below
-/// it, handing the work to another thread would cost more than doing it.
+/// typical events. Small bodies are the common case and a thread hand-off
+/// costs microseconds, so only bodies past this size pay for one.
 pub const DEFAULT_BLOCKING_INGEST_BYTES: usize = 64 * 1024;
 
 /// The reject reason of a line that is not a JSON event object. It never
