@@ -5,12 +5,23 @@
 //!   cargo run --release --features notify-server --example notify_server
 //! ```
 //!
-//! Environment: `NOTIFY_ADDR` (default `127.0.0.1:8080`); `DATABASE_URL`
-//! (PostgreSQL store, migrated at start; otherwise in memory); `REDIS_URL`
-//! (Redis broker; otherwise local); `NOTIFY_JWT_SECRET` (HS256) or
-//! `NOTIFY_JWT_PUBLIC_KEY` (path to an RS256 PEM); optional
-//! `NOTIFY_JWT_ISSUER`, `NOTIFY_JWT_AUDIENCE`. SIGINT/SIGTERM drains
-//! gracefully: sockets close with 1001 after their queues are flushed.
+//! Environment (an empty value counts as unset; the table with every
+//! default is in docs/notify-hub/API.md):
+//!
+//! - `NOTIFY_ADDR`: listen address, default `127.0.0.1:8080`;
+//! - `DATABASE_URL`: PostgreSQL store (pool of 16, migrated at start);
+//!   unset: the in-memory store;
+//! - `REDIS_URL`: Redis broker; unset: the local (single-node) broker;
+//! - `NOTIFY_REDIS_PREFIX`: prefix of the Redis channel, default empty, so
+//!   the channel is `notify:deliveries`; nodes that share live traffic must
+//!   use the same prefix;
+//! - `NOTIFY_JWT_SECRET` (HS256, at least 32 bytes) or
+//!   `NOTIFY_JWT_PUBLIC_KEY` (path to an RS256 PEM): exactly one;
+//! - `NOTIFY_JWT_ISSUER`, `NOTIFY_JWT_AUDIENCE`: optional;
+//! - `RUST_LOG`: log filter, default `info`.
+//!
+//! SIGINT/SIGTERM drains gracefully: every acknowledged send is written to
+//! its sockets, then they close with 1001.
 
 #[path = "support/server.rs"]
 mod server_support;
@@ -48,7 +59,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(aud) = env("NOTIFY_JWT_AUDIENCE") {
         jwt = jwt.with_audience(aud);
     }
-    let verifier = JwtVerifier::new(keys, jwt).with_cache(100_000);
+    // One clock for the hub and the verifier, so they agree on expiry.
+    let clock = time_kit::system();
+    let verifier = JwtVerifier::new(keys, jwt)
+        .with_cache(100_000)
+        .with_clock(clock.clone());
 
     let store: Arc<dyn Store> = match env("DATABASE_URL") {
         Some(url) => {
@@ -64,12 +79,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let broker: Arc<dyn Broker> = match env("REDIS_URL") {
         Some(url) => {
-            tracing::info!("Redis broker");
-            Arc::new(notify_hub::broker::RedisBroker::connect(&url, "").await?)
+            let prefix = env("NOTIFY_REDIS_PREFIX").unwrap_or_default();
+            tracing::info!(channel = %format!("{prefix}notify:deliveries"), "Redis broker");
+            Arc::new(notify_hub::broker::RedisBroker::connect(&url, &prefix).await?)
         }
-        None => Arc::new(LocalBroker::new()),
+        None => {
+            tracing::info!("local broker: one node (set REDIS_URL for Redis)");
+            Arc::new(LocalBroker::new())
+        }
     };
-    let hub = Hub::start(HubConfig::default(), store, broker).await?;
+    let hub = Hub::start(HubConfig::default().with_clock(clock), store, broker).await?;
     let server = NotifyServer::new(hub, verifier, ServerConfig::default());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(%addr, "notify_server listening");
