@@ -7,8 +7,9 @@
 //! curl -s localhost:8080/v1/orders/42 -H "authorization: Bearer $ACCESS_TOKEN"
 //! ```
 //!
-//! It prints the effective configuration, starts the demo upstream when
-//! `[demo_upstream]` is set, and serves until SIGINT/SIGTERM, then drains.
+//! It prints the effective configuration (secrets redacted), validates and
+//! builds everything, then starts the demo upstream when `[demo_upstream]`
+//! is set, binds, and serves until SIGINT/SIGTERM, then drains.
 #![allow(clippy::print_stdout)]
 
 #[path = "support/server.rs"]
@@ -31,15 +32,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "examples/gateway.toml".into());
     let config = GatewayConfig::load(path.as_ref())?;
     println!("gateway effective configuration ({path}):\n{config:#?}");
-    if let Some(demo) = &config.demo_upstream {
+    // Validate and build everything first: an invalid configuration stops
+    // here, before any port is taken.
+    let server = GatewayServer::build(config).await?;
+    if let Some(demo) = &server.config().demo_upstream {
         let listener = tokio::net::TcpListener::bind(demo.listen).await?;
         tokio::spawn(demo_upstream(listener));
     }
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(addr = %config.listen, "gateway listening");
-    GatewayServer::build(config)
+    // Then bind (which logs "gateway listening"), then serve.
+    server
+        .bind()
         .await?
-        .serve(listener, server_support::shutdown_signal())
+        .serve(server_support::shutdown_signal())
         .await;
     Ok(())
 }

@@ -26,6 +26,8 @@
 
 pub mod audit;
 pub mod client_ip;
+mod error;
+pub use error::{Error, ErrorKind};
 #[cfg(feature = "proxy")]
 pub mod config;
 #[cfg(feature = "http")]

@@ -605,6 +605,41 @@ async fn each_invalid_configuration_is_refused_naming_the_field() {
     assert!(std::error::Error::source(&error).is_some());
 }
 
+/// `run` validates and builds everything before it binds: with the listen
+/// port taken, an invalid configuration reports the configuration error
+/// (it never reached the bind), while a valid one reports the bind error.
+#[tokio::test]
+async fn an_invalid_config_never_binds_the_port() {
+    use gateway_mw::ErrorKind;
+    use gateway_mw::config::ConfigErrorKind;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let valid = config_text("http://127.0.0.1:1", "http://127.0.0.1:2").replacen(
+        "shutdown_grace_secs = 10",
+        &format!("listen = \"{addr}\"\nshutdown_grace_secs = 10"),
+        1,
+    );
+    // Refused only by build (the CORS layer), not by parse.
+    let invalid = valid.replacen(
+        "[audit]",
+        "[cors]\nallowed_origins = [\"*\"]\nallow_credentials = true\n[audit]",
+        1,
+    );
+    let error = gateway_mw::server::run(GatewayConfig::parse(&invalid).unwrap(), async {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.kind(),
+        ErrorKind::Config(ConfigErrorKind::Cors),
+        "{error}"
+    );
+    let error = gateway_mw::server::run(GatewayConfig::parse(&valid).unwrap(), async {})
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Bind, "{error}");
+    drop(taken);
+}
+
 /// Soft open-file limit, to size the drain test on machines with a low one.
 fn open_file_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")

@@ -84,6 +84,22 @@ impl GatewayServer {
         &self.config
     }
 
+    /// Binds `config.listen` and logs that the gateway is listening. The
+    /// server is already built, so an invalid configuration never takes the
+    /// port (see [`run`]).
+    pub async fn bind(self) -> Result<BoundGateway, crate::Error> {
+        let addr = self.config.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| crate::Error::Bind { addr, source })?;
+        let local = listener.local_addr().unwrap_or(addr);
+        tracing::info!(addr = %local, "gateway listening");
+        Ok(BoundGateway {
+            server: self,
+            listener,
+        })
+    }
+
     /// Serves on `listener` until `shutdown` completes, then stops accepting,
     /// lets in-flight requests finish for up to `shutdown_grace_secs`, and
     /// flushes the audit log.
@@ -136,6 +152,43 @@ impl GatewayServer {
         let audit = Arc::clone(&self.state.audit);
         let _ = tokio::task::spawn_blocking(move || audit.shutdown(Duration::from_secs(5))).await;
     }
+}
+
+/// A built gateway that holds its listening socket.
+#[derive(Debug)]
+pub struct BoundGateway {
+    server: GatewayServer,
+    listener: tokio::net::TcpListener,
+}
+
+impl BoundGateway {
+    /// The address it listens on (the port the OS chose for port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes; see [`GatewayServer::serve`].
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+        self.server.serve(self.listener, shutdown).await;
+    }
+}
+
+/// Starts a gateway in the only safe order: validate and build everything
+/// ([`GatewayServer::build`]: keys, policy, routes, the audit log, Redis),
+/// then bind `config.listen`, then log that it listens, then serve until
+/// `shutdown` completes. An invalid configuration returns
+/// [`Error::Config`](crate::Error::Config) without ever binding the port.
+pub async fn run(
+    config: GatewayConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), crate::Error> {
+    GatewayServer::build(config)
+        .await?
+        .bind()
+        .await?
+        .serve(shutdown)
+        .await;
+    Ok(())
 }
 
 /// Routes a request to health, metrics, the auth endpoints or the API stack,

@@ -72,8 +72,23 @@ pub enum Rotation {
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
-#[error("refresh-token store: {0}")]
-pub struct StoreError(pub String);
+#[non_exhaustive]
+pub enum StoreError {
+    /// Redis failed (connection, timeout, script error).
+    #[cfg(feature = "redis")]
+    #[error("refresh-token store: redis: {0}")]
+    Redis(#[source] fred::error::Error),
+    /// The store answered something the client does not understand.
+    #[error("refresh-token store: unexpected reply: {0}")]
+    UnexpectedReply(String),
+    /// A value could not be encoded or decoded.
+    #[error("refresh-token store: encoding: {0}")]
+    Encoding(#[source] serde_json::Error),
+    /// Any other store's failure (for [`RefreshStore`] implementations
+    /// outside this crate).
+    #[error("refresh-token store: {0}")]
+    Other(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
 
 /// Storage of refresh-token families. Implementations must make `rotate`
 /// atomic: two concurrent calls with the same presented token must not both
@@ -136,10 +151,49 @@ pub enum TokenError {
     Store(#[from] StoreError),
     /// The operating system's random number generator failed.
     #[error("random number generator unavailable: {0}")]
-    Random(String),
-    /// Signing the access token failed.
-    #[error("could not sign the access token: {0}")]
-    Signing(String),
+    Random(#[source] getrandom::Error),
+    /// The signing key could not be loaded, or signing failed.
+    #[error("access-token signing: {0}")]
+    Signing(#[source] jsonwebtoken::errors::Error),
+    /// An asymmetric constructor was given `HS256`, which takes a secret
+    /// ([`TokenConfig::hs256`]).
+    #[error("HS256 signs with a secret: use TokenConfig::hs256")]
+    NotAsymmetric,
+}
+
+/// What kind of failure a [`TokenError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenErrorKind {
+    /// [`TokenError::Invalid`].
+    Invalid,
+    /// [`TokenError::Expired`].
+    Expired,
+    /// [`TokenError::Revoked`].
+    Revoked,
+    /// [`TokenError::ReuseDetected`].
+    ReuseDetected,
+    /// [`TokenError::Store`].
+    Store,
+    /// [`TokenError::Random`].
+    Random,
+    /// [`TokenError::Signing`] or [`TokenError::NotAsymmetric`].
+    Signing,
+}
+
+impl TokenError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> TokenErrorKind {
+        match self {
+            TokenError::Invalid => TokenErrorKind::Invalid,
+            TokenError::Expired => TokenErrorKind::Expired,
+            TokenError::Revoked => TokenErrorKind::Revoked,
+            TokenError::ReuseDetected { .. } => TokenErrorKind::ReuseDetected,
+            TokenError::Store(_) => TokenErrorKind::Store,
+            TokenError::Random(_) => TokenErrorKind::Random,
+            TokenError::Signing(_) | TokenError::NotAsymmetric => TokenErrorKind::Signing,
+        }
+    }
 }
 
 /// The signing key of an asymmetric algorithm, from its private PEM.
@@ -147,7 +201,7 @@ fn asymmetric_key(
     alg: crate::jwt::KeyAlg,
     private_pem: &[u8],
 ) -> Result<(Algorithm, EncodingKey), TokenError> {
-    let signing = |e: jsonwebtoken::errors::Error| TokenError::Signing(e.to_string());
+    let signing = TokenError::Signing;
     Ok(match alg {
         crate::jwt::KeyAlg::Rs256 => (
             Algorithm::RS256,
@@ -161,11 +215,7 @@ fn asymmetric_key(
             Algorithm::EdDSA,
             EncodingKey::from_ed_pem(private_pem).map_err(signing)?,
         ),
-        crate::jwt::KeyAlg::Hs256 => {
-            return Err(TokenError::Signing(
-                "HS256 takes a secret: use TokenConfig::hs256".into(),
-            ));
-        }
+        crate::jwt::KeyAlg::Hs256 => return Err(TokenError::NotAsymmetric),
     })
 }
 
@@ -440,7 +490,7 @@ impl<S: RefreshStore> TokenService<S> {
         let mut header = Header::new(self.config.alg);
         header.kid = Some(self.config.kid.clone());
         let access_token = jsonwebtoken::encode(&header, &claims, &self.config.key)
-            .map_err(|e| TokenError::Signing(e.to_string()))?;
+            .map_err(TokenError::Signing)?;
         Ok(TokenPair {
             access_token,
             refresh_token,
@@ -452,7 +502,7 @@ impl<S: RefreshStore> TokenService<S> {
 /// 256 random bits from the operating system, base64url.
 fn random_token() -> Result<String, TokenError> {
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| TokenError::Random(e.to_string()))?;
+    getrandom::fill(&mut bytes).map_err(TokenError::Random)?;
     Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
 

@@ -127,7 +127,7 @@ impl RedisStore {
 }
 
 fn store_error(e: fred::error::Error) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::Redis(e)
 }
 
 impl RefreshStore for RedisStore {
@@ -140,7 +140,7 @@ impl RefreshStore for RedisStore {
         now_ms: i64,
         policy: &RotationPolicy,
     ) -> Result<(), StoreError> {
-        let roles = serde_json::to_string(roles).map_err(|e| StoreError(e.to_string()))?;
+        let roles = serde_json::to_string(roles).map_err(StoreError::Encoding)?;
         let args = vec![
             self.prefix.clone(),
             token_hash.to_owned(),
@@ -180,7 +180,7 @@ impl RefreshStore for RedisStore {
             .evalsha_with_reload(&self.client, Vec::<String>::new(), args)
             .await
             .map_err(store_error)?;
-        let bad = || StoreError(format!("unexpected rotate reply {reply:?}"));
+        let bad = || StoreError::UnexpectedReply(format!("rotate: {reply:?}"));
         Ok(match reply.first().map(String::as_str) {
             Some("rotated") => {
                 let [_, subject, roles, grace] = reply.as_slice() else {
