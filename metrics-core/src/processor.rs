@@ -550,7 +550,15 @@ impl MetricsProcessor {
         }
         let oldest = self.oldest_retained_sec();
         let mut validated = Vec::with_capacity(data.types.len());
+        let mut names = std::collections::HashSet::with_capacity(data.types.len());
         for t in data.types {
+            // A repeated name would load two records into one series.
+            if !names.insert(t.name.clone()) {
+                return Err(SnapshotError::corrupt(format!(
+                    "event type {:?} appears twice",
+                    t.name
+                )));
+            }
             if t.name.is_empty() || t.name.len() > self.config.max_field_bytes || t.name == TOTAL {
                 return Err(SnapshotError::corrupt(format!(
                     "invalid event type name {:?}",
