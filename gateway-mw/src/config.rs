@@ -351,8 +351,8 @@ pub struct GatewayConfig {
 }
 
 /// `[redis]`: when present, rate limits and refresh tokens live in Redis, so
-/// every gateway instance shares them.
-#[derive(Debug, Clone, Deserialize)]
+/// every gateway instance shares them. `Debug` hides the URL's credentials.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSection {
     /// `redis://host:port[/db]`.
@@ -366,6 +366,64 @@ pub struct RedisSection {
     /// When Redis fails: `local` (a per-instance limiter, default), `open` or `closed`.
     #[serde(default)]
     pub on_failure: RedisFailure,
+}
+
+impl std::fmt::Debug for RedisSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSection")
+            .field("url", &redact_userinfo(&self.url))
+            .field("prefix", &self.prefix)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("on_failure", &self.on_failure)
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host/...` with the user and password replaced,
+/// so a URL can be shown.
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{REDACTED}{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// What `Debug` shows instead of a secret.
+const REDACTED: &str = "<redacted>";
+
+/// A secret read from the configuration (an HMAC key, an API key): usable
+/// through [`Secret::expose`], never shown by `Debug` or `Display`, so the
+/// effective configuration can be printed and logged.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the code that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
 }
 
 fn default_redis_prefix() -> String {
@@ -416,9 +474,9 @@ pub struct KeyEntry {
     pub kid: String,
     /// `HS256`, `RS256`, `ES256` or `EdDSA`: the one algorithm this key verifies.
     pub alg: KeyAlgorithm,
-    /// HS256: the secret, inline (for demos).
+    /// HS256: the secret, inline (for demos). Redacted in `Debug`.
     #[serde(default)]
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     /// HS256: the name of an environment variable holding the secret.
     #[serde(default)]
     pub secret_env: Option<String>,
@@ -487,7 +545,7 @@ pub struct UserEntry {
     pub name: String,
     /// Hex SHA-256 of the password (demo only: use a real identity provider
     /// and a password hash such as Argon2id in production).
-    pub password_sha256: String,
+    pub password_sha256: Secret,
     /// Roles.
     #[serde(default)]
     pub roles: Vec<String>,
@@ -499,9 +557,9 @@ pub struct UserEntry {
 pub struct ApiKeyEntry {
     /// The key's id (used for limits and the audit log).
     pub id: String,
-    /// The key itself, inline (demo) ...
+    /// The key itself, inline (demo; redacted in `Debug`) ...
     #[serde(default)]
-    pub key: Option<String>,
+    pub key: Option<Secret>,
     /// ... or the name of an environment variable holding it.
     #[serde(default)]
     pub key_env: Option<String>,

@@ -640,6 +640,34 @@ async fn an_invalid_config_never_binds_the_port() {
     drop(taken);
 }
 
+/// The effective configuration the gateway example prints (its `Debug`)
+/// shows no secret: not the HMAC secret, not an API key, not a password
+/// hash, not the password in the Redis URL.
+#[test]
+fn no_secret_appears_in_the_printed_configuration() {
+    let mut text = config_text("http://127.0.0.1:1", "http://127.0.0.1:2");
+    text.push_str(
+        "[[api_keys]]\nid = \"billing\"\nkey = \"ak_live_9f8e7d6c5b4a\"\nroles = [\"reader\"]\n",
+    );
+    let mut secrets = vec![
+        "integration-test-secret-0123456789abcdef".to_owned(),
+        "ak_live_9f8e7d6c5b4a".to_owned(),
+        sha256_hex("alice-pw"),
+    ];
+    if cfg!(feature = "redis") {
+        text.push_str("[redis]\nurl = \"redis://gw:hunter2-redis-pw@127.0.0.1:6379/0\"\n");
+        secrets.push("hunter2-redis-pw".to_owned());
+    }
+    let config = GatewayConfig::parse(&text).unwrap();
+    for printed in [format!("{config:?}"), format!("{config:#?}")] {
+        for secret in &secrets {
+            assert!(!printed.contains(secret.as_str()), "{secret} printed");
+        }
+        assert!(printed.contains("<redacted>"));
+        assert!(printed.contains("billing"), "the rest is still shown");
+    }
+}
+
 /// Soft open-file limit, to size the drain test on machines with a low one.
 fn open_file_limit() -> usize {
     std::fs::read_to_string("/proc/self/limits")

@@ -22,7 +22,7 @@ use crate::audit::{AuditChain, AuditLog, FileWriter, StdoutWriter};
 use crate::client_ip::TrustedProxies;
 #[cfg(feature = "redis")]
 use crate::config::RedisFailure;
-use crate::config::{AuditSinkKind, ConfigError, GatewayConfig, KeyAlgorithm, KeyEntry};
+use crate::config::{AuditSinkKind, ConfigError, GatewayConfig, KeyAlgorithm, KeyEntry, Secret};
 use crate::http::{
     ApiKeys, AuthLayer, AuthzLayer, ClientIpLayer, CorsConfig, GatewayMetrics, GatewayParts,
     MetricsLayer, RateLimitLayer, RateLimits, SecurityHeadersLayer, ValidationConfig,
@@ -37,11 +37,11 @@ use crate::token::{MemoryStore, TokenConfig, TokenService};
 /// (`validate` ensured exactly one is set).
 fn inline_or_env(
     field: &str,
-    inline: Option<&String>,
+    inline: Option<&Secret>,
     env: Option<&String>,
 ) -> Result<String, ConfigError> {
     match (inline, env) {
-        (Some(value), _) => Ok(value.clone()),
+        (Some(value), _) => Ok(value.expose().to_owned()),
         (None, Some(var)) => std::env::var(var).map_err(|source| ConfigError::Env {
             field: field.to_owned(),
             var: var.clone(),
@@ -201,7 +201,7 @@ impl GatewayServer {
             .iter()
             .map(|u| {
                 let mut hash = [0u8; 32];
-                hex::decode_to_slice(&u.password_sha256, &mut hash).map_err(|_| {
+                hex::decode_to_slice(u.password_sha256.expose(), &mut hash).map_err(|_| {
                     ConfigError::invalid(
                         format!("[[users]] {:?} password_sha256", u.name),
                         "is not 64 hex digits",
