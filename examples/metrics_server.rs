@@ -1,4 +1,5 @@
-//! A metrics aggregation server: `metrics_core` behind its hyper adapter.
+//! A metrics aggregation server: `metrics_core`'s HTTP service on the
+//! suite's shared `http_kit::serve`.
 //!
 //! ```text
 //! cargo run --release --example metrics_server
@@ -30,8 +31,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use http_kit::{ServeConfig, Shutdown};
 use metrics_core::http::{HttpConfig, MetricsService};
 use metrics_core::{Config, MetricsProcessor};
 
@@ -81,45 +81,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "listening");
 
-    let graceful = GracefulShutdown::new();
-    let shutdown = server_support::shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                };
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service.clone());
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
+    let shutdown = Shutdown::new();
+    shutdown.trigger_on(server_support::shutdown_signal());
+    let started = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.triggered().await;
+            Instant::now()
         }
-    }
-
-    let started = Instant::now();
-    drop(listener);
-    // Give open connections part of the budget; the processor shutdown and
+    });
+    // Open connections get half of the budget; the processor shutdown and
     // snapshot get the rest.
-    if tokio::time::timeout(SHUTDOWN_BUDGET / 2, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let serve = ServeConfig::default().with_drain_timeout(SHUTDOWN_BUDGET / 2);
+    let report = http_kit::serve(listener, service, serve, shutdown).await;
+    if !report.drained {
         tracing::warn!(
-            "connections still open after {:?}; closing them",
-            SHUTDOWN_BUDGET / 2
+            open = report.left_open,
+            "connections still open after the drain; closing them"
         );
     }
+    let started = started.await?;
     let remaining = SHUTDOWN_BUDGET.saturating_sub(started.elapsed());
     tokio::task::spawn_blocking(move || processor.shutdown(remaining)).await??;
     tracing::info!(

@@ -11,6 +11,8 @@
 //! | `pg-analytics` | `pg_analytics` | multi-tenant PostgreSQL analytics |
 //! | `gateway` | `gateway_mw` | API gateway middleware for tower and hyper |
 //! | `jwt` | `jwt_kit` | strict JWT verification, shared by the gateway and notify-hub |
+//! | `http` | `http_kit` | the shared HTTP edge: `serve`, the JSON error body, body/bearer/query helpers |
+//! | `redis` | `redis_kit` | the shared Redis setup |
 //! | (always) | `time_kit` | the suite's injectable clock |
 //! | `notify` | `notify_hub` | real-time WebSocket notifications |
 //!
@@ -35,5 +37,11 @@ pub use notify_hub;
 
 #[cfg(feature = "jwt")]
 pub use jwt_kit;
+
+#[cfg(feature = "http")]
+pub use http_kit;
+
+#[cfg(feature = "redis")]
+pub use redis_kit;
 
 pub use time_kit;

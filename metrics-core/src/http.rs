@@ -1,7 +1,9 @@
-//! The hyper 1.x HTTP adapter (feature `http`).
+//! The HTTP adapter (feature `http`).
 //!
-//! [`MetricsService`] is a `hyper::service::Service` that exposes a
-//! [`MetricsProcessor`] over HTTP:
+//! [`MetricsService`] is a [`tower::Service<Request<B>>`](tower::Service),
+//! generic over the request body, that exposes a [`MetricsProcessor`] over
+//! HTTP; serve it with [`http_kit::serve`] or mount it behind any tower
+//! layers (gateway-mw's auth, RBAC and rate limits, say):
 //!
 //! | route | what it does |
 //! | --- | --- |
@@ -11,7 +13,8 @@
 //! | `GET /healthz` | `200` while accepting events, `503` once shutdown began |
 //!
 //! Ingest replies `{"accepted":N,"rejected":[{"line":L,"reason":"…","message":"…"}]}`.
-//! A body that holds no well-formed JSON event is `400`; a body over
+//! A body that holds no well-formed JSON event is `400` (`error` is
+//! `empty_body` or `malformed_json`, beside `accepted` and `rejected`); a body over
 //! [`HttpConfig::max_body_bytes`] is `413` (checked on `Content-Length` and
 //! while reading chunked bodies); an unsupported content type is `415`. In an
 //! NDJSON body, each malformed or invalid line is reported with its 1-based
@@ -25,24 +28,21 @@
 //! pool so they do not stall the runtime thread. Every route, field, status
 //! and metric is documented in `docs/metrics-core.md`.
 //!
+//! Every error has the suite's one body, `{"error": "<code>", "message": "<text>"}`
+//! ([`http_kit::ApiError`]).
+//!
 //! ```no_run
 //! # async fn serve() -> std::io::Result<()> {
 //! use std::sync::Arc;
-//! use hyper_util::rt::TokioIo;
 //! use metrics_core::{Config, MetricsProcessor, http::{HttpConfig, MetricsService}};
 //!
 //! let processor = Arc::new(MetricsProcessor::new(Config::default()));
 //! let service = MetricsService::new(processor, HttpConfig::default());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! loop {
-//!     let (stream, _) = listener.accept().await?;
-//!     let service = service.clone();
-//!     tokio::spawn(async move {
-//!         let _ = hyper::server::conn::http1::Builder::new()
-//!             .serve_connection(TokioIo::new(stream), service)
-//!             .await;
-//!     });
-//! }
+//! let shutdown = http_kit::Shutdown::new();
+//! shutdown.trigger_on(async { let _ = tokio::signal::ctrl_c().await; });
+//! http_kit::serve(listener, service, http_kit::ServeConfig::default(), shutdown).await;
+//! # Ok(())
 //! # }
 //! ```
 
@@ -52,13 +52,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Body;
+use http_kit::{ApiError, BoxError, Query};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -134,7 +134,7 @@ struct Inner {
 }
 
 /// The response type of [`MetricsService`].
-pub type HttpResponse = Response<Full<Bytes>>;
+pub type HttpResponse = Response<http_kit::Body>;
 
 impl MetricsService {
     /// A service over `processor`.
@@ -170,8 +170,8 @@ impl MetricsService {
     /// Handles one request.
     pub async fn handle<B>(&self, request: Request<B>) -> HttpResponse
     where
-        B: Body<Data = Bytes>,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
     {
         let (route, response) = self.route(request).await;
         self.inner
@@ -186,62 +186,49 @@ impl MetricsService {
 
     async fn route<B>(&self, request: Request<B>) -> (&'static str, HttpResponse)
     where
-        B: Body<Data = Bytes>,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
     {
         let path = request.uri().path();
         let method = request.method().clone();
         match (path, method) {
             ("/v1/events", Method::POST) => ("/v1/events", self.ingest(request).await),
-            ("/v1/aggregates", Method::GET) => {
-                let query = request.uri().query().unwrap_or("").to_owned();
-                ("/v1/aggregates", self.aggregates(&query))
-            }
+            ("/v1/aggregates", Method::GET) => (
+                "/v1/aggregates",
+                self.aggregates(&Query::parse(request.uri().query())),
+            ),
             ("/metrics", Method::GET) => ("/metrics", self.metrics()),
             ("/healthz", Method::GET) => ("/healthz", self.health()),
-            ("/v1/events", _) => ("/v1/events", method_not_allowed("POST")),
-            ("/v1/aggregates" | "/metrics" | "/healthz", _) => ("other", method_not_allowed("GET")),
-            _ => (
-                "other",
-                error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+            ("/v1/events", _) => (
+                "/v1/events",
+                ApiError::method_not_allowed("POST").into_response(),
             ),
+            ("/v1/aggregates" | "/metrics" | "/healthz", _) => {
+                ("other", ApiError::method_not_allowed("GET").into_response())
+            }
+            _ => ("other", ApiError::not_found().into_response()),
         }
     }
 
     async fn ingest<B>(&self, request: Request<B>) -> HttpResponse
     where
-        B: Body<Data = Bytes>,
-        B::Error: std::error::Error + Send + Sync + 'static,
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
     {
         let max = self.inner.config.max_body_bytes;
-        let declared = request
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > max as u64) {
-            return too_large(max);
-        }
         let ndjson = match content_kind(request.headers().get(CONTENT_TYPE)) {
             Some(kind) => kind == BodyKind::Ndjson,
             None => {
-                return error(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
+                return ApiError::unsupported_media_type(
                     "send application/json (one event) or application/x-ndjson (one event a line)",
-                );
+                )
+                .into_response();
             }
         };
-        let body = match Limited::new(request.into_body(), max).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => return too_large(max),
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    &format!("could not read the body: {e}"),
-                );
-            }
+        let (parts, body) = request.into_parts();
+        let body = match http_kit::collect_limited(&parts.headers, body, max).await {
+            Ok(body) => body,
+            Err(e) => return ApiError::from(e).into_response(),
         };
         let report = if body.len() > self.inner.config.blocking_ingest_bytes
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -255,11 +242,7 @@ impl MetricsService {
                 Err(e) => {
                     // Only a panic or a runtime shutting down gets here.
                     tracing::error!(error = %e, "ingest task failed");
-                    return error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        "the body could not be ingested",
-                    );
+                    return ApiError::internal().into_response();
                 }
             }
         } else {
@@ -287,87 +270,84 @@ impl MetricsService {
             .iter()
             .map(|r| json!({"line": r.line, "reason": r.reason, "message": r.message}))
             .collect();
-        let mut body = json!({"accepted": report.accepted, "rejected": rejected});
         if report.well_formed == 0 {
-            body["error"] = json!(if report.lines == 0 {
-                "empty body: send one JSON event, or NDJSON with one event a line"
+            let (code, message) = if report.lines == 0 {
+                (
+                    "empty_body",
+                    "empty body: send one JSON event, or NDJSON with one event a line",
+                )
             } else {
-                "malformed JSON: no line holds a valid event object"
-            });
+                (
+                    MALFORMED_JSON,
+                    "malformed JSON: no line holds a valid event object",
+                )
+            };
+            return ApiError::new(status, code, message)
+                .with_detail("accepted", report.accepted)
+                .with_detail("rejected", rejected)
+                .into_response();
         }
-        json_response(status, &body)
+        http_kit::json(
+            status,
+            &json!({"accepted": report.accepted, "rejected": rejected}),
+        )
     }
 
-    fn aggregates(&self, query: &str) -> HttpResponse {
-        let minutes = query
-            .split('&')
-            .filter_map(|pair| pair.split_once('='))
-            .find(|(k, _)| *k == "minutes")
-            .map(|(_, v)| v);
-        let Some(minutes) = minutes else {
-            return error(
-                StatusCode::BAD_REQUEST,
+    fn aggregates(&self, query: &Query<'_>) -> HttpResponse {
+        let Some(minutes) = query.get("minutes") else {
+            return ApiError::bad_request(
                 "invalid_window",
                 "the query parameter minutes=N is required",
-            );
+            )
+            .into_response();
         };
         let Ok(minutes) = minutes.parse::<u32>() else {
-            return error(
-                StatusCode::BAD_REQUEST,
+            return ApiError::bad_request(
                 "invalid_window",
-                &format!("minutes must be a positive integer, got {minutes:?}"),
-            );
+                format!("minutes must be a positive integer, got {minutes:?}"),
+            )
+            .into_response();
         };
         match self.inner.processor.aggregates(minutes) {
             Ok(map) => {
                 // Sorted keys make responses diffable and stable.
                 let sorted: std::collections::BTreeMap<_, _> = map.into_iter().collect();
-                json_response(StatusCode::OK, &json!(sorted))
+                http_kit::json(StatusCode::OK, &sorted)
             }
-            Err(e) => error(StatusCode::BAD_REQUEST, "invalid_window", &e.to_string()),
+            Err(e) => ApiError::bad_request("invalid_window", e.to_string()).into_response(),
         }
     }
 
     fn metrics(&self) -> HttpResponse {
-        let mut text = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.inner.registry) {
-            tracing::error!(error = %e, "encoding metrics failed");
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "could not encode metrics",
-            );
-        }
-        let mut response = Response::new(Full::new(Bytes::from(text)));
-        response.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        );
-        response
+        http_kit::prometheus::response(&self.inner.registry)
     }
 
     fn health(&self) -> HttpResponse {
         if self.inner.processor.is_shutting_down() {
-            json_response(
+            http_kit::json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"status": "shutting_down"}),
             )
         } else {
-            json_response(StatusCode::OK, &json!({"status": "ok"}))
+            http_kit::json(StatusCode::OK, &json!({"status": "ok"}))
         }
     }
 }
 
-impl<B> hyper::service::Service<Request<B>> for MetricsService
+impl<B> tower::Service<Request<B>> for MetricsService
 where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = HttpResponse;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, Infallible>> + Send>>;
 
-    fn call(&self, request: Request<B>) -> Self::Future {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         let service = self.clone();
         Box::pin(async move { Ok(service.handle(request).await) })
     }
@@ -484,39 +464,6 @@ fn ingest_lines(processor: &MetricsProcessor, body: &[u8]) -> Report {
         report.line(processor, index + 1, line);
     }
     report
-}
-
-fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
-    json_response(status, &json!({"error": message, "code": code}))
-}
-
-fn too_large(max: usize) -> HttpResponse {
-    error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        &format!("request body exceeds {max} bytes"),
-    )
-}
-
-fn method_not_allowed(allow: &'static str) -> HttpResponse {
-    let mut response = error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "method not allowed",
-    );
-    response
-        .headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    response
 }
 
 /// Exposes the processor's counters (and the adapter's malformed-JSON
