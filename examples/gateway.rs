@@ -7,6 +7,13 @@
 //! curl -s localhost:8080/v1/orders/42 -H "authorization: Bearer $ACCESS_TOKEN"
 //! ```
 //!
+//! `--hash-password` reads a password from standard input and prints its
+//! Argon2id PHC string for `[[users]] password_hash`:
+//!
+//! ```text
+//! echo -n 'the-password' | cargo run --release --example gateway -- --hash-password
+//! ```
+//!
 //! It prints the effective configuration (secrets redacted), validates and
 //! builds everything, then starts the demo upstream when `[demo_upstream]`
 //! is set, binds, and serves until SIGINT/SIGTERM, then drains.
@@ -26,6 +33,13 @@ use hyper_util::rt::TokioIo;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     server_support::init_tracing();
+    if std::env::args().any(|a| a == "--hash-password") {
+        let mut password = String::new();
+        std::io::stdin().read_line(&mut password)?;
+        let password = password.trim_end_matches(['\r', '\n']);
+        println!("{}", gateway_mw::config::hash_password(password)?.expose());
+        return Ok(());
+    }
     let path = std::env::args()
         .skip_while(|a| a != "--config")
         .nth(1)

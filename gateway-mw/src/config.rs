@@ -104,6 +104,15 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// A `[[users]]` password hash is not a valid Argon2 PHC string.
+    #[error("invalid configuration: [[users]] {user:?} password_hash: {source}")]
+    Password {
+        /// The user.
+        user: String,
+        /// The PHC parser's error.
+        #[source]
+        source: argon2::password_hash::Error,
+    },
     /// `[redis]` could not be reached or is malformed.
     #[error("invalid configuration: [redis]: {reason}")]
     Redis {
@@ -143,6 +152,8 @@ pub enum ConfigErrorKind {
     Audit,
     /// [`ConfigError::Redis`].
     Redis,
+    /// [`ConfigError::Password`].
+    Password,
 }
 
 impl ConfigError {
@@ -161,6 +172,7 @@ impl ConfigError {
             ConfigError::TrustedProxies { .. } => ConfigErrorKind::TrustedProxies,
             ConfigError::Audit { .. } => ConfigErrorKind::Audit,
             ConfigError::Redis { .. } => ConfigErrorKind::Redis,
+            ConfigError::Password { .. } => ConfigErrorKind::Password,
         }
     }
 
@@ -537,18 +549,97 @@ fn default_reuse_grace() -> u64 {
     10
 }
 
-/// `[[users]]`: a demo user.
+/// `[[users]]`: a user of the demo token endpoint (`POST /auth/token`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
     /// Login name (becomes `sub`).
     pub name: String,
-    /// Hex SHA-256 of the password (demo only: use a real identity provider
-    /// and a password hash such as Argon2id in production).
-    pub password_sha256: Secret,
+    /// The password as an Argon2id PHC string
+    /// (`$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`), from
+    /// [`hash_password`] or any Argon2 tool. Redacted in `Debug`.
+    #[serde(default)]
+    pub password_hash: Option<Secret>,
     /// Roles.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// The former unsalted SHA-256 field: read only to refuse it with an
+    /// error that says what to do instead.
+    #[serde(default, rename = "password_sha256")]
+    legacy_password_sha256: Option<Secret>,
+}
+
+impl UserEntry {
+    /// A user whose password hash is `password_hash` (an Argon2id PHC string).
+    pub fn new(name: impl Into<String>, password_hash: Secret, roles: Vec<String>) -> UserEntry {
+        UserEntry {
+            name: name.into(),
+            password_hash: Some(password_hash),
+            roles,
+            legacy_password_sha256: None,
+        }
+    }
+
+    /// Checks the hash: present, an Argon2id PHC string, not a bare digest.
+    fn check_password_hash(&self) -> Result<(), ConfigError> {
+        let field = format!("[[users]] {:?} password_hash", self.name);
+        let how = "make one with `cargo run --example gateway -- --hash-password` \
+                   (see docs/gateway-mw/CONFIG.md)";
+        if self.legacy_password_sha256.is_some() {
+            return Err(ConfigError::invalid(
+                format!("[[users]] {:?} password_sha256", self.name),
+                format!(
+                    "unsalted SHA-256 password hashes are no longer accepted; \
+                     set password_hash to an Argon2id PHC string instead: {how}"
+                ),
+            ));
+        }
+        let Some(hash) = &self.password_hash else {
+            return Err(ConfigError::invalid(field, format!("is required: {how}")));
+        };
+        let hash = hash.expose();
+        if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ConfigError::invalid(
+                field,
+                format!(
+                    "looks like an unsalted SHA-256 digest; an Argon2id PHC string is required: {how}"
+                ),
+            ));
+        }
+        let parsed = argon2::PasswordHash::new(hash).map_err(|source| ConfigError::Password {
+            user: self.name.clone(),
+            source,
+        })?;
+        if parsed.algorithm != argon2::Algorithm::Argon2id.ident() {
+            return Err(ConfigError::invalid(
+                field,
+                format!(
+                    "is a {} hash; only argon2id is accepted: {how}",
+                    parsed.algorithm
+                ),
+            ));
+        }
+        argon2::Params::try_from(&parsed).map_err(|source| ConfigError::Password {
+            user: self.name.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+}
+
+/// Hashes `password` for `[[users]] password_hash`: Argon2id, version 19,
+/// 19 MiB, 2 passes, 1 lane (the OWASP recommendation), with a random
+/// 128-bit salt, as a PHC string.
+pub fn hash_password(password: &str) -> Result<Secret, crate::Error> {
+    use argon2::PasswordHasher;
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(crate::Error::Random)?;
+    let salt = argon2::password_hash::SaltString::encode_b64(&salt)
+        .map_err(|source| crate::Error::PasswordHash { source })?;
+    let hash = argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|source| crate::Error::PasswordHash { source })?;
+    Ok(Secret::new(hash.to_string()))
 }
 
 /// `[[api_keys]]`.
@@ -864,6 +955,7 @@ impl GatewayConfig {
                 return Err(invalid(field, "defined twice"));
             }
             role_exists(&field, &user.roles)?;
+            user.check_password_hash()?;
         }
         let mut ids = HashSet::new();
         for key in &self.api_keys {

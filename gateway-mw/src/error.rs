@@ -19,6 +19,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A password could not be hashed ([`config::hash_password`](crate::config::hash_password)).
+    #[cfg(feature = "proxy")]
+    #[error("cannot hash the password: {source}")]
+    PasswordHash {
+        /// Argon2's error.
+        #[source]
+        source: argon2::password_hash::Error,
+    },
+    /// The operating system's random number generator failed.
+    #[error("random number generator unavailable: {0}")]
+    Random(#[source] getrandom::Error),
     /// Issuing, refreshing or revoking a token failed.
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
@@ -34,6 +45,11 @@ pub enum ErrorKind {
     /// [`Error::Bind`].
     #[cfg(feature = "proxy")]
     Bind,
+    /// [`Error::PasswordHash`].
+    #[cfg(feature = "proxy")]
+    PasswordHash,
+    /// [`Error::Random`].
+    Random,
     /// [`Error::Token`], with the token error's own kind.
     Token(crate::token::TokenErrorKind),
 }
@@ -46,6 +62,9 @@ impl Error {
             Error::Config(e) => ErrorKind::Config(e.kind()),
             #[cfg(feature = "proxy")]
             Error::Bind { .. } => ErrorKind::Bind,
+            #[cfg(feature = "proxy")]
+            Error::PasswordHash { .. } => ErrorKind::PasswordHash,
+            Error::Random(_) => ErrorKind::Random,
             Error::Token(e) => ErrorKind::Token(e.kind()),
         }
     }

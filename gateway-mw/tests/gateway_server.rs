@@ -27,6 +27,18 @@ fn hex_lower(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// An Argon2id PHC string for `password`. Cheap parameters keep the tests
+/// fast; `config::hash_password` uses the OWASP ones.
+fn argon2id(password: &str) -> String {
+    use argon2::PasswordHasher;
+    let params = argon2::Params::new(256, 1, 1, None).unwrap();
+    let salt = argon2::password_hash::SaltString::encode_b64(b"gateway-test-salt").unwrap();
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
 /// Requests an upstream has received and answered, and the gate each
 /// request waits at before it is answered.
 #[derive(Clone)]
@@ -111,15 +123,15 @@ signing_kid = "k"
 reuse_grace_secs = 0
 [[users]]
 name = "alice"
-password_sha256 = "{alice}"
+password_hash = "{alice}"
 roles = ["writer"]
 [[users]]
 name = "bob"
-password_sha256 = "{bob}"
+password_hash = "{bob}"
 roles = ["reader"]
 [[users]]
 name = "carol"
-password_sha256 = "{carol}"
+password_hash = "{carol}"
 roles = ["admin"]
 [roles.admin]
 permissions = ["gateway:admin"]
@@ -156,9 +168,9 @@ per_user_per_minute = 100000
 sink = "file"
 path = "{audit}"
 "#,
-        alice = sha256_hex("alice-pw"),
-        bob = sha256_hex("bob-pw"),
-        carol = sha256_hex("carol-pw"),
+        alice = argon2id("alice-pw"),
+        bob = argon2id("bob-pw"),
+        carol = argon2id("carol-pw"),
         audit = std::env::temp_dir()
             .join(format!("gw-it-audit-{}.jsonl", std::process::id()))
             .display(),
@@ -652,7 +664,7 @@ fn no_secret_appears_in_the_printed_configuration() {
     let mut secrets = vec![
         "integration-test-secret-0123456789abcdef".to_owned(),
         "ak_live_9f8e7d6c5b4a".to_owned(),
-        sha256_hex("alice-pw"),
+        argon2id("alice-pw"),
     ];
     if cfg!(feature = "redis") {
         text.push_str("[redis]\nurl = \"redis://gw:hunter2-redis-pw@127.0.0.1:6379/0\"\n");
@@ -666,6 +678,87 @@ fn no_secret_appears_in_the_printed_configuration() {
         assert!(printed.contains("<redacted>"));
         assert!(printed.contains("billing"), "the rest is still shown");
     }
+}
+
+/// Login passwords are Argon2id PHC strings: the right password logs in,
+/// a wrong one or an unknown user does not, and an unsalted SHA-256 hash
+/// (in the old field or the new one) or another algorithm is refused at
+/// load, saying what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_are_argon2id_and_sha256_hashes_are_refused_at_load() {
+    use gateway_mw::config::ConfigErrorKind as Kind;
+    let (orders, _) = upstream(false).await;
+    let base = config_text(&orders, "http://127.0.0.1:1");
+    let alice = format!("password_hash = \"{}\"", argon2id("alice-pw"));
+    assert!(base.contains(&alice));
+    let refused = |to: String, kind: Kind, needles: &[&str]| {
+        let error = GatewayConfig::parse(&base.replacen(&alice, &to, 1)).expect_err(&to);
+        let message = error.to_string();
+        assert_eq!(error.kind(), kind, "{message}");
+        for needle in needles {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
+    };
+    let sha256 = sha256_hex("alice-pw");
+    refused(
+        format!("password_sha256 = \"{sha256}\""),
+        Kind::Invalid,
+        &[
+            "[[users]] \"alice\" password_sha256",
+            "Argon2id",
+            "--hash-password",
+        ],
+    );
+    refused(
+        format!("password_hash = \"{sha256}\""),
+        Kind::Invalid,
+        &["unsalted SHA-256", "Argon2id"],
+    );
+    let argon2i = argon2id("alice-pw").replace("$argon2id$", "$argon2i$");
+    refused(
+        format!("password_hash = \"{argon2i}\""),
+        Kind::Invalid,
+        &["argon2i", "only argon2id"],
+    );
+    refused(
+        "password_hash = \"$argon2id$v=19$m=19456,t=2,p=1$%%%$%%%\"".into(),
+        Kind::Password,
+        &["alice"],
+    );
+    refused(String::new(), Kind::Invalid, &["password_hash", "required"]);
+
+    // A hash from hash_password (the OWASP parameters) logs its user in.
+    let hash = gateway_mw::config::hash_password("correct horse").unwrap();
+    assert!(hash.expose().starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+    assert_ne!(
+        hash.expose(),
+        gateway_mw::config::hash_password("correct horse")
+            .unwrap()
+            .expose(),
+        "salted"
+    );
+    let text = base.replacen(&alice, &format!("password_hash = \"{}\"", hash.expose()), 1);
+    let gw = start(GatewayConfig::parse(&text).unwrap()).await;
+    assert!(gw.login("alice", "correct horse").await["access_token"].is_string());
+    for (user, password) in [
+        ("alice", "alice-pw"),
+        ("alice", ""),
+        ("mallory", "correct horse"),
+    ] {
+        let (status, _, body) = gw
+            .call(
+                "POST",
+                "/auth/token",
+                &[],
+                Some(json!({"username": user, "password": password})),
+            )
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (401, Some("invalid_credentials"))
+        );
+    }
+    gw.stop().await;
 }
 
 /// Soft open-file limit, to size the drain test on machines with a low one.

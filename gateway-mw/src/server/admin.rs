@@ -64,12 +64,14 @@ pub(super) async fn admin_endpoint(
             )
         }
         Err(e) => {
+            // The store's error (a Redis message) is for the log, not the caller.
+            tracing::error!(error = %e, "token store failed while revoking sessions");
             let entry = entry_for(Outcome::Failure).reason("token_store");
             crate::audit::AuditSink::record(&*state.audit, entry);
             crate::http::error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "token_store",
-                &e.to_string(),
+                "the token store is unavailable",
             )
         }
     })

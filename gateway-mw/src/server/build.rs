@@ -1,7 +1,6 @@
 //! Building a [`GatewayServer`] from a [`GatewayConfig`]: keys, policy,
 //! limits, audit log, upstream clients and the layer stacks.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::Layer;
 
 use super::admin::admin_endpoint;
-use super::login::{Tokens, auth_endpoint};
+use super::login::{Tokens, Users, auth_endpoint};
 use super::proxy::{Upstream, proxy};
 use super::routes::{Handler, Matched, build_table};
 use super::{BoxedService, GatewayServer, State};
@@ -196,20 +195,7 @@ impl GatewayServer {
         let cors = cors
             .layer()
             .map_err(|source| ConfigError::Cors { source })?;
-        let users = config
-            .users
-            .iter()
-            .map(|u| {
-                let mut hash = [0u8; 32];
-                hex::decode_to_slice(u.password_sha256.expose(), &mut hash).map_err(|_| {
-                    ConfigError::invalid(
-                        format!("[[users]] {:?} password_sha256", u.name),
-                        "is not 64 hex digits",
-                    )
-                })?;
-                Ok((u.name.clone(), (hash, u.roles.clone())))
-            })
-            .collect::<Result<HashMap<_, _>, ConfigError>>()?;
+        let users = Users::new(&config.users)?;
         let token_config = match &config.tokens.signing_kid {
             Some(kid) => {
                 let t = &config.tokens;

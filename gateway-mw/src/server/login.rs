@@ -1,18 +1,21 @@
 //! The demo token endpoints: `POST /auth/token`, `/auth/refresh` and
 //! `/auth/logout`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use argon2::password_hash::SaltString;
+use argon2::{Algorithm, Argon2, Params, PasswordHash, PasswordHasher, PasswordVerifier, Version};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use super::routes::{Handler, LoginOp, Matched};
 use super::{State, json};
 use crate::audit::{AuditEntry, Outcome};
+use crate::config::{ConfigError, Secret, UserEntry};
 use crate::http::{ClientIp, GatewayBody};
 use crate::token::{MemoryStore, TokenError, TokenService};
 
@@ -128,23 +131,22 @@ pub(super) async fn auth_endpoint(
                     "send {\"username\", \"password\"}",
                 ));
             };
-            let hash: [u8; 32] = Sha256::digest(login.password.as_bytes()).into();
-            match state.users.get(&login.username) {
-                Some((expected, roles)) if constant_time_eq(expected, &hash) => match tokens
-                    .issue(&login.username, roles)
-                    .await
-                {
+            match state.users.check(&login.username, login.password).await {
+                Some(roles) => match tokens.issue(&login.username, &roles).await {
                     Ok(pair) => {
                         audit(AuditEntry::new("token.issue", Outcome::Success).who(login.username));
                         pair_json(pair)
                     }
-                    Err(e) => crate::http::error_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "token_store",
-                        &e.to_string(),
-                    ),
+                    Err(e) => {
+                        tracing::error!(error = %e, "token store failed while issuing");
+                        crate::http::error_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "token_store",
+                            "the token store is unavailable",
+                        )
+                    }
                 },
-                _ => {
+                None => {
                     audit(
                         AuditEntry::new("auth.login", Outcome::Failure)
                             .who(login.username)
@@ -200,6 +202,83 @@ pub(super) async fn auth_endpoint(
     })
 }
 
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The `[[users]]`, with their Argon2id hashes.
+pub(super) struct Users {
+    by_name: HashMap<String, (Secret, Vec<String>)>,
+    /// The hash of a random password with the first user's parameters:
+    /// verified for unknown names, so the response time does not tell
+    /// which names exist.
+    decoy: Secret,
+}
+
+impl Users {
+    /// The users of `entries`, whose hashes `GatewayConfig::validate` checked.
+    pub(super) fn new(entries: &[UserEntry]) -> Result<Users, ConfigError> {
+        let mut by_name = HashMap::with_capacity(entries.len());
+        let mut decoy_params = None;
+        for user in entries {
+            let hash = user.password_hash.clone().ok_or_else(|| {
+                ConfigError::invalid(
+                    format!("[[users]] {:?} password_hash", user.name),
+                    "is required",
+                )
+            })?;
+            let invalid = |source| ConfigError::Password {
+                user: user.name.clone(),
+                source,
+            };
+            let parsed = PasswordHash::new(hash.expose()).map_err(invalid)?;
+            let params = Params::try_from(&parsed).map_err(invalid)?;
+            if params.m_cost() < Params::DEFAULT_M_COST || params.t_cost() < Params::DEFAULT_T_COST
+            {
+                tracing::warn!(
+                    user = %user.name,
+                    m_cost = params.m_cost(),
+                    t_cost = params.t_cost(),
+                    "password hash parameters are below the OWASP minimum (m=19456, t=2)"
+                );
+            }
+            decoy_params.get_or_insert(params);
+            by_name.insert(user.name.clone(), (hash, user.roles.clone()));
+        }
+        let decoy = decoy_hash(decoy_params.unwrap_or_default()).map_err(|source| {
+            ConfigError::Password {
+                user: "(decoy)".into(),
+                source,
+            }
+        })?;
+        Ok(Users { by_name, decoy })
+    }
+
+    /// The roles of `name` if `password` is theirs. Argon2 is slow on
+    /// purpose, so it runs on the blocking pool, off the request threads.
+    pub(super) async fn check(&self, name: &str, password: String) -> Option<Vec<String>> {
+        let (hash, roles) = match self.by_name.get(name) {
+            Some((hash, roles)) => (hash.clone(), Some(roles.clone())),
+            None => (self.decoy.clone(), None),
+        };
+        let verified = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(hash.expose()).is_ok_and(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
+        })
+        .await
+        .unwrap_or(false);
+        // A decoy verification never logs anyone in, whatever it returned.
+        roles.filter(|_| verified)
+    }
+}
+
+fn decoy_hash(params: Params) -> Result<Secret, argon2::password_hash::Error> {
+    let mut secret = [0u8; 32];
+    let mut salt = [0u8; 16];
+    // Without randomness the decoy is still a valid hash to spend time on.
+    let _ = getrandom::fill(&mut secret);
+    let _ = getrandom::fill(&mut salt);
+    let salt = SaltString::encode_b64(&salt)?;
+    let hash =
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, params).hash_password(&secret, &salt)?;
+    Ok(Secret::new(hash.to_string()))
 }

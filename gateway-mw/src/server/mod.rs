@@ -16,7 +16,6 @@ mod login;
 mod proxy;
 mod routes;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,7 +53,7 @@ struct State {
     tokens: Option<Tokens>,
     #[cfg(feature = "redis")]
     redis: Option<fred::prelude::Client>,
-    users: HashMap<String, ([u8; 32], Vec<String>)>,
+    users: login::Users,
     audit: Arc<AuditLog>,
     metrics: Arc<GatewayMetrics>,
 }
