@@ -416,12 +416,16 @@ async fn a_connection_ends_with_4001_when_the_hub_clock_passes_exp() {
     // One second before `exp`: two heartbeats later (so at least one tick
     // read the moved clock) the connection still delivers.
     clock.advance(Duration::from_secs(59));
-    let mut pings = 0;
-    while pings < 2 {
-        if let Message::Ping(_) = ws.next().await.unwrap().unwrap() {
-            pings += 1;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut pings = 0;
+        while pings < 2 {
+            if let Message::Ping(_) = ws.next().await.unwrap().unwrap() {
+                pings += 1;
+            }
         }
-    }
+    })
+    .await
+    .expect("heartbeats");
     hub.send_to_users(&["eve"], Notification::new("t", "still open", "m"))
         .await
         .unwrap();
@@ -694,16 +698,36 @@ async fn a_client_that_stops_reading_is_closed_with_4000_then_recovers() {
     assert!(last < 2_000, "it fell behind ({last})");
     assert!(hub.stats().overflowed() >= 1);
     drop(ws);
-    // Recovery: reconnect with since = the last seq received.
-    let mut ws = connect(
-        addr,
-        &format!("since={last}&access_token={}", token("slow", &[], &[])),
-    )
-    .await
-    .unwrap();
-    assert_eq!(frame(&mut ws).await["last_seq"], 2_000);
-    for seq in last + 1..=2_000 {
-        assert_eq!(frame(&mut ws).await["seq"], seq);
+    // Recovery: reconnect with since = the last seq received. Sends are
+    // acknowledged once queued for the dispatcher, so the tail of the burst
+    // may still be on its way live when the client reconnects and overflow
+    // the new 4-deep queue too: that is another 4000, and the client does
+    // what PROTOCOL.md says, reconnects with since, making progress each time.
+    let mut attempts = 0;
+    while last < 2_000 {
+        attempts += 1;
+        assert!(attempts <= 10, "no progress after {attempts} reconnects");
+        let mut ws = connect(
+            addr,
+            &format!("since={last}&access_token={}", token("slow", &[], &[])),
+        )
+        .await
+        .unwrap();
+        assert_eq!(frame(&mut ws).await["last_seq"], 2_000);
+        while last < 2_000 {
+            match next_message(&mut ws).await {
+                Message::Text(t) => {
+                    let f: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    assert_eq!(f["seq"].as_u64(), Some(last + 1));
+                    last += 1;
+                }
+                Message::Close(c) => {
+                    assert_eq!(u16::from(c.unwrap().code), 4000);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
     }
 }
 

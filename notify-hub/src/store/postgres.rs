@@ -390,7 +390,11 @@ async fn join_loop(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, joins = batch.len(), "group joins failed");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    joins = batch.len(),
+                    "group joins failed"
+                );
                 for job in batch.drain(..) {
                     let _ = job.reply.send(Err(e.clone()));
                 }
@@ -497,7 +501,12 @@ where
         match write().await {
             Err(e) if e.retryable() && attempt < 3 => {
                 attempt += 1;
-                tracing::debug!(error = %e, attempt, what, "write retried");
+                tracing::debug!(
+                    error = &e as &dyn std::error::Error,
+                    attempt,
+                    what,
+                    "write retried"
+                );
             }
             result => return result.map_err(|e| e.into_store_error(what)),
         }
