@@ -380,9 +380,16 @@ async fn login_call_refresh_and_the_error_paths() {
         (502, Some("upstream_unavailable"))
     );
     assert_eq!(gw.call("GET", "/healthz", &[], None).await.0, 200);
+    // Readiness is unauthenticated: it counts, and names no upstream.
     let (status, _, body) = gw.call("GET", "/readyz", &[], None).await;
     assert_eq!(status, 503);
-    assert_eq!(body["unreachable_upstreams"], json!(["http://127.0.0.1:1"]));
+    assert_eq!(body["status"], "not_ready");
+    assert_eq!(body["upstreams"], json!({"total": 2, "unreachable": 1}));
+    let text = body.to_string();
+    assert!(
+        !text.contains("127.0.0.1") && !text.contains("http://"),
+        "no upstream address in {text}"
+    );
     gw.stop().await;
 }
 

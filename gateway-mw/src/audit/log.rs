@@ -65,7 +65,25 @@ impl FileWriter {
                 chain = AuditChain::resume(record.seq + 1, record.hash);
             }
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let mut options = OpenOptions::new();
+        options.create(true).append(true);
+        // Who did what and from where is personal data: owner-only, from the
+        // moment the file exists (a later chmod would leave a window).
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(path)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = file.metadata()?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{mode:o}"),
+                    "the audit log is readable or writable by others; chmod 600 it"
+                );
+            }
+        }
         Ok((
             FileWriter {
                 file: BufWriter::new(file),
@@ -295,6 +313,18 @@ mod tests {
                 .records,
             1_010
         );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_audit_file_is_created_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = temp_path("mode.jsonl");
+        let (writer, _) = FileWriter::open(&path).unwrap();
+        drop(writer);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "mode {mode:o}");
         std::fs::remove_file(path).unwrap();
     }
 
