@@ -92,9 +92,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = NotifyServer::new(hub, verifier, ServerConfig::default());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(%addr, "notify_server listening");
-    server
+    let report = server
         .serve(listener, server_support::shutdown_signal())
         .await;
-    tracing::info!("drained; bye");
+    tracing::info!(drained = report.drained, left_open = report.left_open, "stopped");
     Ok(())
 }

@@ -13,6 +13,7 @@
 //! | [`error`] | [`ApiError`]: the suite's one JSON error body, `{"error": "<code>", "message": "<text>"}` |
 //! | [`body`] | [`collect_limited`]: read a request body with a byte limit checked on `Content-Length` and while streaming |
 //! | [`auth`] | [`bearer_token`]: the `Authorization: Bearer` credential, scheme matched case-insensitively (RFC 9110 §11.1) |
+//! | [`path`] | [`path::decode_segment`]: a path segment percent-decoded once |
 //! | [`query`] | [`Query`]: `application/x-www-form-urlencoded` query strings, decoded by `form_urlencoded` |
 //! | [`prometheus`] | [`prometheus::response`]: a `prometheus-client` registry as an OpenMetrics response |
 //! | [`response`] | [`json`], [`text`], [`empty`]: responses with the suite's body type |
@@ -55,6 +56,7 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod path;
 pub mod prometheus;
 pub mod query;
 pub mod response;

@@ -3,8 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fred::prelude::{Builder, ClientLike, Config, EventInterface, PubsubInterface};
-use fred::types::config::ReconnectPolicy;
+use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use tokio::sync::mpsc;
 
 use super::{Broker, BrokerError, BrokerEvent, Published};
@@ -38,24 +37,15 @@ impl std::fmt::Debug for RedisBroker {
 impl RedisBroker {
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379`); `prefix` keeps
     /// several deployments (or tests) on one Redis apart.
+    ///
+    /// The connection is set up by the suite's one Redis setup
+    /// ([`redis_kit::RedisSetup`]: bounded first connect, reconnect
+    /// back-off, a subscriber that re-subscribes after reconnects).
     pub async fn connect(url: &str, prefix: &str) -> Result<RedisBroker, BrokerError> {
-        let unavailable = |e: fred::error::Error| BrokerError::unavailable("connect", e);
-        let config = Config::from_url(url).map_err(unavailable)?;
-        let builder = {
-            let mut b = Builder::from_config(config);
-            b.with_performance_config(|p| p.broadcast_channel_capacity = 8192)
-                .with_connection_config(|c| {
-                    c.connection_timeout = Duration::from_secs(2);
-                })
-                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
-            b
-        };
-        let publisher = builder.build().map_err(unavailable)?;
-        let subscriber = builder.build_subscriber_client().map_err(unavailable)?;
-        publisher.init().await.map_err(unavailable)?;
-        subscriber.init().await.map_err(unavailable)?;
-        // Re-subscribes after a reconnect.
-        let _task = subscriber.manage_subscriptions();
+        let unavailable = |e: redis_kit::RedisError| BrokerError::unavailable("connect", e);
+        let setup = redis_kit::RedisSetup::new(url);
+        let publisher = setup.connect().await.map_err(unavailable)?;
+        let subscriber = setup.connect_subscriber().await.map_err(unavailable)?;
         Ok(RedisBroker {
             channel: format!("{prefix}notify:deliveries"),
             publisher,

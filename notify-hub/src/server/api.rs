@@ -1,11 +1,12 @@
 //! The HTTP API: sends, group membership and history, for service tokens.
 
+use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http_kit::path::decode_segment;
+use http_kit::{ApiError, BoxError, Query, bearer_token};
 use serde::Deserialize;
 
-use super::{Body, NotifyServer, bearer, error, json, percent_decode, query_param};
+use super::{Body, NotifyServer, error, json};
 use crate::error::report;
 use crate::{Error, Notification};
 
@@ -74,11 +75,15 @@ fn invalid_field(message: &str) -> Response<Body> {
     error(StatusCode::BAD_REQUEST, "invalid_field", message)
 }
 
-pub(crate) async fn handle(
+pub(crate) async fn handle<B>(
     server: &NotifyServer,
-    request: Request<Incoming>,
+    request: Request<B>,
     segments: &[&str],
-) -> Response<Body> {
+) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let inner = &server.inner;
     // Route first (404/405 need no token), then authenticate.
     let route = match (request.method(), segments) {
@@ -89,7 +94,7 @@ pub(crate) async fn handle(
         (&Method::GET, ["v1", "users", u, "notifications"]) => Route::History(u),
         _ => return error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     };
-    let Some(token) = bearer(&request) else {
+    let Some(token) = bearer_token(request.headers()) else {
         return error(
             StatusCode::UNAUTHORIZED,
             "missing_token",
@@ -112,7 +117,7 @@ pub(crate) async fn handle(
         Err(e) => return error(StatusCode::UNAUTHORIZED, "invalid_token", &report(&e)),
     }
     let hub = &inner.hub;
-    let decode = |s: &str| percent_decode(s).ok_or(());
+    let decode = |s: &str| decode_segment(s).map(|d| d.into_owned()).ok_or(());
     match route {
         Route::SendUsers => {
             let body: SendToUsers = match read_json(request, inner.config.max_body_bytes).await {
@@ -161,7 +166,7 @@ pub(crate) async fn handle(
             let Ok(user) = decode(u) else {
                 return bad_path();
             };
-            let limit = match query_param(request.uri().query(), "limit") {
+            let limit = match Query::parse(request.uri().query()).get("limit") {
                 None => 50,
                 Some(v) => match v.parse::<usize>() {
                     Ok(n) => n,
@@ -229,21 +234,16 @@ pub(crate) fn hub_error(e: &Error) -> Response<Body> {
 
 /// Reads a JSON body of at most `limit` bytes (chunked bodies included):
 /// 413 over the limit, 400 for malformed JSON.
-async fn read_json<T: serde::de::DeserializeOwned>(
-    request: Request<Incoming>,
-    limit: usize,
-) -> Result<T, Response<Body>> {
-    let bytes = match Limited::new(request.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                &format!("the body must be at most {limit} bytes"),
-            ));
-        }
-        Err(e) => return Err(error(StatusCode::BAD_REQUEST, "bad_body", &e.to_string())),
-    };
+async fn read_json<T, B>(request: Request<B>, limit: usize) -> Result<T, Response<Body>>
+where
+    T: serde::de::DeserializeOwned,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let bytes = http_kit::collect_limited(&parts.headers, body, limit)
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
     serde_json::from_slice(&bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()))
 }

@@ -96,12 +96,16 @@ impl ServerMetrics {
         Arc::new(ServerMetrics { registry, latency })
     }
 
-    /// The OpenMetrics text exposition.
+    /// The OpenMetrics text exposition (empty if a collector fails, logged).
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+        http_kit::prometheus::encode(&self.registry).unwrap_or_else(|e| {
             tracing::error!(error = %e, "encoding metrics failed");
-        }
-        text
+            String::new()
+        })
+    }
+
+    /// `GET /metrics`.
+    pub(crate) fn response(&self) -> http::Response<http_kit::Body> {
+        http_kit::prometheus::response(&self.registry)
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
+use http_kit::{ConnectionSlot, Query, Shutdown, bearer_token};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio_tungstenite::WebSocketStream;
@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use time_kit::SharedClock;
 
-use super::{Body, NotifyServer, bearer, error, query_param};
+use super::{Body, NotifyServer, error};
 use crate::auth::AuthError;
 use crate::error::report;
 use crate::subscription::{Closed, Subscription};
@@ -55,7 +55,7 @@ enum ClientFrame {
     Resume { since: u64 },
 }
 
-pub(crate) async fn upgrade(server: &NotifyServer, request: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -> Response<Body> {
     let headers = request.headers();
     let is_upgrade = headers
         .get(header::UPGRADE)
@@ -101,10 +101,10 @@ pub(crate) async fn upgrade(server: &NotifyServer, request: Request<Incoming>) -
         .flat_map(|v| v.split(','))
         .map(|p| p.trim().to_owned())
         .collect();
-    let query = request.uri().query();
-    let token = bearer(&request)
+    let query = Query::parse(request.uri().query());
+    let token = bearer_token(headers)
         .map(str::to_owned)
-        .or_else(|| query_param(query, "access_token"))
+        .or_else(|| query.get("access_token").map(str::to_owned))
         .or_else(|| {
             offered
                 .iter()
@@ -129,7 +129,7 @@ pub(crate) async fn upgrade(server: &NotifyServer, request: Request<Incoming>) -
         Ok(identity) => identity,
         Err(e) => return refused(&e),
     };
-    let since = match query_param(query, "since") {
+    let since = match query.get("since") {
         None => None,
         Some(s) => match s.parse::<u64>() {
             Ok(n) => Some(n),
@@ -165,10 +165,14 @@ pub(crate) async fn upgrade(server: &NotifyServer, request: Request<Incoming>) -
         response = response.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
     }
     let server = server.clone();
-    let tracker = server.track();
+    // The socket outlives this request: it keeps the server's drain waiting
+    // and its place under the connection cap until it closes.
+    let drain_guard = request.extensions().get::<Shutdown>().map(Shutdown::guard);
+    let slot = request.extensions().get::<ConnectionSlot>().cloned();
+    let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        let _tracker = tracker;
-        match hyper::upgrade::on(request).await {
+        let _held = (drain_guard, slot);
+        match on_upgrade.await {
             Ok(upgraded) => {
                 let config = WebSocketConfig::default()
                     .read_buffer_size(4 * 1024)
@@ -186,7 +190,9 @@ pub(crate) async fn upgrade(server: &NotifyServer, request: Request<Incoming>) -
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
-    response.body(Body::default()).unwrap_or_default()
+    response
+        .body(http_kit::full(bytes::Bytes::new()))
+        .unwrap_or_else(|_| http_kit::ApiError::internal().into_response())
 }
 
 fn refused(e: &AuthError) -> Response<Body> {
