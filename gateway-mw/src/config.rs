@@ -96,13 +96,11 @@ pub enum ConfigError {
         source: crate::client_ip::InvalidCidr,
     },
     /// The audit log could not be opened or its writer started.
-    #[error("cannot start the audit log at {target}: {source}")]
+    #[error("cannot start the audit log: {source}")]
     Audit {
-        /// `stdout` or the file.
-        target: String,
-        /// The I/O error.
+        /// The audit log's error.
         #[source]
-        source: std::io::Error,
+        source: crate::audit::AuditError,
     },
     /// A `[[users]]` password hash is not a valid Argon2 PHC string.
     #[error("invalid configuration: [[users]] {user:?} password_hash: {source}")]

@@ -30,6 +30,9 @@ pub enum Error {
     /// The operating system's random number generator failed.
     #[error("random number generator unavailable: {0}")]
     Random(#[source] getrandom::Error),
+    /// The audit log could not be opened, started or closed.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// Issuing, refreshing or revoking a token failed.
     #[error(transparent)]
     Token(#[from] crate::token::TokenError),
@@ -50,6 +53,8 @@ pub enum ErrorKind {
     PasswordHash,
     /// [`Error::Random`].
     Random,
+    /// [`Error::Audit`], with the audit error's own kind.
+    Audit(crate::audit::AuditErrorKind),
     /// [`Error::Token`], with the token error's own kind.
     Token(crate::token::TokenErrorKind),
 }
@@ -65,6 +70,7 @@ impl Error {
             #[cfg(feature = "proxy")]
             Error::PasswordHash { .. } => ErrorKind::PasswordHash,
             Error::Random(_) => ErrorKind::Random,
+            Error::Audit(e) => ErrorKind::Audit(e.kind()),
             Error::Token(e) => ErrorKind::Token(e.kind()),
         }
     }

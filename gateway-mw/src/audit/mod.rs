@@ -36,7 +36,10 @@
 
 mod log;
 
-pub use log::{AuditLog, AuditSink, AuditStats, AuditWriter, FileWriter, NoAudit, StdoutWriter};
+pub use log::{
+    AuditError, AuditErrorKind, AuditLog, AuditSink, AuditStats, AuditWriter, FileWriter, NoAudit,
+    StdoutWriter,
+};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -247,21 +247,11 @@ impl GatewayServer {
 
         // Audit log and metrics.
         let audit = match (config.audit.sink, &config.audit.path) {
-            (AuditSinkKind::File, Some(path)) => {
-                let target = |source| ConfigError::Audit {
-                    target: path.display().to_string(),
-                    source,
-                };
-                let (writer, chain) = FileWriter::open(path).map_err(target)?;
-                AuditLog::spawn(writer, chain, config.audit.queue).map_err(target)?
-            }
-            _ => AuditLog::spawn(StdoutWriter, AuditChain::new(), config.audit.queue).map_err(
-                |source| ConfigError::Audit {
-                    target: "stdout".into(),
-                    source,
-                },
-            )?,
-        };
+            (AuditSinkKind::File, Some(path)) => FileWriter::open(path)
+                .and_then(|(writer, chain)| AuditLog::spawn(writer, chain, config.audit.queue)),
+            _ => AuditLog::spawn(StdoutWriter, AuditChain::new(), config.audit.queue),
+        }
+        .map_err(|source| ConfigError::Audit { source })?;
         let audit = Arc::new(audit);
         let metrics = Arc::new(GatewayMetrics::new(Some(Arc::clone(&audit))));
 

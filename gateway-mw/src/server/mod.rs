@@ -148,8 +148,13 @@ impl GatewayServer {
                 "in-flight requests still running after the grace period"
             );
         }
-        let audit = Arc::clone(&self.state.audit);
-        let _ = tokio::task::spawn_blocking(move || audit.shutdown(Duration::from_secs(5))).await;
+        // Write every queued audit record before returning (bounded: a
+        // stuck disk must not hold the process forever).
+        match tokio::time::timeout(Duration::from_secs(5), self.state.audit.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "closing the audit log failed"),
+            Err(_) => tracing::error!("the audit log did not finish writing within 5 s"),
+        }
     }
 }
 
