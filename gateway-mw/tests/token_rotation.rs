@@ -3,31 +3,18 @@
 //! service instances.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use gateway_mw::jwt::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
-use gateway_mw::token::{
-    MemoryStore, MillisClock, RefreshStore, TokenConfig, TokenError, TokenService,
-};
+use gateway_mw::token::{MemoryStore, RefreshStore, TokenConfig, TokenError, TokenService};
+use time_kit::ManualClock;
 
 const SECRET: &[u8] = b"token-service-test-secret-0123456789";
 const START_MS: i64 = 1_795_557_600_000;
 
-#[derive(Clone)]
-struct Clock(Arc<AtomicI64>);
-
-impl Clock {
-    fn new() -> Clock {
-        Clock(Arc::new(AtomicI64::new(START_MS)))
-    }
-    fn advance(&self, d: Duration) {
-        self.0.fetch_add(d.as_millis() as i64, Ordering::SeqCst);
-    }
-    fn millis(&self) -> MillisClock {
-        let at = Arc::clone(&self.0);
-        Arc::new(move || at.load(Ordering::SeqCst))
-    }
+/// The suite's hand-moved clock, at `START_MS`.
+fn manual_clock() -> ManualClock {
+    ManualClock::new(UNIX_EPOCH + Duration::from_millis(START_MS as u64))
 }
 
 fn config(grace: Duration) -> TokenConfig {
@@ -36,14 +23,14 @@ fn config(grace: Duration) -> TokenConfig {
         .with_refresh_lifetimes(Duration::from_secs(3_600), Duration::from_secs(8 * 3_600))
 }
 
-fn service<S: RefreshStore>(store: S, clock: &Clock, grace: Duration) -> TokenService<S> {
-    TokenService::new(store, config(grace)).with_clock(clock.millis())
+fn service<S: RefreshStore>(store: S, clock: &ManualClock, grace: Duration) -> TokenService<S> {
+    TokenService::new(store, config(grace)).with_clock(Arc::new(clock.clone()))
 }
 
 // ------------------------------------------------------------ the shared suite
 
 async fn rotation_and_reuse<S: RefreshStore>(store: S) {
-    let clock = Clock::new();
+    let clock = manual_clock();
     let svc = service(store, &clock, Duration::from_secs(10));
     let roles = vec!["clerk".to_owned()];
     let first = svc.issue("alice", &roles).await.unwrap();
@@ -91,7 +78,7 @@ async fn rotation_and_reuse<S: RefreshStore>(store: S) {
 }
 
 async fn grace_window<S: RefreshStore>(store: S) {
-    let clock = Clock::new();
+    let clock = manual_clock();
     let svc = service(store, &clock, Duration::from_secs(10));
     let r0 = svc.issue("alice", &[]).await.unwrap().refresh_token;
     let r1 = svc.refresh(&r0).await.unwrap().refresh_token;
@@ -117,7 +104,7 @@ async fn grace_window<S: RefreshStore>(store: S) {
 }
 
 async fn lifetimes<S: RefreshStore>(store: S) {
-    let clock = Clock::new();
+    let clock = manual_clock();
     let svc = service(store, &clock, Duration::from_secs(10));
     // Idle: unused for longer than an hour.
     let idle = svc.issue("alice", &[]).await.unwrap().refresh_token;
@@ -144,7 +131,7 @@ async fn lifetimes<S: RefreshStore>(store: S) {
 }
 
 async fn logout_and_garbage<S: RefreshStore>(store: S) {
-    let clock = Clock::new();
+    let clock = manual_clock();
     let svc = service(store, &clock, Duration::from_secs(10));
     let pair = svc.issue("alice", &[]).await.unwrap();
     svc.logout(&pair.refresh_token).await.unwrap();
@@ -171,7 +158,7 @@ async fn logout_and_garbage<S: RefreshStore>(store: S) {
 }
 
 async fn revoke_every_session_of_a_subject<S: RefreshStore>(store: S) {
-    let clock = Clock::new();
+    let clock = manual_clock();
     let svc = service(store, &clock, Duration::from_secs(10));
     // Three sessions of alice (one already rotated, one logged out), one of bob.
     let a1 = svc.issue("alice", &[]).await.unwrap();
@@ -249,7 +236,7 @@ async fn memory_logout_and_garbage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_concurrent_refreshes_mint_at_most_the_grace_allowance() {
-    let clock = Clock::new();
+    let clock = manual_clock();
     for (grace, allowed) in [(Duration::ZERO, 1), (Duration::from_secs(10), 2)] {
         let svc = Arc::new(service(MemoryStore::new(), &clock, grace));
         let token = svc.issue("alice", &[]).await.unwrap().refresh_token;
@@ -319,7 +306,7 @@ mod redis {
         let Some(redis) = TestRedis::create().await else {
             return;
         };
-        let clock = Clock::new();
+        let clock = manual_clock();
         for (grace, allowed) in [(Duration::ZERO, 1), (Duration::from_secs(10), 2)] {
             let a = Arc::new(service(store(&redis).await, &clock, grace));
             let b = Arc::new(service(store(&redis).await, &clock, grace));
@@ -338,7 +325,7 @@ mod redis {
         let Some(redis) = TestRedis::create().await else {
             return;
         };
-        let clock = Clock::new();
+        let clock = manual_clock();
         let svc = service(store(&redis).await, &clock, Duration::from_secs(10));
         let pair = svc.issue("alice", &[]).await.unwrap();
         let keys: Vec<String> = redis
@@ -377,8 +364,8 @@ async fn access_tokens_can_be_signed_with_an_asymmetric_key() {
         let config = config(Duration::from_secs(10))
             .with_signing_key_pem("asym", alg, &fixture(private))
             .unwrap();
-        let clock = Clock::new();
-        let svc = TokenService::new(MemoryStore::new(), config).with_clock(clock.millis());
+        let clock = manual_clock();
+        let svc = TokenService::new(MemoryStore::new(), config).with_clock(Arc::new(clock.clone()));
         let pair = svc.issue("alice", &["reader".to_owned()]).await.unwrap();
         let key = match alg {
             KeyAlg::Rs256 => VerifyingKey::rs256_pem("asym", &fixture(public)),

@@ -26,8 +26,9 @@ pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use time_kit::SharedClock;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -356,14 +357,11 @@ impl std::fmt::Debug for TokenPair {
     }
 }
 
-/// A source of Unix time in milliseconds.
-pub type MillisClock = Arc<dyn Fn() -> i64 + Send + Sync>;
-
 /// Issues and rotates tokens over a [`RefreshStore`].
 pub struct TokenService<S> {
     store: S,
     config: TokenConfig,
-    clock: MillisClock,
+    clock: SharedClock,
 }
 
 impl<S> std::fmt::Debug for TokenService<S> {
@@ -377,20 +375,17 @@ impl<S> std::fmt::Debug for TokenService<S> {
 impl<S: RefreshStore> TokenService<S> {
     /// A service over `store`, on the system clock.
     pub fn new(store: S, config: TokenConfig) -> TokenService<S> {
-        let clock: MillisClock = Arc::new(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
-        });
         TokenService {
             store,
             config,
-            clock,
+            clock: time_kit::system(),
         }
     }
 
-    /// Uses `clock` (Unix milliseconds) instead of the system clock.
-    pub fn with_clock(mut self, clock: MillisClock) -> Self {
+    /// Reads time from `clock` (the suite's [`time_kit::Clock`]; tests pass
+    /// a [`time_kit::ManualClock`]) instead of the system clock: token
+    /// `iat`/`exp`, refresh lifetimes and the grace window all follow it.
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
         self
     }
@@ -402,7 +397,7 @@ impl<S: RefreshStore> TokenService<S> {
 
     /// Starts a session for `subject`: a new family and its first pair.
     pub async fn issue(&self, subject: &str, roles: &[String]) -> Result<TokenPair, TokenError> {
-        let now = (self.clock)();
+        let now = self.clock.unix_millis();
         let refresh = random_token()?;
         let family = random_token()?;
         self.store
@@ -420,7 +415,7 @@ impl<S: RefreshStore> TokenService<S> {
 
     /// Rotates `refresh_token`: spends it and returns a new pair.
     pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, TokenError> {
-        let now = (self.clock)();
+        let now = self.clock.unix_millis();
         let successor = random_token()?;
         let outcome = self
             .store
