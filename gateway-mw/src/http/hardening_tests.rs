@@ -128,7 +128,7 @@ async fn path_spellings_of_a_protected_prefix_get_the_protected_rule() {
     ] {
         let (status, _, body) = send(gw.clone(), get(path, &auth)).await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (StatusCode::FORBIDDEN, Some("forbidden")),
             "{path}"
         );
@@ -137,7 +137,7 @@ async fn path_spellings_of_a_protected_prefix_get_the_protected_rule() {
     for path in ["/admin;/x", "/admin;jsessionid=1/x", "/public/a;b"] {
         let (status, _, body) = send(gw.clone(), get(path, &auth)).await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (StatusCode::BAD_REQUEST, Some("invalid_path")),
             "{path}"
         );
@@ -147,7 +147,7 @@ async fn path_spellings_of_a_protected_prefix_get_the_protected_rule() {
     for path in ["/public/../admin/x", "/public/%2e%2e/admin/x", "/admin%2fx"] {
         let (status, _, body) = send(gw.clone(), get(path, &auth)).await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (StatusCode::BAD_REQUEST, Some("invalid_path")),
             "{path}"
         );
@@ -192,7 +192,7 @@ async fn the_validation_layer_normalizes_before_its_own_routing() {
     assert_eq!(body["path"], "/a/~b/A");
     let (status, _, body) = send(service, get("/a;b/c", &[])).await;
     assert_eq!(
-        (status, body["code"].as_str()),
+        (status, body["error"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_path"))
     );
 }
@@ -214,7 +214,7 @@ async fn an_api_key_beside_a_bearer_token_is_refused() {
         )
         .await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (StatusCode::UNAUTHORIZED, Some("conflicting_credentials"))
         );
         assert!(headers.contains_key("www-authenticate"));
@@ -254,7 +254,7 @@ async fn the_authorization_scheme_is_case_insensitive() {
     )
     .await;
     assert_eq!(
-        (status, body["code"].as_str()),
+        (status, body["error"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("missing_credentials"))
     );
 }
@@ -285,7 +285,7 @@ async fn failed_authentication_is_limited_per_client_ip() {
     )
     .await;
     assert_eq!(
-        (status, body["code"].as_str()),
+        (status, body["error"].as_str()),
         (StatusCode::TOO_MANY_REQUESTS, Some("auth_failures_limited"))
     );
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();

@@ -12,7 +12,8 @@
 //! | [`ValidationLayer`] | header, path, query and body limits, per-route content types, JSON size and depth | 400, 413, 414, 415, 431 |
 //! | [`SecurityHeadersLayer`] | HSTS, CSP, `X-Content-Type-Options`, `X-Frame-Options`, `Referrer-Policy`, `Permissions-Policy`; strips `Server`/`X-Powered-By`; `no-store` on auth paths | — |
 //!
-//! Every rejection is a JSON body `{"error": "...", "code": "..."}` and an
+//! Every rejection is the suite's JSON error body, `{"error": "<code>",
+//! "message": "<text>"}` ([`http_kit::ApiError`]), and an
 //! [`AuditEntry`] handed to the configured
 //! [`AuditSink`], so security decisions are recorded off the request path.
 //!
@@ -76,10 +77,7 @@ pub use validate::{
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::BodyExt;
-use http_body_util::combinators::UnsyncBoxBody;
 
 use crate::audit::AuditEntry;
 pub use crate::audit::{AuditSink, NoAudit};
@@ -88,10 +86,10 @@ use crate::jwt::JwtVerifier;
 use crate::rbac::Policy;
 
 /// Boxed errors of bodies and services.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = http_kit::BoxError;
 
 /// The response body every layer produces: the inner body, or a JSON error.
-pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type GatewayBody = http_kit::Body;
 
 /// Who the request is from, inserted by [`AuthLayer`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,26 +196,17 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    response.map(|b| b.map_err(Into::into).boxed_unsync())
+    response.map(http_kit::boxed)
 }
 
-/// A JSON error response.
+/// A JSON error response: the suite's one error body,
+/// `{"error": "<code>", "message": "<text>"}` ([`http_kit::ApiError`]).
 pub(crate) fn error_response(
     status: StatusCode,
     code: &str,
     message: &str,
 ) -> Response<GatewayBody> {
-    let body = serde_json::json!({"error": message, "code": code}).to_string();
-    let mut response = Response::new(
-        http_body_util::Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    http_kit::ApiError::new(status, code.to_owned(), message).into_response()
 }
 
 /// What [`Gateway`] composes.

@@ -139,7 +139,7 @@ async fn missing_and_bad_credentials_are_401_with_a_challenge() {
     let (status, headers, body) = send(gw.clone(), "GET", "/v1/orders/1", &[]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(headers["www-authenticate"], "Bearer");
-    assert_eq!(body["code"], "missing_credentials");
+    assert_eq!(body["error"], "missing_credentials");
     let (status, headers, body) =
         send(gw.clone(), "GET", "/v1/orders/1", &[bearer("not.a.token")]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -147,10 +147,10 @@ async fn missing_and_bad_credentials_are_401_with_a_challenge() {
         headers["www-authenticate"],
         "Bearer error=\"invalid_token\""
     );
-    assert_eq!(body["code"], "invalid_token");
+    assert_eq!(body["error"], "invalid_token");
     let (status, _, body) = send(gw, "GET", "/v1/orders/1", &[("x-api-key", "wrong".into())]).await;
     assert_eq!(
-        (status, body["code"].as_str()),
+        (status, body["error"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("invalid_api_key"))
     );
     let expected: Vec<AuditEntry> = ["missing_credentials", "invalid_token", "invalid_api_key"]
@@ -173,7 +173,8 @@ async fn a_missing_permission_is_403_and_an_unknown_route_404() {
     )
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(body["error"], "missing permission orders:write");
+    assert_eq!(body["error"], "forbidden");
+    assert_eq!(body["message"], "missing permission orders:write");
     let (status, _, _) = send(gw.clone(), "DELETE", "/v1/orders/1", &[bearer(&reader)]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _, _) = send(
@@ -220,7 +221,7 @@ async fn over_quota_is_429_with_retry_after_and_audited() {
     }
     let (status, headers, body) = send(gw.clone(), "GET", "/v1/orders/1", &[bearer(&t)]).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(body["code"], "rate_limited");
+    assert_eq!(body["error"], "rate_limited");
     assert_eq!(headers["retry-after"], "20");
     assert_eq!(headers["ratelimit"], "\"user\";r=0;t=60");
     // Another user is unaffected.

@@ -479,12 +479,12 @@ mod tests {
     async fn malformed_and_too_deep_json_are_400() {
         let (status, body, _) = send(post("/v1/orders", "application/json", "{\"a\":")).await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (StatusCode::BAD_REQUEST, Some("malformed_json"))
         );
         let (status, body, _) = send(post("/v1/orders", "application/json", "[[[[[1]]]]]")).await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (StatusCode::BAD_REQUEST, Some("json_too_deep"))
         );
         // Brackets inside strings do not count.
@@ -502,7 +502,7 @@ mod tests {
         let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(2_000));
         let (status, body, _) = send(post("/v1/orders", "application/json", &big)).await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
         );
     }
@@ -511,7 +511,7 @@ mod tests {
     async fn wrong_content_types_are_415() {
         let (status, body, _) = send(post("/v1/orders", "text/plain", "{}")).await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 Some("unsupported_media_type")
@@ -592,7 +592,7 @@ mod tests {
             let request = Request::get(path).body(Full::new(Bytes::new())).unwrap();
             let (status, body, _) = send(request).await;
             assert_eq!(
-                (status, body["code"].as_str()),
+                (status, body["error"].as_str()),
                 (StatusCode::BAD_REQUEST, Some("invalid_path")),
                 "{path}"
             );
@@ -614,7 +614,7 @@ mod tests {
             .unwrap();
         let (status, body, _) = send(long).await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (StatusCode::URI_TOO_LONG, Some("query_too_long"))
         );
     }
@@ -635,7 +635,7 @@ mod tests {
             .unwrap();
         let (status, body, _) = send(big).await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 Some("headers_too_large")
