@@ -333,7 +333,7 @@ async fn path_spellings_cannot_pick_the_rule_that_judges_them() {
     ] {
         let reply = raw(&gw.addr, &get(path)).await;
         assert_eq!(
-            (reply.status, reply.body["code"].as_str()),
+            (reply.status, reply.body["error"].as_str()),
             (400, Some("invalid_path")),
             "{path}"
         );
@@ -396,7 +396,7 @@ async fn failed_authentication_is_limited_per_client() {
     }
     let limited = raw(&gw.addr, forged).await;
     assert_eq!(
-        (limited.status, limited.body["code"].as_str()),
+        (limited.status, limited.body["error"].as_str()),
         (429, Some("auth_failures_limited"))
     );
     assert!(limited.header("retry-after").is_some());
@@ -411,7 +411,7 @@ async fn failed_authentication_is_limited_per_client() {
     )
     .await;
     assert_eq!(
-        (reply.status, reply.body["code"].as_str()),
+        (reply.status, reply.body["error"].as_str()),
         (401, Some("conflicting_credentials"))
     );
 }
