@@ -318,3 +318,35 @@ async fn each_user_is_rate_limited_across_both_backends() {
     running.shutdown.trigger();
     assert!(running.server.await.unwrap().drained);
 }
+
+/// The client IP comes from `http_kit::serve`'s `PeerAddr`: failed
+/// authentications are limited per address (gateway default 20 a minute).
+#[tokio::test]
+async fn failed_authentication_is_limited_per_client_address() {
+    let running = start().await;
+    let forged = format!("{}x", &token("mallory", &["user"])[..40]);
+    let mut limited = false;
+    for _ in 0..30 {
+        let (status, body) = call(
+            &running,
+            Method::GET,
+            "/v1/aggregates?minutes=5",
+            Some(&forged),
+            None,
+            String::new(),
+        )
+        .await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(body["error"], "auth_failures_limited", "{body}");
+            limited = true;
+            break;
+        }
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    }
+    assert!(
+        limited,
+        "30 forged tokens from one address were never limited"
+    );
+    running.shutdown.trigger();
+    assert!(running.server.await.unwrap().drained);
+}

@@ -4,7 +4,7 @@
 //! ([`PeerIsTrustedProxy`](super::PeerIsTrustedProxy), read by
 //! [`prepare_forward`](super::prepare_forward)).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -12,9 +12,9 @@ use http::Request;
 
 use crate::client_ip::{TrustedProxies, client_ip};
 
-/// The TCP peer of the connection; the server inserts it into every request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerAddr(pub SocketAddr);
+/// The TCP peer of the connection, as `http_kit::serve` inserts it into
+/// every request (the suite's one type for it).
+pub use http_kit::PeerAddr;
 
 /// The client's address as the gateway determined it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
