@@ -20,6 +20,10 @@
 //! * `proxy`: `config` and `server`, the configurable reverse proxy that the
 //!   `gateway` example runs.
 //!
+//! Errors: [`Error`] with [`Error::kind`]; it wraps each module's own error
+//! (`config::ConfigError`, [`audit::AuditError`], [`token::TokenError`],
+//! each with `kind()`) and keeps the underlying cause as its `source()`.
+//!
 //! Security controls and what each stops: `docs/gateway-mw/SECURITY.md`;
 //! configuration: `docs/gateway-mw/CONFIG.md`.
 #![forbid(unsafe_code)]
