@@ -20,14 +20,6 @@ mod server_support;
 #[path = "support/suite.rs"]
 mod suite;
 
-use std::sync::Arc;
-
-use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
-use metrics_core::http::{HttpConfig, MetricsService};
-use metrics_core::{Config, MetricsProcessor};
-use notify_hub::server::NotifyServer;
-use notify_hub::{Hub, HubConfig, LocalBroker, MemoryStore};
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     server_support::init_tracing();
@@ -38,22 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("SUITE_JWT_SECRET must be at least 32 bytes".into());
     }
     println!("suite effective configuration: SUITE_ADDR={addr} SUITE_JWT_SECRET=<redacted>");
-    let verifier = JwtVerifier::new(
-        KeySet::new().with_key(VerifyingKey::hs256("k1", secret.as_bytes()))?,
-        JwtConfig::default(),
-    );
-    let metrics = MetricsService::new(
-        Arc::new(MetricsProcessor::new(Config::default())),
-        HttpConfig::default(),
-    );
-    let hub = Hub::start(
-        HubConfig::default(),
-        Arc::new(MemoryStore::new()),
-        Arc::new(LocalBroker::new()),
-    )
-    .await?;
-    let notify = NotifyServer::new(hub.clone(), verifier.clone(), suite::notify_config());
-    let app = suite::stack(verifier, metrics, notify);
+    let (app, hub) = suite::app(secret.as_bytes()).await?;
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(%addr, "suite listening");

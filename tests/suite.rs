@@ -5,8 +5,6 @@
 #[path = "../examples/support/suite.rs"]
 mod suite;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Method, Request, StatusCode};
@@ -14,11 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
-use metrics_core::http::{HttpConfig, MetricsService};
-use metrics_core::{Config, MetricsProcessor};
-use notify_hub::server::NotifyServer;
-use notify_hub::{Hub, HubConfig, LocalBroker, MemoryStore};
+use notify_hub::Hub;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const SECRET: &[u8] = b"suite-test-secret-0123456789abcdef!";
@@ -43,25 +37,7 @@ struct Running {
 }
 
 async fn start() -> Running {
-    let verifier = JwtVerifier::new(
-        KeySet::new()
-            .with_key(VerifyingKey::hs256("k1", SECRET))
-            .unwrap(),
-        JwtConfig::default(),
-    );
-    let metrics = MetricsService::new(
-        Arc::new(MetricsProcessor::new(Config::default())),
-        HttpConfig::default(),
-    );
-    let hub = Hub::start(
-        HubConfig::default(),
-        Arc::new(MemoryStore::new()),
-        Arc::new(LocalBroker::new()),
-    )
-    .await
-    .unwrap();
-    let notify = NotifyServer::new(hub.clone(), verifier.clone(), suite::notify_config());
-    let app = suite::stack(verifier, metrics, notify);
+    let (app, hub) = suite::app(SECRET).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = http_kit::Shutdown::new();

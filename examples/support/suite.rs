@@ -14,9 +14,11 @@ use gateway_mw::rbac::{PolicyConfig, RoleDef, RouteRule};
 use http::{Request, Response};
 use http_kit::Body;
 use hyper::body::Incoming;
-use jwt_kit::JwtVerifier;
-use metrics_core::http::MetricsService;
+use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
+use metrics_core::http::{HttpConfig, MetricsService};
+use metrics_core::{Config, MetricsProcessor};
 use notify_hub::server::{NotifyServer, ServerConfig};
+use notify_hub::{Hub, HubConfig, LocalBroker, MemoryStore};
 use tower::{ServiceBuilder, ServiceExt};
 
 /// Requests per minute per user (and per API key) through the gateway.
@@ -46,6 +48,43 @@ pub(crate) fn notify_config() -> ServerConfig {
     let mut config = ServerConfig::default();
     config.service_role = "notifier".into();
     config
+}
+
+/// The whole suite for HS256 tokens signed with `secret` (kid `k1`): an
+/// in-memory metrics processor and notification hub behind the gateway's
+/// layers. The hub is returned so the caller can shut it down.
+pub(crate) async fn app(
+    secret: &[u8],
+) -> Result<
+    (
+        impl tower::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static,
+        Hub,
+    ),
+    Box<dyn std::error::Error>,
+> {
+    let verifier = JwtVerifier::new(
+        KeySet::new().with_key(VerifyingKey::hs256("k1", secret))?,
+        JwtConfig::default(),
+    );
+    let metrics = MetricsService::new(
+        Arc::new(MetricsProcessor::new(Config::default())),
+        HttpConfig::default(),
+    );
+    let hub = Hub::start(
+        HubConfig::default(),
+        Arc::new(MemoryStore::new()),
+        Arc::new(LocalBroker::new()),
+    )
+    .await?;
+    let notify = NotifyServer::new(hub.clone(), verifier.clone(), notify_config());
+    Ok((stack(verifier, metrics, notify), hub))
 }
 
 /// One service: paths of the metrics API go to `metrics`, the rest to
