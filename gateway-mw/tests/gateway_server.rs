@@ -358,7 +358,7 @@ async fn login_call_refresh_and_the_error_paths() {
         )
         .await;
     assert_eq!(
-        (status, body["code"].as_str()),
+        (status, body["error"].as_str()),
         (401, Some("invalid_credentials"))
     );
 
@@ -367,7 +367,10 @@ async fn login_call_refresh_and_the_error_paths() {
     let (status, rotated) = gw.refresh(&first).await;
     assert_eq!(status, 200);
     let (status, body) = gw.refresh(&first).await;
-    assert_eq!((status, body["code"].as_str()), (401, Some("token_reused")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("token_reused"))
+    );
     let second = rotated["refresh_token"].as_str().unwrap();
     assert_eq!(gw.refresh(second).await.0, 401, "the family is revoked");
 
@@ -376,7 +379,7 @@ async fn login_call_refresh_and_the_error_paths() {
         .call("GET", "/v1/broken", &[("authorization", &bearer)], None)
         .await;
     assert_eq!(
-        (status, body["code"].as_str()),
+        (status, body["error"].as_str()),
         (502, Some("upstream_unavailable"))
     );
     assert_eq!(gw.call("GET", "/healthz", &[], None).await.0, 200);
@@ -761,7 +764,7 @@ async fn passwords_are_argon2id_and_sha256_hashes_are_refused_at_load() {
             )
             .await;
         assert_eq!(
-            (status, body["code"].as_str()),
+            (status, body["error"].as_str()),
             (401, Some("invalid_credentials"))
         );
     }
@@ -1021,7 +1024,10 @@ async fn two_gateway_instances_share_limits_and_sessions_through_redis() {
     let (status, _) = b.refresh(&first).await;
     assert_eq!(status, 200);
     let (status, body) = a.refresh(&first).await;
-    assert_eq!((status, body["code"].as_str()), (401, Some("token_reused")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("token_reused"))
+    );
 
     // One limit of 5 per minute for alice, whichever instance she calls.
     let bearer = format!("Bearer {}", session["access_token"].as_str().unwrap());
