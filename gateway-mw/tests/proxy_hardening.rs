@@ -259,7 +259,6 @@ async fn nothing_a_client_smuggles_in_headers_reaches_the_upstream() {
 // Needs the request-id wiring in server/mod.rs `dispatch` (replace its
 // length-only check with `crate::http::assign_request_id`), which the
 // server split owns; see the gateway-mw hardening report.
-#[ignore = "needs assign_request_id wired into server::dispatch"]
 #[tokio::test]
 async fn one_safe_request_id_reaches_the_upstream_the_response_and_the_audit_log() {
     let gw = start().await;
@@ -361,7 +360,6 @@ async fn path_spellings_cannot_pick_the_rule_that_judges_them() {
 
 // Needs one line in server/mod.rs `dispatch`: `SecurityHeaders::apply` on
 // the responses it builds itself (health, readiness, metrics).
-#[ignore = "needs SecurityHeaders::apply wired into server::dispatch"]
 #[tokio::test]
 async fn built_in_endpoints_carry_the_security_headers() {
     let gw = start().await;

@@ -304,7 +304,8 @@ impl GatewayServer {
         let proxy_state = Arc::clone(&state);
         // The Gateway stack (auth → authz → rate limit), with validation in
         // front of it and the client IP in front of that.
-        let mut auth_layer = AuthLayer::new(Arc::clone(&parts.verifier), Arc::clone(&parts.audit));
+        let mut auth_layer = AuthLayer::new(Arc::clone(&parts.verifier), Arc::clone(&parts.audit))
+            .with_limits(Arc::clone(&parts.limits));
         if let Some(keys) = &parts.api_keys {
             auth_layer = auth_layer.with_api_keys(Arc::clone(keys));
         }
@@ -350,20 +351,14 @@ impl GatewayServer {
 }
 
 #[cfg(feature = "redis")]
+/// Connects with the suite's one Redis setup (`redis_kit`: bounded first
+/// connect, reconnect back-off).
 async fn connect_redis(url: &str) -> Result<fred::prelude::Client, ConfigError> {
-    use fred::prelude::{Builder, ClientLike, Config};
-    let failed = |reason: &str, source: Option<fred::error::Error>| ConfigError::Redis {
-        reason: reason.to_owned(),
-        source: source.map(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
-    };
-    let config = Config::from_url(url).map_err(|e| failed("bad url", Some(e)))?;
-    let client = Builder::from_config(config)
-        .with_connection_config(|c| c.connection_timeout = Duration::from_secs(3))
-        .build()
-        .map_err(|e| failed("cannot build the client", Some(e)))?;
-    match tokio::time::timeout(Duration::from_secs(5), client.init()).await {
-        Ok(Ok(_)) => Ok(client),
-        Ok(Err(e)) => Err(failed("cannot connect", Some(e))),
-        Err(_) => Err(failed("cannot connect: timed out after 5 s", None)),
-    }
+    redis_kit::RedisSetup::new(url)
+        .connect()
+        .await
+        .map_err(|e| ConfigError::Redis {
+            reason: "cannot connect".to_owned(),
+            source: Some(Box::new(e)),
+        })
 }

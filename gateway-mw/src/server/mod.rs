@@ -24,16 +24,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
 use tower::ServiceExt;
 
 use crate::audit::AuditLog;
 use crate::config::GatewayConfig;
-use crate::http::{GatewayBody, GatewayMetrics, PeerAddr, Routed};
+use crate::http::{GatewayBody, GatewayMetrics, Routed};
 use crate::router::{PathOptions, normalize_path};
 
 use login::Tokens;
@@ -99,52 +98,32 @@ impl GatewayServer {
         })
     }
 
-    /// Serves on `listener` until `shutdown` completes, then stops accepting,
-    /// lets in-flight requests finish for up to `shutdown_grace_secs`, and
-    /// flushes the audit log.
+    /// Serves on `listener` with [`http_kit::serve`] until `shutdown`
+    /// completes, then stops accepting, lets in-flight requests finish for
+    /// up to `shutdown_grace_secs`, and flushes the audit log.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            continue;
-                        }
-                    };
-                    if let Err(e) = stream.set_nodelay(true) {
-                        tracing::debug!(error = %e, "TCP_NODELAY not set");
-                    }
-                    let (api, auth, state) = (self.api.clone(), self.auth.clone(), Arc::clone(&self.state));
-                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                        dispatch(api.clone(), auth.clone(), Arc::clone(&state), peer, request)
-                    });
-                    let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection);
-                    tokio::spawn(async move {
-                        if let Err(e) = connection.await {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                    });
-                }
-                () = &mut shutdown => break,
+        let (api, auth, state) = (self.api.clone(), self.auth.clone(), Arc::clone(&self.state));
+        let service = tower::service_fn(move |request: Request<Incoming>| {
+            dispatch(api.clone(), auth.clone(), Arc::clone(&state), request)
+        });
+        let config = http_kit::ServeConfig::default()
+            .with_drain_timeout(Duration::from_secs(self.config.shutdown_grace_secs));
+        let drain = http_kit::Shutdown::new();
+        let trigger = drain.clone();
+        let (report, ()) = tokio::join!(
+            http_kit::serve(listener, service, config, drain),
+            async move {
+                shutdown.await;
+                trigger.trigger();
             }
-        }
-        drop(listener);
-        let grace = Duration::from_secs(self.config.shutdown_grace_secs);
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        );
+        if !report.drained {
             tracing::warn!(
-                ?grace,
+                open = report.left_open,
                 "in-flight requests still running after the grace period"
             );
         }
@@ -196,30 +175,17 @@ pub async fn run(
 }
 
 /// Routes a request to health, metrics, the auth endpoints or the API stack,
-/// after attaching the peer address and a request id.
+/// after giving it a safe request id (`http_kit::serve` has already put the
+/// peer address in its extensions).
 async fn dispatch(
     api: BoxedService,
     auth: BoxedService,
     state: Arc<State>,
-    peer: SocketAddr,
     mut request: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Infallible> {
-    request.extensions_mut().insert(PeerAddr(peer));
-    let request_id = match request
-        .headers()
-        .get(&X_REQUEST_ID)
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-    {
-        Some(id) => id.clone(),
-        None => {
-            let id = HeaderValue::from_str(&new_request_id())
-                .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-            request
-                .headers_mut()
-                .insert(X_REQUEST_ID.clone(), id.clone());
-            id
-        }
-    };
+    let request_id = crate::http::assign_request_id(&mut request)
+        .header_value()
+        .clone();
     // The one routing of this request; the layers and handlers behind reuse
     // it. It routes the path's normal form, the spelling validation forwards
     // (with the gateway's options: `;` refused); a path without one gets no
@@ -231,18 +197,24 @@ async fn dispatch(
             .map(|r| Arc::clone(r.value)),
         Err(_) => None,
     };
+    let built_in = |mut response: Response<GatewayBody>| {
+        // The API stack adds these through its layer; the built-in
+        // endpoints answer here, so they get them here.
+        crate::http::SecurityHeaders::default().apply("", response.headers_mut());
+        response
+    };
     let mut response = match route.as_ref().map(|r| &r.handler) {
-        Some(Handler::Healthz) => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        Some(Handler::Readyz) => health::readiness(&state).await,
+        Some(Handler::Healthz) => {
+            built_in(json(StatusCode::OK, serde_json::json!({"status": "ok"})))
+        }
+        Some(Handler::Readyz) => built_in(health::readiness(&state).await),
         Some(Handler::Metrics) => {
             let mut r = text(StatusCode::OK, state.metrics.encode());
             r.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                HeaderValue::from_static(http_kit::prometheus::CONTENT_TYPE),
             );
-            r
+            built_in(r)
         }
         handler => {
             let login = matches!(handler, Some(Handler::Login(_)));
@@ -266,27 +238,10 @@ async fn dispatch(
     Ok(response)
 }
 
-fn new_request_id() -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::fill(&mut bytes).is_err() {
-        return "unavailable".into();
-    }
-    hex::encode(bytes)
-}
-
 pub(super) fn json(status: StatusCode, body: serde_json::Value) -> Response<GatewayBody> {
-    let mut r = text(status, body.to_string());
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+    http_kit::json(status, &body)
 }
 
 pub(super) fn text(status: StatusCode, body: String) -> Response<GatewayBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *r.status_mut() = status;
-    r
+    http_kit::text(status, body)
 }
