@@ -95,6 +95,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = server
         .serve(listener, server_support::shutdown_signal())
         .await;
-    tracing::info!(drained = report.drained, left_open = report.left_open, "stopped");
+    tracing::info!(
+        drained = report.drained,
+        left_open = report.left_open,
+        "stopped"
+    );
     Ok(())
 }

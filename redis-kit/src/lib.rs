@@ -210,7 +210,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_url_is_a_config_error() {
-        let err = RedisSetup::new("not a url at all").connect().await.unwrap_err();
+        let err = RedisSetup::new("not a url at all")
+            .connect()
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), RedisErrorKind::Config, "{err:?}");
     }
 
