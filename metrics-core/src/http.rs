@@ -2,7 +2,7 @@
 //!
 //! [`MetricsService`] is a [`tower::Service<Request<B>>`](tower::Service),
 //! generic over the request body, that exposes a [`MetricsProcessor`] over
-//! HTTP; serve it with [`http_kit::serve`] or mount it behind any tower
+//! HTTP; serve it with [`http_kit::serve()`] or mount it behind any tower
 //! layers (gateway-mw's auth, RBAC and rate limits, say):
 //!
 //! | route | what it does |

@@ -98,7 +98,7 @@ impl GatewayServer {
         })
     }
 
-    /// Serves on `listener` with [`http_kit::serve`] until `shutdown`
+    /// Serves on `listener` with [`http_kit::serve()`] until `shutdown`
     /// completes, then stops accepting, lets in-flight requests finish for
     /// up to `shutdown_grace_secs`, and flushes the audit log.
     pub async fn serve(

@@ -128,7 +128,7 @@ impl NotifyServer {
 
     /// Answers one request. A WebSocket upgrade takes hyper's `OnUpgrade`
     /// from the request's extensions, so the request must come from a
-    /// hyper server with upgrades on (as [`http_kit::serve`] runs it).
+    /// hyper server with upgrades on (as [`http_kit::serve()`] runs it).
     pub async fn handle<B>(&self, request: Request<B>) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -155,7 +155,7 @@ impl NotifyServer {
         }
     }
 
-    /// Serves `listener` on [`http_kit::serve`] until `shutdown` completes.
+    /// Serves `listener` on [`http_kit::serve()`] until `shutdown` completes.
     /// Then it stops accepting, shuts the hub down (every queued send is
     /// stored and delivered), lets each WebSocket flush its queue and close
     /// with 1001, and waits up to [`ServerConfig::shutdown_grace`] for them.
