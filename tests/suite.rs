@@ -253,7 +253,7 @@ async fn a_websocket_behind_the_gateway_gets_what_the_http_api_sends() {
 }
 
 #[tokio::test]
-async fn each_user_is_rate_limited_across_both_backends() {
+async fn each_user_is_rate_limited_by_the_gateway() {
     let running = start().await;
     let user = token("bob", &["user"]);
     let mut limited_at = None;

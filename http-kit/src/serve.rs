@@ -3,20 +3,29 @@
 //! What it does, in order, for every connection:
 //!
 //! 1. Waits for a free slot (at most [`ServeConfig::max_connections`] open
-//!    connections; the rest wait in the kernel's listen backlog, so an
-//!    overload cannot exhaust file descriptors or memory).
-//! 2. Accepts. An accept error (`EMFILE`, `ENFILE`, `ENOBUFS`,
-//!    `ECONNABORTED`…) is logged and retried after a back-off that doubles
-//!    from 1 ms to 1 s, so the loop never spins on a full descriptor table.
+//!    connections; the rest wait in the kernel's listen backlog). The cap
+//!    bounds what the server holds per connection; set it below the
+//!    process's descriptor limit (`ulimit -n`), since a proxy also opens
+//!    sockets of its own.
+//! 2. Accepts. A resource error (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`)
+//!    is logged and retried after a back-off that doubles from 1 ms to 1 s,
+//!    so the loop never spins on a full descriptor table; an error about
+//!    one connection only (`ECONNABORTED`, `ECONNRESET`…) is retried at
+//!    once, so a client that aborts handshakes cannot slow accepting down.
 //! 3. Sets `TCP_NODELAY` (responses are small and latency-bound).
 //! 4. Serves HTTP/1.1 with upgrades (WebSocket) and a header-read timeout
-//!    (slow-loris defence), inserting into every request's extensions the
-//!    [`PeerAddr`], the server's [`Shutdown`] and the [`ConnectionSlot`].
+//!    (against clients that never finish their headers; bodies are bounded
+//!    by size, [`collect_limited`](crate::collect_limited), not by time),
+//!    inserting into every request's extensions the [`PeerAddr`], the
+//!    server's [`Shutdown`] and the [`ConnectionSlot`].
 //!
 //! When the [`Shutdown`] is triggered it stops accepting (the listener is
 //! closed), asks every connection to finish its request in flight and
 //! close, and waits up to [`ServeConfig::drain_timeout`] for connections and
-//! [`DrainGuard`](crate::DrainGuard)s to end.
+//! [`DrainGuard`](crate::DrainGuard)s to end. Connections still open then
+//! are not aborted: `serve` returns, reporting them in
+//! [`ServeReport::left_open`], and they end with the runtime. Use one
+//! [`Shutdown`] per `serve` call: its counts are the drain's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,7 +135,9 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(
+        config.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
     let mut report = ServeReport {
         accepted: 0,
         accept_errors: 0,
@@ -152,6 +163,13 @@ where
             Ok(accepted) => {
                 backoff = FIRST_BACKOFF;
                 accepted
+            }
+            Err(e) if !is_resource_error(&e) => {
+                // About this one connection (aborted, reset): the next one
+                // may be fine, so accept again at once.
+                report.accept_errors += 1;
+                tracing::debug!(error = %e, "accept failed for one connection");
+                continue;
             }
             Err(e) => {
                 report.accept_errors += 1;
@@ -213,4 +231,17 @@ where
         );
     }
     report
+}
+
+/// Accept errors that mean the process or the system is out of something:
+/// retrying at once would spin.
+fn is_resource_error(error: &std::io::Error) -> bool {
+    const ENOMEM: i32 = 12;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    const ENOBUFS: i32 = 105;
+    matches!(
+        error.raw_os_error(),
+        Some(ENOMEM | ENFILE | EMFILE | ENOBUFS)
+    )
 }

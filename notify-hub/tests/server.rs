@@ -829,3 +829,49 @@ async fn a_client_close_is_answered_and_bad_since_is_refused() {
     assert!(reply, "a clean close, not a reset");
     assert_connections_drop_to_zero(&hub).await;
 }
+
+/// Every pre-upgrade error has the JSON error body, 426 included, and a
+/// service mounted without upgrades refuses before joining or subscribing.
+#[tokio::test]
+async fn a_wrong_websocket_version_gets_426_with_the_error_body() {
+    let (addr, _hub) = start().await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /v1/ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, close\r\nupgrade: websocket\r\nsec-websocket-version: 8\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nauthorization: Bearer {}\r\n\r\n",
+        token("alice", &[], &[])
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    assert!(response.starts_with("HTTP/1.1 426"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{response}"
+    );
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["error"], "unsupported_websocket_version");
+}
+
+#[tokio::test]
+async fn an_upgrade_without_hypers_upgrade_handle_is_refused_before_subscribing() {
+    use tower::ServiceExt;
+    let (_addr, hub) = start().await;
+    let request = http::Request::builder()
+        .uri("/v1/ws")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header(
+            "authorization",
+            format!("Bearer {}", token("alice", &["team"], &[])),
+        )
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = server_for(&hub).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 500);
+    assert_eq!(hub.connection_count(), 0);
+}

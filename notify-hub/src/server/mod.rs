@@ -129,6 +129,11 @@ impl NotifyServer {
     /// Answers one request. A WebSocket upgrade takes hyper's `OnUpgrade`
     /// from the request's extensions, so the request must come from a
     /// hyper server with upgrades on (as [`http_kit::serve()`] runs it).
+    ///
+    /// Open WebSockets end when the hub shuts down (each flushes and
+    /// closes with 1001). Serving this service yourself, shut the hub down
+    /// when your drain starts, as [`NotifyServer::serve`] and
+    /// `examples/suite.rs` do; otherwise the drain waits its full timeout.
     pub async fn handle<B>(&self, request: Request<B>) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,

@@ -87,11 +87,16 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
         .map(HeaderValue::as_bytes)
         != Some(b"13")
     {
-        return Response::builder()
-            .status(StatusCode::UPGRADE_REQUIRED)
-            .header(header::SEC_WEBSOCKET_VERSION, "13")
-            .body(Body::default())
-            .unwrap_or_default();
+        return http_kit::ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_websocket_version",
+            "only WebSocket version 13 is supported",
+        )
+        .with_header(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        )
+        .into_response();
     }
     // Offered subprotocols: `notify.v1` and/or `bearer.<token>`.
     let offered: Vec<String> = headers
@@ -142,6 +147,17 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
             }
         },
     };
+    // Without hyper's upgrade handle (a server without upgrades, HTTP/2, or
+    // a layer that rebuilt the request) a 101 would be followed by EOF:
+    // refuse before touching the hub.
+    if request
+        .extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_none()
+    {
+        tracing::error!("WebSocket request without hyper's upgrade handle; serve with upgrades on");
+        return http_kit::ApiError::internal().into_response();
+    }
     let hub = &server.inner.hub;
     for group in &identity.groups {
         if let Err(e) = hub.join_group(group, &identity.user_id).await {
