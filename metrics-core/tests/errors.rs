@@ -1,5 +1,8 @@
 //! Errors keep their cause (`source()`) and expose a `kind()` to match on.
 
+mod support;
+use support::TempDir;
+
 use std::error::Error as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,28 +13,6 @@ use metrics_core::{
 
 fn start() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_800_000_000)
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::hash::{BuildHasher, RandomState};
-        let nonce = RandomState::new().hash_one(std::time::Instant::now());
-        let dir = std::env::temp_dir().join(format!(
-            "metrics-core-{tag}-{}-{nonce:x}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A file with a valid header and checksum whose body does not decode.

@@ -1,6 +1,9 @@
 //! Snapshots: whatever the processor holds survives save → restore bit for
 //! bit, and concurrent writers never corrupt the file.
 
+mod support;
+use support::TempDir;
+
 use std::error::Error as _;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,28 +13,6 @@ use proptest::prelude::*;
 
 fn start() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_800_000_000) + Duration::from_millis(250)
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::hash::{BuildHasher, RandomState};
-        let nonce = RandomState::new().hash_one(std::time::Instant::now());
-        let dir = std::env::temp_dir().join(format!(
-            "metrics-core-{tag}-{}-{nonce:x}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Finite values of every class, the extremes weighted so that sums overflow.

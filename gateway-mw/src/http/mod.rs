@@ -309,4 +309,6 @@ mod cors_tests;
 #[cfg(test)]
 mod hardening_tests;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;

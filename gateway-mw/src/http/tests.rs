@@ -4,8 +4,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tower::{Layer, ServiceExt};
 
@@ -17,28 +15,10 @@ use crate::rbac::{PolicyConfig, RoleDef, RouteRule};
 
 const SECRET: &[u8] = b"http-layer-test-secret-0123456789ab";
 
-#[derive(Default, Clone)]
-struct Recorder(Arc<Mutex<Vec<AuditEntry>>>);
-
-impl AuditSink for Recorder {
-    fn record(&self, entry: AuditEntry) {
-        self.0.lock().push(entry);
-    }
-}
+use super::test_support::Recorder;
 
 fn token(sub: &str, roles: &[&str]) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mut header = Header::new(Algorithm::HS256);
-    header.kid = Some("k1".into());
-    encode(
-        &header,
-        &json!({"sub": sub, "exp": now + 300, "roles": roles}),
-        &EncodingKey::from_secret(SECRET),
-    )
-    .unwrap()
+    super::test_support::token(SECRET, sub, roles)
 }
 
 fn parts(audit: Recorder) -> GatewayParts {
