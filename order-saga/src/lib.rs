@@ -32,6 +32,7 @@ pub mod model;
 pub mod payment;
 #[cfg(feature = "postgres")]
 pub mod pg;
+pub mod saga;
 pub mod shipping;
 
 pub use events::{Event, EventEnvelope};
