@@ -29,6 +29,7 @@ pub mod http;
 pub mod inventory;
 pub mod messaging;
 pub mod model;
+pub mod order;
 pub mod payment;
 #[cfg(feature = "postgres")]
 pub mod pg;
@@ -42,6 +43,7 @@ pub use model::{
     Address, CancelReason, CartLimits, CreateOrder, CustomerId, LineItem, Order, OrderId,
     OrderLine, OrderState, Sku, ValidationError,
 };
+pub use order::{CreateOutcome, OrderConfig, OrderError, OrderService, OrderStore, Services};
 pub use payment::{PaymentError, Payments};
 pub use shipping::{Shipping, ShippingError};
 
