@@ -23,6 +23,8 @@ use crate::model::{CustomerId, Order, OrderId};
 use crate::saga::Saga;
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 /// The right to advance one order's saga, held by one instance until it
 /// expires. `token` grows with every claim: a write carrying an older token
