@@ -10,9 +10,29 @@
 //! committing a committed one or releasing a released one changes nothing.
 //! That is what lets the saga run a step twice after a crash.
 //!
-//! Implementations: in memory (the embedded default), on PostgreSQL
-//! (feature `postgres`, schema `inventory`), and an HTTP client of
-//! `inventory_service` (feature `http`).
+//! Implementations: [`MemoryInventory`] (the embedded default),
+//! [`PgInventory`](postgres::PgInventory) (feature `postgres`, schema
+//! `inventory`), and an HTTP client of `inventory_service`
+//! (`order_saga::http::inventory::HttpInventory`, feature `http`). Every one
+//! checks input against the same [`InventoryLimits`], orders a
+//! reservation's lines by SKU, decides which error a failed reservation
+//! gets the same way (the first line, in SKU order, that is unknown or
+//! short), and reads time from an injected [`time_kit::Clock`]. A
+//! [`Sweeper`] gives back expired reservations in the background.
+//!
+//! The HTTP API and the PostgreSQL schema: `docs/order-saga/inventory.md`.
+
+pub mod limits;
+pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub mod sweeper;
+
+pub use limits::{InventoryLimits, MAX_UNIT_PRICE_CENTS};
+pub use memory::MemoryInventory;
+#[cfg(feature = "postgres")]
+pub use postgres::PgInventory;
+pub use sweeper::{Sweeper, SweeperConfig, SweeperStats};
 
 use std::time::Duration;
 
@@ -220,6 +240,54 @@ pub trait Inventory: Send + Sync + 'static {
     /// Gives back the stock of up to `limit` reservations whose expiry has
     /// passed (state `Expired`); returns how many. The sweeper calls this.
     fn sweep_expired(&self, limit: usize) -> BoxFuture<'_, Result<usize, InventoryError>>;
+}
+
+/// The clock's time, truncated to whole microseconds: what PostgreSQL's
+/// `timestamptz` keeps, so a reservation reads back equal to what was
+/// returned whichever store holds it.
+pub(crate) fn now_micros(clock: &time_kit::SharedClock) -> DateTime<Utc> {
+    truncate_micros(DateTime::<Utc>::from(clock.now()))
+}
+
+/// `now + ttl`, truncated to whole microseconds. The TTL was checked
+/// against [`InventoryLimits::max_ttl`], so the sum cannot overflow; if a
+/// caller skipped that, the time saturates instead of panicking.
+pub(crate) fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
+    let ttl = chrono::TimeDelta::from_std(ttl).unwrap_or(chrono::TimeDelta::MAX);
+    truncate_micros(
+        now.checked_add_signed(ttl)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+    )
+}
+
+fn truncate_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// The request's lines ordered by SKU: the order every implementation
+/// checks, locks and returns them in.
+pub(crate) fn sorted_items(items: &[LineItem]) -> Vec<LineItem> {
+    let mut items = items.to_vec();
+    items.sort_unstable_by(|a, b| a.sku.cmp(&b.sku));
+    items
+}
+
+/// Whether a stored reservation holds exactly `items` (in any order): the
+/// test for a replayed reserve. The TTL is not compared: a replay after a
+/// crash cannot know the first call's clock.
+pub(crate) fn same_lines(reservation: &Reservation, items: &[LineItem]) -> bool {
+    if reservation.lines.len() != items.len() {
+        return false;
+    }
+    let mut stored: Vec<(&Sku, u32)> = reservation
+        .lines
+        .iter()
+        .map(|l| (&l.sku, l.quantity))
+        .collect();
+    let mut asked: Vec<(&Sku, u32)> = items.iter().map(|l| (&l.sku, l.quantity)).collect();
+    stored.sort_unstable();
+    asked.sort_unstable();
+    stored == asked
 }
 
 /// `Duration` as integer milliseconds in JSON.

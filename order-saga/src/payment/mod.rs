@@ -20,11 +20,23 @@
 //!   backoff under the same key, unknown outcomes resolved by lookup, and a
 //!   circuit breaker that fails fast while the provider is down.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::BoxFuture;
 use crate::model::OrderId;
+
+#[cfg(feature = "http")]
+pub mod provider;
+pub mod resilient;
+pub mod sim;
+
+#[cfg(feature = "http")]
+pub use provider::HttpPaymentProvider;
+pub use resilient::{BreakerConfig, BreakerState, ResilientConfig, ResilientPayments, ResilienceStats};
+pub use sim::{SimConfig, Simulator};
 
 /// What to authorize.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,4 +194,43 @@ pub trait Payments: Send + Sync + 'static {
         &'a self,
         authorize_key: &'a str,
     ) -> BoxFuture<'a, Result<Option<Payment>, PaymentError>>;
+}
+
+/// A shared provider is a provider: the simulator can be used by the saga
+/// and read by a test (or served over HTTP) at once.
+impl<P: Payments + ?Sized> Payments for Arc<P> {
+    fn authorize(&self, request: AuthorizeRequest) -> BoxFuture<'_, Result<Payment, PaymentError>> {
+        (**self).authorize(request)
+    }
+
+    fn capture<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        payment_id: &'a str,
+    ) -> BoxFuture<'a, Result<Payment, PaymentError>> {
+        (**self).capture(idempotency_key, payment_id)
+    }
+
+    fn void<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        payment_id: &'a str,
+    ) -> BoxFuture<'a, Result<Payment, PaymentError>> {
+        (**self).void(idempotency_key, payment_id)
+    }
+
+    fn refund<'a>(
+        &'a self,
+        idempotency_key: &'a str,
+        payment_id: &'a str,
+    ) -> BoxFuture<'a, Result<Payment, PaymentError>> {
+        (**self).refund(idempotency_key, payment_id)
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        authorize_key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Payment>, PaymentError>> {
+        (**self).lookup(authorize_key)
+    }
 }
