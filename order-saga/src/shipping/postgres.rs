@@ -1,0 +1,247 @@
+//! [`PgShipping`]: the shipping service on PostgreSQL, schema `shipping`
+//! (feature `postgres`).
+//!
+//! One row per order in `shipping.shipments` (the migration is
+//! `migrations/shipping/0001_shipping.sql`). Each call is one statement, so
+//! the rules of [the module](super) hold under any interleaving of any
+//! number of processes without an explicit transaction:
+//!
+//! - schedule is `INSERT … ON CONFLICT (order_id) DO NOTHING RETURNING`;
+//!   when it returns nothing, the order already has a row, which a second
+//!   statement reads (it sees the conflicting row: `ON CONFLICT` waited for
+//!   its transaction to commit);
+//! - cancel is one upsert to `cancelled`, which inserts the tombstone when
+//!   there is no row;
+//! - a lookup reads by the primary key.
+//!
+//! Statements are sent with their parameter types
+//! ([`tokio_postgres::Client::query_typed_opt`]), so each call is one
+//! round trip with no prepare.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use time_kit::SharedClock;
+use tokio_postgres::Row;
+use tokio_postgres::types::{Json, ToSql, Type};
+
+use super::config::{answer_from, new_shipment_id, now};
+use super::{
+    ScheduleOutcome, ScheduleShipment, Shipment, ShipmentState, Shipping, ShippingConfig,
+    ShippingError,
+};
+use crate::BoxFuture;
+use crate::model::OrderId;
+use crate::pg::{Migration, PgError, PgPool};
+
+/// The schema the service owns.
+pub const SCHEMA: &str = "shipping";
+
+/// The schema's migrations, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_shipping.sql",
+    sql: include_str!("../../migrations/shipping/0001_shipping.sql"),
+}];
+
+const SCHEDULE: &str =
+    "INSERT INTO shipping.shipments (order_id, id, state, address, items, created_at)
+     VALUES ($1, $2, 'scheduled', $3, $4, $5)
+     ON CONFLICT (order_id) DO NOTHING
+     RETURNING id, state, created_at";
+
+const CANCEL: &str =
+    "INSERT INTO shipping.shipments AS s (order_id, id, state, created_at, cancelled_at)
+     VALUES ($1, $2, 'cancelled', $3, $3)
+     ON CONFLICT (order_id) DO UPDATE
+        SET state = 'cancelled', cancelled_at = COALESCE(s.cancelled_at, EXCLUDED.cancelled_at)
+     RETURNING id, state, created_at";
+
+const SHIPMENT: &str = "SELECT id, state, created_at FROM shipping.shipments WHERE order_id = $1";
+
+/// The shipping service on PostgreSQL. Cheap to clone (the pool is shared).
+#[derive(Clone)]
+pub struct PgShipping {
+    pool: PgPool,
+    config: ShippingConfig,
+    clock: SharedClock,
+}
+
+impl fmt::Debug for PgShipping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgShipping")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgShipping {
+    /// The service on `pool`, accepting what `config` allows and
+    /// timestamping with `clock`. Run [`PgShipping::migrate`] once before
+    /// use.
+    pub fn new(pool: PgPool, config: ShippingConfig, clock: SharedClock) -> PgShipping {
+        PgShipping {
+            pool,
+            config,
+            clock,
+        }
+    }
+
+    /// Applies the schema's migrations not yet applied (several processes
+    /// may run this at once); returns how many ran.
+    pub async fn migrate(&self) -> Result<usize, PgError> {
+        crate::pg::migrate(&self.pool, SCHEMA, MIGRATIONS).await
+    }
+
+    /// `SELECT 1` on a pooled connection: the readiness probe.
+    pub async fn ping(&self) -> Result<(), ShippingError> {
+        let conn = self.pool.get().await.map_err(unavailable)?;
+        conn.query_typed_opt("SELECT 1", &[])
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// What it accepts.
+    pub fn config(&self) -> &ShippingConfig {
+        &self.config
+    }
+
+    async fn schedule_now(
+        &self,
+        request: ScheduleShipment,
+    ) -> Result<ScheduleOutcome, ShippingError> {
+        let order_id = request.order_id;
+        let checked = self.config.check(&request);
+        let conn = self.pool.get().await.map_err(unavailable)?;
+        if let Err(refused) = checked {
+            // A record answers before the checks (see the module's rules),
+            // and a refused request writes nothing.
+            return match read(&conn, order_id).await? {
+                Some(existing) => answer_from(&existing),
+                None => Err(refused),
+            };
+        }
+        let id = new_shipment_id(self.clock.as_ref());
+        let created_at = now(self.clock.as_ref());
+        let uuid = order_id.as_uuid();
+        let address = Json(&request.ship_to);
+        let items = Json(&request.items);
+        let params: [(&(dyn ToSql + Sync), Type); 5] = [
+            (&uuid, Type::UUID),
+            (&id, Type::TEXT),
+            (&address, Type::JSONB),
+            (&items, Type::JSONB),
+            (&created_at, Type::TIMESTAMPTZ),
+        ];
+        if let Some(row) = conn
+            .query_typed_opt(SCHEDULE, &params)
+            .await
+            .map_err(unavailable)?
+        {
+            let shipment = shipment_from(order_id, &row)?;
+            tracing::debug!(%order_id, shipment_id = %shipment.id, "shipment scheduled");
+            return Ok(ScheduleOutcome {
+                shipment,
+                created: true,
+            });
+        }
+        match read(&conn, order_id).await? {
+            Some(existing) => answer_from(&existing),
+            // Rows are never deleted, so the row that conflicted is there.
+            None => Err(ShippingError::Unavailable(
+                format!("the shipment of order {order_id} conflicted but cannot be read").into(),
+            )),
+        }
+    }
+
+    async fn cancel_now(&self, order_id: OrderId) -> Result<Shipment, ShippingError> {
+        let conn = self.pool.get().await.map_err(unavailable)?;
+        let id = new_shipment_id(self.clock.as_ref());
+        let at = now(self.clock.as_ref());
+        let uuid = order_id.as_uuid();
+        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+            (&uuid, Type::UUID),
+            (&id, Type::TEXT),
+            (&at, Type::TIMESTAMPTZ),
+        ];
+        let row = conn
+            .query_typed_opt(CANCEL, &params)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| {
+                ShippingError::Unavailable("the cancel upsert returned no row".into())
+            })?;
+        let shipment = shipment_from(order_id, &row)?;
+        tracing::debug!(%order_id, shipment_id = %shipment.id, "shipment cancelled");
+        Ok(shipment)
+    }
+
+    async fn shipment_now(&self, order_id: OrderId) -> Result<Option<Shipment>, ShippingError> {
+        let conn = self.pool.get().await.map_err(unavailable)?;
+        read(&conn, order_id).await
+    }
+}
+
+async fn read(
+    conn: &tokio_postgres::Client,
+    order_id: OrderId,
+) -> Result<Option<Shipment>, ShippingError> {
+    let uuid = order_id.as_uuid();
+    conn.query_typed_opt(SHIPMENT, &[(&uuid, Type::UUID)])
+        .await
+        .map_err(unavailable)?
+        .map(|row| shipment_from(order_id, &row))
+        .transpose()
+}
+
+fn shipment_from(order_id: OrderId, row: &Row) -> Result<Shipment, ShippingError> {
+    let state: &str = row.try_get("state").map_err(unavailable)?;
+    let created_at: DateTime<Utc> = row.try_get("created_at").map_err(unavailable)?;
+    Ok(Shipment {
+        id: row.try_get("id").map_err(unavailable)?,
+        order_id,
+        // The CHECK constraint admits only known states; another one means
+        // a newer schema, which this version must not guess about.
+        state: state
+            .parse::<ShipmentState>()
+            .map_err(|e| ShippingError::Unavailable(Box::new(e)))?,
+        created_at,
+    })
+}
+
+fn unavailable(e: impl Into<PgError>) -> ShippingError {
+    ShippingError::Unavailable(Box::new(e.into()))
+}
+
+impl Shipping for PgShipping {
+    fn schedule(
+        &self,
+        request: ScheduleShipment,
+    ) -> BoxFuture<'_, Result<Shipment, ShippingError>> {
+        Box::pin(async move { self.schedule_now(request).await.map(|o| o.shipment) })
+    }
+
+    fn schedule_with_outcome(
+        &self,
+        request: ScheduleShipment,
+    ) -> BoxFuture<'_, Result<ScheduleOutcome, ShippingError>> {
+        Box::pin(self.schedule_now(request))
+    }
+
+    fn cancel(&self, order_id: OrderId) -> BoxFuture<'_, Result<Shipment, ShippingError>> {
+        Box::pin(self.cancel_now(order_id))
+    }
+
+    fn shipment(
+        &self,
+        order_id: OrderId,
+    ) -> BoxFuture<'_, Result<Option<Shipment>, ShippingError>> {
+        Box::pin(self.shipment_now(order_id))
+    }
+}
