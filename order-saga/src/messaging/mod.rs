@@ -8,9 +8,47 @@
 //!
 //! Buses: in memory (the embedded default) and Redis Streams (feature
 //! `redis`).
+//!
+//! | piece | in memory (default) | durable |
+//! |---|---|---|
+//! | outbox | [`MemoryOutbox`] | `orders.outbox` via [`outbox::append`] + [`PgOutboxSource`] (feature `postgres`) |
+//! | relay | [`OutboxRelay`] | [`OutboxRelay`] (one leader per database) |
+//! | bus | [`MemoryBus`] | [`RedisStreamPublisher`] (feature `redis`) |
+//! | consumer | [`MemoryConsumer`] | [`StreamConsumer`] (feature `redis`) |
+//! | idempotency | [`MemoryTimeline`]'s id set | [`inbox::process_once`] (feature `postgres`) |
+//!
+//! The design, with its guarantees and failure modes, is in
+//! `docs/order-saga/MESSAGING.md`.
 
 use crate::BoxFuture;
 use crate::events::EventEnvelope;
+
+pub mod handler;
+#[cfg(feature = "postgres")]
+pub mod inbox;
+pub mod memory;
+pub mod outbox;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub mod relay;
+pub mod timeline;
+
+pub use handler::{ConsumerPolicy, ConsumerSnapshot, ConsumerStats, EventHandler, HandlerError};
+pub use memory::{
+    Delivery, MemoryBus, MemoryBusConfig, MemoryConsumer, MemoryConsumerHandle, MemoryDeadLetter,
+};
+pub use outbox::{MemoryOutbox, MemoryOutboxSource, OutboxError, OutboxRecord, OutboxSource};
+#[cfg(feature = "postgres")]
+pub use outbox::{OUTBOX_MIGRATION, PgOutboxSource};
+#[cfg(feature = "redis")]
+pub use redis::{
+    GroupStart, RedisStreamPublisher, StreamConsumer, StreamConsumerConfig, StreamConsumerHandle,
+    StreamError, StreamPublisherConfig,
+};
+pub use relay::{OutboxRelay, RelayConfig, RelayHandle, RelaySnapshot, RelayStats};
+#[cfg(feature = "postgres")]
+pub use timeline::OrderTimeline;
+pub use timeline::{MemoryTimeline, Timeline, TimelineEntry, TimelineError};
 
 /// What publishing to the bus fails with.
 #[derive(Debug, thiserror::Error)]
