@@ -9,6 +9,8 @@
 //! `{"error": "<code>", "message": "<text>"}` (see `docs/order-saga/API.md`).
 
 pub mod client;
+pub mod payment_sim;
 pub(crate) mod support;
 
 pub use client::{ClientConfig, ClientError, JsonClient};
+pub use payment_sim::PaymentSimService;
