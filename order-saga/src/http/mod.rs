@@ -15,8 +15,10 @@
 
 pub mod client;
 pub mod order;
+pub mod payment_sim;
 pub mod shipping;
 pub(crate) mod support;
 
 pub use client::{ClientConfig, ClientError, JsonClient};
 pub use order::OrderHttp;
+pub use payment_sim::PaymentSimService;

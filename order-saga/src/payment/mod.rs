@@ -35,7 +35,9 @@ pub mod sim;
 
 #[cfg(feature = "http")]
 pub use provider::HttpPaymentProvider;
-pub use resilient::{BreakerConfig, BreakerState, ResilientConfig, ResilientPayments, ResilienceStats};
+pub use resilient::{
+    BreakerConfig, BreakerState, ResilienceStats, ResilientConfig, ResilientPayments,
+};
 pub use sim::{SimConfig, Simulator};
 
 /// What to authorize.

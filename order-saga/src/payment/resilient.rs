@@ -268,7 +268,9 @@ pub enum ResilientConfigError {
     #[error("breaker success_rate_window must be at least 1 s, got {0:?}")]
     WindowTooShort(Duration),
     /// The open durations are zero or out of order.
-    #[error("breaker open_duration ({first:?}) must be positive and at most max_open_duration ({max:?})")]
+    #[error(
+        "breaker open_duration ({first:?}) must be positive and at most max_open_duration ({max:?})"
+    )]
     OpenDurations {
         /// The first open period.
         first: Duration,
@@ -609,7 +611,12 @@ impl<P: Payments> ResilientPayments<P> {
             .when(PaymentError::is_transient)
             .notify(|error, delay| {
                 bump(&self.counters.retries);
-                tracing::debug!(operation, code = error.code(), ?delay, "retrying payment call");
+                tracing::debug!(
+                    operation,
+                    code = error.code(),
+                    ?delay,
+                    "retrying payment call"
+                );
             })
             .await;
         match result {
@@ -652,7 +659,10 @@ impl<P: Payments> ResilientPayments<P> {
         .await
     }
 
-    async fn authorize_resolving(&self, request: AuthorizeRequest) -> Result<Payment, PaymentError> {
+    async fn authorize_resolving(
+        &self,
+        request: AuthorizeRequest,
+    ) -> Result<Payment, PaymentError> {
         let acted = AtomicBool::new(false);
         let acted_ref = &acted;
         let request = &request;
@@ -720,9 +730,7 @@ impl<P: Payments> Payments for ResilientPayments<P> {
         idempotency_key: &'a str,
         payment_id: &'a str,
     ) -> BoxFuture<'a, Result<Payment, PaymentError>> {
-        Box::pin(self.change("void", move || {
-            self.inner.void(idempotency_key, payment_id)
-        }))
+        Box::pin(self.change("void", move || self.inner.void(idempotency_key, payment_id)))
     }
 
     fn refund<'a>(
@@ -760,9 +768,11 @@ mod tests {
             .with_max_attempts(8)
             .with_delays(Duration::from_millis(10), Duration::from_millis(200))
             .with_jitter_seed(9);
-        let wrapper =
-            ResilientPayments::new(crate::payment::sim::Simulator::new(Default::default()).unwrap(), config)
-                .unwrap();
+        let wrapper = ResilientPayments::new(
+            crate::payment::sim::Simulator::new(Default::default()).unwrap(),
+            config,
+        )
+        .unwrap();
         let caps = [10u64, 20, 40, 80, 160, 200, 200];
         let mut sums = [0.0f64; 7];
         let runs = 2_000;
@@ -777,7 +787,10 @@ mod tests {
         // Full jitter: uniform below the cap, so the mean is half the cap.
         for (sum, cap) in sums.iter().zip(caps) {
             let mean = sum / runs as f64;
-            assert!((mean - cap as f64 / 2.0).abs() < cap as f64 * 0.06, "mean {mean} for cap {cap}");
+            assert!(
+                (mean - cap as f64 / 2.0).abs() < cap as f64 * 0.06,
+                "mean {mean} for cap {cap}"
+            );
         }
     }
 
@@ -789,10 +802,7 @@ mod tests {
         }
         .take(4)
         .collect();
-        assert_eq!(
-            periods,
-            [300, 600, 1000, 1000].map(Duration::from_millis)
-        );
+        assert_eq!(periods, [300, 600, 1000, 1000].map(Duration::from_millis));
     }
 
     #[test]

@@ -725,6 +725,22 @@ impl Simulator {
         Ok(())
     }
 
+    /// Changes the fault settings in place (`change` runs under the
+    /// settings' lock, so concurrent updates do not lose each other's
+    /// fields) and returns them; refused, and nothing changed, if the
+    /// result does not validate.
+    pub fn update_config(
+        &self,
+        change: impl FnOnce(&mut SimConfig),
+    ) -> Result<SimConfig, SimConfigError> {
+        let mut config = self.config.write();
+        let mut next = config.clone();
+        change(&mut next);
+        next.validate()?;
+        *config = next.clone();
+        Ok(next)
+    }
+
     /// Takes the provider down (`true`) or brings it back.
     pub fn set_down(&self, down: bool) {
         self.config.write().down = down;
@@ -881,10 +897,10 @@ impl Simulator {
                 })
                 .ok_or_else(|| PaymentError::NotFound(payment_id.clone())),
         };
-        if let Ok(reply) = &result {
-            if reply.replayed {
-                bump(&self.counters.replays);
-            }
+        if let Ok(reply) = &result
+            && reply.replayed
+        {
+            bump(&self.counters.replays);
         }
         result
     }
@@ -1111,8 +1127,8 @@ mod tests {
 
     #[test]
     fn the_latency_has_the_configured_mean_and_p99() {
-        let config = SimConfig::default()
-            .with_latency(Duration::from_millis(20), Duration::from_millis(60));
+        let config =
+            SimConfig::default().with_latency(Duration::from_millis(20), Duration::from_millis(60));
         let mut rng = fastrand::Rng::with_seed(7);
         let mut samples: Vec<f64> = (0..200_000)
             .map(|_| config.sample_latency(&mut rng).as_secs_f64() * 1000.0)
@@ -1127,8 +1143,8 @@ mod tests {
     #[test]
     fn a_latency_without_tail_is_constant_and_zero_means_none() {
         let mut rng = fastrand::Rng::with_seed(1);
-        let flat = SimConfig::default()
-            .with_latency(Duration::from_millis(5), Duration::from_millis(5));
+        let flat =
+            SimConfig::default().with_latency(Duration::from_millis(5), Duration::from_millis(5));
         assert_eq!(flat.sample_latency(&mut rng), Duration::from_millis(5));
         assert_eq!(
             SimConfig::default().sample_latency(&mut rng),
