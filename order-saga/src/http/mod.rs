@@ -9,6 +9,10 @@
 //! `{"error": "<code>", "message": "<text>"}` (see `docs/order-saga/API.md`).
 
 pub mod client;
+pub mod inventory;
+pub mod inventory_client;
 pub(crate) mod support;
 
 pub use client::{ClientConfig, ClientError, JsonClient};
+pub use inventory::{InventoryHttpConfig, InventoryService, ReadyCheck};
+pub use inventory_client::HttpInventory;
