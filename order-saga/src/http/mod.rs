@@ -14,11 +14,15 @@
 #![allow(clippy::result_large_err)]
 
 pub mod client;
+pub mod inventory;
+pub mod inventory_client;
 pub mod order;
 pub mod payment_sim;
 pub mod shipping;
 pub(crate) mod support;
 
 pub use client::{ClientConfig, ClientError, JsonClient};
+pub use inventory::{InventoryHttpConfig, InventoryService, ReadyCheck};
+pub use inventory_client::HttpInventory;
 pub use order::OrderHttp;
 pub use payment_sim::PaymentSimService;

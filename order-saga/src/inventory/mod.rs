@@ -11,7 +11,7 @@
 //! That is what lets the saga run a step twice after a crash.
 //!
 //! Implementations: [`MemoryInventory`] (the embedded default),
-//! [`PgInventory`](postgres::PgInventory) (feature `postgres`, schema
+//! [`PgInventory`] (feature `postgres`, schema
 //! `inventory`), and an HTTP client of `inventory_service`
 //! (`order_saga::http::inventory::HttpInventory`, feature `http`). Every one
 //! checks input against the same [`InventoryLimits`], orders a

@@ -1,0 +1,331 @@
+//! The PostgreSQL inventory against a real server, one fresh database per
+//! test (testkit): the conformance suite, 1,000 concurrent reservations of
+//! one hot SKU, multi-line reservations in opposite orders, concurrent
+//! sweepers, the sweeper's 1 s promise, and an unreachable server.
+#![cfg(feature = "postgres")]
+
+mod inventory_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use inventory_support::{Harness, conformance, counts, manual_clock, new_id, request, restock};
+use order_saga::inventory::{
+    Inventory, InventoryError, PgInventory, ReservationState, Sweeper, SweeperConfig,
+};
+use order_saga::pg::{PoolConfig, pool};
+use testkit::TestDatabase;
+use time_kit::ManualClock;
+
+/// A migrated inventory on a fresh database, with a pool of `max_size`
+/// whose callers wait up to a minute for a connection (the concurrency
+/// tests queue a thousand tasks on 16 connections).
+async fn setup(max_size: u32) -> Option<(TestDatabase, PgInventory, ManualClock)> {
+    let db = TestDatabase::create().await?;
+    let config = PoolConfig {
+        max_size,
+        connection_timeout: Duration::from_secs(60),
+        ..PoolConfig::default()
+    };
+    let clock = manual_clock();
+    let inventory = PgInventory::new(pool(db.url(), &config).unwrap(), Arc::new(clock.clone()));
+    assert_eq!(inventory.migrate().await.unwrap(), 1);
+    Some((db, inventory, clock))
+}
+
+#[tokio::test]
+async fn pg_inventory_conforms() {
+    let Some((_db, inventory, clock)) = setup(4).await else {
+        return;
+    };
+    conformance(&Harness {
+        inventory: Arc::new(inventory),
+        clock,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn migrations_run_once_and_the_schema_has_the_sweeper_index() {
+    let Some((db, inventory, _clock)) = setup(2).await else {
+        return;
+    };
+    assert_eq!(inventory.migrate().await.unwrap(), 0);
+    let client = db.connect().await;
+    let index: String = client
+        .query_one(
+            "SELECT indexdef FROM pg_indexes
+              WHERE schemaname = 'inventory' AND indexname = 'reservations_sweep_idx'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(index.contains("(expires_at)"), "{index}");
+    assert!(
+        index.contains("WHERE (state = 'reserved'::text)"),
+        "{index}"
+    );
+    // The CHECKs stand behind the conditional updates.
+    let err = client
+        .batch_execute(
+            "INSERT INTO inventory.skus (sku, available, unit_price_cents, created_at, updated_at)
+             VALUES ('x', -1, 0, now(), now())",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
+    );
+    inventory.ping().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_reservations_of_stock_100_sell_exactly_100() {
+    let Some((db, inventory, _clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    restock(&*inventory, "hot", 100, Some(999)).await;
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let inventory = Arc::clone(&inventory);
+            tokio::spawn(async move {
+                inventory
+                    .reserve(request(new_id(), &[("hot", 1)], Duration::from_secs(600)))
+                    .await
+            })
+        })
+        .collect();
+    let (mut ok, mut out_of_stock) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.state, ReservationState::Reserved);
+                ok += 1;
+            }
+            Err(InventoryError::OutOfStock { available, .. }) => {
+                assert_eq!(available, 0);
+                out_of_stock += 1;
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((ok, out_of_stock), (100, 900));
+    assert_eq!(counts(&*inventory, "hot").await, (0, 100, 0));
+    // The rows agree with the counts: 100 reservations of one unit each,
+    // and no line left by a refused one.
+    let client = db.connect().await;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM inventory.reservations WHERE state = 'reserved'),
+                    (SELECT count(*) FROM inventory.reservations),
+                    (SELECT coalesce(sum(quantity), 0)::bigint FROM inventory.reservation_lines)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2)
+        ),
+        (100, 100, 100)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multi_line_reservations_in_opposite_orders_do_not_deadlock() {
+    let Some((_db, inventory, clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    for name in ["x", "y", "z"] {
+        restock(&*inventory, name, 100_000, Some(5)).await;
+    }
+    // Reserves in both SKU orders, each then committed or released (which
+    // lock several SKU rows at once), while two sweepers give back the
+    // short-lived ones: every lock path runs against every other.
+    let sweepers: Vec<_> = (0..2)
+        .map(|_| {
+            Sweeper::spawn(
+                inventory.clone(),
+                SweeperConfig::default()
+                    .with_interval(Duration::from_millis(5))
+                    .with_batch(7),
+            )
+        })
+        .collect();
+    let ticker = {
+        let clock = clock.clone();
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                clock.advance(Duration::from_millis(50));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let tasks: Vec<_> = (0..400)
+        .map(|n| {
+            let inventory = Arc::clone(&inventory);
+            tokio::spawn(async move {
+                let items: &[(&str, u32)] = match n % 4 {
+                    0 => &[("x", 1), ("y", 2), ("z", 3)],
+                    1 => &[("z", 3), ("y", 2), ("x", 1)],
+                    2 => &[("y", 1), ("x", 1)],
+                    _ => &[("z", 2), ("x", 1)],
+                };
+                let ttl = if n % 5 == 0 {
+                    Duration::from_millis(1)
+                } else {
+                    Duration::from_secs(3600)
+                };
+                let id = new_id();
+                inventory.reserve(request(id, items, ttl)).await?;
+                if n % 2 == 0 {
+                    match inventory.commit(id).await {
+                        Ok(_) | Err(InventoryError::ReservationExpired(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    inventory.release(id).await?;
+                }
+                Ok::<_, InventoryError>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        if let Err(e) = task.await.unwrap() {
+            panic!("a transaction failed (a deadlock would show here): {e:?}");
+        }
+    }
+    ticker.await.unwrap();
+    clock.advance(Duration::from_secs(7200));
+    while inventory.sweep_expired(1000).await.unwrap() > 0 {}
+    for sweeper in sweepers {
+        assert_eq!(sweeper.stats().errors(), 0);
+        sweeper.stop().await;
+    }
+    for name in ["x", "y", "z"] {
+        let (available, reserved, committed) = counts(&*inventory, name).await;
+        assert_eq!(reserved, 0, "{name}");
+        assert_eq!(available + committed, 100_000, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sweepers_give_each_reservation_back_once() {
+    let Some((_db, inventory, clock)) = setup(8).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    restock(&*inventory, "a", 1_000, Some(1)).await;
+    restock(&*inventory, "b", 1_000, Some(1)).await;
+    for n in 0..300u32 {
+        let items: &[(&str, u32)] = if n % 2 == 0 {
+            &[("a", 1), ("b", 2)]
+        } else {
+            &[("a", 2)]
+        };
+        inventory
+            .reserve(request(new_id(), items, Duration::from_secs(1)))
+            .await
+            .unwrap();
+    }
+    clock.advance(Duration::from_secs(1));
+    let sweeps: Vec<_> = (0..4)
+        .map(|_| {
+            let inventory = Arc::clone(&inventory);
+            tokio::spawn(async move {
+                let mut total = 0;
+                loop {
+                    let n = inventory.sweep_expired(10).await.unwrap();
+                    if n == 0 {
+                        return total;
+                    }
+                    total += n;
+                }
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for sweep in sweeps {
+        total += sweep.await.unwrap();
+    }
+    assert_eq!(total, 300);
+    assert_eq!(counts(&*inventory, "a").await, (1_000, 0, 0));
+    assert_eq!(counts(&*inventory, "b").await, (1_000, 0, 0));
+}
+
+#[tokio::test]
+async fn the_sweeper_gives_stock_back_within_a_second_of_expiry() {
+    let Some((_db, inventory, clock)) = setup(4).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    restock(&*inventory, "a", 5, Some(1)).await;
+    let id = new_id();
+    inventory
+        .reserve(request(id, &[("a", 5)], Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let sweeper = Sweeper::spawn(inventory.clone(), SweeperConfig::default());
+    let mut swept = sweeper.stats().subscribe();
+    clock.advance(Duration::from_millis(29_999));
+    assert_eq!(inventory.sweep_expired(10).await.unwrap(), 0);
+    // The reservation expires now; the sweeper must give it back within
+    // a second of real time.
+    clock.advance(Duration::from_millis(1));
+    let expired_at = Instant::now();
+    tokio::time::timeout(Duration::from_secs(1), swept.wait_for(|n| *n >= 1))
+        .await
+        .expect("swept within 1 s of expiry")
+        .unwrap();
+    assert!(expired_at.elapsed() <= Duration::from_secs(1));
+    assert_eq!(
+        inventory.reservation(id).await.unwrap().unwrap().state,
+        ReservationState::Expired
+    );
+    assert_eq!(counts(&*inventory, "a").await, (5, 0, 0));
+    // A payment that completes after expiry cannot commit.
+    let err = inventory.commit(id).await.unwrap_err();
+    assert!(
+        matches!(err, InventoryError::ReservationExpired(_)),
+        "{err:?}"
+    );
+    sweeper.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable_with_its_cause() {
+    // A port nothing listens on: connections are refused at once.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let config = PoolConfig {
+        max_size: 1,
+        connection_timeout: Duration::from_millis(500),
+        ..PoolConfig::default()
+    };
+    let pool = pool(&format!("postgres://postgres@127.0.0.1:{port}/x"), &config).unwrap();
+    let inventory = PgInventory::new(pool, time_kit::system());
+    let err = inventory
+        .reserve(request(new_id(), &[("a", 1)], Duration::from_secs(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, InventoryError::Unavailable(_)), "{err:?}");
+    assert!(std::error::Error::source(&err).is_some());
+    assert_eq!(err.code(), "inventory_unavailable");
+    assert!(matches!(
+        inventory.ping().await,
+        Err(InventoryError::Unavailable(_))
+    ));
+    // Bad input is refused before the store is asked.
+    let err = inventory
+        .reserve(request(new_id(), &[("a", 0)], Duration::from_secs(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, InventoryError::Invalid(_)), "{err:?}");
+}
