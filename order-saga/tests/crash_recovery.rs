@@ -31,7 +31,7 @@ use order_saga::shipping::postgres::PgShipping;
 use order_saga::{CreateOutcome, OrderConfig, OrderService, OrderState, Services};
 use serde::{Deserialize, Serialize};
 use support::*;
-use testkit::postgres::TestDatabase;
+use testkit::TestDatabase;
 
 const CHILD_ENV: &str = "ORDER_SAGA_CRASH_CHILD";
 const TEST_NAME: &str = "orders_survive_sigkill_at_random_points";
@@ -56,28 +56,50 @@ fn orders_survive_sigkill_at_random_points() {
         child(serde_json::from_str(&spec).expect("child spec"));
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(parent());
 }
 
 async fn parent() {
-    let Some(db) = TestDatabase::create().await else { return };
-    let runs: usize = std::env::var("ORDER_SAGA_CRASH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let runs: usize = std::env::var("ORDER_SAGA_CRASH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     // The payment provider outlives the order service: its ledger is the truth.
     let sim = Arc::new(
-        Simulator::new(SimConfig::default().with_decline_rate(0.2).with_lost_reply_rate(0.1).with_latency(Duration::from_millis(3), Duration::from_millis(10)))
-            .unwrap(),
+        Simulator::new(
+            SimConfig::default()
+                .with_decline_rate(0.2)
+                .with_lost_reply_rate(0.1)
+                .with_latency(Duration::from_millis(3), Duration::from_millis(10)),
+        )
+        .unwrap(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let payment_url = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = http_kit::Shutdown::new();
-    let server = tokio::spawn(http_kit::serve(listener, PaymentSimService::new(sim.clone()), http_kit::ServeConfig::default(), shutdown.clone()));
+    let server = tokio::spawn(http_kit::serve(
+        listener,
+        PaymentSimService::new(sim.clone()),
+        http_kit::ServeConfig::default(),
+        shutdown.clone(),
+    ));
 
     let pg = pool(db.url(), &PoolConfig::default()).unwrap();
     PgOrderStore::new(pg.clone()).migrate().await.unwrap();
     let inventory = PgInventory::new(pg.clone(), time_kit::system());
     inventory.migrate().await.unwrap();
-    PgShipping::new(pg.clone(), Default::default(), time_kit::system()).migrate().await.unwrap();
+    PgShipping::new(pg.clone(), Default::default(), time_kit::system())
+        .migrate()
+        .await
+        .unwrap();
     let inventory: Arc<dyn Inventory> = Arc::new(inventory);
     for s in 0..SKUS {
         stock(&inventory, &format!("S{s}"), INITIAL_STOCK, 100 + s as i64).await;
@@ -96,7 +118,12 @@ async fn parent() {
     ];
     let mut aborted = 0;
     for run in 0..runs {
-        let crash_at = (run % 2 == 0).then(|| (points[fastrand::usize(..points.len())].to_owned(), 1 + fastrand::usize(..5)));
+        let crash_at = (run % 2 == 0).then(|| {
+            (
+                points[fastrand::usize(..points.len())].to_owned(),
+                1 + fastrand::usize(..5),
+            )
+        });
         let mut child = spawn_child(&ChildSpec {
             db_url: db.url().to_owned(),
             payment_url: payment_url.clone(),
@@ -107,7 +134,8 @@ async fn parent() {
         });
         // The kill lands at a random moment of the child's work (the sleep is
         // the fault's timing, not a synchronization).
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(30 + fastrand::u64(..300));
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(30 + fastrand::u64(..300));
         loop {
             if child.try_wait().unwrap().is_some() {
                 aborted += 1;
@@ -130,7 +158,10 @@ async fn parent() {
         crash_at: None,
         finish: true,
     });
-    let status = tokio::task::spawn_blocking(move || last.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || last.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "the final process failed: {status}");
 
     verify(&pg, &sim, &inventory).await;
@@ -151,7 +182,13 @@ fn spawn_child(spec: &ChildSpec) -> Child {
 
 async fn verify(pg: &order_saga::pg::PgPool, sim: &Simulator, inventory: &Arc<dyn Inventory>) {
     let conn = pg.get().await.unwrap();
-    let rows = conn.query("SELECT id, state, total_cents, lines FROM orders.orders", &[]).await.unwrap();
+    let rows = conn
+        .query(
+            "SELECT id, state, total_cents, lines FROM orders.orders",
+            &[],
+        )
+        .await
+        .unwrap();
     assert!(!rows.is_empty());
     let mut sold = vec![0i64; SKUS];
     let mut states: HashMap<String, usize> = HashMap::new();
@@ -160,11 +197,17 @@ async fn verify(pg: &order_saga::pg::PgPool, sim: &Simulator, inventory: &Arc<dy
         let id = order_saga::OrderId::from_uuid(id);
         let state: String = row.get(1);
         *states.entry(state.clone()).or_default() += 1;
-        assert!(state == "confirmed" || state == "cancelled", "order {id} ended {state}");
+        assert!(
+            state == "confirmed" || state == "cancelled",
+            "order {id} ended {state}"
+        );
         let payments = sim.payments_for_order(id);
         assert!(payments.len() <= 1, "double charge for {id}: {payments:?}");
         let shipment: Option<String> = conn
-            .query_opt("SELECT state FROM shipping.shipments WHERE order_id = $1", &[&id.as_uuid()])
+            .query_opt(
+                "SELECT state FROM shipping.shipments WHERE order_id = $1",
+                &[&id.as_uuid()],
+            )
             .await
             .unwrap()
             .map(|r| r.get(0));
@@ -179,13 +222,26 @@ async fn verify(pg: &order_saga::pg::PgPool, sim: &Simulator, inventory: &Arc<dy
             }
         } else {
             if let Some(payment) = payments.first() {
-                assert!(!matches!(payment.state, PaymentState::Authorized | PaymentState::Captured), "cancelled {id} left {:?}", payment.state);
+                assert!(
+                    !matches!(
+                        payment.state,
+                        PaymentState::Authorized | PaymentState::Captured
+                    ),
+                    "cancelled {id} left {:?}",
+                    payment.state
+                );
             }
-            assert!(shipment.is_none() || shipment.as_deref() == Some("cancelled"), "cancelled {id} has a live shipment");
+            assert!(
+                shipment.is_none() || shipment.as_deref() == Some("cancelled"),
+                "cancelled {id} has a live shipment"
+            );
         }
     }
     let held: i64 = conn
-        .query_one("SELECT count(*) FROM inventory.reservations WHERE state = 'reserved'", &[])
+        .query_one(
+            "SELECT count(*) FROM inventory.reservations WHERE state = 'reserved'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -193,21 +249,38 @@ async fn verify(pg: &order_saga::pg::PgPool, sim: &Simulator, inventory: &Arc<dy
     for (s, sold) in sold.iter().enumerate() {
         let level = inventory.stock(&sku(&format!("S{s}"))).await.unwrap();
         assert_eq!((level.reserved, level.committed), (0, *sold), "S{s}");
-        assert_eq!(level.available + level.committed, i64::from(INITIAL_STOCK), "S{s}");
+        assert_eq!(
+            level.available + level.committed,
+            i64::from(INITIAL_STOCK),
+            "S{s}"
+        );
     }
     eprintln!("orders by state: {states:?}");
 }
 
 fn child(spec: ChildSpec) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async move {
         let clock = time_kit::system();
         let pg = pool(&spec.db_url, &PoolConfig::default()).unwrap();
-        let provider = HttpPaymentProvider::new(ClientConfig::new(&spec.payment_url).with_timeout(Duration::from_millis(500))).unwrap();
+        let provider = HttpPaymentProvider::new(
+            ClientConfig::new(&spec.payment_url).with_timeout(Duration::from_millis(500)),
+        )
+        .unwrap();
         let services = Services {
             inventory: Arc::new(PgInventory::new(pg.clone(), clock.clone())),
-            payments: Arc::new(ResilientPayments::new(provider, ResilientConfig::default()).unwrap()),
-            shipping: Arc::new(PgShipping::new(pg.clone(), Default::default(), clock.clone())),
+            payments: Arc::new(
+                ResilientPayments::new(provider, ResilientConfig::default()).unwrap(),
+            ),
+            shipping: Arc::new(PgShipping::new(
+                pg.clone(),
+                Default::default(),
+                clock.clone(),
+            )),
         };
         // One id across restarts: a new process resumes the dead one's sagas at once.
         let config = OrderConfig {
@@ -217,11 +290,17 @@ fn child(spec: ChildSpec) {
             retry_max: Duration::from_millis(50),
             ..OrderConfig::default()
         };
-        let mut service = OrderService::new(Arc::new(PgOrderStore::new(pg.clone())), services, config, clock);
+        let mut service = OrderService::new(
+            Arc::new(PgOrderStore::new(pg.clone())),
+            services,
+            config,
+            clock,
+        );
         if let Some((point, nth)) = spec.crash_at.clone() {
             let seen = std::sync::atomic::AtomicUsize::new(0);
             service = service.with_fault_hook(Arc::new(move |at: &str| {
-                if at == point && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nth {
+                if at == point && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nth
+                {
                     std::process::abort();
                 }
             }));
@@ -234,9 +313,17 @@ fn child(spec: ChildSpec) {
             tasks.push(tokio::spawn(async move {
                 let a = format!("S{}", (run + i) % SKUS);
                 let b = format!("S{}", (run * 3 + i * 5 + 1) % SKUS);
-                let items: Vec<(&str, u32)> = if a == b { vec![(&a, 1)] } else { vec![(&a, 1), (&b, 1)] };
+                let items: Vec<(&str, u32)> = if a == b {
+                    vec![(&a, 1)]
+                } else {
+                    vec![(&a, 1), (&b, 1)]
+                };
                 let _: Option<CreateOutcome> = service
-                    .create_order(&customer(&format!("c{}", i % 7)), cart(&items), &format!("r{run}-{i}"))
+                    .create_order(
+                        &customer(&format!("c{}", i % 7)),
+                        cart(&items),
+                        &format!("r{run}-{i}"),
+                    )
                     .await
                     .ok();
             }));
@@ -247,8 +334,15 @@ fn child(spec: ChildSpec) {
         if spec.finish {
             loop {
                 let counts = service.count_by_state().await.unwrap();
-                let open: u64 = counts.iter().filter(|(s, _)| !s.is_terminal()).map(|(_, n)| n).sum();
-                let attention = counts.iter().find(|(s, _)| *s == OrderState::NeedsAttention).map_or(0, |(_, n)| *n);
+                let open: u64 = counts
+                    .iter()
+                    .filter(|(s, _)| !s.is_terminal())
+                    .map(|(_, n)| n)
+                    .sum();
+                let attention = counts
+                    .iter()
+                    .find(|(s, _)| *s == OrderState::NeedsAttention)
+                    .map_or(0, |(_, n)| *n);
                 assert_eq!(attention, 0, "a saga needs attention");
                 if open == 0 {
                     break;

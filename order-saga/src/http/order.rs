@@ -258,7 +258,10 @@ fn stored_response(status: u16, body: &serde_json::Value, replay: bool) -> Respo
     response
 }
 
-async fn list(inner: &HttpInner, request: &http::request::Parts) -> Result<Response<Body>, ApiError> {
+async fn list(
+    inner: &HttpInner,
+    request: &http::request::Parts,
+) -> Result<Response<Body>, ApiError> {
     let claims = authenticate(&inner.verifier, &request.headers)?;
     let query = Query::parse(request.uri.query());
     let customer = match query.get("customer") {

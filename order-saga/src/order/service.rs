@@ -55,6 +55,9 @@ pub(crate) struct Inner {
     pub(crate) stats: OrderStats,
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) fault_hook: Option<FaultHook>,
+    /// This process's lease owner: `{instance_id}#{random}`, so a restarted
+    /// instance tells its dead predecessor's leases from its own.
+    pub(crate) owner: String,
 }
 
 /// Called at named points of the saga (`before:<step>`, `after:<step>`,
@@ -193,6 +196,7 @@ impl OrderService {
             inner: Arc::new(Inner {
                 store,
                 services,
+                owner: format!("{}#{:08x}", config.instance_id, fastrand::u32(..)),
                 config,
                 clock,
                 stats: OrderStats::default(),
@@ -239,7 +243,6 @@ impl OrderService {
         let (stop, mut stopped) = watch::channel(false);
         let inner = self.inner.clone();
         let poller = tokio::spawn(async move {
-            let mut resume_own = true;
             let mut purge_at = tokio::time::Instant::now();
             loop {
                 let free = inner.permits.available_permits();
@@ -248,15 +251,14 @@ impl OrderService {
                     match inner
                         .store
                         .claim(
+                            &inner.owner,
                             &inner.config.instance_id,
                             inner.config.lease,
                             limit,
-                            resume_own,
                         )
                         .await
                     {
                         Ok(claimed) => {
-                            resume_own = false;
                             let full = claimed.len() == limit;
                             for (record, lease) in claimed {
                                 inner.stats.resumed.fetch_add(1, Relaxed);
@@ -341,7 +343,7 @@ impl OrderService {
                 request_hash,
                 ttl: inner.config.idempotency_ttl,
             }),
-            owner: inner.config.instance_id.clone(),
+            owner: inner.owner.clone(),
             lease_for: inner.config.lease,
             log: vec![driver::log_begin(Step::ReserveStock)],
         };
@@ -365,18 +367,23 @@ impl OrderService {
         let id = record.order.id;
         let mut record = record;
         let outcome = driver::run_step(inner, &record, Step::ReserveStock).await;
+        let shortage = match &outcome {
+            Outcome::Failed(_, detail) => detail.clone(),
+            _ => String::new(),
+        };
         if let Outcome::Invalid(sku) = outcome {
             // Bad input: remove every trace of the order.
             inner.store.abandon(id, &lease).await?;
             return Err(OrderError::UnknownSku(sku));
         }
         match driver::settle_step(inner, &lease, &mut record, Step::ReserveStock, outcome).await {
-            Ok(Settled::Advanced) if record.saga.state() == OrderState::Cancelled => {
+            Ok(Settled::Advanced) if record.saga.reason() == Some(CancelReason::OutOfStock) => {
                 inner.stats.rejected_out_of_stock.fetch_add(1, Relaxed);
-                Ok(CreateOutcome::OutOfStock(driver::out_of_stock_response(
-                    &record.order,
-                    "not enough stock for this order",
-                )))
+                let response = driver::out_of_stock_response(&record.order, &shortage);
+                // Nothing was reserved (all or nothing), but the release is
+                // run anyway, as for every begun step: it is harmless.
+                spawn_driver(inner, record, lease);
+                Ok(CreateOutcome::OutOfStock(response))
             }
             Ok(Settled::Advanced) => {
                 inner.stats.created.fetch_add(1, Relaxed);
@@ -425,7 +432,7 @@ impl OrderService {
         // driver applies the request before its next step.
         if let Some((record, lease)) = inner
             .store
-            .claim_one(id, &inner.config.instance_id, inner.config.lease)
+            .claim_one(id, &inner.owner, inner.config.lease)
             .await?
         {
             let mut record = record;
@@ -465,7 +472,7 @@ impl OrderService {
         }
         let Some((mut record, lease)) = inner
             .store
-            .claim_one(id, &inner.config.instance_id, inner.config.lease)
+            .claim_one(id, &inner.owner, inner.config.lease)
             .await?
         else {
             return Ok(record.order);

@@ -31,7 +31,10 @@ pub fn cart(items: &[(&str, u32)]) -> CreateOrder {
     CreateOrder {
         items: items
             .iter()
-            .map(|(s, quantity)| LineItem { sku: sku(s), quantity: *quantity })
+            .map(|(s, quantity)| LineItem {
+                sku: sku(s),
+                quantity: *quantity,
+            })
             .collect(),
         ship_to: address(),
     }
@@ -39,7 +42,11 @@ pub fn cart(items: &[(&str, u32)]) -> CreateOrder {
 
 pub async fn stock(inventory: &Arc<dyn Inventory>, name: &str, quantity: u32, price: i64) {
     inventory
-        .restock(Restock { sku: sku(name), quantity, unit_price_cents: Some(price) })
+        .restock(Restock {
+            sku: sku(name),
+            quantity,
+            unit_price_cents: Some(price),
+        })
         .await
         .unwrap();
 }

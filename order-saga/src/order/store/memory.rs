@@ -215,9 +215,9 @@ impl OrderStore for MemoryOrderStore {
     fn claim<'a>(
         &'a self,
         owner: &'a str,
+        instance_id: &'a str,
         lease_for: Duration,
         limit: usize,
-        resume_own: bool,
     ) -> BoxFuture<'a, Result<Vec<(SagaRecord, Lease)>, StoreError>> {
         Box::pin(async move {
             let now = self.now();
@@ -227,7 +227,7 @@ impl OrderStore for MemoryOrderStore {
                 .orders
                 .iter()
                 .filter(|(_, row)| {
-                    claimable(row, owner, resume_own, now) && row.next_attempt_at <= now
+                    claimable(row, owner, instance_id, now) && row.next_attempt_at <= now
                 })
                 .map(|(id, row)| (row.next_attempt_at, *id))
                 .collect();
@@ -363,14 +363,25 @@ impl OrderStore for MemoryOrderStore {
     }
 }
 
-/// Unfinished, and not leased (or the lease expired, or it is `owner`'s own
-/// and `resume_own`).
-fn claimable(row: &Row, owner: &str, resume_own: bool, now: DateTime<Utc>) -> bool {
+/// Unfinished, and not leased (or the lease expired, or an earlier
+/// incarnation of `instance_id` holds it).
+fn claimable(row: &Row, owner: &str, instance_id: &str, now: DateTime<Utc>) -> bool {
     if row.record.saga.state().is_terminal() {
         return false;
     }
     match &row.lease {
         None => true,
-        Some((lease, until, _)) => (resume_own && lease.owner == owner) || *until <= now,
+        Some((lease, until, _)) => {
+            *until <= now || earlier_incarnation(&lease.owner, owner, instance_id)
+        }
     }
+}
+
+/// Whether `held` is an owner `{instance_id}#…` other than `owner`: the
+/// lease of a process of this instance that is no longer running.
+pub(crate) fn earlier_incarnation(held: &str, owner: &str, instance_id: &str) -> bool {
+    held != owner
+        && held
+            .strip_prefix(instance_id)
+            .is_some_and(|rest| rest.starts_with('#'))
 }

@@ -170,16 +170,16 @@ pub trait OrderStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// Claims up to `limit` unfinished sagas that are due (their retry time
-    /// has come) and not leased, or whose lease has expired. With
-    /// `resume_own`, sagas leased by `owner` are claimed too: a restarted
-    /// instance (same id) resumes its own at once instead of waiting for
-    /// its old leases to expire.
+    /// has come) and not leased, or whose lease has expired, or whose lease
+    /// is held by an earlier incarnation of this instance (an owner
+    /// `{instance_id}#…` other than `owner`): a restarted instance resumes
+    /// its own sagas at once instead of waiting for their leases to expire.
     fn claim<'a>(
         &'a self,
         owner: &'a str,
+        instance_id: &'a str,
         lease_for: Duration,
         limit: usize,
-        resume_own: bool,
     ) -> BoxFuture<'a, Result<Vec<(SagaRecord, Lease)>, StoreError>>;
 
     /// Claims one order's saga, whatever its state, if it is not leased (or

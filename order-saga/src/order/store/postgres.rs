@@ -370,9 +370,9 @@ impl OrderStore for PgOrderStore {
     fn claim<'a>(
         &'a self,
         owner: &'a str,
+        instance_id: &'a str,
         lease_for: Duration,
         limit: usize,
-        resume_own: bool,
     ) -> BoxFuture<'a, Result<Vec<(SagaRecord, Lease)>, StoreError>> {
         Box::pin(async move {
             let conn = self.pool.get().await.map_err(pool_error)?;
@@ -384,7 +384,8 @@ impl OrderStore for PgOrderStore {
                  WHERE o.id IN (
                      SELECT id FROM orders.orders
                      WHERE state NOT IN {TERMINAL} AND next_attempt_at <= now()
-                       AND (lease_until IS NULL OR lease_until <= now() OR ($4 AND lease_owner = $1))
+                       AND (lease_until IS NULL OR lease_until <= now()
+                            OR (lease_owner <> $1 AND starts_with(lease_owner, $4 || '#')))
                      ORDER BY next_attempt_at
                      LIMIT $3
                      FOR UPDATE SKIP LOCKED)
@@ -397,7 +398,7 @@ impl OrderStore for PgOrderStore {
                         (&owner, Type::TEXT),
                         (&lease_ms, Type::INT4),
                         (&limit, Type::INT8),
-                        (&resume_own, Type::BOOL),
+                        (&instance_id, Type::TEXT),
                     ],
                 )
                 .await
