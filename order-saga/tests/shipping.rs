@@ -351,6 +351,16 @@ mod over_http {
         served.stop().await;
     }
 
+    #[test]
+    fn the_client_never_shows_its_token() {
+        let token = "secret-token-value";
+        let config =
+            order_saga::http::ClientConfig::new("http://127.0.0.1:1").with_bearer_token(token);
+        assert!(!format!("{config:?}").contains(token), "{config:?}");
+        let client = order_saga::http::shipping::HttpShipping::connect(config).unwrap();
+        assert!(!format!("{client:?}").contains(token), "{client:?}");
+    }
+
     #[tokio::test]
     async fn a_service_nobody_runs_is_unavailable() {
         let port = {

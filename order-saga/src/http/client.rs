@@ -15,8 +15,8 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// Client settings.
-#[derive(Debug, Clone)]
+/// Client settings. `Debug` shows whether a token is set, never the token.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// The service's base URL, e.g. `http://127.0.0.1:8082`.
     pub base_url: String,
@@ -26,6 +26,20 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Idle keep-alive connections kept per host. Default 64.
     pub max_idle_per_host: usize,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("base_url", &self.base_url)
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("timeout", &self.timeout)
+            .field("max_idle_per_host", &self.max_idle_per_host)
+            .finish()
+    }
 }
 
 impl ClientConfig {
@@ -123,10 +137,13 @@ impl JsonClient {
     /// A client with `config`.
     pub fn new(config: ClientConfig) -> Result<JsonClient, ClientError> {
         let bearer = match &config.bearer_token {
-            Some(token) => Some(
-                HeaderValue::from_str(&format!("Bearer {token}"))
-                    .map_err(|_| ClientError::InvalidToken)?,
-            ),
+            Some(token) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| ClientError::InvalidToken)?;
+                // Keeps the token out of `Debug` output (and HPACK tables).
+                value.set_sensitive(true);
+                Some(value)
+            }
             None => None,
         };
         let base_url = config.base_url.trim_end_matches('/').to_owned();

@@ -6,7 +6,7 @@
 //! arriving late (a retry after a crash) cannot resurrect it.
 //!
 //! Implementations: in memory ([`MemoryShipping`], the embedded default),
-//! on PostgreSQL ([`postgres::PgShipping`], feature `postgres`, schema
+//! on PostgreSQL (`postgres::PgShipping`, feature `postgres`, schema
 //! `shipping`), and an HTTP client of `shipping_service`
 //! (`http::shipping::HttpShipping`, feature `http`). All three follow the
 //! same rules, checked by one conformance suite (`tests/shipping.rs`):

@@ -200,7 +200,7 @@ impl ShippingService {
 
     /// Makes `GET /readyz` answer 503 `not_ready` naming `dependency`
     /// whenever `check` resolves to false (e.g. PostgreSQL's `SELECT 1`
-    /// failed: [`PgShipping::ping`](crate::shipping::postgres::PgShipping::ping)).
+    /// failed: `PgShipping::ping`).
     /// Without a check the service is always ready (the in-memory store).
     pub fn with_readiness<F, Fut>(mut self, dependency: &'static str, check: F) -> ShippingService
     where
