@@ -1,7 +1,7 @@
 //! The HTTP edge: one tower service per service (`order`, `inventory`,
 //! `shipping`, and the payment provider simulator), each a
 //! `tower::Service<Request<B>>` answering `Response<http_kit::Body>`,
-//! served with [`http_kit::serve`]; and an HTTP client of each service that
+//! served with [`http_kit::serve()`]; and an HTTP client of each service that
 //! implements the service's trait, so the order saga can run with every
 //! service in process or each in its own process.
 //!
