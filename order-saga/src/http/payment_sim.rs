@@ -1,6 +1,6 @@
 //! [`PaymentSimService`]: the payment provider simulator's HTTP API, a
 //! `tower::Service<Request<B>>` over a shared [`Simulator`], served by the
-//! `payment_sim` example with [`http_kit::serve`].
+//! `payment_sim` example with [`http_kit::serve()`].
 //!
 //! | route | what it does |
 //! | --- | --- |
