@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fred::prelude::{Client, StreamsInterface, Value};
+use fred::prelude::{Client, StreamsInterface};
 use messaging_support::{Probe, assert_per_order_order, eventually, new_order, order_events};
 use order_saga::events::EventEnvelope;
 use order_saga::messaging::outbox::{self, OUTBOX_MIGRATION, PgOutboxSource};
@@ -91,11 +91,9 @@ async fn dead_letters(client: &Client, key: &str) -> Vec<(String, HashMap<String
 
 /// Entries delivered to the group and not acknowledged.
 async fn pending_count(client: &Client, stream: &str, group: &str) -> u64 {
-    let summary: Value = client.xpending(stream, group, ()).await.unwrap();
-    match summary {
-        Value::Array(parts) => parts.first().and_then(Value::as_u64).unwrap_or(0),
-        _ => 0,
-    }
+    order_saga::messaging::redis::pending_count(client, stream, group)
+        .await
+        .unwrap()
 }
 
 /// A `redis-server` of the test's own, on a fixed port, so it can be
