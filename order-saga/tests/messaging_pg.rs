@@ -466,3 +466,59 @@ async fn the_timeline_records_each_event_once_under_redelivery() {
     assert_eq!(back, events[3]);
     assert!(timeline.timeline(new_order()).await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_relay_reconnects_and_leads_again_after_losing_its_session() {
+    let Some((db, pool)) = setup().await else {
+        return;
+    };
+    let recorder = Arc::new(Recorder::default());
+    let relay = OutboxRelay::new(
+        PgOutboxSource::new(db.config().clone()),
+        recorder.clone(),
+        relay_config(),
+    )
+    .spawn();
+    let before = order_events(new_order(), 3);
+    append_tx(&pool, &before, true).await;
+    eventually("published", Duration::from_secs(10), || async {
+        recorder.len() == 3
+    })
+    .await;
+
+    // As a server restart or a network cut would: the relay's session,
+    // and with it its lock, ends.
+    let admin = db.connect().await;
+    let holder = "SELECT l.pid FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let leader_pid: i32 = admin.query_one(holder, &[]).await.unwrap().get(0);
+    let killed: bool = admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&leader_pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+
+    let after = order_events(new_order(), 3);
+    append_tx(&pool, &after, true).await;
+    eventually(
+        "published after reconnecting",
+        Duration::from_secs(20),
+        || async { unpublished(&pool).await == 0 },
+    )
+    .await;
+    let new_pid: i32 = admin.query_one(holder, &[]).await.unwrap().get(0);
+    assert_ne!(
+        new_pid, leader_pid,
+        "the lock is held again, by a new session"
+    );
+    assert!(relay.stats().snapshot().leader);
+    relay.shutdown().await;
+    assert!(
+        admin.query_opt(holder, &[]).await.unwrap().is_none(),
+        "released on shutdown"
+    );
+    let all: Vec<_> = before.iter().chain(&after).cloned().collect();
+    assert_eq!(assert_per_order_order(&recorder.published.lock(), &all), 0);
+}

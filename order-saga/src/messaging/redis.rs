@@ -241,6 +241,20 @@ impl EventPublisher for RedisStreamPublisher {
     }
 }
 
+/// How many entries of `stream` were delivered to `group` and not yet
+/// acknowledged (`XPENDING` summary): a gauge for a consumer group's
+/// backlog in hand. A missing group is an error (`NOGROUP`).
+pub async fn pending_count(client: &Client, stream: &str, group: &str) -> Result<u64, StreamError> {
+    let summary: Value = client.xpending(stream, group, ()).await?;
+    match summary {
+        Value::Array(parts) => parts
+            .first()
+            .and_then(Value::as_u64)
+            .ok_or(StreamError::Protocol("XPENDING")),
+        _ => Err(StreamError::Protocol("XPENDING")),
+    }
+}
+
 /// Where a new consumer group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -807,7 +821,9 @@ impl StreamConsumer {
                     idle: None,
                     start: Some(XID::from(first.id.as_str())),
                     end: Some(XID::from(last.id.as_str())),
-                    count: Some(live.len() as u64),
+                    // Entries this consumer already held may share the
+                    // range; leave room for them.
+                    count: Some(live.len() as u64 + 10_000),
                     consumer: Some(self.config.consumer.as_str().into()),
                 },
             )

@@ -317,13 +317,17 @@ impl PgOutboxSource {
         }
     }
 
-    fn require_leader(&self) -> Result<(), OutboxError> {
-        if self.leader && self.conn.is_some() {
-            Ok(())
-        } else {
-            Err(OutboxError::Unavailable(
+    /// The connection, if this source leads on it. Checked after
+    /// (re)connecting: a new session does not hold the lock, so a relay
+    /// whose connection was replaced must take the lead again before it
+    /// reads or marks anything.
+    async fn leader_conn(&mut self) -> Result<&Conn, OutboxError> {
+        self.ready().await?;
+        match self.conn.as_ref() {
+            Some(conn) if self.leader => Ok(conn),
+            _ => Err(OutboxError::Unavailable(
                 "this relay does not lead the outbox".into(),
-            ))
+            )),
         }
     }
 }
@@ -386,10 +390,9 @@ impl OutboxSource for PgOutboxSource {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<OutboxRecord>, OutboxError>> {
         Box::pin(async move {
-            self.require_leader()?;
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let timeout = self.query_timeout;
-            let conn = self.ready().await?;
+            let conn = self.leader_conn().await?;
             let outcome =
                 tokio::time::timeout(timeout, conn.client.query(&conn.fetch, &[&limit])).await;
             let rows = self.finish(outcome)?;
@@ -407,9 +410,8 @@ impl OutboxSource for PgOutboxSource {
 
     fn mark_published<'a>(&'a mut self, seqs: &'a [i64]) -> BoxFuture<'a, Result<(), OutboxError>> {
         Box::pin(async move {
-            self.require_leader()?;
             let timeout = self.query_timeout;
-            let conn = self.ready().await?;
+            let conn = self.leader_conn().await?;
             let outcome =
                 tokio::time::timeout(timeout, conn.client.execute(&conn.mark, &[&seqs])).await;
             self.finish(outcome).map(|_| ())
@@ -429,13 +431,12 @@ impl OutboxSource for PgOutboxSource {
 
     fn purge_published(&mut self, older_than: Duration) -> BoxFuture<'_, Result<u64, OutboxError>> {
         Box::pin(async move {
-            self.require_leader()?;
             let secs = older_than.as_secs_f64();
             let timeout = self.query_timeout;
             // Bounded batches keep each statement (and its locks) short.
             let mut purged = 0;
             loop {
-                let conn = self.ready().await?;
+                let conn = self.leader_conn().await?;
                 let outcome = tokio::time::timeout(
                     timeout,
                     conn.client.execute(
