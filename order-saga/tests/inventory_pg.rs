@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use inventory_support::{Harness, conformance, counts, manual_clock, new_id, request, restock};
+use order_saga::inventory::postgres::BatchConfig;
 use order_saga::inventory::{
     Inventory, InventoryError, PgInventory, ReservationState, Sweeper, SweeperConfig,
 };
@@ -40,6 +41,18 @@ async fn pg_inventory_conforms() {
     };
     conformance(&Harness {
         inventory: Arc::new(inventory),
+        clock,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pg_inventory_conforms_without_batching() {
+    let Some((_db, inventory, clock)) = setup(4).await else {
+        return;
+    };
+    conformance(&Harness {
+        inventory: Arc::new(inventory.with_batching(BatchConfig::disabled())),
         clock,
     })
     .await;
@@ -83,10 +96,19 @@ async fn migrations_run_once_and_the_schema_has_the_sweeper_index() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_concurrent_reservations_of_stock_100_sell_exactly_100() {
+    thousand_against_100(BatchConfig::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_reservations_of_stock_100_sell_exactly_100_one_by_one() {
+    thousand_against_100(BatchConfig::disabled()).await;
+}
+
+async fn thousand_against_100(batching: BatchConfig) {
     let Some((db, inventory, _clock)) = setup(16).await else {
         return;
     };
-    let inventory = Arc::new(inventory);
+    let inventory = Arc::new(inventory.with_batching(batching));
     restock(&*inventory, "hot", 100, Some(999)).await;
     let tasks: Vec<_> = (0..1000)
         .map(|_| {
@@ -328,4 +350,142 @@ async fn an_unreachable_server_is_unavailable_with_its_cause() {
         .await
         .unwrap_err();
     assert!(matches!(err, InventoryError::Invalid(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_reservations_are_served_in_turn_with_what_there_is() {
+    let Some((db, inventory, _clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    restock(&*inventory, "hot", 25, Some(700)).await;
+    let requests: Vec<(uuid::Uuid, u32)> = (0..300u32).map(|n| (new_id(), 1 + n % 4)).collect();
+    let tasks: Vec<_> = requests
+        .iter()
+        .map(|&(id, quantity)| {
+            let inventory = Arc::clone(&inventory);
+            tokio::spawn(async move {
+                inventory
+                    .reserve(request(id, &[("hot", quantity)], Duration::from_secs(600)))
+                    .await
+            })
+        })
+        .collect();
+    let mut granted = 0i64;
+    for (task, &(id, quantity)) in tasks.into_iter().zip(&requests) {
+        match task.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.id, id);
+                assert_eq!(r.lines.len(), 1);
+                assert_eq!(
+                    (r.lines[0].quantity, r.lines[0].unit_price_cents),
+                    (quantity, 700)
+                );
+                granted += i64::from(quantity);
+                assert_eq!(inventory.reservation(id).await.unwrap(), Some(r));
+            }
+            Err(InventoryError::OutOfStock {
+                requested,
+                available,
+                ..
+            }) => {
+                assert_eq!(requested, quantity);
+                assert!(
+                    available < i64::from(requested),
+                    "{available} >= {requested}"
+                );
+                // Refused: nothing of it stays behind.
+                assert_eq!(inventory.reservation(id).await.unwrap(), None);
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    // Requests of 1 unit keep coming after the bigger ones are refused, so
+    // the stock ends fully sold.
+    assert_eq!(granted, 25);
+    assert_eq!(counts(&*inventory, "hot").await, (0, 25, 0));
+    let client = db.connect().await;
+    let lines: i64 = client
+        .query_one(
+            "SELECT coalesce(sum(quantity), 0)::bigint FROM inventory.reservation_lines",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(lines, 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_replays_of_one_id_reserve_it_once() {
+    let Some((_db, inventory, _clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    restock(&*inventory, "hot", 1_000, Some(5)).await;
+    let id = new_id();
+    // 60 callers with the same id: 50 ask for 2 units, 10 for 3.
+    let tasks: Vec<_> = (0..60u32)
+        .map(|n| {
+            let inventory = Arc::clone(&inventory);
+            let quantity = if n % 6 == 5 { 3 } else { 2 };
+            tokio::spawn(async move {
+                let result = inventory
+                    .reserve(request(id, &[("hot", quantity)], Duration::from_secs(600)))
+                    .await;
+                (quantity, result)
+            })
+        })
+        .collect();
+    let mut winners = std::collections::HashSet::new();
+    let mut reservations = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (quantity, Ok(r)) => {
+                winners.insert(quantity);
+                reservations.push(r);
+            }
+            (_, Err(InventoryError::ReservationMismatch(got))) => assert_eq!(got, id),
+            (_, Err(e)) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "one set of lines won");
+    let winner = *winners.iter().next().unwrap();
+    assert!(reservations.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        counts(&*inventory, "hot").await,
+        (1_000 - i64::from(winner), i64::from(winner), 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_for_an_unknown_sku_writes_nothing() {
+    let Some((db, inventory, _clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let inventory = Arc::clone(&inventory);
+            tokio::spawn(async move {
+                inventory
+                    .reserve(request(new_id(), &[("ghost", 1)], Duration::from_secs(600)))
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let err = task.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, InventoryError::UnknownSku(s) if s.as_str() == "ghost"),
+            "{err:?}"
+        );
+    }
+    let client = db.connect().await;
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM inventory.reservations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
 }
