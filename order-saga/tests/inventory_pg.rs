@@ -79,6 +79,19 @@ async fn migrations_run_once_and_the_schema_has_the_sweeper_index() {
         index.contains("WHERE (state = 'reserved'::text)"),
         "{index}"
     );
+    let index: String = client
+        .query_one(
+            "SELECT indexdef FROM pg_indexes
+              WHERE schemaname = 'inventory' AND indexname = 'reservation_lines_open_idx'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        index.contains("(sku) INCLUDE (quantity) WHERE open"),
+        "{index}"
+    );
     // The CHECKs stand behind the conditional updates.
     let err = client
         .batch_execute(
@@ -92,6 +105,24 @@ async fn migrations_run_once_and_the_schema_has_the_sweeper_index() {
         Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
     );
     inventory.ping().await.unwrap();
+    // Rows that contradict each other are reported, not trusted: open
+    // lines holding more than the SKU's `held`.
+    client
+        .batch_execute(
+            "INSERT INTO inventory.skus (sku, available, held, unit_price_cents, created_at, updated_at)
+             VALUES ('odd', 0, 1, 0, now(), now());
+             INSERT INTO inventory.reservations VALUES
+                 ('00000000-0000-0000-0000-000000000001', 'reserved', now(), now(), now());
+             INSERT INTO inventory.reservation_lines (reservation_id, sku, quantity, unit_price_cents)
+             VALUES ('00000000-0000-0000-0000-000000000001', 'odd', 5, 0);",
+        )
+        .await
+        .unwrap();
+    let err = inventory
+        .stock(&inventory_support::sku("odd"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, InventoryError::Unavailable(_)), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
