@@ -520,3 +520,89 @@ async fn a_group_for_an_unknown_sku_writes_nothing() {
         .get(0);
     assert_eq!(rows, 0);
 }
+
+/// The same random sequence of operations on PostgreSQL and in memory, each
+/// on its own clock moved in step: every answer and every stock level must
+/// be the same (the in-memory store is the model; its own property test
+/// checks conservation).
+#[tokio::test]
+async fn pg_answers_like_the_memory_model_over_random_operations() {
+    let Some((_db, pg, pg_clock)) = setup(4).await else {
+        return;
+    };
+    let mem_clock = ManualClock::new(pg_clock.now());
+    let memory = order_saga::inventory::MemoryInventory::new(Arc::new(mem_clock.clone()));
+    let stores: [&dyn Inventory; 2] = [&pg, &memory];
+    let skus = ["a", "b", "c", "d"];
+    for (n, sku) in skus.iter().enumerate() {
+        for store in stores {
+            restock(store, sku, 5 + n as u32 * 3, Some(100 + n as i64)).await;
+        }
+    }
+    let ids: Vec<uuid::Uuid> = (0..12).map(|_| new_id()).collect();
+    let mut rng = fastrand::Rng::with_seed(0x1d_2024);
+    for step in 0..400 {
+        let id = ids[rng.usize(..ids.len())];
+        let op = rng.u8(..10);
+        let answers: Vec<String> = match op {
+            0..=3 => {
+                let lines = 1 + rng.usize(..3);
+                let mut items: Vec<(&str, u32)> = Vec::new();
+                for _ in 0..lines {
+                    let sku = skus[rng.usize(..skus.len())];
+                    if !items.iter().any(|(s, _)| *s == sku) {
+                        items.push((sku, 1 + rng.u32(..4)));
+                    }
+                }
+                if rng.u8(..20) == 0 {
+                    items.push(("nope", 1));
+                }
+                let ttl = Duration::from_millis(1 + rng.u64(..4_000));
+                let mut answers = Vec::new();
+                for store in stores {
+                    answers.push(format!(
+                        "{:?}",
+                        store.reserve(request(id, &items, ttl)).await
+                    ));
+                }
+                answers
+            }
+            4 | 5 => {
+                let mut answers = Vec::new();
+                for store in stores {
+                    answers.push(format!("{:?}", store.commit(id).await));
+                }
+                answers
+            }
+            6 => {
+                let mut answers = Vec::new();
+                for store in stores {
+                    answers.push(format!("{:?}", store.release(id).await));
+                }
+                answers
+            }
+            7 | 8 => {
+                let by = Duration::from_millis(rng.u64(..2_000));
+                pg_clock.advance(by);
+                mem_clock.advance(by);
+                vec![String::new(); 2]
+            }
+            _ => {
+                let limit = rng.usize(..4);
+                let mut answers = Vec::new();
+                for store in stores {
+                    answers.push(format!("{:?}", store.sweep_expired(limit).await));
+                }
+                answers
+            }
+        };
+        assert_eq!(answers[0], answers[1], "step {step}: PostgreSQL vs memory");
+        for sku in skus {
+            let levels = (
+                pg.stock(&inventory_support::sku(sku)).await.unwrap(),
+                memory.stock(&inventory_support::sku(sku)).await.unwrap(),
+            );
+            assert_eq!(levels.0, levels.1, "step {step}: stock of {sku}");
+        }
+    }
+}
