@@ -1,7 +1,10 @@
 //! Hot SKU load generator: how many single-unit reservations per second
 //! the PostgreSQL inventory takes when every buyer wants the same SKU,
 //! against the same load spread over 100 SKUs, at 1, 8 and 32 concurrent
-//! clients. Prints one line per run and a JSON summary as its last line.
+//! clients, with the reservations of a SKU grouped into one transaction
+//! (`batched`, the default) and one transaction each (`one_by_one`, the
+//! plain conditional update). Prints one line per run and a JSON summary
+//! as its last line.
 //!
 //! ```text
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
@@ -15,8 +18,8 @@
 //!
 //! - `reserve`: `PgInventory::reserve` of one unit (the conditional update
 //!   `… SET available = available - 1 WHERE sku = $1 AND available >= 1`);
-//! - `order`: a reserve then its commit, the two row-locking transactions
-//!   the saga runs on a SKU for every confirmed order.
+//! - `order`: a reserve then its commit, the two transactions the saga
+//!   runs for every confirmed order (only the reserve locks the SKU row).
 //!
 //! Before them, a `floor` run times a bare one-row `INSERT` + `COMMIT` on
 //! the same server: what one durable commit costs here, the ceiling of any
@@ -32,6 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use order_saga::inventory::postgres::BatchConfig;
 use order_saga::inventory::{Inventory, PgInventory, ReserveRequest, Restock};
 use order_saga::model::{LineItem, Sku};
 use order_saga::pg::{PgPool, PoolConfig, pool};
@@ -58,6 +62,7 @@ impl Op {
 
 struct RunResult {
     op: Op,
+    batched: bool,
     clients: usize,
     skus: usize,
     ops: u64,
@@ -116,7 +121,11 @@ async fn main() {
         },
     )
     .unwrap_or_else(|e| fail(format!("DATABASE_URL: {e}")));
-    let db = format!("inventory_hot_sku_{}_{:08x}", std::process::id(), fastrand::u32(..));
+    let db = format!(
+        "inventory_hot_sku_{}_{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    );
     exec(&admin, &format!("CREATE DATABASE \"{db}\"")).await;
     let db_url = with_database(&url, &db);
     let settings = server_settings(&admin).await;
@@ -126,26 +135,37 @@ async fn main() {
     );
 
     let mut results = Vec::new();
-    for (op, clients, skus) in [
-        (Op::Floor, 1, 1),
-        (Op::Floor, 8, 1),
-        (Op::Floor, 32, 1),
-        (Op::Reserve, 1, 1),
-        (Op::Reserve, 8, 1),
-        (Op::Reserve, 32, 1),
-        (Op::Reserve, 1, 100),
-        (Op::Reserve, 8, 100),
-        (Op::Reserve, 32, 100),
-        (Op::Order, 1, 1),
-        (Op::Order, 8, 1),
-        (Op::Order, 32, 1),
-        (Op::Order, 8, 100),
-        (Op::Order, 32, 100),
+    for (op, batched, clients, skus) in [
+        (Op::Floor, false, 1, 1),
+        (Op::Floor, false, 8, 1),
+        (Op::Floor, false, 32, 1),
+        (Op::Reserve, false, 1, 1),
+        (Op::Reserve, false, 8, 1),
+        (Op::Reserve, false, 32, 1),
+        (Op::Reserve, true, 1, 1),
+        (Op::Reserve, true, 8, 1),
+        (Op::Reserve, true, 32, 1),
+        (Op::Reserve, false, 8, 100),
+        (Op::Reserve, false, 32, 100),
+        (Op::Reserve, true, 32, 100),
+        (Op::Order, false, 8, 1),
+        (Op::Order, false, 32, 1),
+        (Op::Order, true, 8, 1),
+        (Op::Order, true, 32, 1),
+        (Op::Order, false, 32, 100),
+        (Op::Order, true, 32, 100),
     ] {
-        let result = run(&db_url, results.len(), op, clients, skus, seconds).await;
+        let result = run(&db_url, results.len(), op, batched, clients, skus, seconds).await;
         println!(
-            "{:>7} clients={:>2} skus={:>3}: {:>8.0}/s  p50 {:>6.2} ms  p99 {:>7.2} ms  errors {}  consistent {}",
+            "{:>7} {:>10} clients={:>2} skus={:>3}: {:>8.0}/s  p50 {:>6.2} ms  p99 {:>7.2} ms  errors {}  consistent {}",
             op.name(),
+            if op == Op::Floor {
+                ""
+            } else if batched {
+                "batched"
+            } else {
+                "one_by_one"
+            },
             clients,
             skus,
             result.per_sec,
@@ -163,6 +183,7 @@ async fn main() {
         .map(|r| {
             serde_json::json!({
                 "op": r.op.name(),
+                "batched": r.batched,
                 "clients": r.clients,
                 "skus": r.skus,
                 "ops": r.ops,
@@ -174,10 +195,10 @@ async fn main() {
             })
         })
         .collect();
-    let find = |op: Op, clients: usize, skus: usize| {
+    let find = |op: Op, batched: bool, clients: usize, skus: usize| {
         results
             .iter()
-            .find(|r| r.op == op && r.clients == clients && r.skus == skus)
+            .find(|r| r.op == op && r.batched == batched && r.clients == clients && r.skus == skus)
             .map_or(0.0, |r| r.per_sec.round())
     };
     println!(
@@ -185,10 +206,13 @@ async fn main() {
         serde_json::json!({
             "seconds_per_run": seconds,
             "server": settings,
-            "hot_reserve_per_sec_32": find(Op::Reserve, 32, 1),
-            "spread_reserve_per_sec_32": find(Op::Reserve, 32, 100),
-            "hot_orders_per_sec_32": find(Op::Order, 32, 1),
-            "floor_commits_per_sec_32": find(Op::Floor, 32, 1),
+            "hot_reserve_per_sec_32_batched": find(Op::Reserve, true, 32, 1),
+            "hot_reserve_per_sec_32_one_by_one": find(Op::Reserve, false, 32, 1),
+            "spread_reserve_per_sec_32_one_by_one": find(Op::Reserve, false, 32, 100),
+            "hot_orders_per_sec_32_batched": find(Op::Order, true, 32, 1),
+            "hot_orders_per_sec_32_one_by_one": find(Op::Order, false, 32, 1),
+            "spread_orders_per_sec_32_batched": find(Op::Order, true, 32, 100),
+            "floor_commits_per_sec_32": find(Op::Floor, false, 32, 1),
             "all_consistent": results.iter().all(|r| r.consistent),
             "runs": runs,
         })
@@ -196,14 +220,20 @@ async fn main() {
 }
 
 async fn exec(pool: &PgPool, sql: &str) {
-    let conn = pool.get().await.unwrap_or_else(|e| fail(format!("connect: {e}")));
+    let conn = pool
+        .get()
+        .await
+        .unwrap_or_else(|e| fail(format!("connect: {e}")));
     conn.batch_execute(sql)
         .await
         .unwrap_or_else(|e| fail(format!("{sql}: {e}")));
 }
 
 async fn server_settings(pool: &PgPool) -> String {
-    let conn = pool.get().await.unwrap_or_else(|e| fail(format!("connect: {e}")));
+    let conn = pool
+        .get()
+        .await
+        .unwrap_or_else(|e| fail(format!("connect: {e}")));
     let row = conn
         .query_one(
             "SELECT current_setting('server_version'), current_setting('synchronous_commit'),
@@ -225,6 +255,7 @@ async fn run(
     db_url: &str,
     index: usize,
     op: Op,
+    batched: bool,
     clients: usize,
     skus: usize,
     seconds: f64,
@@ -238,7 +269,13 @@ async fn run(
         },
     )
     .unwrap_or_else(|e| fail(e));
-    let inventory = Arc::new(PgInventory::new(pool.clone(), time_kit::system()));
+    let batching = if batched {
+        BatchConfig::default()
+    } else {
+        BatchConfig::disabled()
+    };
+    let inventory =
+        Arc::new(PgInventory::new(pool.clone(), time_kit::system()).with_batching(batching));
     inventory.migrate().await.unwrap_or_else(|e| fail(e));
     exec(
         &pool,
@@ -267,7 +304,9 @@ async fn run(
             let pool = pool.clone();
             tokio::spawn(async move {
                 let conn = pool.get().await.unwrap_or_else(|e| fail(e));
-                conn.batch_execute("SELECT 1").await.unwrap_or_else(|e| fail(e));
+                conn.batch_execute("SELECT 1")
+                    .await
+                    .unwrap_or_else(|e| fail(e));
                 // Hold it until every task has one.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             })
@@ -352,6 +391,7 @@ async fn run(
     }
     RunResult {
         op,
+        batched,
         clients,
         skus,
         ops,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use inventory_support::{Harness, conformance, counts, manual_clock, new_id, request, restock};
+use order_saga::inventory::postgres::BatchConfig;
 use order_saga::inventory::{
     Inventory, InventoryError, PgInventory, ReservationState, Sweeper, SweeperConfig,
 };
@@ -46,6 +47,18 @@ async fn pg_inventory_conforms() {
 }
 
 #[tokio::test]
+async fn pg_inventory_conforms_without_batching() {
+    let Some((_db, inventory, clock)) = setup(4).await else {
+        return;
+    };
+    conformance(&Harness {
+        inventory: Arc::new(inventory.with_batching(BatchConfig::disabled())),
+        clock,
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn migrations_run_once_and_the_schema_has_the_sweeper_index() {
     let Some((db, inventory, _clock)) = setup(2).await else {
         return;
@@ -66,6 +79,19 @@ async fn migrations_run_once_and_the_schema_has_the_sweeper_index() {
         index.contains("WHERE (state = 'reserved'::text)"),
         "{index}"
     );
+    let index: String = client
+        .query_one(
+            "SELECT indexdef FROM pg_indexes
+              WHERE schemaname = 'inventory' AND indexname = 'reservation_lines_open_idx'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        index.contains("(sku) INCLUDE (quantity) WHERE open"),
+        "{index}"
+    );
     // The CHECKs stand behind the conditional updates.
     let err = client
         .batch_execute(
@@ -79,14 +105,41 @@ async fn migrations_run_once_and_the_schema_has_the_sweeper_index() {
         Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
     );
     inventory.ping().await.unwrap();
+    // Rows that contradict each other are reported, not trusted: open
+    // lines holding more than the SKU's `held`.
+    client
+        .batch_execute(
+            "INSERT INTO inventory.skus (sku, available, held, unit_price_cents, created_at, updated_at)
+             VALUES ('odd', 0, 1, 0, now(), now());
+             INSERT INTO inventory.reservations VALUES
+                 ('00000000-0000-0000-0000-000000000001', 'reserved', now(), now(), now());
+             INSERT INTO inventory.reservation_lines (reservation_id, sku, quantity, unit_price_cents)
+             VALUES ('00000000-0000-0000-0000-000000000001', 'odd', 5, 0);",
+        )
+        .await
+        .unwrap();
+    let err = inventory
+        .stock(&inventory_support::sku("odd"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, InventoryError::Unavailable(_)), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_concurrent_reservations_of_stock_100_sell_exactly_100() {
+    thousand_against_100(BatchConfig::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_reservations_of_stock_100_sell_exactly_100_one_by_one() {
+    thousand_against_100(BatchConfig::disabled()).await;
+}
+
+async fn thousand_against_100(batching: BatchConfig) {
     let Some((db, inventory, _clock)) = setup(16).await else {
         return;
     };
-    let inventory = Arc::new(inventory);
+    let inventory = Arc::new(inventory.with_batching(batching));
     restock(&*inventory, "hot", 100, Some(999)).await;
     let tasks: Vec<_> = (0..1000)
         .map(|_| {
@@ -328,4 +381,228 @@ async fn an_unreachable_server_is_unavailable_with_its_cause() {
         .await
         .unwrap_err();
     assert!(matches!(err, InventoryError::Invalid(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_reservations_are_served_in_turn_with_what_there_is() {
+    let Some((db, inventory, _clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    restock(&*inventory, "hot", 25, Some(700)).await;
+    let requests: Vec<(uuid::Uuid, u32)> = (0..300u32).map(|n| (new_id(), 1 + n % 4)).collect();
+    let tasks: Vec<_> = requests
+        .iter()
+        .map(|&(id, quantity)| {
+            let inventory = Arc::clone(&inventory);
+            tokio::spawn(async move {
+                inventory
+                    .reserve(request(id, &[("hot", quantity)], Duration::from_secs(600)))
+                    .await
+            })
+        })
+        .collect();
+    let mut granted = 0i64;
+    for (task, &(id, quantity)) in tasks.into_iter().zip(&requests) {
+        match task.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.id, id);
+                assert_eq!(r.lines.len(), 1);
+                assert_eq!(
+                    (r.lines[0].quantity, r.lines[0].unit_price_cents),
+                    (quantity, 700)
+                );
+                granted += i64::from(quantity);
+                assert_eq!(inventory.reservation(id).await.unwrap(), Some(r));
+            }
+            Err(InventoryError::OutOfStock {
+                requested,
+                available,
+                ..
+            }) => {
+                assert_eq!(requested, quantity);
+                assert!(
+                    available < i64::from(requested),
+                    "{available} >= {requested}"
+                );
+                // Refused: nothing of it stays behind.
+                assert_eq!(inventory.reservation(id).await.unwrap(), None);
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    // Requests of 1 unit keep coming after the bigger ones are refused, so
+    // the stock ends fully sold.
+    assert_eq!(granted, 25);
+    assert_eq!(counts(&*inventory, "hot").await, (0, 25, 0));
+    let client = db.connect().await;
+    let lines: i64 = client
+        .query_one(
+            "SELECT coalesce(sum(quantity), 0)::bigint FROM inventory.reservation_lines",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(lines, 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_replays_of_one_id_reserve_it_once() {
+    let Some((_db, inventory, _clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    restock(&*inventory, "hot", 1_000, Some(5)).await;
+    let id = new_id();
+    // 60 callers with the same id: 50 ask for 2 units, 10 for 3.
+    let tasks: Vec<_> = (0..60u32)
+        .map(|n| {
+            let inventory = Arc::clone(&inventory);
+            let quantity = if n % 6 == 5 { 3 } else { 2 };
+            tokio::spawn(async move {
+                let result = inventory
+                    .reserve(request(id, &[("hot", quantity)], Duration::from_secs(600)))
+                    .await;
+                (quantity, result)
+            })
+        })
+        .collect();
+    let mut winners = std::collections::HashSet::new();
+    let mut reservations = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (quantity, Ok(r)) => {
+                winners.insert(quantity);
+                reservations.push(r);
+            }
+            (_, Err(InventoryError::ReservationMismatch(got))) => assert_eq!(got, id),
+            (_, Err(e)) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "one set of lines won");
+    let winner = *winners.iter().next().unwrap();
+    assert!(reservations.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        counts(&*inventory, "hot").await,
+        (1_000 - i64::from(winner), i64::from(winner), 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_for_an_unknown_sku_writes_nothing() {
+    let Some((db, inventory, _clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let inventory = Arc::clone(&inventory);
+            tokio::spawn(async move {
+                inventory
+                    .reserve(request(new_id(), &[("ghost", 1)], Duration::from_secs(600)))
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let err = task.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, InventoryError::UnknownSku(s) if s.as_str() == "ghost"),
+            "{err:?}"
+        );
+    }
+    let client = db.connect().await;
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM inventory.reservations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+}
+
+/// The same random sequence of operations on PostgreSQL and in memory, each
+/// on its own clock moved in step: every answer and every stock level must
+/// be the same (the in-memory store is the model; its own property test
+/// checks conservation).
+#[tokio::test]
+async fn pg_answers_like_the_memory_model_over_random_operations() {
+    let Some((_db, pg, pg_clock)) = setup(4).await else {
+        return;
+    };
+    let mem_clock = ManualClock::new(pg_clock.now());
+    let memory = order_saga::inventory::MemoryInventory::new(Arc::new(mem_clock.clone()));
+    let stores: [&dyn Inventory; 2] = [&pg, &memory];
+    let skus = ["a", "b", "c", "d"];
+    for (n, sku) in skus.iter().enumerate() {
+        for store in stores {
+            restock(store, sku, 5 + n as u32 * 3, Some(100 + n as i64)).await;
+        }
+    }
+    let ids: Vec<uuid::Uuid> = (0..12).map(|_| new_id()).collect();
+    let mut rng = fastrand::Rng::with_seed(0x1d_2024);
+    for step in 0..400 {
+        let id = ids[rng.usize(..ids.len())];
+        let op = rng.u8(..10);
+        let answers: Vec<String> = match op {
+            0..=3 => {
+                let lines = 1 + rng.usize(..3);
+                let mut items: Vec<(&str, u32)> = Vec::new();
+                for _ in 0..lines {
+                    let sku = skus[rng.usize(..skus.len())];
+                    if !items.iter().any(|(s, _)| *s == sku) {
+                        items.push((sku, 1 + rng.u32(..4)));
+                    }
+                }
+                if rng.u8(..20) == 0 {
+                    items.push(("nope", 1));
+                }
+                let ttl = Duration::from_millis(1 + rng.u64(..4_000));
+                let mut answers = Vec::new();
+                for store in stores {
+                    answers.push(format!(
+                        "{:?}",
+                        store.reserve(request(id, &items, ttl)).await
+                    ));
+                }
+                answers
+            }
+            4 | 5 => {
+                let mut answers = Vec::new();
+                for store in stores {
+                    answers.push(format!("{:?}", store.commit(id).await));
+                }
+                answers
+            }
+            6 => {
+                let mut answers = Vec::new();
+                for store in stores {
+                    answers.push(format!("{:?}", store.release(id).await));
+                }
+                answers
+            }
+            7 | 8 => {
+                let by = Duration::from_millis(rng.u64(..2_000));
+                pg_clock.advance(by);
+                mem_clock.advance(by);
+                vec![String::new(); 2]
+            }
+            _ => {
+                let limit = rng.usize(..4);
+                let mut answers = Vec::new();
+                for store in stores {
+                    answers.push(format!("{:?}", store.sweep_expired(limit).await));
+                }
+                answers
+            }
+        };
+        assert_eq!(answers[0], answers[1], "step {step}: PostgreSQL vs memory");
+        for sku in skus {
+            let levels = (
+                pg.stock(&inventory_support::sku(sku)).await.unwrap(),
+                memory.stock(&inventory_support::sku(sku)).await.unwrap(),
+            );
+            assert_eq!(levels.0, levels.1, "step {step}: stock of {sku}");
+        }
+    }
 }

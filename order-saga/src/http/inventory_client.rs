@@ -218,7 +218,12 @@ impl Inventory for HttpInventory {
 
     fn sweep_expired(&self, limit: usize) -> BoxFuture<'_, Result<usize, InventoryError>> {
         Box::pin(async move {
-            let limit = limit.clamp(1, super::inventory::MAX_SWEEP_LIMIT);
+            if limit == 0 {
+                return Ok(0);
+            }
+            // The service sweeps at most MAX_SWEEP_LIMIT a call; fewer is
+            // within "up to `limit`".
+            let limit = limit.min(super::inventory::MAX_SWEEP_LIMIT);
             let path = format!("/v1/admin/sweep?limit={limit}");
             match self
                 .call::<(), SweepReply>(Method::POST, &path, None)

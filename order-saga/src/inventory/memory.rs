@@ -7,8 +7,17 @@
 //! interleaving" hold by construction. Calls never wait on I/O while
 //! holding it; the critical sections are a few hash-map operations (see the
 //! `inventory` bench for the figures, contended and not).
+//!
+//! Memory stays bounded: a reservation that has finished (committed,
+//! released or expired) is forgotten once it has been finished for the
+//! [retention](MemoryInventory::with_retention) (24 h by default, as long
+//! as the order service keeps idempotency keys), by the same
+//! [`sweep_expired`](Inventory::sweep_expired) calls the sweeper makes. A
+//! forgotten id is unknown again: a replayed reserve would reserve anew,
+//! which is why the retention must outlast any saga's retries.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
@@ -31,7 +40,11 @@ pub struct MemoryInventory {
     state: Mutex<State>,
     clock: SharedClock,
     limits: InventoryLimits,
+    retention: chrono::TimeDelta,
 }
+
+/// How long a finished reservation is kept by default: 24 h.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 #[derive(Debug, Default)]
 struct State {
@@ -39,6 +52,38 @@ struct State {
     reservations: HashMap<ReservationId, Reservation>,
     /// Reservations still `Reserved`, by expiry: what the sweeper walks.
     expiring: BTreeSet<(DateTime<Utc>, ReservationId)>,
+    /// Finished reservations, by when they finished: what is forgotten
+    /// after the retention.
+    finished: BTreeSet<(DateTime<Utc>, ReservationId)>,
+    finished_at: HashMap<ReservationId, DateTime<Utc>>,
+}
+
+impl State {
+    /// Records that `id` reached a final state (or moved from committed to
+    /// released) at `now`.
+    fn finish(&mut self, id: ReservationId, now: DateTime<Utc>) {
+        if let Some(before) = self.finished_at.insert(id, now) {
+            self.finished.remove(&(before, id));
+        }
+        self.finished.insert((now, id));
+    }
+
+    /// Forgets up to `limit` reservations finished at or before `cutoff`.
+    fn forget(&mut self, cutoff: DateTime<Utc>, limit: usize) -> usize {
+        let mut forgotten = 0;
+        while forgotten < limit {
+            match self.finished.first() {
+                Some(&(at, id)) if at <= cutoff => {
+                    self.finished.pop_first();
+                    self.finished_at.remove(&id);
+                    self.reservations.remove(&id);
+                    forgotten += 1;
+                }
+                _ => break,
+            }
+        }
+        forgotten
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -71,7 +116,16 @@ impl MemoryInventory {
             state: Mutex::new(State::default()),
             clock,
             limits: InventoryLimits::default(),
+            retention: chrono::TimeDelta::from_std(DEFAULT_RETENTION)
+                .unwrap_or(chrono::TimeDelta::MAX),
         }
+    }
+
+    /// Keeps a finished reservation for `retention` before forgetting it
+    /// (default [`DEFAULT_RETENTION`]).
+    pub fn with_retention(mut self, retention: Duration) -> MemoryInventory {
+        self.retention = chrono::TimeDelta::from_std(retention).unwrap_or(chrono::TimeDelta::MAX);
+        self
     }
 
     /// Checks requests against `limits` instead of the defaults.
@@ -148,14 +202,15 @@ impl MemoryInventory {
             skus,
             reservations,
             expiring,
+            ..
         } = &mut *state;
         let Some(reservation) = reservations.get_mut(&id) else {
             return Err(InventoryError::ReservationNotFound(id));
         };
-        match reservation.state {
-            ReservationState::Committed => Ok(reservation.clone()),
+        let result = match reservation.state {
+            ReservationState::Committed => return Ok(reservation.clone()),
             ReservationState::Released | ReservationState::Expired => {
-                Err(InventoryError::ReservationExpired(id))
+                return Err(InventoryError::ReservationExpired(id));
             }
             ReservationState::Reserved => {
                 expiring.remove(&(reservation.expires_at, id));
@@ -165,28 +220,33 @@ impl MemoryInventory {
                     // the outcome does not depend on when the sweeper ran.
                     give_back(skus, &reservation.lines, Held::Reserved);
                     reservation.state = ReservationState::Expired;
-                    return Err(InventoryError::ReservationExpired(id));
-                }
-                for line in &reservation.lines {
-                    if let Some(stock) = skus.get_mut(&line.sku) {
-                        let quantity = i64::from(line.quantity);
-                        stock.reserved -= quantity;
-                        stock.committed += quantity;
+                    Err(InventoryError::ReservationExpired(id))
+                } else {
+                    for line in &reservation.lines {
+                        if let Some(stock) = skus.get_mut(&line.sku) {
+                            let quantity = i64::from(line.quantity);
+                            stock.reserved -= quantity;
+                            stock.committed += quantity;
+                        }
                     }
+                    reservation.state = ReservationState::Committed;
+                    Ok(reservation.clone())
                 }
-                reservation.state = ReservationState::Committed;
-                Ok(reservation.clone())
             }
-        }
+        };
+        state.finish(id, now);
+        result
     }
 
     /// [`Inventory::release`], synchronously.
     pub fn release_now(&self, id: ReservationId) -> Result<Option<Reservation>, InventoryError> {
+        let now = now_micros(&self.clock);
         let mut state = self.state.lock();
         let State {
             skus,
             reservations,
             expiring,
+            ..
         } = &mut *state;
         let Some(reservation) = reservations.get_mut(&id) else {
             return Ok(None);
@@ -203,7 +263,9 @@ impl MemoryInventory {
         };
         give_back(skus, &reservation.lines, held);
         reservation.state = ReservationState::Released;
-        Ok(Some(reservation.clone()))
+        let released = reservation.clone();
+        state.finish(id, now);
+        Ok(Some(released))
     }
 
     /// [`Inventory::reservation`], synchronously.
@@ -248,33 +310,42 @@ impl MemoryInventory {
         Ok(level(&restock.sku, stock))
     }
 
-    /// [`Inventory::sweep_expired`], synchronously.
+    /// [`Inventory::sweep_expired`], synchronously. Also forgets up to
+    /// `limit` reservations finished longer ago than the retention.
     pub fn sweep_expired_now(&self, limit: usize) -> usize {
         let now = now_micros(&self.clock);
         let mut state = self.state.lock();
-        let State {
-            skus,
-            reservations,
-            expiring,
-        } = &mut *state;
         let mut swept = 0;
         while swept < limit {
-            let Some(&(expires_at, id)) = expiring.first() else {
+            let Some(&(expires_at, id)) = state.expiring.first() else {
                 break;
             };
             if expires_at > now {
                 break;
             }
-            expiring.pop_first();
+            state.expiring.pop_first();
+            let State {
+                skus, reservations, ..
+            } = &mut *state;
             if let Some(reservation) = reservations.get_mut(&id)
                 && reservation.state == ReservationState::Reserved
             {
                 give_back(skus, &reservation.lines, Held::Reserved);
                 reservation.state = ReservationState::Expired;
+                state.finish(id, now);
                 swept += 1;
             }
         }
+        if let Some(cutoff) = now.checked_sub_signed(self.retention) {
+            state.forget(cutoff, limit);
+        }
         swept
+    }
+
+    /// Reservations held in memory, finished ones included (until the
+    /// retention forgets them).
+    pub fn reservation_count(&self) -> usize {
+        self.state.lock().reservations.len()
     }
 
     /// Every SKU's stock, ordered by SKU: for audits and tests.
@@ -597,6 +668,61 @@ mod tests {
             .filter(|r| r.state == ReservationState::Reserved)
             .count();
         prop_assert_eq!(state.expiring.len(), indexed);
+        // Nothing is forgotten within the retention (24 h; these runs
+        // last minutes): every finished reservation is indexed once.
+        prop_assert_eq!(state.finished.len(), state.reservations.len() - indexed);
+        prop_assert_eq!(state.finished_at.len(), state.finished.len());
         Ok(())
+    }
+
+    #[test]
+    fn finished_reservations_are_forgotten_after_the_retention() {
+        let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+        let inventory =
+            MemoryInventory::new(Arc::new(clock.clone())).with_retention(Duration::from_secs(3600));
+        restock(&inventory, "a", 10);
+        let hour = Duration::from_secs(3600);
+        let ttl = Duration::from_secs(2 * 3600);
+        inventory
+            .reserve_now(&request(1, &[("a", 1)], ttl))
+            .unwrap();
+        inventory
+            .reserve_now(&request(2, &[("a", 1)], ttl))
+            .unwrap();
+        inventory
+            .reserve_now(&request(3, &[("a", 1)], 3 * hour))
+            .unwrap();
+        inventory
+            .reserve_now(&request(4, &[("a", 1)], Duration::from_secs(5400)))
+            .unwrap();
+        inventory.commit_now(Uuid::from_u128(1)).unwrap();
+        inventory.commit_now(Uuid::from_u128(2)).unwrap();
+        clock.advance(Duration::from_secs(1800));
+        // Released after the commit: kept for the retention from now.
+        inventory.release_now(Uuid::from_u128(2)).unwrap();
+        clock.advance(Duration::from_secs(1800));
+        assert_eq!(inventory.sweep_expired_now(100), 0);
+        assert_eq!(inventory.reservation_count(), 3);
+        assert_eq!(inventory.reservation_now(Uuid::from_u128(1)), None);
+        clock.advance(Duration::from_secs(1800));
+        assert_eq!(inventory.sweep_expired_now(100), 1, "4 expires");
+        assert_eq!(inventory.reservation_count(), 2, "2 forgotten");
+        assert_eq!(
+            inventory.reservation_now(Uuid::from_u128(3)).unwrap().state,
+            ReservationState::Reserved
+        );
+        // The sales stay counted; a forgotten id is unknown again.
+        let stock = inventory.stock_now(&sku("a")).unwrap();
+        assert_eq!(
+            (stock.available, stock.reserved, stock.committed),
+            (8, 1, 1)
+        );
+        assert_eq!(inventory.release_now(Uuid::from_u128(1)).unwrap(), None);
+        clock.advance(hour);
+        inventory.sweep_expired_now(100);
+        assert_eq!(inventory.reservation_count(), 1);
+        let state = inventory.state.lock();
+        assert!(state.finished.is_empty());
+        assert!(state.finished_at.is_empty());
     }
 }

@@ -22,6 +22,8 @@
 //!
 //! The HTTP API and the PostgreSQL schema: `docs/order-saga/inventory.md`.
 
+#[cfg(feature = "postgres")]
+mod combiner;
 pub mod limits;
 pub mod memory;
 #[cfg(feature = "postgres")]

@@ -5,27 +5,46 @@
 //! a conditional update, `UPDATE … SET available = available - q WHERE sku
 //! = $1 AND available >= q`, which PostgreSQL re-evaluates on the latest
 //! row version after waiting for a concurrent writer; `CHECK (available >=
-//! 0)` (and the same on `reserved` and `committed`) stands behind it.
+//! 0)` and `CHECK (held >= 0)` stand behind it.
+//!
+//! A SKU row holds `available` and `held` (the units out of `available`,
+//! reserved or committed). Committing a reservation changes only the
+//! reservation and its lines, so an order locks its SKU rows once, when it
+//! reserves; `reserved` is read as the sum of the SKU's open lines and
+//! `committed` as `held - reserved`.
+//!
+//! **The hot SKU.** A row takes one locking transaction per commit flush,
+//! so one SKU that every buyer wants would cap the whole shop. One-line
+//! reservations are therefore grouped per SKU ([`BatchConfig`], on by
+//! default): while one transaction for a SKU runs, the reservations of that
+//! SKU that arrive wait and go together in the next, which inserts their
+//! rows, takes all their units with one conditional update and writes
+//! their lines, in four round trips whatever their number. When the stock
+//! does not cover the whole group, the row is locked and the requests are
+//! served in arrival order with what there is, exactly as if they had come
+//! one by one. Figures and alternatives:
+//! `docs/adr/0018-order-saga-hot-sku.md`.
 //!
 //! Deadlocks are avoided by one lock order everywhere: a transaction first
-//! locks reservation rows (its own new row, the one it commits or
+//! locks reservation rows (its own new rows, the one it commits or
 //! releases, or the sweeper's batch taken with `SKIP LOCKED`, which never
-//! waits), then SKU rows in ascending SKU order. A reservation takes its
-//! lines one statement each in SKU order; commit, release and the sweeper
-//! lock several SKUs with one `SELECT … ORDER BY sku FOR UPDATE` before
-//! updating them together.
+//! waits), then SKU rows in ascending SKU order. A multi-line reservation
+//! takes its lines one statement each in SKU order; release and the
+//! sweeper lock several SKUs with one `SELECT … ORDER BY sku FOR UPDATE`
+//! before updating them together.
 //!
 //! Every statement is sent with its parameter types
 //! ([`query_typed`](tokio_postgres::Client::query_typed)), so it costs one
-//! round trip with no prepare; a one-line reservation is four round trips
-//! (`BEGIN`, the reservation row, the line, `COMMIT`), and the hot SKU's row
-//! stays locked only from the line's statement to `COMMIT`.
+//! round trip with no prepare.
 //!
 //! Times come from the injected clock and are sent as parameters, never
 //! `now()`, so tests drive expiry with a
 //! [`ManualClock`](time_kit::ManualClock).
 //!
 //! The schema and why each index exists: `docs/order-saga/inventory.md`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use time_kit::SharedClock;
@@ -34,6 +53,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Row, Transaction};
 use uuid::Uuid;
 
+use super::combiner::Combiner;
 use super::limits::{check_restock, new_sku_without_price, stock_overflow};
 use super::{
     Inventory, InventoryError, InventoryLimits, Reservation, ReservationId, ReservationState,
@@ -54,12 +74,51 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../../migrations/inventory/0001_inventory.sql"),
 }];
 
+/// How [`PgInventory`] groups concurrent one-line reservations of the
+/// same SKU into one transaction (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BatchConfig {
+    /// Whether to group them. Default on.
+    pub enabled: bool,
+    /// Most reservations in one transaction. Default 128.
+    pub max_batch: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> BatchConfig {
+        BatchConfig {
+            enabled: true,
+            max_batch: 128,
+        }
+    }
+}
+
+impl BatchConfig {
+    /// One transaction per reservation: the plain conditional update.
+    pub fn disabled() -> BatchConfig {
+        BatchConfig {
+            enabled: false,
+            ..BatchConfig::default()
+        }
+    }
+
+    /// Sets [`BatchConfig::max_batch`] (at least 1).
+    pub fn with_max_batch(mut self, max: usize) -> BatchConfig {
+        self.max_batch = max.max(1);
+        self
+    }
+}
+
+type ReserveResult = Result<Reservation, InventoryError>;
+
 /// The inventory on PostgreSQL. Cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct PgInventory {
     pool: PgPool,
     clock: SharedClock,
     limits: InventoryLimits,
+    batches: Option<Combiner<Sku, ReserveRequest, ReserveResult>>,
 }
 
 impl std::fmt::Debug for PgInventory {
@@ -68,9 +127,16 @@ impl std::fmt::Debug for PgInventory {
             .field("pool", &self.pool.state())
             .field("clock", &self.clock)
             .field("limits", &self.limits)
+            .field("batches", &self.batches)
             .finish()
     }
 }
+
+/// A grouped reservation's outcome was lost (its group's task failed
+/// before answering): the reservation may or may not exist.
+#[derive(Debug, thiserror::Error)]
+#[error("the reservation's batch was lost before it answered")]
+pub struct BatchLost;
 
 /// Stored rows that this version cannot read back (a SKU that does not
 /// parse, a negative quantity, a state it does not know): reported as
@@ -87,7 +153,17 @@ impl PgInventory {
             pool,
             clock,
             limits: InventoryLimits::default(),
+            batches: Some(Combiner::new(BatchConfig::default().max_batch)),
         }
+    }
+
+    /// Groups one-line reservations of a SKU as `config` says (grouping is
+    /// on by default).
+    pub fn with_batching(mut self, config: BatchConfig) -> PgInventory {
+        self.batches = config
+            .enabled
+            .then(|| Combiner::new(config.max_batch.max(1)));
+        self
     }
 
     /// Checks requests against `limits` instead of the defaults.
@@ -116,8 +192,27 @@ impl PgInventory {
         Ok(())
     }
 
-    async fn reserve_in_db(&self, request: ReserveRequest) -> Result<Reservation, InventoryError> {
+    async fn reserve_in_db(&self, request: ReserveRequest) -> ReserveResult {
         self.limits.check_reserve(&request)?;
+        match (&self.batches, request.items.as_slice()) {
+            (Some(batches), [line]) => {
+                let sku = line.sku.clone();
+                let this = self.clone();
+                batches
+                    .submit(sku, request, move |sku, requests| {
+                        let this = this.clone();
+                        async move { this.reserve_batch(&sku, requests).await }
+                    })
+                    .await
+                    .unwrap_or_else(|| Err(InventoryError::Unavailable(Box::new(BatchLost))))
+            }
+            _ => self.reserve_one(request).await,
+        }
+    }
+
+    /// One reservation in its own transaction: one conditional update per
+    /// line, in SKU order.
+    async fn reserve_one(&self, request: ReserveRequest) -> ReserveResult {
         let now = now_micros(&self.clock);
         let expires_at = expiry(now, request.ttl);
         let id = request.reservation_id;
@@ -161,7 +256,7 @@ impl PgInventory {
                     "WITH taken AS (
                          UPDATE inventory.skus
                             SET available = available - $2,
-                                reserved = reserved + $2,
+                                held = held + $2,
                                 updated_at = $4
                           WHERE sku = $1 AND available >= $2
                          RETURNING sku, unit_price_cents
@@ -213,6 +308,223 @@ impl PgInventory {
         })
     }
 
+    /// Reserves a group of one-line requests for `sku` (checked already)
+    /// and answers each, in order.
+    async fn reserve_batch(&self, sku: &Sku, requests: Vec<ReserveRequest>) -> Vec<ReserveResult> {
+        // An id twice in one group: the first goes in the batch, the
+        // others run after it and find its row, as a replay does.
+        let mut seen = HashSet::with_capacity(requests.len());
+        let (batched, repeated): (Vec<usize>, Vec<usize>) =
+            (0..requests.len()).partition(|&i| seen.insert(requests[i].reservation_id));
+        let mut results: Vec<Option<ReserveResult>> = (0..requests.len()).map(|_| None).collect();
+        let group: Vec<&ReserveRequest> = batched.iter().map(|&i| &requests[i]).collect();
+        match self.reserve_group(sku, &group).await {
+            Ok(outcomes) => {
+                for (&i, outcome) in batched.iter().zip(outcomes) {
+                    results[i] = Some(outcome);
+                }
+            }
+            Err(e) => {
+                // One failure for the whole group: every caller sees it.
+                let shared: Arc<dyn std::error::Error + Send + Sync> = match e {
+                    InventoryError::Unavailable(source) => Arc::from(source),
+                    other => Arc::new(other),
+                };
+                for &i in &batched {
+                    results[i] = Some(Err(InventoryError::Unavailable(Box::new(Arc::clone(
+                        &shared,
+                    )))));
+                }
+            }
+        }
+        for i in repeated {
+            results[i] = Some(self.reserve_one(requests[i].clone()).await);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(InventoryError::Unavailable(Box::new(BatchLost)))))
+            .collect()
+    }
+
+    /// One transaction for a group of one-line requests of `sku` with
+    /// distinct ids: the new ones take their units with one conditional
+    /// update of the SKU row (all of them, in the common case), or, when
+    /// the stock does not cover them all, in arrival order with what there
+    /// is, as if they had come one by one.
+    async fn reserve_group(
+        &self,
+        sku: &Sku,
+        group: &[&ReserveRequest],
+    ) -> Result<Vec<ReserveResult>, InventoryError> {
+        let now = now_micros(&self.clock);
+        let quantity = |r: &ReserveRequest| r.items.first().map_or(0, |l| l.quantity);
+        let ids: Vec<Uuid> = group.iter().map(|r| r.reservation_id).collect();
+        let expires: Vec<DateTime<Utc>> = group.iter().map(|r| expiry(now, r.ttl)).collect();
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
+        let tx = conn.transaction().await.map_err(query_error)?;
+        let inserted: HashSet<Uuid> = tx
+            .query_typed(
+                "INSERT INTO inventory.reservations (id, state, expires_at, created_at, updated_at)
+                 SELECT id, 'reserved', expires_at, $3, $3
+                   FROM unnest($1::uuid[], $2::timestamptz[]) AS r(id, expires_at)
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id",
+                &[
+                    (&ids, Type::UUID_ARRAY),
+                    (&expires, Type::TIMESTAMPTZ_ARRAY),
+                    (&now, Type::TIMESTAMPTZ),
+                ],
+            )
+            .await
+            .map_err(query_error)?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(query_error)?;
+        let mut results: Vec<Option<ReserveResult>> = (0..group.len()).map(|_| None).collect();
+        let mut new = Vec::with_capacity(group.len());
+        for (k, request) in group.iter().enumerate() {
+            if inserted.contains(&request.reservation_id) {
+                new.push(k);
+                continue;
+            }
+            // A replay: the stored reservation answers.
+            let id = request.reservation_id;
+            results[k] = Some(match load(&tx, id, false).await? {
+                Some(existing) if same_lines(&existing, &request.items) => Ok(existing),
+                Some(_) => Err(InventoryError::ReservationMismatch(id)),
+                None => Err(corrupt(format!(
+                    "reservation {id} conflicted but cannot be read"
+                ))),
+            });
+        }
+        let mut granted: Vec<usize> = Vec::with_capacity(new.len());
+        let mut price = 0i64;
+        if !new.is_empty() {
+            let new_ids: Vec<Uuid> = new.iter().map(|&k| ids[k]).collect();
+            let quantities: Vec<i64> = new.iter().map(|&k| i64::from(quantity(group[k]))).collect();
+            let total: i64 = quantities.iter().sum();
+            let lines = tx
+                .query_typed(
+                    "WITH taken AS (
+                         UPDATE inventory.skus
+                            SET available = available - $2,
+                                held = held + $2,
+                                updated_at = $5
+                          WHERE sku = $1 AND available >= $2
+                         RETURNING unit_price_cents
+                     )
+                     INSERT INTO inventory.reservation_lines
+                            (reservation_id, sku, quantity, unit_price_cents)
+                     SELECT r.id, $1, r.quantity, taken.unit_price_cents
+                       FROM unnest($3::uuid[], $4::bigint[]) AS r(id, quantity), taken
+                     RETURNING unit_price_cents",
+                    &[
+                        (&sku.as_str(), Type::TEXT),
+                        (&total, Type::INT8),
+                        (&new_ids, Type::UUID_ARRAY),
+                        (&quantities, Type::INT8_ARRAY),
+                        (&now, Type::TIMESTAMPTZ),
+                    ],
+                )
+                .await
+                .map_err(query_error)?;
+            if let Some(first) = lines.first() {
+                price = first.try_get(0).map_err(query_error)?;
+                granted = new;
+            } else {
+                let stock = tx
+                    .query_typed_opt(
+                        "SELECT available, unit_price_cents FROM inventory.skus
+                          WHERE sku = $1 FOR UPDATE",
+                        &[(&sku.as_str(), Type::TEXT)],
+                    )
+                    .await
+                    .map_err(query_error)?;
+                let Some(stock) = stock else {
+                    for &k in &new {
+                        results[k] = Some(Err(InventoryError::UnknownSku(sku.clone())));
+                    }
+                    rollback(tx).await;
+                    return Ok(finish(results));
+                };
+                let mut available: i64 = stock.try_get(0).map_err(query_error)?;
+                price = stock.try_get(1).map_err(query_error)?;
+                let mut refused = Vec::new();
+                for &k in &new {
+                    let requested = quantity(group[k]);
+                    if i64::from(requested) <= available {
+                        available -= i64::from(requested);
+                        granted.push(k);
+                    } else {
+                        refused.push(ids[k]);
+                        results[k] = Some(Err(InventoryError::OutOfStock {
+                            sku: sku.clone(),
+                            requested,
+                            available,
+                        }));
+                    }
+                }
+                if granted.is_empty() {
+                    rollback(tx).await;
+                    return Ok(finish(results));
+                }
+                tx.execute_typed(
+                    "DELETE FROM inventory.reservations WHERE id = ANY($1)",
+                    &[(&refused, Type::UUID_ARRAY)],
+                )
+                .await
+                .map_err(query_error)?;
+                let granted_ids: Vec<Uuid> = granted.iter().map(|&k| ids[k]).collect();
+                let granted_quantities: Vec<i64> = granted
+                    .iter()
+                    .map(|&k| i64::from(quantity(group[k])))
+                    .collect();
+                let total: i64 = granted_quantities.iter().sum();
+                // The row is locked by the SELECT above: this cannot fail
+                // the CHECK, and the lines take the price just read.
+                tx.execute_typed(
+                    "WITH taken AS (
+                         UPDATE inventory.skus
+                            SET available = available - $2,
+                                held = held + $2,
+                                updated_at = $6
+                          WHERE sku = $1
+                         RETURNING 1
+                     )
+                     INSERT INTO inventory.reservation_lines
+                            (reservation_id, sku, quantity, unit_price_cents)
+                     SELECT r.id, $1, r.quantity, $5
+                       FROM unnest($3::uuid[], $4::bigint[]) AS r(id, quantity), taken",
+                    &[
+                        (&sku.as_str(), Type::TEXT),
+                        (&total, Type::INT8),
+                        (&granted_ids, Type::UUID_ARRAY),
+                        (&granted_quantities, Type::INT8_ARRAY),
+                        (&price, Type::INT8),
+                        (&now, Type::TIMESTAMPTZ),
+                    ],
+                )
+                .await
+                .map_err(query_error)?;
+            }
+        }
+        tx.commit().await.map_err(query_error)?;
+        for k in granted {
+            results[k] = Some(Ok(Reservation {
+                id: ids[k],
+                state: ReservationState::Reserved,
+                lines: vec![ReservedLine {
+                    sku: sku.clone(),
+                    quantity: quantity(group[k]),
+                    unit_price_cents: price,
+                }],
+                expires_at: expires[k],
+            }));
+        }
+        Ok(finish(results))
+    }
+
     async fn commit_in_db(&self, id: ReservationId) -> Result<Reservation, InventoryError> {
         let now = now_micros(&self.clock);
         let mut conn = self.pool.get().await.map_err(pool_error)?;
@@ -234,15 +546,14 @@ impl PgInventory {
                 // Past its expiry the stock is no longer promised: give it
                 // back now rather than leave it to the sweeper, so the
                 // outcome does not depend on when the sweeper ran.
-                let deltas = deltas(&reservation.lines, |q| (q, -q, 0));
-                apply_deltas(&tx, &deltas, now).await?;
+                apply_deltas(&tx, &give_back(&reservation.lines), now).await?;
                 set_state(&tx, &[id], ReservationState::Expired, now).await?;
                 tx.commit().await.map_err(query_error)?;
                 Err(InventoryError::ReservationExpired(id))
             }
             ReservationState::Reserved => {
-                let deltas = deltas(&reservation.lines, |q| (0, -q, q));
-                apply_deltas(&tx, &deltas, now).await?;
+                // The units stay held: only the reservation and its lines
+                // change, so a commit never waits on (or locks) a SKU row.
                 set_state(&tx, &[id], ReservationState::Committed, now).await?;
                 tx.commit().await.map_err(query_error)?;
                 reservation.state = ReservationState::Committed;
@@ -262,15 +573,15 @@ impl PgInventory {
             rollback(tx).await;
             return Ok(None);
         };
-        let deltas = match reservation.state {
-            ReservationState::Released | ReservationState::Expired => {
-                rollback(tx).await;
-                return Ok(Some(reservation));
-            }
-            ReservationState::Reserved => deltas(&reservation.lines, |q| (q, -q, 0)),
-            ReservationState::Committed => deltas(&reservation.lines, |q| (q, 0, -q)),
-        };
-        apply_deltas(&tx, &deltas, now).await?;
+        if matches!(
+            reservation.state,
+            ReservationState::Released | ReservationState::Expired
+        ) {
+            rollback(tx).await;
+            return Ok(Some(reservation));
+        }
+        // Reserved or committed, the units are held: they go back.
+        apply_deltas(&tx, &give_back(&reservation.lines), now).await?;
         set_state(&tx, &[id], ReservationState::Released, now).await?;
         tx.commit().await.map_err(query_error)?;
         reservation.state = ReservationState::Released;
@@ -289,7 +600,10 @@ impl PgInventory {
         let conn = self.pool.get().await.map_err(pool_error)?;
         let row = conn
             .query_typed_opt(
-                "SELECT available, reserved, committed, unit_price_cents
+                "SELECT available, held, unit_price_cents,
+                        (SELECT coalesce(sum(quantity), 0)::bigint
+                           FROM inventory.reservation_lines
+                          WHERE sku = $1 AND open)
                    FROM inventory.skus WHERE sku = $1",
                 &[(&sku.as_str(), Type::TEXT)],
             )
@@ -310,14 +624,21 @@ impl PgInventory {
         let row = match restock.unit_price_cents {
             Some(price) => conn
                 .query_typed_opt(
-                    "INSERT INTO inventory.skus AS s
-                            (sku, available, unit_price_cents, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $4)
-                     ON CONFLICT (sku) DO UPDATE
-                        SET available = s.available + EXCLUDED.available,
-                            unit_price_cents = EXCLUDED.unit_price_cents,
-                            updated_at = EXCLUDED.updated_at
-                     RETURNING available, reserved, committed, unit_price_cents",
+                    "WITH up AS (
+                         INSERT INTO inventory.skus AS s
+                                (sku, available, unit_price_cents, created_at, updated_at)
+                         VALUES ($1, $2, $3, $4, $4)
+                         ON CONFLICT (sku) DO UPDATE
+                            SET available = s.available + EXCLUDED.available,
+                                unit_price_cents = EXCLUDED.unit_price_cents,
+                                updated_at = EXCLUDED.updated_at
+                         RETURNING available, held, unit_price_cents
+                     )
+                     SELECT available, held, unit_price_cents,
+                            (SELECT coalesce(sum(quantity), 0)::bigint
+                               FROM inventory.reservation_lines
+                              WHERE sku = $1 AND open)
+                       FROM up",
                     &[
                         (&sku, Type::TEXT),
                         (&quantity, Type::INT8),
@@ -329,10 +650,17 @@ impl PgInventory {
                 .map_err(|e| restock_error(&restock.sku, e))?,
             None => conn
                 .query_typed_opt(
-                    "UPDATE inventory.skus
-                        SET available = available + $2, updated_at = $3
-                      WHERE sku = $1
-                     RETURNING available, reserved, committed, unit_price_cents",
+                    "WITH up AS (
+                         UPDATE inventory.skus
+                            SET available = available + $2, updated_at = $3
+                          WHERE sku = $1
+                         RETURNING available, held, unit_price_cents
+                     )
+                     SELECT available, held, unit_price_cents,
+                            (SELECT coalesce(sum(quantity), 0)::bigint
+                               FROM inventory.reservation_lines
+                              WHERE sku = $1 AND open)
+                       FROM up",
                     &[
                         (&sku, Type::TEXT),
                         (&quantity, Type::INT8),
@@ -396,8 +724,7 @@ impl PgInventory {
             deltas.push(Delta {
                 sku,
                 available: quantity,
-                reserved: -quantity,
-                committed: 0,
+                held: -quantity,
             });
         }
         apply_deltas(&tx, &deltas, now).await?;
@@ -407,26 +734,32 @@ impl PgInventory {
     }
 }
 
+/// Every slot answered; an empty one (a bug) is reported, never a panic.
+fn finish(results: Vec<Option<ReserveResult>>) -> Vec<ReserveResult> {
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(InventoryError::Unavailable(Box::new(BatchLost)))))
+        .collect()
+}
+
 /// How one SKU's counts move.
 struct Delta {
     sku: String,
     available: i64,
-    reserved: i64,
-    committed: i64,
+    held: i64,
 }
 
-/// One delta per line (lines come sorted by SKU), from a function of the
-/// quantity giving `(available, reserved, committed)`.
-fn deltas(lines: &[ReservedLine], f: impl Fn(i64) -> (i64, i64, i64)) -> Vec<Delta> {
+/// The deltas that give a reservation's held units back to `available`,
+/// one per line (lines come sorted by SKU).
+fn give_back(lines: &[ReservedLine]) -> Vec<Delta> {
     lines
         .iter()
         .map(|line| {
-            let (available, reserved, committed) = f(i64::from(line.quantity));
+            let quantity = i64::from(line.quantity);
             Delta {
                 sku: line.sku.as_str().to_owned(),
-                available,
-                reserved,
-                committed,
+                available: quantity,
+                held: -quantity,
             }
         })
         .collect()
@@ -446,15 +779,13 @@ async fn apply_deltas(
             .execute_typed(
                 "UPDATE inventory.skus
                     SET available = available + $2,
-                        reserved = reserved + $3,
-                        committed = committed + $4,
-                        updated_at = $5
+                        held = held + $3,
+                        updated_at = $4
                   WHERE sku = $1",
                 &[
                     (&one.sku, Type::TEXT),
                     (&one.available, Type::INT8),
-                    (&one.reserved, Type::INT8),
-                    (&one.committed, Type::INT8),
+                    (&one.held, Type::INT8),
                     (&now, Type::TIMESTAMPTZ),
                 ],
             )
@@ -463,8 +794,7 @@ async fn apply_deltas(
         many => {
             let skus: Vec<&str> = many.iter().map(|d| d.sku.as_str()).collect();
             let available: Vec<i64> = many.iter().map(|d| d.available).collect();
-            let reserved: Vec<i64> = many.iter().map(|d| d.reserved).collect();
-            let committed: Vec<i64> = many.iter().map(|d| d.committed).collect();
+            let held: Vec<i64> = many.iter().map(|d| d.held).collect();
             tx.execute_typed(
                 "SELECT 1 FROM inventory.skus WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
                 &[(&skus, Type::TEXT_ARRAY)],
@@ -474,17 +804,15 @@ async fn apply_deltas(
             tx.execute_typed(
                 "UPDATE inventory.skus AS s
                     SET available = s.available + d.available,
-                        reserved = s.reserved + d.reserved,
-                        committed = s.committed + d.committed,
-                        updated_at = $5
-                   FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
-                        AS d(sku, available, reserved, committed)
+                        held = s.held + d.held,
+                        updated_at = $4
+                   FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+                        AS d(sku, available, held)
                   WHERE s.sku = d.sku",
                 &[
                     (&skus, Type::TEXT_ARRAY),
                     (&available, Type::INT8_ARRAY),
-                    (&reserved, Type::INT8_ARRAY),
-                    (&committed, Type::INT8_ARRAY),
+                    (&held, Type::INT8_ARRAY),
                     (&now, Type::TIMESTAMPTZ),
                 ],
             )
@@ -503,6 +831,7 @@ async fn apply_deltas(
     Ok(())
 }
 
+/// Moves reservations out of `reserved` to `state`, closing their lines.
 async fn set_state(
     tx: &Transaction<'_>,
     ids: &[Uuid],
@@ -510,7 +839,13 @@ async fn set_state(
     now: DateTime<Utc>,
 ) -> Result<(), InventoryError> {
     tx.execute_typed(
-        "UPDATE inventory.reservations SET state = $2, updated_at = $3 WHERE id = ANY($1)",
+        "WITH moved AS (
+             UPDATE inventory.reservations SET state = $2, updated_at = $3
+              WHERE id = ANY($1)
+             RETURNING id
+         )
+         UPDATE inventory.reservation_lines SET open = false
+          WHERE reservation_id IN (SELECT id FROM moved) AND open",
         &[
             (&ids, Type::UUID_ARRAY),
             (&state.as_str(), Type::TEXT),
@@ -583,13 +918,22 @@ fn parse_state(state: &str) -> Result<ReservationState, InventoryError> {
     .ok_or_else(|| corrupt(format!("reservation state {state:?}")))
 }
 
+/// A stock level from `(available, held, unit_price_cents, reserved)`:
+/// what is held and not reserved is committed.
 fn stock_level(sku: &Sku, row: &Row) -> Result<StockLevel, InventoryError> {
+    let held: i64 = row.try_get(1).map_err(query_error)?;
+    let reserved: i64 = row.try_get(3).map_err(query_error)?;
+    if !(0..=held).contains(&reserved) {
+        return Err(corrupt(format!(
+            "{sku}: {reserved} units in open lines but {held} held"
+        )));
+    }
     Ok(StockLevel {
         sku: sku.clone(),
         available: row.try_get(0).map_err(query_error)?,
-        reserved: row.try_get(1).map_err(query_error)?,
-        committed: row.try_get(2).map_err(query_error)?,
-        unit_price_cents: row.try_get(3).map_err(query_error)?,
+        reserved,
+        committed: held - reserved,
+        unit_price_cents: row.try_get(2).map_err(query_error)?,
     })
 }
 
