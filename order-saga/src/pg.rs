@@ -75,6 +75,10 @@ pub fn pool(url: &str, config: &PoolConfig) -> Result<PgPool, PgError> {
     Ok(bb8::Pool::builder()
         .max_size(config.max_size)
         .connection_timeout(config.connection_timeout)
+        // A broken connection fails its query, which the caller reports as
+        // unavailable; testing every checkout would cost a round trip per
+        // transaction.
+        .test_on_check_out(false)
         .build_unchecked(manager))
 }
 

@@ -37,8 +37,11 @@ async fn world(db_url: &str, sim: Arc<Simulator>, config: OrderConfig) -> World 
     let clock = time_kit::system();
     let pool = pool(
         db_url,
+        // A long wait for a connection: the tests push far more concurrent
+        // orders than the pool has connections.
         &PoolConfig {
             max_size: 12,
+            connection_timeout: Duration::from_secs(60),
             ..PoolConfig::default()
         },
     )
@@ -258,17 +261,29 @@ async fn ten_thousand_orders_with_payment_failures_roll_back_completely() {
                 } else {
                     vec![(&a, 1), (&b, 2)]
                 };
-                match service
-                    .create_order(
-                        &customer(&format!("c{}", i % 500)),
-                        cart(&items),
-                        &format!("k{i}"),
-                    )
-                    .await
-                {
+                // A client retries 409 request_in_progress and 503 with the
+                // same key, as the API tells it to.
+                let who = customer(&format!("c{}", i % 500));
+                let key = format!("k{i}");
+                let mut outcome = service.create_order(&who, cart(&items), &key).await;
+                while matches!(
+                    outcome,
+                    Err(OrderError::KeyInFlight | OrderError::InventoryUnavailable(_))
+                ) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    outcome = service.create_order(&who, cart(&items), &key).await;
+                }
+                let id =
+                    |stored: &order_saga::order::store::StoredResponse, field: &str| -> OrderId {
+                        stored.body[field].as_str().unwrap().parse().unwrap()
+                    };
+                match outcome {
                     Ok(CreateOutcome::Created(order)) => ids.push(order.id),
-                    Ok(CreateOutcome::OutOfStock(stored)) => {
-                        ids.push(stored.body["order_id"].as_str().unwrap().parse().unwrap())
+                    Ok(CreateOutcome::Replayed(stored)) if stored.status == 201 => {
+                        ids.push(id(&stored, "id"))
+                    }
+                    Ok(CreateOutcome::OutOfStock(stored) | CreateOutcome::Replayed(stored)) => {
+                        ids.push(id(&stored, "order_id"))
                     }
                     other => panic!("unexpected {other:?}"),
                 }

@@ -21,6 +21,11 @@ pub struct OrderConfig {
     pub poll_interval: Duration,
     /// Most sagas driven at once by this instance. Default 1,024.
     pub max_concurrent_sagas: usize,
+    /// Most create requests between their first write and their answer at
+    /// once; more wait before writing anything. Keeps a burst from queueing
+    /// half-created orders behind each other for connections (which would
+    /// outlast their leases). Default 64.
+    pub max_concurrent_creates: usize,
     /// How long stock is held for an order that has not completed.
     /// Default 15 min.
     pub reservation_ttl: Duration,
@@ -51,6 +56,7 @@ impl Default for OrderConfig {
             lease: Duration::from_secs(10),
             poll_interval: Duration::from_millis(250),
             max_concurrent_sagas: 1024,
+            max_concurrent_creates: 64,
             reservation_ttl: Duration::from_secs(15 * 60),
             max_step_attempts: 5,
             max_compensation_attempts: 8,

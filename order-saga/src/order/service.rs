@@ -54,6 +54,7 @@ pub(crate) struct Inner {
     pub(crate) clock: SharedClock,
     pub(crate) stats: OrderStats,
     pub(crate) permits: Arc<Semaphore>,
+    pub(crate) create_permits: Semaphore,
     pub(crate) fault_hook: Option<FaultHook>,
     /// This process's lease owner: `{instance_id}#{random}`, so a restarted
     /// instance tells its dead predecessor's leases from its own.
@@ -192,6 +193,7 @@ impl OrderService {
         clock: SharedClock,
     ) -> OrderService {
         let permits = Arc::new(Semaphore::new(config.max_concurrent_sagas.max(1)));
+        let create_permits = Semaphore::new(config.max_concurrent_creates.max(1));
         OrderService {
             inner: Arc::new(Inner {
                 store,
@@ -201,6 +203,7 @@ impl OrderService {
                 clock,
                 stats: OrderStats::default(),
                 permits,
+                create_permits,
                 fault_hook: None,
             }),
         }
@@ -312,6 +315,8 @@ impl OrderService {
         {
             return Err(OrderError::InvalidIdempotencyKey);
         }
+        // Admission: the permit is held from the first write to the answer.
+        let _admitted = inner.create_permits.acquire().await;
         let request_hash: [u8; 32] =
             Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()).into();
         let now = inner.now();
@@ -395,6 +400,8 @@ impl OrderService {
             // answers the key when it has an outcome.
             Ok(Settled::Waiting) => Err(OrderError::InventoryUnavailable(id)),
             Err(Stop::StoreFailed(e)) => Err(OrderError::Store(e)),
+            // Another instance took the saga over (this request outlived its
+            // lease): it records the answer; a retry with the key gets it.
             Err(_) => Err(OrderError::KeyInFlight),
         }
     }
