@@ -329,8 +329,16 @@ async fn ten_thousand_orders_with_payment_failures_roll_back_completely() {
     }
     // Payments, reconciled against the provider's ledger.
     let mut captured_total = 0;
+    let mut by_order: std::collections::HashMap<OrderId, Vec<order_saga::payment::Payment>> =
+        std::collections::HashMap::new();
+    for entry in w.sim.entries() {
+        by_order
+            .entry(entry.payment.order_id)
+            .or_default()
+            .push(entry.payment);
+    }
     for order in &orders {
-        let payments = w.sim.payments_for_order(order.id);
+        let payments = by_order.get(&order.id).cloned().unwrap_or_default();
         assert!(
             payments.len() <= 1,
             "double charge for {}: {payments:?}",
