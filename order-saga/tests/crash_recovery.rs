@@ -158,10 +158,18 @@ async fn parent() {
         crash_at: None,
         finish: true,
     });
-    let status = tokio::task::spawn_blocking(move || last.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    // Every saga must end within two minutes; a hang is a failure.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = last.try_wait().unwrap() {
+            break status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            last.kill().unwrap();
+            panic!("sagas still unfinished two minutes after the last restart");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(status.success(), "the final process failed: {status}");
 
     verify(&pg, &sim, &inventory).await;
