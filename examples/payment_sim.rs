@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Flags (each also read from the environment variable shown in `--help`):
-//! `--addr` (default `127.0.0.1:8090`), `--latency-ms` (mean, default 20),
+//! `--addr` (env `BIND`, default `127.0.0.1:8090`), `--latency-ms` (mean, default 20),
 //! `--latency-p99-ms` (default 3 × the mean), `--error-rate` (default 0.05),
 //! `--lost-reply-rate`, `--timeout-rate`, `--decline-rate` (default 0),
 //! `--late-reply-ms` (default 30000), `--seed` (default random). `RUST_LOG`
@@ -34,7 +34,7 @@ use order_saga::payment::sim::{SimConfig, Simulator};
 #[command(name = "payment_sim", version)]
 struct Args {
     /// Listen address.
-    #[arg(long, env = "PAYMENT_SIM_ADDR", default_value = "127.0.0.1:8090")]
+    #[arg(long, env = "BIND", default_value = "127.0.0.1:8090")]
     addr: SocketAddr,
     /// Mean latency of a request, in milliseconds (log-normal).
     #[arg(long, env = "PAYMENT_SIM_LATENCY_MS", default_value_t = 20.0)]

@@ -15,7 +15,7 @@ use super::{
     expiry,
 };
 use crate::BoxFuture;
-use crate::events::EventEnvelope;
+use crate::messaging::outbox::MemoryOutbox;
 use crate::model::{CustomerId, Order, OrderId, OrderState};
 
 #[derive(Debug)]
@@ -39,7 +39,6 @@ struct State {
     orders: HashMap<OrderId, Row>,
     by_customer: BTreeSet<(CustomerId, OrderId)>,
     keys: HashMap<(CustomerId, String), KeyRow>,
-    outbox: Vec<EventEnvelope>,
     next_token: i64,
 }
 
@@ -47,6 +46,7 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct MemoryOrderStore {
     state: Arc<Mutex<State>>,
+    outbox: MemoryOutbox,
     clock: SharedClock,
 }
 
@@ -61,6 +61,7 @@ impl MemoryOrderStore {
     pub fn new(clock: SharedClock) -> MemoryOrderStore {
         MemoryOrderStore {
             state: Arc::new(Mutex::new(State::default())),
+            outbox: MemoryOutbox::new(clock.clone()),
             clock,
         }
     }
@@ -69,10 +70,12 @@ impl MemoryOrderStore {
         DateTime::<Utc>::from(self.clock.now())
     }
 
-    /// Takes the events written since the last call, in commit order (what
-    /// the outbox relay publishes).
-    pub fn drain_outbox(&self) -> Vec<EventEnvelope> {
-        std::mem::take(&mut self.state.lock().outbox)
+    /// The outbox each change's events are appended to (under the store's
+    /// lock, so they commit together); an
+    /// [`OutboxRelay`](crate::messaging::relay::OutboxRelay) over its
+    /// [`source`](MemoryOutbox::source) publishes them.
+    pub fn outbox(&self) -> &MemoryOutbox {
+        &self.outbox
     }
 
     /// The saga log of one order (for tests and operators).
@@ -207,7 +210,8 @@ impl OrderStore for MemoryOrderStore {
                     key_row.response = Some(response);
                 }
             }
-            state.outbox.extend(update.events);
+            // Under the store's lock: the change and its events commit together.
+            self.outbox.append(&update.events);
             Ok(cancel_requested)
         })
     }

@@ -1,0 +1,29 @@
+//! Shared by the order-saga examples: HS256 tokens, verified and minted
+//! with the services' one shared secret.
+
+use std::time::Duration;
+
+use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
+
+/// A verifier of HS256 tokens signed with `secret` (any `kid`).
+pub(crate) fn hs256_verifier(secret: &str) -> Result<JwtVerifier, jwt_kit::KeyError> {
+    let keys = KeySet::new()
+        .with_key(VerifyingKey::hs256("default", secret.as_bytes()))?
+        .with_default_kid("default");
+    Ok(JwtVerifier::new(keys, JwtConfig::default()))
+}
+
+/// A token for `subject` with `roles`, valid for `ttl`.
+pub(crate) fn mint_token(
+    secret: &str,
+    subject: &str,
+    roles: &[&str],
+    ttl: Duration,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let exp = chrono::Utc::now().timestamp() + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": subject, "exp": exp, "roles": roles}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+}
