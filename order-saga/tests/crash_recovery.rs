@@ -282,7 +282,14 @@ fn child(spec: ChildSpec) {
         .unwrap();
     runtime.block_on(async move {
         let clock = time_kit::system();
-        let pg = pool(&spec.db_url, &PoolConfig::default()).unwrap();
+        let pg = pool(
+            &spec.db_url,
+            &PoolConfig {
+                connection_timeout: Duration::from_secs(30),
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap();
         let provider = HttpPaymentProvider::new(
             ClientConfig::new(&spec.payment_url).with_timeout(Duration::from_millis(500)),
         )
