@@ -9,6 +9,8 @@
 //! variable tells it to play the order service). `ORDER_SAGA_CRASH_RUNS`
 //! sets the number of kills (default 100).
 #![cfg(all(feature = "postgres", feature = "http"))]
+// The run's figures go to stderr (shown with --nocapture).
+#![allow(clippy::print_stderr)]
 
 mod support;
 
@@ -198,7 +200,7 @@ async fn verify(pg: &order_saga::pg::PgPool, sim: &Simulator, inventory: &Arc<dy
         .await
         .unwrap();
     assert!(!rows.is_empty());
-    let mut sold = vec![0i64; SKUS];
+    let mut sold = [0i64; SKUS];
     let mut states: HashMap<String, usize> = HashMap::new();
     let mut by_order: HashMap<order_saga::OrderId, Vec<order_saga::payment::Payment>> =
         HashMap::new();

@@ -77,7 +77,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 async fn created(outcome: Result<CreateOutcome, OrderError>) -> order_saga::Order {
     match outcome {
-        Ok(CreateOutcome::Created(order)) => order,
+        Ok(CreateOutcome::Created(order)) => *order,
         other => panic!("expected 201, got {other:?}"),
     }
 }

@@ -6,6 +6,8 @@
 //!
 //! The test re-runs its own binary as the two children.
 #![cfg(all(feature = "postgres", feature = "redis"))]
+// The child reports to the parent on stdout; the parent reports on stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod support;
 

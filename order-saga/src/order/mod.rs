@@ -16,6 +16,7 @@ mod stats;
 pub mod store;
 
 pub use config::OrderConfig;
+#[cfg(feature = "http")]
 pub(crate) use driver::error_chain;
 pub use service::{
     CreateOutcome, FaultHook, OrderError, OrderPage, OrderService, Running, Services,

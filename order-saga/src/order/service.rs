@@ -90,7 +90,7 @@ impl Inner {
 pub enum CreateOutcome {
     /// 201: the order is durable and its stock reserved; payment and
     /// shipping go on asynchronously.
-    Created(Order),
+    Created(Box<Order>),
     /// 409 `out_of_stock`: the order was recorded as cancelled
     /// (`out_of_stock`); this is also the answer stored for the key.
     OutOfStock(StoredResponse),
@@ -394,7 +394,7 @@ impl OrderService {
                 inner.stats.created.fetch_add(1, Relaxed);
                 let order = record.order.clone();
                 spawn_driver(inner, record, lease);
-                Ok(CreateOutcome::Created(order))
+                Ok(CreateOutcome::Created(Box::new(order)))
             }
             // The inventory is down: the saga retries the reservation and
             // answers the key when it has an outcome.

@@ -105,16 +105,16 @@ impl OrderStore for MemoryOrderStore {
             let id = new.order.id;
             if let Some(claim) = &new.idempotency {
                 let slot = (claim.customer.clone(), claim.key.clone());
-                if let Some(existing) = state.keys.get(&slot) {
-                    if existing.expires_at > now {
-                        if existing.request_hash != claim.request_hash {
-                            return Ok(Created::KeyReused);
-                        }
-                        return Ok(match &existing.response {
-                            Some(response) => Created::Replay(response.clone()),
-                            None => Created::InFlight,
-                        });
+                if let Some(existing) = state.keys.get(&slot)
+                    && existing.expires_at > now
+                {
+                    if existing.request_hash != claim.request_hash {
+                        return Ok(Created::KeyReused);
                     }
+                    return Ok(match &existing.response {
+                        Some(response) => Created::Replay(response.clone()),
+                        None => Created::InFlight,
+                    });
                 }
                 state.keys.insert(
                     slot,
