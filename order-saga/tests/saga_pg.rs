@@ -74,6 +74,10 @@ async fn world(db_url: &str, sim: Arc<Simulator>, config: OrderConfig) -> World 
 
 fn fast_config() -> OrderConfig {
     OrderConfig {
+        // The provider answers at once here, so every saga in flight wants
+        // the database: keep them within a few per connection.
+        max_concurrent_sagas: 48,
+        max_concurrent_creates: 32,
         poll_interval: Duration::from_millis(20),
         retry_base: Duration::from_millis(2),
         retry_max: Duration::from_millis(50),
