@@ -470,9 +470,9 @@ async fn create_is_201_with_the_stock_reserved_and_a_replay_is_200_with_the_same
 
     // The same key and body, re-serialized with other whitespace, field
     // order and an explicit `line2: null`: the stored answer, as 200.
-    let reordered = format!(
-        "{{ \"ship_to\": {{\"country\":\"GB\",\"line2\":null,\"postal_code\":\"N1 9GU\",\"city\":\"London\",\"line1\":\"12 Analytical Row\",\"name\":\"Ada Lovelace\"}},\n  \"items\": [{{\"quantity\":2,\"sku\":\"SKU-1\"}}, {{\"sku\":\"SKU-2\",\"quantity\":1}}] }}"
-    );
+    let reordered = r#"{ "ship_to": {"country":"GB","line2":null,"postal_code":"N1 9GU",
+        "city":"London","line1":"12 Analytical Row","name":"Ada Lovelace"},
+      "items": [{"quantity":2,"sku":"SKU-1"}, {"sku":"SKU-2","quantity":1}] }"#;
     let replay = w
         .api
         .raw(
