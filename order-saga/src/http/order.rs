@@ -136,7 +136,7 @@ where
             Method::GET => list(inner, &request.into_parts().0).await,
             _ => Err(ApiError::method_not_allowed("GET, POST")),
         },
-        ["v1", "orders", id] => {
+        ["v1", "orders", id] if !id.is_empty() => {
             only(&method, Method::GET, "GET")?;
             let claims = authenticate(&inner.verifier, request.headers())?;
             let id = parse_id(id)?;
@@ -149,7 +149,7 @@ where
                 .ok_or_else(not_found)?;
             Ok(http_kit::json(StatusCode::OK, &order))
         }
-        ["v1", "orders", id, "cancel"] => {
+        ["v1", "orders", id, "cancel"] if !id.is_empty() => {
             only(&method, Method::POST, "POST")?;
             let claims = authenticate(&inner.verifier, request.headers())?;
             let id = parse_id(id)?;
@@ -164,7 +164,7 @@ where
                 .map_err(error)?;
             Ok(http_kit::json(StatusCode::OK, &order))
         }
-        ["v1", "orders", id, "retry"] => {
+        ["v1", "orders", id, "retry"] if !id.is_empty() => {
             only(&method, Method::POST, "POST")?;
             let claims = authenticate(&inner.verifier, request.headers())?;
             super::support::require_role(&claims, ADMIN_ROLE)?;

@@ -24,6 +24,11 @@ pub(crate) enum Outcome {
     Done(Effects),
     /// It will never succeed: roll back for this reason.
     Failed(CancelReason, String),
+    /// Like `Failed`, and it surely took no effect: the service refused it
+    /// or was never asked (a payment provider that is down, an open
+    /// breaker). If this was the step's only run, its compensation is not
+    /// needed.
+    Refused(CancelReason, String),
     /// It may succeed later (a service is unavailable).
     Retry(String),
     /// The request itself is invalid (an unknown SKU): the create path
@@ -61,13 +66,34 @@ pub(crate) fn log_begin(step: Step) -> String {
     )
 }
 
+/// The step that the last write of `saga` began and that has not run yet,
+/// if any: steps are begun in the write that completes the previous one.
+pub(crate) fn begun_next(saga: &crate::saga::Saga) -> Option<Step> {
+    match saga.next() {
+        Action::Run(step) if saga.has_begun(step) => Some(step),
+        _ => None,
+    }
+}
+
 /// Drives `record`'s saga until it finishes, must wait, or loses its lease.
-pub(crate) async fn drive(inner: Arc<Inner>, mut record: SagaRecord, lease: Lease) -> Stop {
+///
+/// `fresh` is the step the caller's own write began and that has not run
+/// anywhere yet (`None` for a saga claimed from the store: an earlier
+/// incarnation may have run its current step). A fresh step whose only run
+/// is refused ([`Outcome::Refused`]) needs no compensation; any other
+/// failure is compensated as usual.
+pub(crate) async fn drive(
+    inner: Arc<Inner>,
+    mut record: SagaRecord,
+    lease: Lease,
+    mut fresh: Option<Step>,
+) -> Stop {
     loop {
         let mut events = Vec::new();
         let mut log = Vec::new();
         if record.cancel_requested {
             record.cancel_requested = false;
+            fresh = None;
             let before = record.saga.state();
             record.saga.cancel();
             if record.saga.state() != before {
@@ -99,13 +125,15 @@ pub(crate) async fn drive(inner: Arc<Inner>, mut record: SagaRecord, lease: Leas
                 {
                     return stop;
                 }
+                fresh = Some(step);
             }
             Action::Run(step) => {
+                let only_run = fresh.take() == Some(step);
                 inner.fault(&format!("before:{}", step.as_str()));
                 let outcome = run_step(&inner, &record, step).await;
                 inner.fault(&format!("after:{}", step.as_str()));
-                match settle_step(&inner, &lease, &mut record, step, outcome).await {
-                    Ok(Settled::Advanced) => {}
+                match settle_step(&inner, &lease, &mut record, step, outcome, only_run).await {
+                    Ok(Settled::Advanced) => fresh = begun_next(&record.saga),
                     Ok(Settled::Waiting) => return Stop::Waiting,
                     Err(stop) => return stop,
                 }
@@ -134,6 +162,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, mut record: SagaRecord, lease: Leas
                         }
                     }
                     Outcome::Failed(_, detail)
+                    | Outcome::Refused(_, detail)
                     | Outcome::Retry(detail)
                     | Outcome::Invalid(detail) => {
                         record.attempts += 1;
@@ -200,19 +229,22 @@ pub(crate) enum Settled {
 }
 
 /// Records how `step` ended (success with the next step begun, rollback, or
-/// a retry later) in one write.
+/// a retry later) in one write. `only_run`: this was the step's first and
+/// only run (see [`drive`]).
 pub(crate) async fn settle_step(
     inner: &Inner,
     lease: &Lease,
     record: &mut SagaRecord,
     step: Step,
     outcome: Outcome,
+    only_run: bool,
 ) -> Result<Settled, Stop> {
     let mut events = Vec::new();
     let mut log = Vec::new();
     let mut response = None;
     let outcome = match outcome {
         Outcome::Invalid(detail) => Outcome::Failed(CancelReason::OutOfStock, detail),
+        Outcome::Refused(reason, detail) if !only_run => Outcome::Failed(reason, detail),
         other => other,
     };
     match outcome {
@@ -232,8 +264,7 @@ pub(crate) async fn settle_step(
                 log.push(log_begin(next));
             }
             if step == Step::ReserveStock {
-                record.order.state = record.saga.state();
-                response = Some(created_response(&record.order));
+                response = Some(Answer::Created);
             }
             if record.saga.state() == OrderState::Confirmed {
                 inner.stats.confirmed.fetch_add(1, Relaxed);
@@ -245,8 +276,32 @@ pub(crate) async fn settle_step(
             note_rollback(inner, record, &mut events, reason);
             record.attempts = 0;
             if step == Step::ReserveStock {
-                response = Some(out_of_stock_response(&record.order, &detail));
+                response = Some(Answer::OutOfStock(detail));
             }
+        }
+        Outcome::Refused(reason, detail) => {
+            // The step's only run did nothing, so there is nothing for its
+            // compensation to undo (e.g. no payment to look up and void
+            // while the provider is down): the rollback does not wait for
+            // the service to come back.
+            log.push(format!("refused {}: {detail}", step.as_str()));
+            let _ = record.saga.fail(reason);
+            let compensation = step.compensation();
+            let shared = Step::ALL
+                .into_iter()
+                .any(|s| s != step && record.saga.has_begun(s) && s.compensation() == compensation);
+            if !shared
+                && record.saga.next() == Action::Compensate(compensation)
+                && record.saga.compensated(compensation).is_ok()
+            {
+                log.push(format!(
+                    "skipped {}: {} never took effect",
+                    compensation.as_str(),
+                    step.as_str()
+                ));
+            }
+            note_rollback(inner, record, &mut events, reason);
+            record.attempts = 0;
         }
         Outcome::Retry(detail) => {
             record.attempts += 1;
@@ -260,6 +315,11 @@ pub(crate) async fn settle_step(
                 let _ = record.saga.fail(reason);
                 note_rollback(inner, record, &mut events, reason);
                 record.attempts = 0;
+                if step == Step::ReserveStock {
+                    // The create request's key must not stay "in progress"
+                    // until it expires: this is its outcome.
+                    response = Some(Answer::GaveUp);
+                }
             } else {
                 inner.stats.step_retries.fetch_add(1, Relaxed);
                 log.push(format!("retry {} ({detail})", step.as_str()));
@@ -275,6 +335,18 @@ pub(crate) async fn settle_step(
     Ok(Settled::Advanced)
 }
 
+/// The answer to store for the create request's idempotency key, built
+/// from the order as written (a replay returns the very body first sent).
+pub(crate) enum Answer {
+    /// 201 with the order.
+    Created,
+    /// 409 `out_of_stock`, with the inventory's detail.
+    OutOfStock(String),
+    /// 409 `order_cancelled`: the reservation was given up (the inventory
+    /// stayed unavailable).
+    GaveUp,
+}
+
 /// Writes the record; a terminal state releases the lease.
 #[allow(clippy::too_many_arguments)]
 async fn persist(
@@ -283,12 +355,17 @@ async fn persist(
     record: &mut SagaRecord,
     events: Vec<EventEnvelope>,
     log: Vec<String>,
-    response: Option<StoredResponse>,
+    response: Option<Answer>,
     release_after: Option<Duration>,
     cancel_applied: bool,
 ) -> Result<(), Stop> {
     record.order.state = record.saga.state();
     record.order.updated_at = inner.now();
+    let response = response.map(|answer| match answer {
+        Answer::Created => created_response(&record.order),
+        Answer::OutOfStock(detail) => out_of_stock_response(&record.order, &detail),
+        Answer::GaveUp => gave_up_response(&record.order),
+    });
     let release_after =
         release_after.or_else(|| record.saga.state().is_terminal().then_some(Duration::ZERO));
     let update = SagaUpdate {
@@ -420,6 +497,24 @@ pub(crate) fn out_of_stock_response(order: &Order, detail: &str) -> StoredRespon
     }
 }
 
+/// The answer to a create request whose reservation was given up after
+/// every attempt found the inventory unavailable: 409, final for the key.
+pub(crate) fn gave_up_response(order: &Order) -> StoredResponse {
+    StoredResponse {
+        status: 409,
+        body: serde_json::json!({
+            "error": "order_cancelled",
+            "message": format!(
+                "the inventory stayed unavailable and order {} was cancelled; \
+                 send the request again with a new Idempotency-Key",
+                order.id
+            ),
+            "order_id": order.id,
+            "cancel_reason": order.cancel_reason,
+        }),
+    }
+}
+
 fn unavailable_reason(step: Step) -> CancelReason {
     match step {
         Step::ReserveStock | Step::CommitStock => CancelReason::ReservationExpired,
@@ -496,8 +591,15 @@ pub(crate) async fn run_step(inner: &Inner, record: &SagaRecord, step: Step) -> 
                 Err(PaymentError::Declined { reason }) => {
                     Outcome::Failed(CancelReason::PaymentDeclined, reason)
                 }
+                // Refused by the provider or never sent (the resilient
+                // client reports `OutcomeUnknown` instead when any attempt
+                // may have acted): no authorization exists.
+                Err(e @ (PaymentError::Unavailable(_) | PaymentError::CircuitOpen)) => {
+                    Outcome::Refused(CancelReason::PaymentUnavailable, error_chain(&e))
+                }
                 // The resilient client has already retried (and looked up
-                // unknown outcomes); what is left means the provider is down.
+                // unknown outcomes); what is left means the provider is down
+                // and may hold a payment: the rollback looks it up.
                 Err(e) => Outcome::Failed(CancelReason::PaymentUnavailable, error_chain(&e)),
             }
         }

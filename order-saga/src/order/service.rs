@@ -265,7 +265,9 @@ impl OrderService {
                             let full = claimed.len() == limit;
                             for (record, lease) in claimed {
                                 inner.stats.resumed.fetch_add(1, Relaxed);
-                                spawn_driver(&inner, record, lease);
+                                // Claimed: an earlier run may have begun
+                                // and run its current step.
+                                spawn_driver(&inner, record, lease, None);
                             }
                             if full {
                                 tokio::task::yield_now().await;
@@ -381,20 +383,39 @@ impl OrderService {
             inner.store.abandon(id, &lease).await?;
             return Err(OrderError::UnknownSku(sku));
         }
-        match driver::settle_step(inner, &lease, &mut record, Step::ReserveStock, outcome).await {
+        let settled = driver::settle_step(
+            inner,
+            &lease,
+            &mut record,
+            Step::ReserveStock,
+            outcome,
+            true,
+        )
+        .await;
+        match settled {
             Ok(Settled::Advanced) if record.saga.reason() == Some(CancelReason::OutOfStock) => {
                 inner.stats.rejected_out_of_stock.fetch_add(1, Relaxed);
                 let response = driver::out_of_stock_response(&record.order, &shortage);
                 // Nothing was reserved (all or nothing), but the release is
                 // run anyway, as for every begun step: it is harmless.
-                spawn_driver(inner, record, lease);
+                spawn_driver(inner, record, lease, None);
                 Ok(CreateOutcome::OutOfStock(response))
             }
-            Ok(Settled::Advanced) => {
+            Ok(Settled::Advanced) if record.saga.state() == OrderState::StockReserved => {
                 inner.stats.created.fetch_add(1, Relaxed);
+                // `order` is the order as written, the very body stored
+                // for the key.
                 let order = record.order.clone();
-                spawn_driver(inner, record, lease);
+                let fresh = driver::begun_next(&record.saga);
+                spawn_driver(inner, record, lease, fresh);
                 Ok(CreateOutcome::Created(Box::new(order)))
+            }
+            // Rolled back at once for another reason (the reservation was
+            // given up on its first attempt): the key's answer is stored;
+            // a retry with the key gets it.
+            Ok(Settled::Advanced) => {
+                spawn_driver(inner, record, lease, None);
+                Err(OrderError::InventoryUnavailable(id))
             }
             // The inventory is down: the saga retries the reservation and
             // answers the key when it has an outcome.
@@ -445,7 +466,7 @@ impl OrderService {
             let mut record = record;
             record.cancel_requested = true;
             let permit = inner.permits.clone().acquire_owned().await;
-            let stop = driver::drive(inner.clone(), record, lease).await;
+            let stop = driver::drive(inner.clone(), record, lease, None).await;
             drop(permit);
             if let Stop::StoreFailed(e) = stop {
                 return Err(OrderError::Store(e));
@@ -487,7 +508,7 @@ impl OrderService {
         let _ = record.saga.retry_compensation();
         record.attempts = 0;
         record.order.attention = None;
-        let stop = driver::drive(inner.clone(), record, lease).await;
+        let stop = driver::drive(inner.clone(), record, lease, None).await;
         if let Stop::StoreFailed(e) = stop {
             return Err(OrderError::Store(e));
         }
@@ -530,14 +551,15 @@ impl OrderService {
     }
 }
 
-fn spawn_driver(inner: &Arc<Inner>, record: SagaRecord, lease: Lease) {
+/// Drives `record` in the background; `fresh` as for [`driver::drive`].
+fn spawn_driver(inner: &Arc<Inner>, record: SagaRecord, lease: Lease, fresh: Option<Step>) {
     let inner = inner.clone();
     tokio::spawn(async move {
         let Ok(_permit) = inner.permits.clone().acquire_owned().await else {
             return;
         };
         let id = record.order.id;
-        let stop = driver::drive(inner, record, lease).await;
+        let stop = driver::drive(inner, record, lease, fresh).await;
         tracing::trace!(order = %id, ?stop, "driver stopped");
     });
 }
