@@ -265,14 +265,18 @@ async fn ten_thousand_orders_with_payment_failures_roll_back_completely() {
                 } else {
                     vec![(&a, 1), (&b, 2)]
                 };
-                // A client retries 409 request_in_progress and 503 with the
-                // same key, as the API tells it to.
+                // A client retries 409 request_in_progress and 503 (the
+                // inventory, or the order store: a pool checkout that timed
+                // out on a loaded machine) with the same key, as the API
+                // tells it to.
                 let who = customer(&format!("c{}", i % 500));
                 let key = format!("k{i}");
                 let mut outcome = service.create_order(&who, cart(&items), &key).await;
                 while matches!(
                     outcome,
-                    Err(OrderError::KeyInFlight | OrderError::InventoryUnavailable(_))
+                    Err(OrderError::KeyInFlight
+                        | OrderError::InventoryUnavailable(_)
+                        | OrderError::Store(_))
                 ) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     outcome = service.create_order(&who, cart(&items), &key).await;
