@@ -95,20 +95,28 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 
 /// The p99 of a bare one-row `INSERT … COMMIT` on the same database.
 async fn floor_commit_p99_ms(url: &str) -> Option<f64> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
     tokio::spawn(connection);
     client
         .batch_execute("CREATE TABLE IF NOT EXISTS order_load_floor (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())")
         .await
         .ok()?;
-    let statement = client.prepare("INSERT INTO order_load_floor DEFAULT VALUES").await.ok()?;
+    let statement = client
+        .prepare("INSERT INTO order_load_floor DEFAULT VALUES")
+        .await
+        .ok()?;
     let mut h = hist();
     for _ in 0..2000 {
         let start = Instant::now();
         client.execute(&statement, &[]).await.ok()?;
         h.record(start.elapsed().as_micros().max(1) as u64).ok()?;
     }
-    client.batch_execute("DROP TABLE order_load_floor").await.ok()?;
+    client
+        .batch_execute("DROP TABLE order_load_floor")
+        .await
+        .ok()?;
     Some(ms(&h, 0.99))
 }
 
@@ -119,8 +127,19 @@ async fn main() {
         Some(url) => floor_commit_p99_ms(url).await,
         None => None,
     };
-    let client = JsonClient::new(ClientConfig::new(&args.url).with_timeout(Duration::from_secs(10))).expect("client");
-    let tokens: Arc<Vec<String>> = Arc::new((0..args.customers).map(|i| format!("Bearer {}", token(&args.jwt_secret, &format!("load-{i}"), &[]))).collect());
+    let client =
+        JsonClient::new(ClientConfig::new(&args.url).with_timeout(Duration::from_secs(10)))
+            .expect("client");
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..args.customers)
+            .map(|i| {
+                format!(
+                    "Bearer {}",
+                    token(&args.jwt_secret, &format!("load-{i}"), &[])
+                )
+            })
+            .collect(),
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let created_h = Arc::new(Mutex::new(hist()));
     let ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
@@ -128,7 +147,14 @@ async fn main() {
     let started = Instant::now();
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
-        let (client, tokens, stop, created_h, ids, statuses) = (client.clone(), tokens.clone(), stop.clone(), created_h.clone(), ids.clone(), statuses.clone());
+        let (client, tokens, stop, created_h, ids, statuses) = (
+            client.clone(),
+            tokens.clone(),
+            stop.clone(),
+            created_h.clone(),
+            ids.clone(),
+            statuses.clone(),
+        );
         let skus = args.skus;
         workers.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(w as u64);
@@ -175,7 +201,10 @@ async fn main() {
     }
     let load_secs = started.elapsed().as_secs_f64();
     // Wait for every saga to end, then read each order once.
-    let admin = format!("Bearer {}", token(&args.jwt_secret, "load-admin", &["admin"]));
+    let admin = format!(
+        "Bearer {}",
+        token(&args.jwt_secret, "load-admin", &["admin"])
+    );
     let ids = ids.lock().clone();
     let mut saga_h = hist();
     let mut by_state: HashMap<String, u64> = HashMap::new();
@@ -191,22 +220,39 @@ async fn main() {
                 let admin = admin.clone();
                 let id = id.clone();
                 calls.push(tokio::spawn(async move {
-                    let reply = client.send::<()>(Method::GET, &format!("/v1/orders/{id}"), None, &[("authorization", admin.as_str())]).await;
+                    let reply = client
+                        .send::<()>(
+                            Method::GET,
+                            &format!("/v1/orders/{id}"),
+                            None,
+                            &[("authorization", admin.as_str())],
+                        )
+                        .await;
                     (id, reply)
                 }));
             }
             for call in calls {
                 let (id, reply) = call.await.expect("join");
                 let order: Value = match reply {
-                    Ok((status, bytes)) if status.is_success() => serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                    Ok((status, bytes)) if status.is_success() => {
+                        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+                    }
                     _ => Value::Null,
                 };
                 let state = order["state"].as_str().unwrap_or("unknown").to_owned();
-                if matches!(state.as_str(), "confirmed" | "cancelled" | "needs_attention") {
-                    let created = order["created_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
-                    let updated = order["updated_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+                if matches!(
+                    state.as_str(),
+                    "confirmed" | "cancelled" | "needs_attention"
+                ) {
+                    let created = order["created_at"]
+                        .as_str()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+                    let updated = order["updated_at"]
+                        .as_str()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
                     if let (Some(c), Some(u)) = (created, updated) {
-                        let _ = saga_h.record((u - c).num_microseconds().unwrap_or(1).max(1) as u64);
+                        let _ =
+                            saga_h.record((u - c).num_microseconds().unwrap_or(1).max(1) as u64);
                     }
                     *by_state.entry(state).or_default() += 1;
                     last_terminal = Instant::now();
@@ -227,7 +273,13 @@ async fn main() {
         && let Ok((pg, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await
     {
         tokio::spawn(connection);
-        if let Ok(row) = pg.query_one("SELECT count(*) FROM inventory.skus WHERE available < 0 OR reserved < 0", &[]).await {
+        if let Ok(row) = pg
+            .query_one(
+                "SELECT count(*) FROM inventory.skus WHERE available < 0 OR held < 0",
+                &[],
+            )
+            .await
+        {
             oversold = json!(row.get::<_, i64>(0));
         }
         if let Ok(row) = pg

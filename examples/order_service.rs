@@ -37,7 +37,9 @@ use order_saga::inventory::sweeper::{Sweeper, SweeperConfig};
 use order_saga::inventory::{Inventory, Restock};
 use order_saga::messaging::memory::MemoryBus;
 use order_saga::messaging::outbox::PgOutboxSource;
-use order_saga::messaging::redis::{RedisStreamPublisher, StreamConsumer, StreamConsumerConfig, StreamPublisherConfig};
+use order_saga::messaging::redis::{
+    RedisStreamPublisher, StreamConsumer, StreamConsumerConfig, StreamPublisherConfig,
+};
 use order_saga::messaging::relay::{OutboxRelay, RelayConfig};
 use order_saga::messaging::timeline::{MemoryTimeline, OrderTimeline};
 use order_saga::messaging::{EventHandler, EventPublisher};
@@ -103,7 +105,9 @@ async fn main() -> ExitCode {
     server_support::init_tracing();
     let args = Args::parse();
     let Some(secret) = args.jwt_secret.clone().filter(|s| !s.is_empty()) else {
-        eprintln!("order_service: JWT_SECRET is required (the HS256 secret of the callers' tokens)");
+        eprintln!(
+            "order_service: JWT_SECRET is required (the HS256 secret of the callers' tokens)"
+        );
         return ExitCode::from(2);
     };
     match run(args, secret).await {
@@ -118,11 +122,22 @@ async fn main() -> ExitCode {
 async fn run(args: Args, secret: String) -> Result<(), Box<dyn std::error::Error>> {
     let clock = time_kit::system();
     let pg = match &args.database_url {
-        Some(url) => Some(pool(url, &PoolConfig { max_size: args.db_pool, ..PoolConfig::default() })?),
+        Some(url) => Some(pool(
+            url,
+            &PoolConfig {
+                max_size: args.db_pool,
+                ..PoolConfig::default()
+            },
+        )?),
         None => None,
     };
     // The token this service shows the inventory and shipping services.
-    let service_token = saga_support::mint_token(&secret, "order-service", &["service"], Duration::from_secs(30 * 24 * 3600))?;
+    let service_token = saga_support::mint_token(
+        &secret,
+        "order-service",
+        &["service"],
+        Duration::from_secs(30 * 24 * 3600),
+    )?;
     let client = |url: &str| ClientConfig::new(url).with_bearer_token(service_token.clone());
 
     let mut background = Vec::new();
@@ -148,14 +163,24 @@ async fn run(args: Args, secret: String) -> Result<(), Box<dyn std::error::Error
         (None, None) => Arc::new(MemoryShipping::default()),
     };
     let payments: Arc<dyn Payments> = match &args.payment_url {
-        Some(url) => Arc::new(ResilientPayments::new(HttpPaymentProvider::new(ClientConfig::new(url))?, ResilientConfig::default())?),
-        None => Arc::new(ResilientPayments::new(Simulator::new(SimConfig::default())?, ResilientConfig::default())?),
+        Some(url) => Arc::new(ResilientPayments::new(
+            HttpPaymentProvider::new(ClientConfig::new(url))?,
+            ResilientConfig::default(),
+        )?),
+        None => Arc::new(ResilientPayments::new(
+            Simulator::new(SimConfig::default())?,
+            ResilientConfig::default(),
+        )?),
     };
 
     // Orders, and the outbox relay to the bus.
     let publisher: Arc<dyn EventPublisher> = match &args.redis_url {
         Some(url) => Arc::new(
-            RedisStreamPublisher::connect(&redis_kit::RedisSetup::new(url.clone()), StreamPublisherConfig::new(&args.redis_prefix)?).await?,
+            RedisStreamPublisher::connect(
+                &redis_kit::RedisSetup::new(url.clone()),
+                StreamPublisherConfig::new(&args.redis_prefix)?,
+            )
+            .await?,
         ),
         None => Arc::new(MemoryBus::default()),
     };
@@ -163,11 +188,28 @@ async fn run(args: Args, secret: String) -> Result<(), Box<dyn std::error::Error
         (Some(pg), Some(url)) => {
             let store = PgOrderStore::new(pg.clone());
             store.migrate().await?;
-            (Arc::new(store), OutboxRelay::new(PgOutboxSource::from_url(url)?, publisher.clone(), RelayConfig::default()).spawn())
+            (
+                Arc::new(store),
+                OutboxRelay::new(
+                    PgOutboxSource::from_url(url)?,
+                    publisher.clone(),
+                    // The store appends without NOTIFY: the relay polls often.
+                    RelayConfig {
+                        poll_interval: Duration::from_millis(50),
+                        ..RelayConfig::default()
+                    },
+                )
+                .spawn(),
+            )
         }
         _ => {
             let store = MemoryOrderStore::new(clock.clone());
-            let relay = OutboxRelay::new(store.outbox().source(), publisher.clone(), RelayConfig::default()).spawn();
+            let relay = OutboxRelay::new(
+                store.outbox().source(),
+                publisher.clone(),
+                RelayConfig::default(),
+            )
+            .spawn();
             (Arc::new(store), relay)
         }
     };
@@ -178,18 +220,29 @@ async fn run(args: Args, secret: String) -> Result<(), Box<dyn std::error::Error
     };
     let consumer = match &args.redis_url {
         Some(url) => Some(
-            StreamConsumer::connect(&redis_kit::RedisSetup::new(url.clone()), StreamConsumerConfig::new(&args.redis_prefix, "order-timeline")?, timeline)
-                .await?
-                .spawn(),
+            StreamConsumer::connect(
+                &redis_kit::RedisSetup::new(url.clone()),
+                StreamConsumerConfig::new(&args.redis_prefix, "order-timeline")?,
+                timeline,
+            )
+            .await?
+            .spawn(),
         ),
         None => None,
     };
 
-    let mut config = OrderConfig { reservation_ttl: Duration::from_secs(args.reservation_ttl_secs), ..OrderConfig::default() };
+    let mut config = OrderConfig {
+        reservation_ttl: Duration::from_secs(args.reservation_ttl_secs),
+        ..OrderConfig::default()
+    };
     if let Some(id) = &args.instance_id {
         config.instance_id = id.clone();
     }
-    let services = Services { inventory: inventory.clone(), payments, shipping };
+    let services = Services {
+        inventory: inventory.clone(),
+        payments,
+        shipping,
+    };
     let service = OrderService::new(store, services, config, clock);
     seed(&inventory, args.seed_skus, args.seed_stock).await?;
 
@@ -198,17 +251,37 @@ async fn run(args: Args, secret: String) -> Result<(), Box<dyn std::error::Error
         args.bind,
         service.config().instance_id,
         if pg.is_some() { "postgres" } else { "memory" },
-        args.inventory_url.as_deref().unwrap_or(if pg.is_some() { "in process (postgres)" } else { "in process (memory)" }),
-        args.shipping_url.as_deref().unwrap_or(if pg.is_some() { "in process (postgres)" } else { "in process (memory)" }),
-        args.payment_url.as_deref().unwrap_or("in-process simulator"),
-        if args.redis_url.is_some() { "redis streams" } else { "memory" },
+        args.inventory_url.as_deref().unwrap_or(if pg.is_some() {
+            "in process (postgres)"
+        } else {
+            "in process (memory)"
+        }),
+        args.shipping_url.as_deref().unwrap_or(if pg.is_some() {
+            "in process (postgres)"
+        } else {
+            "in process (memory)"
+        }),
+        args.payment_url
+            .as_deref()
+            .unwrap_or("in-process simulator"),
+        if args.redis_url.is_some() {
+            "redis streams"
+        } else {
+            "memory"
+        },
     );
     let running = service.start();
     let verifier = saga_support::hs256_verifier(&secret)?;
     let listener = tokio::net::TcpListener::bind(args.bind).await?;
     let shutdown = http_kit::Shutdown::new();
     shutdown.trigger_on(server_support::shutdown_signal());
-    http_kit::serve(listener, OrderHttp::new(service, verifier), http_kit::ServeConfig::default(), shutdown).await;
+    http_kit::serve(
+        listener,
+        OrderHttp::new(service, verifier),
+        http_kit::ServeConfig::default(),
+        shutdown,
+    )
+    .await;
     running.shutdown().await;
     relay.shutdown().await;
     if let Some(consumer) = consumer {
@@ -218,10 +291,20 @@ async fn run(args: Args, secret: String) -> Result<(), Box<dyn std::error::Error
     Ok(())
 }
 
-async fn seed(inventory: &Arc<dyn Inventory>, skus: usize, stock: u32) -> Result<(), Box<dyn std::error::Error>> {
+async fn seed(
+    inventory: &Arc<dyn Inventory>,
+    skus: usize,
+    stock: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
     for i in 0..skus {
         let sku = Sku::parse(format!("SKU-{i}"))?;
-        inventory.restock(Restock { sku, quantity: stock, unit_price_cents: Some(100 + (i as i64 % 50) * 25) }).await?;
+        inventory
+            .restock(Restock {
+                sku,
+                quantity: stock,
+                unit_price_cents: Some(100 + (i as i64 % 50) * 25),
+            })
+            .await?;
     }
     Ok(())
 }

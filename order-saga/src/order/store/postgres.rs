@@ -343,7 +343,10 @@ impl OrderStore for PgOrderStore {
             let customer: String = row.get(1);
             let key: Option<String> = row.get(2);
             append_log(&tx, id, &update.log).await?;
-            outbox::append(&tx, &update.events)
+            // No NOTIFY: it takes a server-wide lock at every commit, which
+            // serializes the saga's many small transactions; the relay polls
+            // (RelayConfig::poll_interval) and is busy under load anyway.
+            outbox::append_without_notify(&tx, &update.events)
                 .await
                 .map_err(query_error)?;
             if let (Some(response), Some(key)) = (&update.response, &key) {
