@@ -13,6 +13,8 @@
 //! and stops them. The summary's fields are described in
 //! docs/PERFORMANCE.md ("order-saga").
 
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
