@@ -89,6 +89,10 @@ struct Args {
     /// PostgreSQL connections.
     #[arg(long, env = "ORDER_DB_POOL", default_value_t = 32)]
     db_pool: u32,
+    /// Sagas driven at once. Each wants a connection for its transitions,
+    /// so a few per pool connection keeps creates from queueing behind them.
+    #[arg(long, env = "ORDER_MAX_SAGAS", default_value_t = 128)]
+    max_sagas: usize,
     /// How long stock is held for an unfinished order, in seconds.
     #[arg(long, default_value_t = 900)]
     reservation_ttl_secs: u64,
@@ -233,6 +237,7 @@ async fn run(args: Args, secret: String) -> Result<(), Box<dyn std::error::Error
 
     let mut config = OrderConfig {
         reservation_ttl: Duration::from_secs(args.reservation_ttl_secs),
+        max_concurrent_sagas: args.max_sagas,
         ..OrderConfig::default()
     };
     if let Some(id) = &args.instance_id {
