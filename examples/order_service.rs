@@ -93,6 +93,9 @@ struct Args {
     /// so a few per pool connection keeps creates from queueing behind them.
     #[arg(long, env = "ORDER_MAX_SAGAS", default_value_t = 128)]
     max_sagas: usize,
+    /// Skip the order-timeline consumer (run consumers elsewhere).
+    #[arg(long)]
+    no_timeline: bool,
     /// How long stock is held for an unfinished order, in seconds.
     #[arg(long, default_value_t = 900)]
     reservation_ttl_secs: u64,
@@ -222,7 +225,7 @@ async fn run(args: Args, secret: String) -> Result<(), Box<dyn std::error::Error
         Some(pg) => Arc::new(OrderTimeline::new(pg.clone())),
         None => Arc::new(MemoryTimeline::new()),
     };
-    let consumer = match &args.redis_url {
+    let consumer = match args.redis_url.as_ref().filter(|_| !args.no_timeline) {
         Some(url) => Some(
             StreamConsumer::connect(
                 &redis_kit::RedisSetup::new(url.clone()),
