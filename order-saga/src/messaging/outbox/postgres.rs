@@ -74,11 +74,18 @@ pub async fn append_without_notify(
     insert(tx, INSERT, events).await
 }
 
-async fn insert(
-    tx: &Transaction<'_>,
-    sql: &str,
-    events: &[EventEnvelope],
-) -> Result<(), tokio_postgres::Error> {
+/// The outbox columns of `events` — event ids, order ids, types, payloads
+/// — as the arrays an insert unnests (`uuid[]`, `uuid[]`, `text[]`,
+/// `jsonb[]`), in order.
+pub(crate) type Columns = (
+    Vec<uuid::Uuid>,
+    Vec<uuid::Uuid>,
+    Vec<&'static str>,
+    Vec<serde_json::Value>,
+);
+
+/// See [`Columns`].
+pub(crate) fn columns(events: &[EventEnvelope]) -> Columns {
     let mut ids = Vec::with_capacity(events.len());
     let mut orders = Vec::with_capacity(events.len());
     let mut types = Vec::with_capacity(events.len());
@@ -90,6 +97,15 @@ async fn insert(
         // An envelope always serializes (plain data, string keys).
         payloads.push(serde_json::to_value(event).unwrap_or(serde_json::Value::Null));
     }
+    (ids, orders, types, payloads)
+}
+
+async fn insert(
+    tx: &Transaction<'_>,
+    sql: &str,
+    events: &[EventEnvelope],
+) -> Result<(), tokio_postgres::Error> {
+    let (ids, orders, types, payloads) = columns(events);
     // Typed parameters skip the prepare round trip.
     let params: [(&(dyn ToSql + Sync), Type); 4] = [
         (&ids, Type::UUID_ARRAY),

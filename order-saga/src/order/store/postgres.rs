@@ -290,8 +290,7 @@ impl OrderStore for PgOrderStore {
         update: SagaUpdate,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            let mut conn = self.pool.get().await.map_err(pool_error)?;
-            let tx = conn.transaction().await.map_err(query_error)?;
+            let conn = self.pool.get().await.map_err(pool_error)?;
             let order = &update.order;
             let id = order.id.as_uuid();
             let parts = update.saga.to_parts();
@@ -299,74 +298,80 @@ impl OrderStore for PgOrderStore {
             let delay_ms = update.release_after.map(millis).unwrap_or(0) as f64;
             let attempts = i32::try_from(update.attempts).unwrap_or(i32::MAX);
             let reason = order.cancel_reason.map(|r| r.as_str());
-            // The row lock taken here orders this order's outbox rows.
-            let rows = tx
-                .query_typed(
-                    "UPDATE orders.orders SET
-                        state = $3, lines = $4, total_cents = $5, cancel_reason = $6, payment_id = $7,
-                        shipment_id = $8, attention = $9, saga_begun = $10, saga_done = $11,
-                        saga_compensated = $12, attempts = $13, updated_at = $14,
-                        cancel_requested = cancel_requested AND NOT $15,
-                        lease_owner = CASE WHEN $16 THEN NULL ELSE lease_owner END,
-                        lease_until = CASE WHEN $16 THEN NULL ELSE now() + lease_ms * interval '1 millisecond' END,
-                        next_attempt_at = CASE WHEN $16 THEN now() + $17 * interval '1 millisecond' ELSE next_attempt_at END
-                     WHERE id = $1 AND lease_token = $2 AND lease_owner = $18
-                     RETURNING cancel_requested, customer, idempotency_key",
-                    &[
-                        (&id, Type::UUID),
-                        (&lease.token, Type::INT8),
-                        (&order.state.as_str(), Type::TEXT),
-                        (&json(&order.lines), Type::JSONB),
-                        (&order.total_cents, Type::INT8),
-                        (&reason, Type::TEXT),
-                        (&order.payment_id, Type::TEXT),
-                        (&order.shipment_id, Type::TEXT),
-                        (&order.attention, Type::TEXT),
-                        (&i16::from(parts.begun), Type::INT2),
-                        (&i16::from(parts.done), Type::INT2),
-                        (&i16::from(parts.compensated), Type::INT2),
-                        (&attempts, Type::INT4),
-                        (&order.updated_at, Type::TIMESTAMPTZ),
-                        (&update.cancel_applied, Type::BOOL),
-                        (&release, Type::BOOL),
-                        (&delay_ms, Type::FLOAT8),
-                        (&lease.owner.as_str(), Type::TEXT),
-                    ],
-                )
-                .await
-                .map_err(query_error)?;
-            let Some(row) = rows.first() else {
-                tx.rollback().await.map_err(query_error)?;
-                return Err(StoreError::LeaseLost(order.id));
-            };
-            let cancel_requested: bool = row.get(0);
-            let customer: String = row.get(1);
-            let key: Option<String> = row.get(2);
-            append_log(&tx, id, &update.log).await?;
-            // No NOTIFY: it takes a server-wide lock at every commit, which
-            // serializes the saga's many small transactions; the relay polls
+            let lines = json(&order.lines);
+            let (event_ids, event_orders, event_types, payloads) = outbox::columns(&update.events);
+            let status = update.response.as_ref().map(|r| r.status as i16);
+            let body = update.response.as_ref().map(|r| &r.body);
+            // One autocommitted statement, one round trip: the fenced UPDATE,
+            // and the log, outbox and key writes joined on its row, so none of
+            // them happens when the lease is lost. No NOTIFY: it takes a
+            // server-wide lock at every commit; the relay polls
             // (RelayConfig::poll_interval) and is busy under load anyway.
-            outbox::append_without_notify(&tx, &update.events)
-                .await
-                .map_err(query_error)?;
-            if let (Some(response), Some(key)) = (&update.response, &key) {
-                let status = response.status as i16;
-                tx.query_typed(
-                    "UPDATE orders.idempotency_keys SET status = $4, response = $5
-                     WHERE customer = $1 AND key = $2 AND order_id = $3",
-                    &[
-                        (&customer.as_str(), Type::TEXT),
-                        (&key.as_str(), Type::TEXT),
-                        (&id, Type::UUID),
-                        (&status, Type::INT2),
-                        (&response.body, Type::JSONB),
-                    ],
+            let params: [(&(dyn ToSql + Sync), Type); 25] = [
+                (&id, Type::UUID),
+                (&lease.token, Type::INT8),
+                (&order.state.as_str(), Type::TEXT),
+                (&lines, Type::JSONB),
+                (&order.total_cents, Type::INT8),
+                (&reason, Type::TEXT),
+                (&order.payment_id, Type::TEXT),
+                (&order.shipment_id, Type::TEXT),
+                (&order.attention, Type::TEXT),
+                (&i16::from(parts.begun), Type::INT2),
+                (&i16::from(parts.done), Type::INT2),
+                (&i16::from(parts.compensated), Type::INT2),
+                (&attempts, Type::INT4),
+                (&order.updated_at, Type::TIMESTAMPTZ),
+                (&update.cancel_applied, Type::BOOL),
+                (&release, Type::BOOL),
+                (&delay_ms, Type::FLOAT8),
+                (&lease.owner.as_str(), Type::TEXT),
+                (&update.log, Type::TEXT_ARRAY),
+                (&event_ids, Type::UUID_ARRAY),
+                (&event_orders, Type::UUID_ARRAY),
+                (&event_types, Type::TEXT_ARRAY),
+                (&payloads, Type::JSONB_ARRAY),
+                (&status, Type::INT2),
+                (&body, Type::JSONB),
+            ];
+            let rows = conn
+                .query_typed(
+                    "WITH upd AS (
+                        UPDATE orders.orders SET
+                            state = $3, lines = $4, total_cents = $5, cancel_reason = $6, payment_id = $7,
+                            shipment_id = $8, attention = $9, saga_begun = $10, saga_done = $11,
+                            saga_compensated = $12, attempts = $13, updated_at = $14,
+                            cancel_requested = cancel_requested AND NOT $15,
+                            lease_owner = CASE WHEN $16 THEN NULL ELSE lease_owner END,
+                            lease_until = CASE WHEN $16 THEN NULL ELSE now() + lease_ms * interval '1 millisecond' END,
+                            next_attempt_at = CASE WHEN $16 THEN now() + $17 * interval '1 millisecond' ELSE next_attempt_at END
+                        WHERE id = $1 AND lease_token = $2 AND lease_owner = $18
+                        RETURNING cancel_requested, customer, idempotency_key
+                     ), log AS (
+                        INSERT INTO orders.saga_log (order_id, entry)
+                        SELECT $1, t.e FROM upd, unnest($19::text[]) WITH ORDINALITY AS t(e, n)
+                        ORDER BY t.n
+                     ), events AS (
+                        INSERT INTO orders.outbox (event_id, order_id, event_type, payload)
+                        SELECT e.event_id, e.order_id, e.event_type, e.payload
+                        FROM upd, unnest($20::uuid[], $21::uuid[], $22::text[], $23::jsonb[])
+                             WITH ORDINALITY AS e(event_id, order_id, event_type, payload, n)
+                        ORDER BY e.n
+                     ), answer AS (
+                        UPDATE orders.idempotency_keys k SET status = $24, response = $25
+                        FROM upd
+                        WHERE $24::smallint IS NOT NULL AND k.customer = upd.customer
+                          AND k.key = upd.idempotency_key AND k.order_id = $1
+                     )
+                     SELECT cancel_requested FROM upd",
+                    &params,
                 )
                 .await
                 .map_err(query_error)?;
+            match rows.first() {
+                Some(row) => Ok(row.get(0)),
+                None => Err(StoreError::LeaseLost(order.id)),
             }
-            tx.commit().await.map_err(query_error)?;
-            Ok(cancel_requested)
         })
     }
 
