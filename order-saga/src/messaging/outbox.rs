@@ -30,12 +30,12 @@ use crate::events::EventEnvelope;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "postgres")]
+pub(crate) use postgres::columns;
+#[cfg(feature = "postgres")]
 pub use postgres::{
     NOTIFY_CHANNEL, OUTBOX_MIGRATION, PgOutboxSource, RELAY_LOCK_KEY, append,
     append_without_notify, unpublished_count,
 };
-#[cfg(feature = "postgres")]
-pub(crate) use postgres::columns;
 
 /// The error type the outbox wraps.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
