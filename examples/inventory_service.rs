@@ -22,39 +22,23 @@
 //! the sweeper. The API: docs/order-saga/inventory.md.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+#[path = "support/saga.rs"]
+mod saga_support;
 #[path = "support/server.rs"]
 mod server_support;
 
+use saga_support::{env, redacted};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 use order_saga::http::inventory::{InventoryHttpConfig, InventoryService, ReadyCheck};
 use order_saga::inventory::{Inventory, MemoryInventory, PgInventory, Sweeper, SweeperConfig};
 use order_saga::pg::PoolConfig;
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
 
 /// Exits with status 2 and one line: the configuration is wrong.
 fn bad_config(message: impl std::fmt::Display) -> ! {
     eprintln!("inventory_service: {message}");
     std::process::exit(2)
-}
-
-/// `url` with any password replaced by `***`, for printing.
-fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "(unparsed URL)".to_owned();
-    };
-    match rest.split_once('@') {
-        Some((user, host)) => {
-            let user = user.split_once(':').map_or(user, |(name, _)| name);
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
 }
 
 #[tokio::main]
@@ -67,12 +51,10 @@ async fn main() {
     let Some(secret) = env("JWT_SECRET") else {
         bad_config("JWT_SECRET is required (the HS256 secret of callers' tokens, 32+ bytes)");
     };
-    let keys = KeySet::new()
-        .with_key(VerifyingKey::hs256("default", secret.as_bytes()))
-        .unwrap_or_else(|e| bad_config(format!("JWT_SECRET: {e}")))
-        .with_default_kid("default");
     let clock = time_kit::system();
-    let verifier = JwtVerifier::new(keys, JwtConfig::default()).with_clock(clock.clone());
+    let verifier = saga_support::hs256_verifier(&secret)
+        .unwrap_or_else(|e| bad_config(format!("JWT_SECRET: {e}")))
+        .with_clock(clock.clone());
     let sweeper_config = SweeperConfig::default();
     let pool_config = PoolConfig::default();
     let mut http_config = InventoryHttpConfig::default();

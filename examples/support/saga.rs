@@ -1,5 +1,7 @@
-//! Shared by the order-saga examples: HS256 tokens, verified and minted
-//! with the services' one shared secret.
+//! Shared by the order-saga examples: configuration from the environment,
+//! and HS256 tokens verified and minted with the services' one shared secret.
+// Each example uses the part it needs.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -26,4 +28,23 @@ pub(crate) fn mint_token(
         &serde_json::json!({"sub": subject, "exp": exp, "roles": roles}),
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
+}
+
+/// The environment variable `name`, unless unset or empty.
+pub(crate) fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// `url` with any password replaced by `***`, for printing.
+pub(crate) fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "(unparsed URL)".to_owned();
+    };
+    match rest.split_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(name, _)| name);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
 }
