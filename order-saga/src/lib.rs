@@ -80,6 +80,8 @@ use std::pin::Pin;
 
 // Modules point one way: model → events → the services' cores
 // (inventory, payment, shipping) → messaging → order (the saga) → http.
+#[cfg(feature = "postgres")]
+mod combiner;
 pub mod events;
 #[cfg(feature = "http")]
 pub mod http;

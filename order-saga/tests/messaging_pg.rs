@@ -48,7 +48,7 @@ fn relay_config() -> RelayConfig {
 
 async fn append_tx(pool: &PgPool, events: &[EventEnvelope], commit: bool) {
     let mut conn = pool.get().await.unwrap();
-    let tx = conn.transaction().await.unwrap();
+    let tx = conn.begin().await.unwrap();
     outbox::append(&tx, events).await.unwrap();
     if commit {
         tx.commit().await.unwrap();
@@ -96,7 +96,7 @@ async fn write_concurrently(
 
 async fn unpublished(pool: &PgPool) -> i64 {
     let conn = pool.get().await.unwrap();
-    outbox::unpublished_count(&*conn).await.unwrap()
+    outbox::unpublished_count(&**conn).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -169,7 +169,7 @@ async fn one_append_keeps_its_events_in_order() {
     }
     // A duplicate event id is refused, and nothing of that append is kept.
     let mut conn = pool.get().await.unwrap();
-    let tx = conn.transaction().await.unwrap();
+    let tx = conn.begin().await.unwrap();
     let fresh = order_events(new_order(), 1);
     let again = [fresh[0].clone(), events[0].clone()];
     assert!(outbox::append(&tx, &again).await.is_err());
@@ -227,7 +227,7 @@ async fn append_without_notify_is_found_by_polling() {
     .spawn();
     let events = order_events(new_order(), 4);
     let mut conn = pool.get().await.unwrap();
-    let tx = conn.transaction().await.unwrap();
+    let tx = conn.begin().await.unwrap();
     outbox::append_without_notify(&tx, &events).await.unwrap();
     tx.commit().await.unwrap();
     eventually("published", Duration::from_secs(10), || async {
@@ -404,7 +404,7 @@ async fn the_inbox_lets_one_of_many_racing_transactions_through() {
         let barrier = barrier.clone();
         handles.push(tokio::spawn(async move {
             let mut conn = pool.get().await.unwrap();
-            let tx = conn.transaction().await.unwrap();
+            let tx = conn.begin().await.unwrap();
             barrier.wait().await;
             let first = inbox::process_once(&tx, "c", event_id).await.unwrap();
             tx.commit().await.unwrap();
@@ -418,20 +418,20 @@ async fn the_inbox_lets_one_of_many_racing_transactions_through() {
     assert_eq!(winners, 1);
     // Another consumer processes the same event independently.
     let mut conn = pool.get().await.unwrap();
-    let tx = conn.transaction().await.unwrap();
+    let tx = conn.begin().await.unwrap();
     assert!(inbox::process_once(&tx, "other", event_id).await.unwrap());
     // A rolled-back transaction did not process it.
     tx.rollback().await.unwrap();
-    let tx = conn.transaction().await.unwrap();
+    let tx = conn.begin().await.unwrap();
     assert!(inbox::process_once(&tx, "other", event_id).await.unwrap());
     tx.commit().await.unwrap();
     assert_eq!(
-        inbox::purge(&*conn, Duration::from_secs(3600))
+        inbox::purge(&**conn, Duration::from_secs(3600))
             .await
             .unwrap(),
         0
     );
-    assert_eq!(inbox::purge(&*conn, Duration::ZERO).await.unwrap(), 2);
+    assert_eq!(inbox::purge(&**conn, Duration::ZERO).await.unwrap(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

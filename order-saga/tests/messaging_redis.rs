@@ -60,14 +60,14 @@ fn consumer_config(prefix: &str, group: &str, name: &str) -> StreamConsumerConfi
 
 async fn append_tx(pool: &PgPool, events: &[EventEnvelope]) {
     let mut conn = pool.get().await.unwrap();
-    let tx = conn.transaction().await.unwrap();
+    let tx = conn.begin().await.unwrap();
     outbox::append(&tx, events).await.unwrap();
     tx.commit().await.unwrap();
 }
 
 async fn unpublished(pool: &PgPool) -> i64 {
     let conn = pool.get().await.unwrap();
-    outbox::unpublished_count(&*conn).await.unwrap()
+    outbox::unpublished_count(&**conn).await.unwrap()
 }
 
 async fn count(pool: &PgPool, sql: &str) -> i64 {

@@ -22,8 +22,6 @@
 //!
 //! The HTTP API and the PostgreSQL schema: `docs/order-saga/inventory.md`.
 
-#[cfg(feature = "postgres")]
-mod combiner;
 pub mod limits;
 pub mod memory;
 #[cfg(feature = "postgres")]

@@ -48,12 +48,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use time_kit::SharedClock;
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::{GenericClient, Row, Transaction};
 use uuid::Uuid;
 
-use super::combiner::Combiner;
 use super::limits::{check_restock, new_sku_without_price, stock_overflow};
 use super::{
     Inventory, InventoryError, InventoryLimits, Reservation, ReservationId, ReservationState,
@@ -61,8 +60,9 @@ use super::{
     sorted_items,
 };
 use crate::BoxFuture;
+use crate::combiner::Combiner;
 use crate::model::Sku;
-use crate::pg::{Migration, PgError, PgPool};
+use crate::pg::{Migration, PgError, PgPool, PgTransaction, Prepared};
 
 /// The schema the inventory owns.
 pub const SCHEMA: &str = "inventory";
@@ -186,7 +186,7 @@ impl PgInventory {
     /// One `SELECT 1`: whether the database answers (the readiness probe).
     pub async fn ping(&self) -> Result<(), InventoryError> {
         let conn = self.pool.get().await.map_err(pool_error)?;
-        conn.query_typed_one("SELECT 1", &[])
+        conn.query_prepared_one("SELECT 1", &[])
             .await
             .map_err(query_error)?;
         Ok(())
@@ -217,11 +217,11 @@ impl PgInventory {
         let expires_at = expiry(now, request.ttl);
         let id = request.reservation_id;
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let tx = conn.transaction().await.map_err(query_error)?;
+        let tx = conn.begin().await.map_err(query_error)?;
         // The row first: a concurrent reserve of the same id waits here on
         // the primary key, then finds this one, so an id is reserved once.
         let inserted = tx
-            .query_typed_opt(
+            .query_prepared_opt(
                 "INSERT INTO inventory.reservations (id, state, expires_at, created_at, updated_at)
                  VALUES ($1, 'reserved', $2, $3, $3)
                  ON CONFLICT (id) DO NOTHING
@@ -252,7 +252,7 @@ impl PgInventory {
         for item in &items {
             let quantity = i64::from(item.quantity);
             let taken = tx
-                .query_typed_opt(
+                .query_prepared_opt(
                     "WITH taken AS (
                          UPDATE inventory.skus
                             SET available = available - $2,
@@ -276,7 +276,7 @@ impl PgInventory {
                 .map_err(query_error)?;
             let Some(taken) = taken else {
                 let available = tx
-                    .query_typed_opt(
+                    .query_prepared_opt(
                         "SELECT available FROM inventory.skus WHERE sku = $1",
                         &[(&item.sku.as_str(), Type::TEXT)],
                     )
@@ -361,9 +361,9 @@ impl PgInventory {
         let ids: Vec<Uuid> = group.iter().map(|r| r.reservation_id).collect();
         let expires: Vec<DateTime<Utc>> = group.iter().map(|r| expiry(now, r.ttl)).collect();
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let tx = conn.transaction().await.map_err(query_error)?;
+        let tx = conn.begin().await.map_err(query_error)?;
         let inserted: HashSet<Uuid> = tx
-            .query_typed(
+            .query_prepared(
                 "INSERT INTO inventory.reservations (id, state, expires_at, created_at, updated_at)
                  SELECT id, 'reserved', expires_at, $3, $3
                    FROM unnest($1::uuid[], $2::timestamptz[]) AS r(id, expires_at)
@@ -405,7 +405,7 @@ impl PgInventory {
             let quantities: Vec<i64> = new.iter().map(|&k| i64::from(quantity(group[k]))).collect();
             let total: i64 = quantities.iter().sum();
             let lines = tx
-                .query_typed(
+                .query_prepared(
                     "WITH taken AS (
                          UPDATE inventory.skus
                             SET available = available - $2,
@@ -434,7 +434,7 @@ impl PgInventory {
                 granted = new;
             } else {
                 let stock = tx
-                    .query_typed_opt(
+                    .query_prepared_opt(
                         "SELECT available, unit_price_cents FROM inventory.skus
                           WHERE sku = $1 FOR UPDATE",
                         &[(&sku.as_str(), Type::TEXT)],
@@ -469,7 +469,7 @@ impl PgInventory {
                     rollback(tx).await;
                     return Ok(finish(results));
                 }
-                tx.execute_typed(
+                tx.execute_prepared(
                     "DELETE FROM inventory.reservations WHERE id = ANY($1)",
                     &[(&refused, Type::UUID_ARRAY)],
                 )
@@ -483,7 +483,7 @@ impl PgInventory {
                 let total: i64 = granted_quantities.iter().sum();
                 // The row is locked by the SELECT above: this cannot fail
                 // the CHECK, and the lines take the price just read.
-                tx.execute_typed(
+                tx.execute_prepared(
                     "WITH taken AS (
                          UPDATE inventory.skus
                             SET available = available - $2,
@@ -528,7 +528,7 @@ impl PgInventory {
     async fn commit_in_db(&self, id: ReservationId) -> Result<Reservation, InventoryError> {
         let now = now_micros(&self.clock);
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let tx = conn.transaction().await.map_err(query_error)?;
+        let tx = conn.begin().await.map_err(query_error)?;
         let Some(mut reservation) = load(&tx, id, true).await? else {
             rollback(tx).await;
             return Err(InventoryError::ReservationNotFound(id));
@@ -568,7 +568,7 @@ impl PgInventory {
     ) -> Result<Option<Reservation>, InventoryError> {
         let now = now_micros(&self.clock);
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let tx = conn.transaction().await.map_err(query_error)?;
+        let tx = conn.begin().await.map_err(query_error)?;
         let Some(mut reservation) = load(&tx, id, true).await? else {
             rollback(tx).await;
             return Ok(None);
@@ -599,7 +599,7 @@ impl PgInventory {
     async fn stock_in_db(&self, sku: &Sku) -> Result<StockLevel, InventoryError> {
         let conn = self.pool.get().await.map_err(pool_error)?;
         let row = conn
-            .query_typed_opt(
+            .query_prepared_opt(
                 "SELECT available, held, unit_price_cents,
                         (SELECT coalesce(sum(quantity), 0)::bigint
                            FROM inventory.reservation_lines
@@ -623,7 +623,7 @@ impl PgInventory {
         let conn = self.pool.get().await.map_err(pool_error)?;
         let row = match restock.unit_price_cents {
             Some(price) => conn
-                .query_typed_opt(
+                .query_prepared_opt(
                     "WITH up AS (
                          INSERT INTO inventory.skus AS s
                                 (sku, available, unit_price_cents, created_at, updated_at)
@@ -649,7 +649,7 @@ impl PgInventory {
                 .await
                 .map_err(|e| restock_error(&restock.sku, e))?,
             None => conn
-                .query_typed_opt(
+                .query_prepared_opt(
                     "WITH up AS (
                          UPDATE inventory.skus
                             SET available = available + $2, updated_at = $3
@@ -683,13 +683,13 @@ impl PgInventory {
         let now = now_micros(&self.clock);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut conn = self.pool.get().await.map_err(pool_error)?;
-        let tx = conn.transaction().await.map_err(query_error)?;
+        let tx = conn.begin().await.map_err(query_error)?;
         // SKIP LOCKED: several sweepers (one per instance) split the due
         // reservations between them instead of queueing on the same rows,
         // and a reservation being committed or released right now is left
         // to that transaction.
         let ids: Vec<Uuid> = tx
-            .query_typed(
+            .query_prepared(
                 "SELECT id FROM inventory.reservations
                   WHERE state = 'reserved' AND expires_at <= $1
                   ORDER BY expires_at
@@ -708,7 +708,7 @@ impl PgInventory {
             return Ok(0);
         }
         let rows = tx
-            .query_typed(
+            .query_prepared(
                 "SELECT sku, sum(quantity)::bigint FROM inventory.reservation_lines
                   WHERE reservation_id = ANY($1)
                   GROUP BY sku
@@ -769,14 +769,14 @@ fn give_back(lines: &[ReservedLine]) -> Vec<Delta> {
 /// is one statement; several are locked first in SKU order (the one lock
 /// order, so two transactions cannot deadlock) and then updated together.
 async fn apply_deltas(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     deltas: &[Delta],
     now: DateTime<Utc>,
 ) -> Result<(), InventoryError> {
     let updated = match deltas {
         [] => return Ok(()),
         [one] => tx
-            .execute_typed(
+            .execute_prepared(
                 "UPDATE inventory.skus
                     SET available = available + $2,
                         held = held + $3,
@@ -795,13 +795,13 @@ async fn apply_deltas(
             let skus: Vec<&str> = many.iter().map(|d| d.sku.as_str()).collect();
             let available: Vec<i64> = many.iter().map(|d| d.available).collect();
             let held: Vec<i64> = many.iter().map(|d| d.held).collect();
-            tx.execute_typed(
+            tx.execute_prepared(
                 "SELECT 1 FROM inventory.skus WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
                 &[(&skus, Type::TEXT_ARRAY)],
             )
             .await
             .map_err(query_error)?;
-            tx.execute_typed(
+            tx.execute_prepared(
                 "UPDATE inventory.skus AS s
                     SET available = s.available + d.available,
                         held = s.held + d.held,
@@ -833,12 +833,12 @@ async fn apply_deltas(
 
 /// Moves reservations out of `reserved` to `state`, closing their lines.
 async fn set_state(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     ids: &[Uuid],
     state: ReservationState,
     now: DateTime<Utc>,
 ) -> Result<(), InventoryError> {
-    tx.execute_typed(
+    tx.execute_prepared(
         "WITH moved AS (
              UPDATE inventory.reservations SET state = $2, updated_at = $3
               WHERE id = ANY($1)
@@ -859,7 +859,7 @@ async fn set_state(
 
 /// A reservation and its lines (sorted by SKU); with `lock`, its row is
 /// locked for the rest of the transaction.
-async fn load<C: GenericClient + Sync>(
+async fn load<C: Prepared>(
     client: &C,
     id: ReservationId,
     lock: bool,
@@ -876,7 +876,7 @@ async fn load<C: GenericClient + Sync>(
                                 ORDER BY l.sku
                                   FOR UPDATE OF r";
     let rows = client
-        .query_typed(if lock { LOAD_LOCKED } else { LOAD }, &[(&id, Type::UUID)])
+        .query_prepared(if lock { LOAD_LOCKED } else { LOAD }, &[(&id, Type::UUID)])
         .await
         .map_err(query_error)?;
     let Some(first) = rows.first() else {
@@ -939,7 +939,7 @@ fn stock_level(sku: &Sku, row: &Row) -> Result<StockLevel, InventoryError> {
 
 /// Rolls back, ignoring a failure: the outcome is already decided, and a
 /// connection that failed to roll back is discarded by the pool.
-async fn rollback(tx: Transaction<'_>) {
+async fn rollback(tx: PgTransaction<'_>) {
     if let Err(e) = tx.rollback().await {
         tracing::debug!(error = %e, "rollback failed");
     }

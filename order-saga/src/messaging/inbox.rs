@@ -12,22 +12,25 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{GenericClient, Transaction};
+use tokio_postgres::GenericClient;
+use tokio_postgres::types::Type;
+
+use crate::pg::{PgTransaction, Prepared};
 use uuid::Uuid;
 
 /// Records that `consumer` processed `event_id`, in the consumer's
 /// transaction `tx`. Returns `true` the first time (apply the effect in the
 /// same transaction) and `false` if it was already processed (skip it).
 pub async fn process_once(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     consumer: &str,
     event_id: Uuid,
 ) -> Result<bool, tokio_postgres::Error> {
     let inserted = tx
-        .execute(
+        .execute_prepared(
             "INSERT INTO orders.inbox (consumer, event_id) VALUES ($1, $2)
              ON CONFLICT (consumer, event_id) DO NOTHING",
-            &[&consumer, &event_id],
+            &[(&consumer, Type::TEXT), (&event_id, Type::UUID)],
         )
         .await?;
     Ok(inserted == 1)

@@ -126,8 +126,9 @@ pub use postgres::OrderTimeline;
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
-    use crate::messaging::inbox::{self, is_transient};
-    use crate::pg::PgPool;
+    use crate::messaging::inbox::is_transient;
+    use crate::pg::{PgPool, Prepared};
+    use tokio_postgres::types::Type;
 
     /// The PostgreSQL timeline: `orders.order_timeline`, written once per
     /// event through the inbox (consumer name
@@ -187,30 +188,37 @@ mod postgres {
         /// Records `event` once; returns whether it was new.
         pub async fn record(&self, event: &EventEnvelope) -> Result<bool, HandlerError> {
             let entry = TimelineEntry::from_event(event);
-            let mut conn = self.pool.get().await.map_err(pool_handler_error)?;
-            let tx = conn.transaction().await.map_err(handler_error)?;
-            let new = inbox::process_once(&tx, &self.consumer, event.id)
-                .await
-                .map_err(handler_error)?;
-            if new {
-                tx.execute(
-                    "INSERT INTO orders.order_timeline
-                         (order_id, event_id, event_type, occurred_at, payload)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (order_id, event_id) DO NOTHING",
+            let conn = self.pool.get().await.map_err(pool_handler_error)?;
+            // One autocommitted statement: the inbox row (the same claim as
+            // inbox::process_once) and the entry, written only when the
+            // claim is new.
+            let order_id = event.order_id.as_uuid();
+            let new: i64 = conn
+                .query_prepared_one(
+                    "WITH first AS (
+                        INSERT INTO orders.inbox (consumer, event_id) VALUES ($1, $2)
+                        ON CONFLICT (consumer, event_id) DO NOTHING
+                        RETURNING 1
+                     ), entry AS (
+                        INSERT INTO orders.order_timeline
+                            (order_id, event_id, event_type, occurred_at, payload)
+                        SELECT $3, $2, $4, $5, $6 FROM first
+                        ON CONFLICT (order_id, event_id) DO NOTHING
+                     )
+                     SELECT count(*) FROM first",
                     &[
-                        &event.order_id.as_uuid(),
-                        &entry.event_id,
-                        &entry.event_type,
-                        &entry.occurred_at,
-                        &entry.payload,
+                        (&self.consumer.as_str(), Type::TEXT),
+                        (&entry.event_id, Type::UUID),
+                        (&order_id, Type::UUID),
+                        (&entry.event_type.as_str(), Type::TEXT),
+                        (&entry.occurred_at, Type::TIMESTAMPTZ),
+                        (&entry.payload, Type::JSONB),
                     ],
                 )
                 .await
-                .map_err(handler_error)?;
-            }
-            tx.commit().await.map_err(handler_error)?;
-            Ok(new)
+                .map_err(handler_error)?
+                .get(0);
+            Ok(new == 1)
         }
 
         /// The events of `order`, oldest first.

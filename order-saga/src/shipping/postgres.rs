@@ -32,7 +32,7 @@ use super::{
 };
 use crate::BoxFuture;
 use crate::model::OrderId;
-use crate::pg::{Migration, PgError, PgPool};
+use crate::pg::{Migration, PgClient, PgError, PgPool, Prepared};
 
 /// The schema the service owns.
 pub const SCHEMA: &str = "shipping";
@@ -96,7 +96,7 @@ impl PgShipping {
     /// `SELECT 1` on a pooled connection: the readiness probe.
     pub async fn ping(&self) -> Result<(), ShippingError> {
         let conn = self.pool.get().await.map_err(unavailable)?;
-        conn.query_typed_opt("SELECT 1", &[])
+        conn.query_prepared_opt("SELECT 1", &[])
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -140,7 +140,7 @@ impl PgShipping {
             (&created_at, Type::TIMESTAMPTZ),
         ];
         if let Some(row) = conn
-            .query_typed_opt(SCHEDULE, &params)
+            .query_prepared_opt(SCHEDULE, &params)
             .await
             .map_err(unavailable)?
         {
@@ -171,7 +171,7 @@ impl PgShipping {
             (&at, Type::TIMESTAMPTZ),
         ];
         let row = conn
-            .query_typed_opt(CANCEL, &params)
+            .query_prepared_opt(CANCEL, &params)
             .await
             .map_err(unavailable)?
             .ok_or_else(|| {
@@ -188,12 +188,9 @@ impl PgShipping {
     }
 }
 
-async fn read(
-    conn: &tokio_postgres::Client,
-    order_id: OrderId,
-) -> Result<Option<Shipment>, ShippingError> {
+async fn read(conn: &PgClient, order_id: OrderId) -> Result<Option<Shipment>, ShippingError> {
     let uuid = order_id.as_uuid();
-    conn.query_typed_opt(SHIPMENT, &[(&uuid, Type::UUID)])
+    conn.query_prepared_opt(SHIPMENT, &[(&uuid, Type::UUID)])
         .await
         .map_err(unavailable)?
         .map(|row| shipment_from(order_id, &row))

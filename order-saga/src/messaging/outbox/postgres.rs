@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls, Statement, Transaction};
+use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls, Statement};
+
+use crate::pg::{PgTransaction, Prepared};
 
 use super::{OutboxError, OutboxRecord, OutboxSource};
 use crate::BoxFuture;
@@ -47,7 +49,7 @@ const INSERT: &str = "INSERT INTO orders.outbox (event_id, order_id, event_type,
 /// relay publishes them in. Nothing is written if it fails (the caller's
 /// transaction is aborted, as for any failed statement). One round trip.
 pub async fn append(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     events: &[EventEnvelope],
 ) -> Result<(), tokio_postgres::Error> {
     if events.is_empty() {
@@ -65,7 +67,7 @@ pub async fn append(
 /// busy relay does not need waking. The relay then finds the events within
 /// its poll interval.
 pub async fn append_without_notify(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     events: &[EventEnvelope],
 ) -> Result<(), tokio_postgres::Error> {
     if events.is_empty() {
@@ -101,19 +103,18 @@ pub(crate) fn columns(events: &[EventEnvelope]) -> Columns {
 }
 
 async fn insert(
-    tx: &Transaction<'_>,
+    tx: &PgTransaction<'_>,
     sql: &str,
     events: &[EventEnvelope],
 ) -> Result<(), tokio_postgres::Error> {
     let (ids, orders, types, payloads) = columns(events);
-    // Typed parameters skip the prepare round trip.
     let params: [(&(dyn ToSql + Sync), Type); 4] = [
         (&ids, Type::UUID_ARRAY),
         (&orders, Type::UUID_ARRAY),
         (&types, Type::TEXT_ARRAY),
         (&payloads, Type::JSONB_ARRAY),
     ];
-    tx.execute_typed(sql, &params).await.map(|_| ())
+    tx.execute_prepared(sql, &params).await.map(|_| ())
 }
 
 /// How many events wait in the outbox (for health checks and tests).

@@ -3,7 +3,9 @@
 //! form the next group, handled as one.
 //!
 //! This is what lets one hot SKU take many reservations per database
-//! transaction: the transaction costs the same for one request or a
+//! transaction (the PostgreSQL inventory, keyed by SKU), and the order
+//! store write many saga transitions per statement (keyed by a shard of
+//! the order id): the transaction costs the same for one request or a
 //! hundred, so the rate a hot row can take grows with the demand on it
 //! instead of stopping at one transaction per commit flush. With no
 //! concurrency every group has one request and nothing waits.
