@@ -9,6 +9,12 @@
 //!   --seconds 20 --concurrency 64 --skus 200 --jwt-secret "$JWT_SECRET"
 //! ```
 //!
+//! By default each client sends its next order when the last is answered
+//! (closed loop: the highest rate the service sustains). `--rate R` sends R
+//! orders a second on a fixed schedule shared by the clients (open loop),
+//! and measures each create from its scheduled time, so the latency figures
+//! are those at that offered load.
+//!
 //! `scripts/order-load` starts `payment_sim` and `order_service`, runs this,
 //! and stops them. The summary's fields are described in
 //! docs/PERFORMANCE.md ("order-saga").
@@ -36,6 +42,7 @@ struct Args {
     concurrency: usize,
     skus: usize,
     customers: usize,
+    rate: f64,
 }
 
 fn parse_args() -> Args {
@@ -48,6 +55,7 @@ fn parse_args() -> Args {
         concurrency: 64,
         skus: 200,
         customers: 1000,
+        rate: 0.0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -63,6 +71,7 @@ fn parse_args() -> Args {
             "--concurrency" => a.concurrency = value.parse().expect("--concurrency N"),
             "--skus" => a.skus = value.parse().expect("--skus N"),
             "--customers" => a.customers = value.parse().expect("--customers N"),
+            "--rate" => a.rate = value.parse().expect("--rate ORDERS_PER_SEC"),
             other => {
                 eprintln!("unknown flag {other}");
                 std::process::exit(2);
@@ -157,12 +166,26 @@ async fn main() {
             ids.clone(),
             statuses.clone(),
         );
-        let skus = args.skus;
+        let (skus, rate, concurrency) = (args.skus, args.rate, args.concurrency);
         workers.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(w as u64);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
+                // Open loop (`--rate`): the workers take turns on a fixed
+                // schedule, and latency counts from the scheduled time, so
+                // a slow answer that delays the next send is not hidden.
+                let scheduled = if rate > 0.0 {
+                    let slot = (n - 1) * concurrency as u64 + w as u64;
+                    let at = started + Duration::from_secs_f64(slot as f64 / rate);
+                    tokio::time::sleep_until(at.into()).await;
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    at
+                } else {
+                    Instant::now()
+                };
                 let lines = 1 + rng.usize(..3);
                 let mut picked: Vec<usize> = (0..lines).map(|_| rng.usize(..skus)).collect();
                 picked.sort_unstable();
@@ -171,11 +194,10 @@ async fn main() {
                 let body = json!({"items": items, "ship_to": {"name": "Load Test", "line1": "1 Bench Street", "city": "Testville", "postal_code": "00000", "country": "US"}});
                 let auth = &tokens[rng.usize(..tokens.len())];
                 let key = format!("load-{w}-{n}");
-                let start = Instant::now();
                 let reply = client
                     .send(Method::POST, "/v1/orders", Some(&body), &[("authorization", auth.as_str()), ("idempotency-key", key.as_str())])
                     .await;
-                let elapsed = start.elapsed();
+                let elapsed = scheduled.elapsed();
                 match reply {
                     Ok((status, bytes)) => {
                         *statuses.lock().entry(status.as_u16()).or_default() += 1;
@@ -210,7 +232,11 @@ async fn main() {
     let ids = ids.lock().clone();
     let mut saga_h = hist();
     let mut by_state: HashMap<String, u64> = HashMap::new();
-    let mut last_terminal = started;
+    let mut reasons: HashMap<String, u64> = HashMap::new();
+    // The span from the first order created to the last saga ended, by the
+    // orders' own timestamps: sagas/s counts only finished work.
+    let mut first_created: Option<chrono::DateTime<chrono::FixedOffset>> = None;
+    let mut last_ended: Option<chrono::DateTime<chrono::FixedOffset>> = None;
     let wait_deadline = Instant::now() + Duration::from_secs(120);
     let mut pending: Vec<String> = ids.clone();
     while !pending.is_empty() && Instant::now() < wait_deadline {
@@ -255,9 +281,13 @@ async fn main() {
                     if let (Some(c), Some(u)) = (created, updated) {
                         let _ =
                             saga_h.record((u - c).num_microseconds().unwrap_or(1).max(1) as u64);
+                        first_created = Some(first_created.map_or(c, |f| f.min(c)));
+                        last_ended = Some(last_ended.map_or(u, |l| l.max(u)));
+                    }
+                    if let Some(reason) = order["cancel_reason"].as_str() {
+                        *reasons.entry(reason.to_owned()).or_default() += 1;
                     }
                     *by_state.entry(state).or_default() += 1;
-                    last_terminal = Instant::now();
                 } else {
                     still.push(id);
                 }
@@ -268,7 +298,6 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let _ = last_terminal;
     // Invariants, from the services' own records.
     let (mut oversold, mut orphans) = (Value::Null, Value::Null);
     if let Some(url) = &args.database_url
@@ -304,6 +333,12 @@ async fn main() {
     }
     let created = created_h.lock();
     let completed: u64 = by_state.values().sum();
+    let saga_span_secs = match (first_created, last_ended) {
+        (Some(first), Some(last)) => {
+            ((last - first).num_microseconds().unwrap_or(0) as f64 / 1e6).max(load_secs.min(1.0))
+        }
+        _ => load_secs,
+    };
     let create_p99 = ms(&created, 0.99);
     let summary = json!({
         "orders": ids.len(),
@@ -316,7 +351,9 @@ async fn main() {
         "create_p99_ms": create_p99,
         "saga_p50_ms": ms(&saga_h, 0.50),
         "saga_p99_ms": ms(&saga_h, 0.99),
-        "sagas_per_sec": completed as f64 / load_secs,
+        "cancel_reasons": reasons,
+        "sagas_per_sec": completed as f64 / saga_span_secs,
+        "saga_span_secs": saga_span_secs,
         "oversold": oversold,
         "orphans": orphans,
         "double_charges": double_charges,
@@ -324,6 +361,7 @@ async fn main() {
         "create_to_floor": floor.map(|f| create_p99 / f),
         "seconds": load_secs,
         "concurrency": args.concurrency,
+        "rate": (args.rate > 0.0).then_some(args.rate),
     });
     println!("{summary}");
 }

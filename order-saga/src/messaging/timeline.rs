@@ -126,18 +126,38 @@ pub use postgres::OrderTimeline;
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
+    use crate::combiner::Combiner;
     use crate::messaging::inbox::is_transient;
     use crate::pg::{PgPool, Prepared};
+    use std::error::Error as _;
     use tokio_postgres::types::Type;
 
     /// The PostgreSQL timeline: `orders.order_timeline`, written once per
     /// event through the inbox (consumer name
     /// [`OrderTimeline::DEFAULT_CONSUMER`] unless set).
+    ///
+    /// Records are group-committed: while one statement for a shard of
+    /// orders runs, the events of that shard that arrive wait and are
+    /// written together by the next (each still claimed in the inbox on its
+    /// own), so a busy consumer costs a few commits, not one per event.
     #[derive(Clone)]
     pub struct OrderTimeline {
         pool: PgPool,
         consumer: String,
+        writes: Combiner<usize, TimelineRow, Result<bool, HandlerError>>,
     }
+
+    /// An entry to record, with its order.
+    struct TimelineRow {
+        order_id: Uuid,
+        entry: TimelineEntry,
+    }
+
+    /// How many statements recording events may run at once.
+    const SHARDS: u128 = 2;
+
+    /// The most events one statement records.
+    const MAX_GROUP: usize = 128;
 
     impl std::fmt::Debug for OrderTimeline {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -164,6 +184,106 @@ mod postgres {
         }
     }
 
+    /// Records `rows` in one statement, each claimed in the inbox as
+    /// [`inbox::process_once`](crate::messaging::inbox::process_once)
+    /// would; returns whether each was new (a repeat within the group is
+    /// not). A statement refused for its data is retried row by row, so
+    /// one bad event fails alone.
+    async fn record_rows(
+        pool: PgPool,
+        consumer: String,
+        rows: Vec<TimelineRow>,
+    ) -> Vec<Result<bool, HandlerError>> {
+        match insert_rows(&pool, &consumer, &rows).await {
+            Ok(new) => {
+                let mut seen = HashSet::new();
+                rows.iter()
+                    .map(|row| {
+                        let id = row.entry.event_id;
+                        Ok(new.contains(&id) && seen.insert(id))
+                    })
+                    .collect()
+            }
+            Err(e) if rows.len() > 1 && matches!(e, HandlerError::Failed(_)) => {
+                let mut results = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let id = row.entry.event_id;
+                    results.push(
+                        insert_rows(&pool, &consumer, std::slice::from_ref(&row))
+                            .await
+                            .map(|new| new.contains(&id)),
+                    );
+                }
+                results
+            }
+            Err(e) => {
+                let message = format!(
+                    "{e}: {}",
+                    e.source().map(|s| s.to_string()).unwrap_or_default()
+                );
+                rows.iter()
+                    .map(|_| {
+                        Err(match e {
+                            HandlerError::Failed(_) => HandlerError::failed(message.clone()),
+                            HandlerError::Unavailable(_) => {
+                                HandlerError::unavailable(message.clone())
+                            }
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The one statement of [`record_rows`]: returns the event ids it
+    /// claimed.
+    async fn insert_rows(
+        pool: &PgPool,
+        consumer: &str,
+        rows: &[TimelineRow],
+    ) -> Result<HashSet<Uuid>, HandlerError> {
+        let event_ids: Vec<Uuid> = rows.iter().map(|r| r.entry.event_id).collect();
+        let order_ids: Vec<Uuid> = rows.iter().map(|r| r.order_id).collect();
+        let types: Vec<&str> = rows.iter().map(|r| r.entry.event_type.as_str()).collect();
+        let occurred: Vec<DateTime<Utc>> = rows.iter().map(|r| r.entry.occurred_at).collect();
+        let payloads: Vec<&serde_json::Value> = rows.iter().map(|r| &r.entry.payload).collect();
+        let conn = pool.get().await.map_err(pool_handler_error)?;
+        let claimed = conn
+            .query_prepared(
+                "WITH input AS (
+                    SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[], $6::jsonb[])
+                        WITH ORDINALITY AS i(event_id, order_id, event_type, occurred_at, payload, n)
+                 ), first AS (
+                    INSERT INTO orders.inbox (consumer, event_id)
+                    SELECT $1, event_id FROM input ORDER BY n
+                    ON CONFLICT (consumer, event_id) DO NOTHING
+                    RETURNING event_id
+                 ), entry AS (
+                    INSERT INTO orders.order_timeline
+                        (order_id, event_id, event_type, occurred_at, payload)
+                    SELECT i.order_id, i.event_id, i.event_type, i.occurred_at, i.payload
+                    FROM input i JOIN first f ON f.event_id = i.event_id
+                    ORDER BY i.n
+                    ON CONFLICT (order_id, event_id) DO NOTHING
+                 )
+                 SELECT event_id FROM first",
+                &[
+                    (&consumer, Type::TEXT),
+                    (&event_ids, Type::UUID_ARRAY),
+                    (&order_ids, Type::UUID_ARRAY),
+                    (&types, Type::TEXT_ARRAY),
+                    (&occurred, Type::TIMESTAMPTZ_ARRAY),
+                    (&payloads, Type::JSONB_ARRAY),
+                ],
+            )
+            .await
+            .map_err(handler_error)?;
+        claimed
+            .iter()
+            .map(|row| row.try_get(0).map_err(handler_error))
+            .collect()
+    }
+
     impl OrderTimeline {
         /// The inbox consumer name used unless [`OrderTimeline::with_consumer`]
         /// sets another.
@@ -175,6 +295,7 @@ mod postgres {
             OrderTimeline {
                 pool,
                 consumer: Self::DEFAULT_CONSUMER.to_owned(),
+                writes: Combiner::new(MAX_GROUP),
             }
         }
 
@@ -187,38 +308,24 @@ mod postgres {
 
         /// Records `event` once; returns whether it was new.
         pub async fn record(&self, event: &EventEnvelope) -> Result<bool, HandlerError> {
-            let entry = TimelineEntry::from_event(event);
-            let conn = self.pool.get().await.map_err(pool_handler_error)?;
-            // One autocommitted statement: the inbox row (the same claim as
-            // inbox::process_once) and the entry, written only when the
-            // claim is new.
             let order_id = event.order_id.as_uuid();
-            let new: i64 = conn
-                .query_prepared_one(
-                    "WITH first AS (
-                        INSERT INTO orders.inbox (consumer, event_id) VALUES ($1, $2)
-                        ON CONFLICT (consumer, event_id) DO NOTHING
-                        RETURNING 1
-                     ), entry AS (
-                        INSERT INTO orders.order_timeline
-                            (order_id, event_id, event_type, occurred_at, payload)
-                        SELECT $3, $2, $4, $5, $6 FROM first
-                        ON CONFLICT (order_id, event_id) DO NOTHING
-                     )
-                     SELECT count(*) FROM first",
-                    &[
-                        (&self.consumer.as_str(), Type::TEXT),
-                        (&entry.event_id, Type::UUID),
-                        (&order_id, Type::UUID),
-                        (&entry.event_type.as_str(), Type::TEXT),
-                        (&entry.occurred_at, Type::TIMESTAMPTZ),
-                        (&entry.payload, Type::JSONB),
-                    ],
+            let row = TimelineRow {
+                order_id,
+                entry: TimelineEntry::from_event(event),
+            };
+            let (pool, consumer) = (self.pool.clone(), self.consumer.clone());
+            self.writes
+                .submit(
+                    (order_id.as_u128() % SHARDS) as usize,
+                    row,
+                    move |_, rows| record_rows(pool.clone(), consumer.clone(), rows),
                 )
                 .await
-                .map_err(handler_error)?
-                .get(0);
-            Ok(new == 1)
+                .unwrap_or_else(|| {
+                    Err(HandlerError::unavailable(
+                        "the timeline write was lost; its outcome is unknown",
+                    ))
+                })
         }
 
         /// The events of `order`, oldest first.

@@ -29,7 +29,7 @@ use crate::BoxFuture;
 use crate::combiner::Combiner;
 use crate::messaging::outbox;
 use crate::model::{CustomerId, Order, OrderId, OrderState};
-use crate::pg::{Migration, PgClient, PgError, PgPool, PgTransaction, Prepared};
+use crate::pg::{Migration, PgClient, PgError, PgPool, Prepared};
 use crate::saga::{Saga, SagaParts};
 
 /// The `orders` schema's migrations: the order store's tables, then the
@@ -189,97 +189,109 @@ const TERMINAL: &str = "('confirmed', 'cancelled', 'needs_attention')";
 impl OrderStore for PgOrderStore {
     fn create(&self, new: NewOrder) -> BoxFuture<'_, Result<Created, StoreError>> {
         Box::pin(async move {
-            let mut conn = self.pool.get().await.map_err(pool_error)?;
-            let tx = conn.begin().await.map_err(query_error)?;
-            let id = new.order.id.as_uuid();
-            if let Some(claim) = &new.idempotency {
-                let hash: &[u8] = &claim.request_hash;
-                // Insert the key, or take over an expired one; a live key
-                // returns no row (a concurrent insert waits for the first
-                // transaction, then sees its row).
-                let claimed = tx
-                    .query_prepared(
-                        "INSERT INTO orders.idempotency_keys AS k (customer, key, request_hash, order_id, expires_at)
-                         VALUES ($1, $2, $3, $4, now() + $5 * interval '1 millisecond')
-                         ON CONFLICT (customer, key) DO UPDATE
-                            SET request_hash = EXCLUDED.request_hash, order_id = EXCLUDED.order_id,
-                                status = NULL, response = NULL, created_at = now(), expires_at = EXCLUDED.expires_at
-                            WHERE k.expires_at <= now()
-                         RETURNING 1",
-                        &[
-                            (&claim.customer.as_str(), Type::TEXT),
-                            (&claim.key.as_str(), Type::TEXT),
-                            (&hash, Type::BYTEA),
-                            (&id, Type::UUID),
-                            (&(millis(claim.ttl) as f64), Type::FLOAT8),
-                        ],
-                    )
-                    .await
-                    .map_err(query_error)?;
-                if claimed.is_empty() {
-                    let existing = tx
-                        .query_prepared(
-                            "SELECT request_hash, status, response FROM orders.idempotency_keys WHERE customer = $1 AND key = $2",
-                            &[(&claim.customer.as_str(), Type::TEXT), (&claim.key.as_str(), Type::TEXT)],
-                        )
-                        .await
-                        .map_err(query_error)?;
-                    tx.rollback().await.map_err(query_error)?;
-                    let Some(row) = existing.first() else {
-                        // Purged between the two statements: the client retries.
-                        return Ok(Created::InFlight);
-                    };
-                    if row.get::<_, &[u8]>(0) != hash {
-                        return Ok(Created::KeyReused);
-                    }
-                    return Ok(
-                        match (
-                            row.get::<_, Option<i16>>(1),
-                            row.get::<_, Option<serde_json::Value>>(2),
-                        ) {
-                            (Some(status), Some(body)) => Created::Replay(StoredResponse {
-                                status: status as u16,
-                                body,
-                            }),
-                            _ => Created::InFlight,
-                        },
-                    );
-                }
-            }
+            let conn = self.pool.get().await.map_err(pool_error)?;
             let order = &new.order;
+            let id = order.id.as_uuid();
             let parts = new.saga.to_parts();
             let lease_ms = millis(new.lease_for).min(i64::from(i32::MAX)) as i32;
-            let key = new.idempotency.as_ref().map(|c| c.key.as_str());
-            let rows = tx
-                .query_prepared(
-                    "INSERT INTO orders.orders (id, customer, state, items, currency, ship_to, saga_begun, idempotency_key,
-                                                lease_owner, lease_token, lease_until, lease_ms, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, nextval('orders.lease_tokens'),
-                             now() + $10 * interval '1 millisecond', $10, $11, $11)
-                     RETURNING lease_token",
-                    &[
-                        (&id, Type::UUID),
-                        (&order.customer.as_str(), Type::TEXT),
-                        (&order.state.as_str(), Type::TEXT),
-                        (&json(&order.items), Type::JSONB),
-                        (&order.currency.as_str(), Type::TEXT),
-                        (&json(&order.ship_to), Type::JSONB),
-                        (&i16::from(parts.begun), Type::INT2),
-                        (&key, Type::TEXT),
-                        (&new.owner.as_str(), Type::TEXT),
-                        (&lease_ms, Type::INT4),
-                        (&order.created_at, Type::TIMESTAMPTZ),
-                    ],
+            let claim = new.idempotency.as_ref();
+            let customer = order.customer.as_str();
+            let key = claim.map(|c| c.key.as_str());
+            let hash: Option<&[u8]> = claim.map(|c| &c.request_hash[..]);
+            let ttl_ms = claim.map_or(0.0, |c| millis(c.ttl) as f64);
+            let items = json(&order.items);
+            let ship_to = json(&order.ship_to);
+            let begun = i16::from(parts.begun);
+            let params: [(&(dyn ToSql + Sync), Type); 14] = [
+                (&id, Type::UUID),
+                (&customer, Type::TEXT),
+                (&key, Type::TEXT),
+                (&hash, Type::BYTEA),
+                (&ttl_ms, Type::FLOAT8),
+                (&order.state.as_str(), Type::TEXT),
+                (&items, Type::JSONB),
+                (&order.currency.as_str(), Type::TEXT),
+                (&ship_to, Type::JSONB),
+                (&begun, Type::INT2),
+                (&new.owner.as_str(), Type::TEXT),
+                (&lease_ms, Type::INT4),
+                (&order.created_at, Type::TIMESTAMPTZ),
+                (&new.log, Type::TEXT_ARRAY),
+            ];
+            // One autocommitted statement: claim the key (insert it, or take
+            // over an expired one), and only then write the order and its
+            // log. A live key claims nothing, so nothing is written; a
+            // concurrent claim of the same key waits for the first
+            // statement's commit and then sees its row.
+            let written = conn
+                .query_prepared_opt(
+                    "WITH claim AS (
+                        INSERT INTO orders.idempotency_keys AS k (customer, key, request_hash, order_id, expires_at)
+                        SELECT $2, $3, $4, $1, now() + $5 * interval '1 millisecond'
+                        WHERE $3::text IS NOT NULL
+                        ON CONFLICT (customer, key) DO UPDATE
+                           SET request_hash = EXCLUDED.request_hash, order_id = EXCLUDED.order_id,
+                               status = NULL, response = NULL, created_at = now(), expires_at = EXCLUDED.expires_at
+                           WHERE k.expires_at <= now()
+                        RETURNING 1
+                     ), claimed AS (
+                        SELECT 1 FROM claim UNION ALL SELECT 1 WHERE $3::text IS NULL
+                     ), ins AS (
+                        INSERT INTO orders.orders (id, customer, state, items, currency, ship_to, saga_begun,
+                                                   idempotency_key, lease_owner, lease_token, lease_until,
+                                                   lease_ms, created_at, updated_at)
+                        SELECT $1, $2, $6, $7, $8, $9, $10, $3, $11, nextval('orders.lease_tokens'),
+                               now() + $12 * interval '1 millisecond', $12, $13, $13
+                        FROM claimed
+                        RETURNING lease_token
+                     ), log AS (
+                        INSERT INTO orders.saga_log (order_id, entry)
+                        SELECT $1, t.e FROM ins, unnest($14::text[]) WITH ORDINALITY AS t(e, n)
+                        ORDER BY t.n
+                     )
+                     SELECT lease_token FROM ins",
+                    &params,
                 )
                 .await
                 .map_err(query_error)?;
-            let token: i64 = rows.first().map(|r| r.get(0)).unwrap_or_default();
-            append_log(&tx, id, &new.log).await?;
-            tx.commit().await.map_err(query_error)?;
-            Ok(Created::New(Lease {
-                owner: new.owner,
-                token,
-            }))
+            if let Some(row) = written {
+                return Ok(Created::New(Lease {
+                    owner: new.owner,
+                    token: row.try_get(0).map_err(query_error)?,
+                }));
+            }
+            // The key is live: its first request answers.
+            let Some(claim) = claim else {
+                return Err(StoreError::Corrupt(format!(
+                    "order {id} was not written and has no idempotency key"
+                )));
+            };
+            let existing = conn
+                .query_prepared_opt(
+                    "SELECT request_hash, status, response FROM orders.idempotency_keys WHERE customer = $1 AND key = $2",
+                    &[(&claim.customer.as_str(), Type::TEXT), (&claim.key.as_str(), Type::TEXT)],
+                )
+                .await
+                .map_err(query_error)?;
+            let Some(row) = existing else {
+                // Purged between the two statements: the client retries.
+                return Ok(Created::InFlight);
+            };
+            if row.get::<_, &[u8]>(0) != claim.request_hash {
+                return Ok(Created::KeyReused);
+            }
+            Ok(
+                match (
+                    row.get::<_, Option<i16>>(1),
+                    row.get::<_, Option<serde_json::Value>>(2),
+                ) {
+                    (Some(status), Some(body)) => Created::Replay(StoredResponse {
+                        status: status as u16,
+                        body,
+                    }),
+                    _ => Created::InFlight,
+                },
+            )
         })
     }
 
@@ -838,23 +850,4 @@ async fn write_many(
             },
         )
         .collect())
-}
-
-async fn append_log(
-    tx: &PgTransaction<'_>,
-    id: uuid::Uuid,
-    entries: &[String],
-) -> Result<(), StoreError> {
-    if entries.is_empty() {
-        return Ok(());
-    }
-    let params: [(&(dyn ToSql + Sync), Type); 2] =
-        [(&id, Type::UUID), (&entries, Type::TEXT_ARRAY)];
-    tx.query_prepared(
-        "INSERT INTO orders.saga_log (order_id, entry) SELECT $1, e FROM unnest($2::text[]) WITH ORDINALITY AS t(e, n) ORDER BY n",
-        &params,
-    )
-    .await
-    .map_err(query_error)?;
-    Ok(())
 }
