@@ -89,9 +89,10 @@ struct Args {
     /// PostgreSQL connections.
     #[arg(long, env = "ORDER_DB_POOL", default_value_t = 32)]
     db_pool: u32,
-    /// Sagas driven at once. Each wants a connection for its transitions,
-    /// so a few per pool connection keeps creates from queueing behind them.
-    #[arg(long, env = "ORDER_MAX_SAGAS", default_value_t = 128)]
+    /// Sagas driven at once. Most of a saga's time is spent waiting on the
+    /// payment provider, and its transitions are group-committed, so many
+    /// drivers share a few connections (docs/PERFORMANCE.md, "order-saga").
+    #[arg(long, env = "ORDER_MAX_SAGAS", default_value_t = 512)]
     max_sagas: usize,
     /// Skip the order-timeline consumer (run consumers elsewhere).
     #[arg(long)]
