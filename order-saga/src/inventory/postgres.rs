@@ -33,9 +33,9 @@
 //! sweeper lock several SKUs with one `SELECT … ORDER BY sku FOR UPDATE`
 //! before updating them together.
 //!
-//! Every statement is sent with its parameter types
-//! ([`query_typed`](tokio_postgres::Client::query_typed)), so it costs one
-//! round trip with no prepare.
+//! Every statement is sent with its parameter types and prepared once per pooled connection and reused ([`Prepared`](crate::pg::Prepared)),
+//! so after a connection's first call it costs one round trip and no
+//! parse or plan.
 //!
 //! Times come from the injected clock and are sent as parameters, never
 //! `now()`, so tests drive expiry with a

@@ -14,9 +14,9 @@
 //!   there is no row;
 //! - a lookup reads by the primary key.
 //!
-//! Statements are sent with their parameter types
-//! ([`tokio_postgres::Client::query_typed_opt`]), so each call is one
-//! round trip with no prepare.
+//! Statements are sent with their parameter types and prepared once per pooled connection and reused ([`Prepared`](crate::pg::Prepared)),
+//! so each call is one round trip with no parse or plan after a
+//! connection's first.
 
 use std::fmt;
 
