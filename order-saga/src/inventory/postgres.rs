@@ -33,7 +33,7 @@
 //! sweeper lock several SKUs with one `SELECT … ORDER BY sku FOR UPDATE`
 //! before updating them together.
 //!
-//! Every statement is sent with its parameter types and prepared once per pooled connection and reused ([`Prepared`](crate::pg::Prepared)),
+//! Every statement is sent with its parameter types and prepared once per pooled connection and reused ([`Prepared`]),
 //! so after a connection's first call it costs one round trip and no
 //! parse or plan.
 //!

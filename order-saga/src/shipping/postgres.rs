@@ -14,7 +14,7 @@
 //!   there is no row;
 //! - a lookup reads by the primary key.
 //!
-//! Statements are sent with their parameter types and prepared once per pooled connection and reused ([`Prepared`](crate::pg::Prepared)),
+//! Statements are sent with their parameter types and prepared once per pooled connection and reused ([`Prepared`]),
 //! so each call is one round trip with no parse or plan after a
 //! connection's first.
 
