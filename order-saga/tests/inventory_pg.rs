@@ -606,3 +606,107 @@ async fn pg_answers_like_the_memory_model_over_random_operations() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_multi_line_reservations_never_oversell() {
+    let Some((db, inventory, _clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    for name in ["x", "y", "z"] {
+        restock(&*inventory, name, 100, Some(7)).await;
+    }
+    // Two-line carts over three SKUs of 100 units, in both line orders:
+    // 1,000 carts want 2,000 units of 300.
+    let tasks: Vec<_> = (0..1000)
+        .map(|n| {
+            let inventory = Arc::clone(&inventory);
+            tokio::spawn(async move {
+                let items: &[(&str, u32)] = match n % 6 {
+                    0 => &[("x", 1), ("y", 1)],
+                    1 => &[("y", 1), ("z", 1)],
+                    2 => &[("z", 1), ("x", 1)],
+                    3 => &[("y", 1), ("x", 1)],
+                    4 => &[("z", 1), ("y", 1)],
+                    _ => &[("x", 1), ("z", 1)],
+                };
+                inventory
+                    .reserve(request(new_id(), items, Duration::from_secs(600)))
+                    .await
+            })
+        })
+        .collect();
+    let mut reserved_carts = 0i64;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.lines.len(), 2);
+                reserved_carts += 1;
+            }
+            Err(InventoryError::OutOfStock { .. }) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    let mut reserved_units = 0;
+    let mut left_with_stock = 0;
+    for name in ["x", "y", "z"] {
+        let (available, reserved, committed) = counts(&*inventory, name).await;
+        assert!(available >= 0, "{name}: {available}");
+        assert_eq!(available + reserved + committed, 100, "{name}");
+        reserved_units += reserved;
+        if available > 0 {
+            left_with_stock += 1;
+        }
+    }
+    assert_eq!(reserved_units, 2 * reserved_carts);
+    // Stock only falls, so two SKUs still in stock at the end would have
+    // served every one of their pair's 333 carts: at most one is left.
+    assert!(left_with_stock <= 1, "{left_with_stock} SKUs left in stock");
+    // Rows agree: a refused cart left no reservation and no line.
+    let client = db.connect().await;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM inventory.reservations),
+                    (SELECT count(*) FROM inventory.reservation_lines)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (reserved_carts, 2 * reserved_carts)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_replays_of_one_multi_line_id_reserve_it_once() {
+    let Some((_db, inventory, _clock)) = setup(16).await else {
+        return;
+    };
+    let inventory = Arc::new(inventory);
+    restock(&*inventory, "a", 1_000, Some(5)).await;
+    restock(&*inventory, "b", 1_000, Some(5)).await;
+    let id = new_id();
+    let tasks: Vec<_> = (0..40u32)
+        .map(|n| {
+            let inventory = Arc::clone(&inventory);
+            tokio::spawn(async move {
+                let items: &[(&str, u32)] = if n % 2 == 0 {
+                    &[("a", 2), ("b", 3)]
+                } else {
+                    &[("b", 3), ("a", 2)]
+                };
+                inventory
+                    .reserve(request(id, items, Duration::from_secs(600)))
+                    .await
+            })
+        })
+        .collect();
+    let mut reservations = Vec::new();
+    for task in tasks {
+        reservations.push(task.await.unwrap().unwrap());
+    }
+    assert!(reservations.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(counts(&*inventory, "a").await, (998, 2, 0));
+    assert_eq!(counts(&*inventory, "b").await, (997, 3, 0));
+}

@@ -29,9 +29,13 @@
 //! locks reservation rows (its own new rows, the one it commits or
 //! releases, or the sweeper's batch taken with `SKIP LOCKED`, which never
 //! waits), then SKU rows in ascending SKU order. A multi-line reservation
-//! takes its lines one statement each in SKU order; release and the
-//! sweeper lock several SKUs with one `SELECT … ORDER BY sku FOR UPDATE`
-//! before updating them together.
+//! first tries one statement that locks its SKU rows with `SELECT … ORDER
+//! BY sku FOR UPDATE` and writes only if every line is covered (its
+//! reservation row is new, so nobody else can hold it); otherwise its
+//! transaction takes the lines one statement each in SKU order. Release
+//! and the sweeper lock several SKUs with one `SELECT … ORDER BY sku FOR
+//! UPDATE` before updating them together. A commit of a live reservation
+//! is one statement that touches no SKU row.
 //!
 //! Every statement is sent with its parameter types and prepared once per pooled connection and reused ([`Prepared`]),
 //! so after a connection's first call it costs one round trip and no
@@ -206,8 +210,99 @@ impl PgInventory {
                     .await
                     .unwrap_or_else(|| Err(InventoryError::Unavailable(Box::new(BatchLost))))
             }
-            _ => self.reserve_one(request).await,
+            _ => match self.reserve_at_once(&request).await? {
+                Some(reservation) => Ok(reservation),
+                None => self.reserve_one(request).await,
+            },
         }
+    }
+
+    /// The usual multi-line reservation, all its lines there and in stock,
+    /// in one autocommitted statement: lock the SKU rows in SKU order, and
+    /// only if every line is covered, insert the reservation, take the
+    /// units and write the lines. `None` when it wrote nothing (a line not
+    /// covered, an unknown SKU, the id reserved before, repeated SKUs):
+    /// [`PgInventory::reserve_one`] then decides, with the precise answer.
+    async fn reserve_at_once(
+        &self,
+        request: &ReserveRequest,
+    ) -> Result<Option<Reservation>, InventoryError> {
+        let items = sorted_items(&request.items);
+        if items.windows(2).any(|pair| pair[0].sku == pair[1].sku) {
+            return Ok(None);
+        }
+        let now = now_micros(&self.clock);
+        let expires_at = expiry(now, request.ttl);
+        let id = request.reservation_id;
+        let skus: Vec<&str> = items.iter().map(|item| item.sku.as_str()).collect();
+        let quantities: Vec<i64> = items.iter().map(|item| i64::from(item.quantity)).collect();
+        let conn = self.pool.get().await.map_err(pool_error)?;
+        // The CHECK constraints stand behind the verdict: were it wrong,
+        // the statement would fail and write nothing.
+        let rows = conn
+            .query_prepared(
+                "WITH want AS (
+                     SELECT * FROM unnest($1::text[], $2::int8[]) AS w(sku, quantity)
+                 ), locked AS (
+                     SELECT s.sku, s.available FROM inventory.skus s
+                      WHERE s.sku = ANY($1)
+                      ORDER BY s.sku
+                        FOR UPDATE
+                 ), verdict AS (
+                     SELECT count(*) = cardinality($1::text[]) AS covered
+                       FROM want w JOIN locked l ON l.sku = w.sku AND l.available >= w.quantity
+                 ), reservation AS (
+                     INSERT INTO inventory.reservations (id, state, expires_at, created_at, updated_at)
+                     SELECT $3, 'reserved', $4, $5, $5 FROM verdict WHERE covered
+                     ON CONFLICT (id) DO NOTHING
+                     RETURNING id
+                 ), taken AS (
+                     UPDATE inventory.skus s
+                        SET available = s.available - w.quantity,
+                            held = s.held + w.quantity,
+                            updated_at = $5
+                       FROM want w
+                      WHERE s.sku = w.sku AND EXISTS (SELECT 1 FROM reservation)
+                     RETURNING s.sku, w.quantity, s.unit_price_cents
+                 ), lines AS (
+                     INSERT INTO inventory.reservation_lines
+                            (reservation_id, sku, quantity, unit_price_cents)
+                     SELECT $3, sku, quantity, unit_price_cents FROM taken
+                     RETURNING sku, quantity, unit_price_cents
+                 )
+                 SELECT sku, quantity, unit_price_cents FROM lines ORDER BY sku",
+                &[
+                    (&skus, Type::TEXT_ARRAY),
+                    (&quantities, Type::INT8_ARRAY),
+                    (&id, Type::UUID),
+                    (&expires_at, Type::TIMESTAMPTZ),
+                    (&now, Type::TIMESTAMPTZ),
+                ],
+            )
+            .await
+            .map_err(query_error)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut lines = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(line) = line_from(row, 0)? {
+                lines.push(line);
+            }
+        }
+        if lines.len() != items.len() {
+            return Err(corrupt(format!(
+                "reservation {id}: {} lines written for {} requested",
+                lines.len(),
+                items.len()
+            )));
+        }
+        Ok(Some(Reservation {
+            id,
+            state: ReservationState::Reserved,
+            lines,
+            expires_at,
+        }))
     }
 
     /// One reservation in its own transaction: one conditional update per
@@ -528,6 +623,42 @@ impl PgInventory {
     async fn commit_in_db(&self, id: ReservationId) -> Result<Reservation, InventoryError> {
         let now = now_micros(&self.clock);
         let mut conn = self.pool.get().await.map_err(pool_error)?;
+        // The usual case, a live reservation, in one autocommitted
+        // statement; anything else (already committed, expired, released,
+        // unknown) is sorted out by the transaction below.
+        let rows = conn
+            .query_prepared(
+                "WITH moved AS (
+                     UPDATE inventory.reservations SET state = 'committed', updated_at = $2
+                      WHERE id = $1 AND state = 'reserved' AND expires_at > $2
+                     RETURNING id, expires_at
+                 ), closed AS (
+                     UPDATE inventory.reservation_lines SET open = false
+                      WHERE reservation_id IN (SELECT id FROM moved) AND open
+                 )
+                 SELECT m.expires_at, l.sku, l.quantity, l.unit_price_cents
+                   FROM moved m
+                   LEFT JOIN inventory.reservation_lines l ON l.reservation_id = m.id
+                  ORDER BY l.sku",
+                &[(&id, Type::UUID), (&now, Type::TIMESTAMPTZ)],
+            )
+            .await
+            .map_err(query_error)?;
+        if let Some(first) = rows.first() {
+            let expires_at: DateTime<Utc> = first.try_get(0).map_err(query_error)?;
+            let mut lines = Vec::with_capacity(rows.len());
+            for row in &rows {
+                if let Some(line) = line_from(row, 1)? {
+                    lines.push(line);
+                }
+            }
+            return Ok(Reservation {
+                id,
+                state: ReservationState::Committed,
+                lines,
+                expires_at,
+            });
+        }
         let tx = conn.begin().await.map_err(query_error)?;
         let Some(mut reservation) = load(&tx, id, true).await? else {
             rollback(tx).await;
@@ -887,22 +1018,30 @@ async fn load<C: Prepared>(
     let expires_at: DateTime<Utc> = first.try_get(1).map_err(query_error)?;
     let mut lines = Vec::with_capacity(rows.len());
     for row in &rows {
-        let Some(sku) = row.try_get::<_, Option<&str>>(2).map_err(query_error)? else {
-            continue;
-        };
-        let quantity: i64 = row.try_get(3).map_err(query_error)?;
-        lines.push(ReservedLine {
-            sku: Sku::parse(sku).map_err(|_| corrupt(format!("SKU {sku:?}")))?,
-            quantity: u32::try_from(quantity)
-                .map_err(|_| corrupt(format!("quantity {quantity} of {sku}")))?,
-            unit_price_cents: row.try_get(4).map_err(query_error)?,
-        });
+        if let Some(line) = line_from(row, 2)? {
+            lines.push(line);
+        }
     }
     Ok(Some(Reservation {
         id,
         state,
         lines,
         expires_at,
+    }))
+}
+
+/// The line in columns `at..at + 3` of `row` (SKU, quantity, unit price),
+/// or `None` where a left join found none.
+fn line_from(row: &Row, at: usize) -> Result<Option<ReservedLine>, InventoryError> {
+    let Some(sku) = row.try_get::<_, Option<&str>>(at).map_err(query_error)? else {
+        return Ok(None);
+    };
+    let quantity: i64 = row.try_get(at + 1).map_err(query_error)?;
+    Ok(Some(ReservedLine {
+        sku: Sku::parse(sku).map_err(|_| corrupt(format!("SKU {sku:?}")))?,
+        quantity: u32::try_from(quantity)
+            .map_err(|_| corrupt(format!("quantity {quantity} of {sku}")))?,
+        unit_price_cents: row.try_get(at + 2).map_err(query_error)?,
     }))
 }
 
