@@ -79,11 +79,12 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 }];
 
 /// How [`PgInventory`] groups concurrent one-line reservations of the
-/// same SKU into one transaction (see the module docs).
+/// same SKU into one transaction, and concurrent commits into one
+/// statement (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BatchConfig {
-    /// Whether to group them. Default on.
+    /// Whether to group them (reservations and commits). Default on.
     pub enabled: bool,
     /// Most reservations in one transaction. Default 128.
     pub max_batch: usize,
@@ -116,6 +117,13 @@ impl BatchConfig {
 
 type ReserveResult = Result<Reservation, InventoryError>;
 
+/// A grouped commit's answer: the reservation, committed now, or `None`
+/// when it was not a live reservation (the caller's transaction decides).
+type QuickCommit = Result<Option<Reservation>, InventoryError>;
+
+/// How many commit statements may run at once.
+const COMMIT_SHARDS: u128 = 4;
+
 /// The inventory on PostgreSQL. Cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct PgInventory {
@@ -123,6 +131,7 @@ pub struct PgInventory {
     clock: SharedClock,
     limits: InventoryLimits,
     batches: Option<Combiner<Sku, ReserveRequest, ReserveResult>>,
+    commits: Option<Combiner<usize, ReservationId, QuickCommit>>,
 }
 
 impl std::fmt::Debug for PgInventory {
@@ -132,6 +141,7 @@ impl std::fmt::Debug for PgInventory {
             .field("clock", &self.clock)
             .field("limits", &self.limits)
             .field("batches", &self.batches)
+            .field("commits", &self.commits)
             .finish()
     }
 }
@@ -158,6 +168,7 @@ impl PgInventory {
             clock,
             limits: InventoryLimits::default(),
             batches: Some(Combiner::new(BatchConfig::default().max_batch)),
+            commits: Some(Combiner::new(BatchConfig::default().max_batch)),
         }
     }
 
@@ -165,6 +176,9 @@ impl PgInventory {
     /// on by default).
     pub fn with_batching(mut self, config: BatchConfig) -> PgInventory {
         self.batches = config
+            .enabled
+            .then(|| Combiner::new(config.max_batch.max(1)));
+        self.commits = config
             .enabled
             .then(|| Combiner::new(config.max_batch.max(1)));
         self
@@ -406,6 +420,14 @@ impl PgInventory {
     /// Reserves a group of one-line requests for `sku` (checked already)
     /// and answers each, in order.
     async fn reserve_batch(&self, sku: &Sku, requests: Vec<ReserveRequest>) -> Vec<ReserveResult> {
+        // Alone (the SKU was idle): the one-statement reserve, when it fits.
+        if let [request] = requests.as_slice() {
+            match self.reserve_at_once(request).await {
+                Ok(Some(reservation)) => return vec![Ok(reservation)],
+                Ok(None) => {}
+                Err(e) => return vec![Err(e)],
+            }
+        }
         // An id twice in one group: the first goes in the batch, the
         // others run after it and find its row, as a replay does.
         let mut seen = HashSet::with_capacity(requests.len());
@@ -620,45 +642,102 @@ impl PgInventory {
         Ok(finish(results))
     }
 
-    async fn commit_in_db(&self, id: ReservationId) -> Result<Reservation, InventoryError> {
+    /// Commits those of `ids` that are live reservations (reserved, not
+    /// past their expiry) in one autocommitted statement, and answers each
+    /// id in order: committed now, or `None`.
+    async fn commit_live(&self, ids: Vec<ReservationId>) -> Vec<QuickCommit> {
         let now = now_micros(&self.clock);
-        let mut conn = self.pool.get().await.map_err(pool_error)?;
-        // The usual case, a live reservation, in one autocommitted
-        // statement; anything else (already committed, expired, released,
-        // unknown) is sorted out by the transaction below.
-        let rows = conn
-            .query_prepared(
-                "WITH moved AS (
-                     UPDATE inventory.reservations SET state = 'committed', updated_at = $2
-                      WHERE id = $1 AND state = 'reserved' AND expires_at > $2
-                     RETURNING id, expires_at
-                 ), closed AS (
-                     UPDATE inventory.reservation_lines SET open = false
-                      WHERE reservation_id IN (SELECT id FROM moved) AND open
-                 )
-                 SELECT m.expires_at, l.sku, l.quantity, l.unit_price_cents
-                   FROM moved m
-                   LEFT JOIN inventory.reservation_lines l ON l.reservation_id = m.id
-                  ORDER BY l.sku",
-                &[(&id, Type::UUID), (&now, Type::TIMESTAMPTZ)],
-            )
-            .await
-            .map_err(query_error)?;
-        if let Some(first) = rows.first() {
-            let expires_at: DateTime<Utc> = first.try_get(0).map_err(query_error)?;
-            let mut lines = Vec::with_capacity(rows.len());
-            for row in &rows {
-                if let Some(line) = line_from(row, 1)? {
-                    lines.push(line);
+        let rows = match self.pool.get().await {
+            Err(e) => Err(pool_error(e)),
+            Ok(conn) => conn
+                .query_prepared(
+                    "WITH moved AS (
+                         UPDATE inventory.reservations SET state = 'committed', updated_at = $2
+                          WHERE id = ANY($1) AND state = 'reserved' AND expires_at > $2
+                         RETURNING id, expires_at
+                     ), closed AS (
+                         UPDATE inventory.reservation_lines SET open = false
+                          WHERE reservation_id IN (SELECT id FROM moved) AND open
+                     )
+                     SELECT m.id, m.expires_at, l.sku, l.quantity, l.unit_price_cents
+                       FROM moved m
+                       LEFT JOIN inventory.reservation_lines l ON l.reservation_id = m.id
+                      ORDER BY m.id, l.sku",
+                    &[(&ids, Type::UUID_ARRAY), (&now, Type::TIMESTAMPTZ)],
+                )
+                .await
+                .map_err(query_error),
+        };
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                let shared: Arc<dyn std::error::Error + Send + Sync> = Arc::new(e);
+                return ids
+                    .iter()
+                    .map(|_| Err(InventoryError::Unavailable(Box::new(Arc::clone(&shared)))))
+                    .collect();
+            }
+        };
+        let mut committed: std::collections::HashMap<Uuid, Reservation> =
+            std::collections::HashMap::new();
+        for row in &rows {
+            let decoded = (|| {
+                let id: Uuid = row.try_get(0).map_err(query_error)?;
+                let expires_at: DateTime<Utc> = row.try_get(1).map_err(query_error)?;
+                Ok::<_, InventoryError>((id, expires_at, line_from(row, 2)?))
+            })();
+            match decoded {
+                Ok((id, expires_at, line)) => {
+                    let reservation = committed.entry(id).or_insert_with(|| Reservation {
+                        id,
+                        state: ReservationState::Committed,
+                        lines: Vec::new(),
+                        expires_at,
+                    });
+                    reservation.lines.extend(line);
+                }
+                Err(e) => {
+                    // Written, but unreadable: every caller learns it.
+                    let shared: Arc<dyn std::error::Error + Send + Sync> = Arc::new(e);
+                    return ids
+                        .iter()
+                        .map(|_| Err(InventoryError::Unavailable(Box::new(Arc::clone(&shared)))))
+                        .collect();
                 }
             }
-            return Ok(Reservation {
-                id,
-                state: ReservationState::Committed,
-                lines,
-                expires_at,
-            });
         }
+        ids.iter()
+            .map(|id| Ok(committed.get(id).cloned()))
+            .collect()
+    }
+
+    async fn commit_in_db(&self, id: ReservationId) -> Result<Reservation, InventoryError> {
+        // The usual case, a live reservation, in one autocommitted
+        // statement (grouped with concurrent commits); anything else
+        // (already committed, expired, released, unknown) is sorted out by
+        // the transaction below.
+        let quick = match &self.commits {
+            Some(commits) => {
+                let this = self.clone();
+                commits
+                    .submit(
+                        (id.as_u128() % COMMIT_SHARDS) as usize,
+                        id,
+                        move |_, ids| {
+                            let this = this.clone();
+                            async move { this.commit_live(ids).await }
+                        },
+                    )
+                    .await
+                    .unwrap_or_else(|| Err(InventoryError::Unavailable(Box::new(BatchLost))))?
+            }
+            None => self.commit_live(vec![id]).await.pop().unwrap_or(Ok(None))?,
+        };
+        if let Some(reservation) = quick {
+            return Ok(reservation);
+        }
+        let now = now_micros(&self.clock);
+        let mut conn = self.pool.get().await.map_err(pool_error)?;
         let tx = conn.begin().await.map_err(query_error)?;
         let Some(mut reservation) = load(&tx, id, true).await? else {
             rollback(tx).await;

@@ -9,21 +9,26 @@
 //! - schedule is `INSERT … ON CONFLICT (order_id) DO NOTHING RETURNING`;
 //!   when it returns nothing, the order already has a row, which a second
 //!   statement reads (it sees the conflicting row: `ON CONFLICT` waited for
-//!   its transaction to commit);
+//!   its transaction to commit). Concurrent schedules are group-committed:
+//!   while one insert for a shard of orders runs, those that arrive wait
+//!   and go together in the next (`INSERT … SELECT FROM unnest(…)`), each
+//!   still answered by its own row;
 //! - cancel is one upsert to `cancelled`, which inserts the tombstone when
 //!   there is no row;
 //! - a lookup reads by the primary key.
 //!
-//! Statements are sent with their parameter types and prepared once per pooled connection and reused ([`Prepared`]),
-//! so each call is one round trip with no parse or plan after a
-//! connection's first.
+//! Statements are sent with their parameter types and prepared once per
+//! pooled connection and reused ([`Prepared`]), so each call is one round
+//! trip with no parse or plan after a connection's first.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use time_kit::SharedClock;
 use tokio_postgres::Row;
-use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_postgres::types::{ToSql, Type};
 
 use super::config::{answer_from, new_shipment_id, now};
 use super::{
@@ -31,6 +36,7 @@ use super::{
     ShippingError,
 };
 use crate::BoxFuture;
+use crate::combiner::Combiner;
 use crate::model::OrderId;
 use crate::pg::{Migration, PgClient, PgError, PgPool, Prepared};
 
@@ -44,11 +50,34 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../../migrations/shipping/0001_shipping.sql"),
 }];
 
-const SCHEDULE: &str =
+/// Schedules a group: rows for the orders that have none, returned; an
+/// order with a row is left as it is.
+const SCHEDULE_MANY: &str =
     "INSERT INTO shipping.shipments (order_id, id, state, address, items, created_at)
-     VALUES ($1, $2, 'scheduled', $3, $4, $5)
+     SELECT order_id, id, 'scheduled', address, items, created_at
+       FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::timestamptz[])
+            AS r(order_id, id, address, items, created_at)
      ON CONFLICT (order_id) DO NOTHING
-     RETURNING id, state, created_at";
+     RETURNING order_id, id, state, created_at";
+
+/// How many schedule statements may run at once.
+const SHARDS: u128 = 4;
+
+/// The most schedules one statement writes.
+const MAX_GROUP: usize = 128;
+
+/// A shipment to insert, checked and stamped.
+struct NewShipment {
+    order_id: OrderId,
+    id: String,
+    address: serde_json::Value,
+    items: serde_json::Value,
+    created_at: DateTime<Utc>,
+}
+
+/// A grouped insert's answer: the shipment created now, or `None` when the
+/// order already had one (the caller reads it).
+type Inserted = Result<Option<Shipment>, ShippingError>;
 
 const CANCEL: &str =
     "INSERT INTO shipping.shipments AS s (order_id, id, state, created_at, cancelled_at)
@@ -65,6 +94,7 @@ pub struct PgShipping {
     pool: PgPool,
     config: ShippingConfig,
     clock: SharedClock,
+    inserts: Combiner<usize, NewShipment, Inserted>,
 }
 
 impl fmt::Debug for PgShipping {
@@ -84,6 +114,7 @@ impl PgShipping {
             pool,
             config,
             clock,
+            inserts: Combiner::new(MAX_GROUP),
         }
     }
 
@@ -127,30 +158,39 @@ impl PgShipping {
                 None => Err(refused),
             };
         }
-        let id = new_shipment_id(self.clock.as_ref());
-        let created_at = now(self.clock.as_ref());
-        let uuid = order_id.as_uuid();
-        let address = Json(&request.ship_to);
-        let items = Json(&request.items);
-        let params: [(&(dyn ToSql + Sync), Type); 5] = [
-            (&uuid, Type::UUID),
-            (&id, Type::TEXT),
-            (&address, Type::JSONB),
-            (&items, Type::JSONB),
-            (&created_at, Type::TIMESTAMPTZ),
-        ];
-        if let Some(row) = conn
-            .query_prepared_opt(SCHEDULE, &params)
+        drop(conn);
+        let shipment = NewShipment {
+            order_id,
+            id: new_shipment_id(self.clock.as_ref()),
+            address: serde_json::to_value(&request.ship_to)
+                .map_err(|e| ShippingError::Unavailable(Box::new(e)))?,
+            items: serde_json::to_value(&request.items)
+                .map_err(|e| ShippingError::Unavailable(Box::new(e)))?,
+            created_at: now(self.clock.as_ref()),
+        };
+        let pool = self.pool.clone();
+        let inserted = self
+            .inserts
+            .submit(
+                (order_id.as_uuid().as_u128() % SHARDS) as usize,
+                shipment,
+                move |_, group| insert_shipments(pool.clone(), group),
+            )
             .await
-            .map_err(unavailable)?
-        {
-            let shipment = shipment_from(order_id, &row)?;
+            .unwrap_or_else(|| {
+                Err(ShippingError::Unavailable(
+                    format!("the schedule of order {order_id} was lost; its outcome is unknown")
+                        .into(),
+                ))
+            })?;
+        if let Some(shipment) = inserted {
             tracing::debug!(%order_id, shipment_id = %shipment.id, "shipment scheduled");
             return Ok(ScheduleOutcome {
                 shipment,
                 created: true,
             });
         }
+        let conn = self.pool.get().await.map_err(unavailable)?;
         match read(&conn, order_id).await? {
             Some(existing) => answer_from(&existing),
             // Rows are never deleted, so the row that conflicted is there.
@@ -187,6 +227,80 @@ impl PgShipping {
         read(&conn, order_id).await
     }
 }
+
+/// Inserts a group of shipments in one statement and answers each, in
+/// order: created now, or `None` when its order already had one (also a
+/// repeat of an order within the group).
+async fn insert_shipments(pool: PgPool, group: Vec<NewShipment>) -> Vec<Inserted> {
+    let order_ids: Vec<uuid::Uuid> = group.iter().map(|s| s.order_id.as_uuid()).collect();
+    let ids: Vec<&str> = group.iter().map(|s| s.id.as_str()).collect();
+    let addresses: Vec<&serde_json::Value> = group.iter().map(|s| &s.address).collect();
+    let items: Vec<&serde_json::Value> = group.iter().map(|s| &s.items).collect();
+    let created: Vec<DateTime<Utc>> = group.iter().map(|s| s.created_at).collect();
+    let params: [(&(dyn ToSql + Sync), Type); 5] = [
+        (&order_ids, Type::UUID_ARRAY),
+        (&ids, Type::TEXT_ARRAY),
+        (&addresses, Type::JSONB_ARRAY),
+        (&items, Type::JSONB_ARRAY),
+        (&created, Type::TIMESTAMPTZ_ARRAY),
+    ];
+    let rows = match pool.get().await {
+        Err(e) => Err(unavailable(e)),
+        Ok(conn) => conn
+            .query_prepared(SCHEDULE_MANY, &params)
+            .await
+            .map_err(unavailable),
+    };
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            let shared = Arc::new(e);
+            return group
+                .iter()
+                .map(|_| {
+                    Err(ShippingError::Unavailable(Box::new(SharedError(
+                        Arc::clone(&shared),
+                    ))))
+                })
+                .collect();
+        }
+    };
+    let mut created_now: HashMap<uuid::Uuid, &Row> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        match row.try_get::<_, uuid::Uuid>("order_id") {
+            Ok(order_id) => {
+                created_now.insert(order_id, row);
+            }
+            Err(e) => {
+                let shared = Arc::new(unavailable(e));
+                return group
+                    .iter()
+                    .map(|_| {
+                        Err(ShippingError::Unavailable(Box::new(SharedError(
+                            Arc::clone(&shared),
+                        ))))
+                    })
+                    .collect();
+            }
+        }
+    }
+    let mut answered = HashSet::with_capacity(group.len());
+    group
+        .iter()
+        .map(|s| {
+            let order_id = s.order_id.as_uuid();
+            match created_now.get(&order_id) {
+                Some(row) if answered.insert(order_id) => shipment_from(s.order_id, row).map(Some),
+                _ => Ok(None),
+            }
+        })
+        .collect()
+}
+
+/// One failure reported to every schedule of its group.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct SharedError(Arc<ShippingError>);
 
 async fn read(conn: &PgClient, order_id: OrderId) -> Result<Option<Shipment>, ShippingError> {
     let uuid = order_id.as_uuid();
