@@ -131,6 +131,87 @@ async fn floor_commit_p99_ms(url: &str) -> Option<f64> {
     Some(ms(&h, 0.99))
 }
 
+/// A bare one-row `INSERT … COMMIT` every 10 ms until `stop`, on its own
+/// connection, while the load runs: what a commit costs on this machine
+/// under this load. Its p99 in ms.
+async fn floor_under_load(url: String, stop: Arc<AtomicBool>) -> Option<f64> {
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS order_load_floor_loaded (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())")
+        .await
+        .ok()?;
+    let statement = client
+        .prepare("INSERT INTO order_load_floor_loaded DEFAULT VALUES")
+        .await
+        .ok()?;
+    let mut h = hist();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let start = Instant::now();
+        client.execute(&statement, &[]).await.ok()?;
+        h.record(start.elapsed().as_micros().max(1) as u64).ok()?;
+    }
+    let _ = client
+        .batch_execute("DROP TABLE order_load_floor_loaded")
+        .await;
+    Some(ms(&h, 0.99))
+}
+
+/// The saga's external calls alone, while the load runs: an authorization
+/// and its capture, in sequence, straight to the simulator, every 20 ms
+/// until `stop` (their own order ids; pairs the simulator refused are not
+/// counted). The p99 of a pair in ms.
+async fn provider_pairs_under_load(payment_url: String, stop: Arc<AtomicBool>) -> Option<f64> {
+    let sim = JsonClient::new(ClientConfig::new(&payment_url)).ok()?;
+    let mut h = hist();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let order_id = uuid::Uuid::now_v7();
+        let body = json!({"order_id": order_id, "amount_cents": 1500, "currency": "EUR"});
+        let start = Instant::now();
+        let authorize_key = format!("probe-{order_id}:authorize");
+        let Ok((status, bytes)) = sim
+            .send(
+                Method::POST,
+                "/v1/authorizations",
+                Some(&body),
+                &[("idempotency-key", authorize_key.as_str())],
+            )
+            .await
+        else {
+            continue;
+        };
+        if status.as_u16() != 201 {
+            continue;
+        }
+        let Some(payment) = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v["id"].as_str().map(str::to_owned))
+        else {
+            continue;
+        };
+        let capture_key = format!("probe-{order_id}:capture");
+        if let Ok((status, _)) = sim
+            .send::<()>(
+                Method::POST,
+                &format!("/v1/payments/{payment}/capture"),
+                None,
+                &[("idempotency-key", capture_key.as_str())],
+            )
+            .await
+            && status.as_u16() == 200
+        {
+            let _ = h.record(start.elapsed().as_micros().max(1) as u64);
+        }
+    }
+    (!h.is_empty()).then(|| ms(&h, 0.99))
+}
+
 #[tokio::main]
 async fn main() {
     let args = parse_args();
@@ -156,6 +237,14 @@ async fn main() {
     let ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let statuses: Arc<Mutex<HashMap<u16, u64>>> = Arc::new(Mutex::new(HashMap::new()));
     let started = Instant::now();
+    let loaded_floor = args
+        .database_url
+        .clone()
+        .map(|url| tokio::spawn(floor_under_load(url, stop.clone())));
+    let provider_pairs = args
+        .payment_url
+        .clone()
+        .map(|url| tokio::spawn(provider_pairs_under_load(url, stop.clone())));
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
         let (client, tokens, stop, created_h, ids, statuses) = (
@@ -224,6 +313,14 @@ async fn main() {
         let _ = w.await;
     }
     let load_secs = started.elapsed().as_secs_f64();
+    let loaded_floor = match loaded_floor {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
+    let provider_pair_p99 = match provider_pairs {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
     // Wait for every saga to end, then read each order once.
     let admin = format!(
         "Bearer {}",
@@ -359,6 +456,10 @@ async fn main() {
         "double_charges": double_charges,
         "floor_commit_p99_ms": floor,
         "create_to_floor": floor.map(|f| create_p99 / f),
+        "floor_commit_under_load_p99_ms": loaded_floor,
+        "create_to_loaded_floor": loaded_floor.map(|f| create_p99 / f),
+        "provider_pair_p99_ms": provider_pair_p99,
+        "saga_over_provider_pair_ms": provider_pair_p99.map(|p| ms(&saga_h, 0.99) - p),
         "seconds": load_secs,
         "concurrency": args.concurrency,
         "rate": (args.rate > 0.0).then_some(args.rate),
