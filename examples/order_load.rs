@@ -131,6 +131,42 @@ async fn floor_commit_p99_ms(url: &str) -> Option<f64> {
     Some(ms(&h, 0.99))
 }
 
+/// Bare one-row commits in chains of 3 and 6 in a row, one chain every
+/// 100 ms until `stop`, on their own connection while the load runs: the
+/// durable writes a create (3) and a saga (6, besides its provider calls)
+/// must make in sequence, with nothing on top. Their p99s in ms.
+async fn commit_chains_under_load(url: String, stop: Arc<AtomicBool>) -> Option<(f64, f64)> {
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS order_load_chain (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())")
+        .await
+        .ok()?;
+    let statement = client
+        .prepare("INSERT INTO order_load_chain DEFAULT VALUES")
+        .await
+        .ok()?;
+    let (mut three, mut six) = (hist(), hist());
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let start = Instant::now();
+        for n in 1..=6 {
+            client.execute(&statement, &[]).await.ok()?;
+            if n == 3 {
+                three
+                    .record(start.elapsed().as_micros().max(1) as u64)
+                    .ok()?;
+            }
+        }
+        six.record(start.elapsed().as_micros().max(1) as u64).ok()?;
+    }
+    let _ = client.batch_execute("DROP TABLE order_load_chain").await;
+    (!six.is_empty()).then(|| (ms(&three, 0.99), ms(&six, 0.99)))
+}
+
 /// A bare one-row `INSERT … COMMIT` every 10 ms until `stop`, on its own
 /// connection, while the load runs: what a commit costs on this machine
 /// under this load. Its p99 in ms.
@@ -241,6 +277,10 @@ async fn main() {
         .database_url
         .clone()
         .map(|url| tokio::spawn(floor_under_load(url, stop.clone())));
+    let commit_chains = args
+        .database_url
+        .clone()
+        .map(|url| tokio::spawn(commit_chains_under_load(url, stop.clone())));
     let provider_pairs = args
         .payment_url
         .clone()
@@ -314,6 +354,10 @@ async fn main() {
     }
     let load_secs = started.elapsed().as_secs_f64();
     let loaded_floor = match loaded_floor {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
+    let commit_chains = match commit_chains {
         Some(task) => task.await.ok().flatten(),
         None => None,
     };
@@ -460,6 +504,17 @@ async fn main() {
         "create_to_loaded_floor": loaded_floor.map(|f| create_p99 / f),
         "provider_pair_p99_ms": provider_pair_p99,
         "saga_over_provider_pair_ms": provider_pair_p99.map(|p| ms(&saga_h, 0.99) - p),
+        "three_commits_under_load_p99_ms": commit_chains.map(|(three, _)| three),
+        "six_commits_under_load_p99_ms": commit_chains.map(|(_, six)| six),
+        "create_to_three_commits": commit_chains.map(|(three, _)| create_p99 / three),
+        "saga_floor_p99_ms": match (provider_pair_p99, commit_chains) {
+            (Some(pair), Some((_, six))) => Some(pair + six),
+            _ => None,
+        },
+        "saga_to_floor": match (provider_pair_p99, commit_chains) {
+            (Some(pair), Some((_, six))) => Some(ms(&saga_h, 0.99) / (pair + six)),
+            _ => None,
+        },
         "seconds": load_secs,
         "concurrency": args.concurrency,
         "rate": (args.rate > 0.0).then_some(args.rate),
