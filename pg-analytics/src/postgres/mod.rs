@@ -1,0 +1,90 @@
+//! The PostgreSQL store (feature `postgres`): schema `analytics`, the
+//! partition maintenance, the [`EventWriter`], and the dashboard queries.
+
+mod error;
+mod maintenance;
+mod queries;
+mod tenants;
+mod writer;
+
+pub use error::AnalyticsError;
+pub use maintenance::{PartitionReport, partition_name};
+pub use queries::DashboardRow;
+pub use writer::{EventWriter, IngestReport, Rejected, WriterConfig};
+
+use std::sync::Arc;
+
+use pg_kit::{Migration, PgPool};
+use time_kit::SharedClock;
+
+use crate::model::EventRules;
+use tenants::TenantCache;
+
+/// The schema the store owns.
+pub const SCHEMA: &str = "analytics";
+
+/// The schema's migrations, applied in order by [`Analytics::migrate`].
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_analytics.sql",
+    sql: include_str!("../../migrations/analytics/0001_analytics.sql"),
+}];
+
+/// The analytics store on PostgreSQL. Cheap to clone.
+#[derive(Clone)]
+pub struct Analytics {
+    pool: PgPool,
+    clock: SharedClock,
+    rules: EventRules,
+    tenants: Arc<TenantCache>,
+}
+
+impl std::fmt::Debug for Analytics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Analytics")
+            .field("pool", &self.pool.state())
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Analytics {
+    /// A store on `pool` that reads time from `clock` and checks events
+    /// with the default [`EventRules`]. Run [`Analytics::migrate`] first.
+    pub fn new(pool: PgPool, clock: SharedClock) -> Analytics {
+        Analytics {
+            pool,
+            clock,
+            rules: EventRules::default(),
+            tenants: Arc::new(TenantCache::default()),
+        }
+    }
+
+    /// Checks events with `rules` instead.
+    pub fn with_rules(mut self, rules: EventRules) -> Analytics {
+        self.rules = rules;
+        self
+    }
+
+    /// The rules events are checked with.
+    pub fn rules(&self) -> &EventRules {
+        &self.rules
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates or upgrades the schema; returns how many migrations ran.
+    pub async fn migrate(&self) -> Result<usize, AnalyticsError> {
+        pg_kit::migrate(&self.pool, SCHEMA, MIGRATIONS)
+            .await
+            .map_err(AnalyticsError::from_pg)
+    }
+
+    /// A writer over this store.
+    pub fn writer(&self, config: WriterConfig) -> EventWriter {
+        EventWriter::new(self.clone(), config)
+    }
+}

@@ -1,0 +1,261 @@
+//! [`EventWriter`]: ingest with binary `COPY`, the rollup maintained in the
+//! same transaction, each batch committed once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use pg_kit::Prepared;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+use super::{Analytics, AnalyticsError};
+use crate::model::{Event, RejectReason, TenantId, ValidEvent};
+use crate::rollup::aggregate;
+
+/// How an [`EventWriter`] runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriterConfig {
+    /// Batches in flight at once, each on its own pooled connection; a
+    /// caller beyond that waits (backpressure). Default 4.
+    pub max_in_flight: usize,
+    /// The most rows one batch may hold. Default 50,000.
+    pub max_batch_rows: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> WriterConfig {
+        WriterConfig {
+            max_in_flight: 4,
+            max_batch_rows: 50_000,
+        }
+    }
+}
+
+impl WriterConfig {
+    /// Sets [`WriterConfig::max_in_flight`] (at least 1).
+    pub fn with_max_in_flight(mut self, n: usize) -> WriterConfig {
+        self.max_in_flight = n.max(1);
+        self
+    }
+}
+
+/// A row of a batch that was not written, and why.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rejected {
+    /// Its position in the batch (from 0).
+    pub index: usize,
+    /// The reason's stable code.
+    pub code: &'static str,
+    /// The reason, for people.
+    pub reason: String,
+}
+
+impl Rejected {
+    /// Row `index` rejected for `reason`.
+    pub fn new(index: usize, reason: &RejectReason) -> Rejected {
+        Rejected {
+            index,
+            code: reason.code(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// What a batch came to. Returned only after its commit.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct IngestReport {
+    /// The batch's id.
+    pub batch_id: Uuid,
+    /// Rows written (on a replay: the rows the first commit wrote).
+    pub accepted: usize,
+    /// Rows refused, with their reasons; nothing of them was written.
+    pub rejected: Vec<Rejected>,
+    /// The batch id had been committed before: nothing was written now.
+    pub replayed: bool,
+}
+
+/// Writes batches of events: validates each row, then in one transaction
+/// records the batch id, `COPY`s the valid rows in binary and adds their
+/// totals to the rollup. A batch is all or nothing, and a batch id is
+/// committed once, so a retry after an unknown outcome neither loses nor
+/// double-counts rows. Cheap to clone; clones share the in-flight limit.
+#[derive(Clone, Debug)]
+pub struct EventWriter {
+    store: Analytics,
+    config: WriterConfig,
+    in_flight: Arc<Semaphore>,
+}
+
+impl EventWriter {
+    pub(super) fn new(store: Analytics, config: WriterConfig) -> EventWriter {
+        EventWriter {
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            store,
+            config,
+        }
+    }
+
+    /// Writes `events` as the batch `batch_id` (give a retry the same id).
+    /// Returns once the valid rows are committed; the invalid ones are
+    /// listed in the report. A batch over
+    /// [`WriterConfig::max_batch_rows`] is refused whole.
+    pub async fn write(
+        &self,
+        batch_id: Uuid,
+        events: &[Event],
+    ) -> Result<IngestReport, AnalyticsError> {
+        if events.len() > self.config.max_batch_rows {
+            let reason = RejectReason::Malformed(format!(
+                "the batch has {} rows; at most {} are accepted",
+                events.len(),
+                self.config.max_batch_rows
+            ));
+            return Ok(IngestReport {
+                batch_id,
+                accepted: 0,
+                rejected: (0..events.len())
+                    .map(|i| Rejected::new(i, &reason))
+                    .collect(),
+                replayed: false,
+            });
+        }
+        let (valid, mut rejected) = self.check(events).await?;
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|e| AnalyticsError::Unavailable(Box::new(e)))?;
+        let mut conn = self
+            .store
+            .pool
+            .get()
+            .await
+            .map_err(AnalyticsError::from_pool)?;
+        let tx = conn.begin().await.map_err(AnalyticsError::from_query)?;
+        let rows = i32::try_from(valid.len()).unwrap_or(i32::MAX);
+        let first = tx
+            .query_prepared_opt(
+                "INSERT INTO analytics.ingest_batches (batch_id, rows) VALUES ($1, $2)
+                 ON CONFLICT (batch_id) DO NOTHING RETURNING 1",
+                &[(&batch_id, Type::UUID), (&rows, Type::INT4)],
+            )
+            .await
+            .map_err(AnalyticsError::from_query)?;
+        if first.is_none() {
+            let stored = tx
+                .query_prepared_one(
+                    "SELECT rows FROM analytics.ingest_batches WHERE batch_id = $1",
+                    &[(&batch_id, Type::UUID)],
+                )
+                .await
+                .map_err(AnalyticsError::from_query)?;
+            let accepted: i32 = stored.get(0);
+            let _ = tx.rollback().await;
+            rejected.clear();
+            return Ok(IngestReport {
+                batch_id,
+                accepted: usize::try_from(accepted).unwrap_or(0),
+                rejected,
+                replayed: true,
+            });
+        }
+        if !valid.is_empty() {
+            let sink = tx
+                .copy_in(
+                    "COPY analytics.events (tenant_id, created_at, event_type, processing_time_us)
+                     FROM STDIN (FORMAT binary)",
+                )
+                .await
+                .map_err(AnalyticsError::from_query)?;
+            let writer = BinaryCopyInWriter::new(
+                sink,
+                &[Type::INT8, Type::TIMESTAMPTZ, Type::TEXT, Type::INT8],
+            );
+            let mut writer = std::pin::pin!(writer);
+            for event in &valid {
+                writer
+                    .as_mut()
+                    .write(&[
+                        &event.tenant_id.0,
+                        &event.created_at,
+                        &event.event_type,
+                        &event.processing_time_us,
+                    ])
+                    .await
+                    .map_err(AnalyticsError::from_query)?;
+            }
+            writer.finish().await.map_err(AnalyticsError::from_query)?;
+            // The batch's totals, in key order: concurrent batches lock the
+            // rollup rows they share in the same order.
+            let totals = aggregate(&valid);
+            let mut tenants = Vec::with_capacity(totals.len());
+            let mut days = Vec::with_capacity(totals.len());
+            let mut counts = Vec::with_capacity(totals.len());
+            let mut sums = Vec::with_capacity(totals.len());
+            for ((tenant, day), t) in &totals {
+                tenants.push(tenant.0);
+                days.push(*day);
+                counts.push(t.events);
+                sums.push(t.sum_processing_time_us);
+            }
+            tx.execute_prepared(
+                "INSERT INTO analytics.events_daily AS d (tenant_id, day, events, sum_processing_time_us)
+                 SELECT * FROM unnest($1::int8[], $2::date[], $3::int8[], $4::int8[])
+                 ORDER BY 1, 2
+                 ON CONFLICT (tenant_id, day) DO UPDATE
+                    SET events = d.events + EXCLUDED.events,
+                        sum_processing_time_us = d.sum_processing_time_us + EXCLUDED.sum_processing_time_us",
+                &[
+                    (&tenants, Type::INT8_ARRAY),
+                    (&days, Type::DATE_ARRAY),
+                    (&counts, Type::INT8_ARRAY),
+                    (&sums, Type::INT8_ARRAY),
+                ],
+            )
+            .await
+            .map_err(AnalyticsError::from_query)?;
+        }
+        tx.commit().await.map_err(AnalyticsError::from_query)?;
+        Ok(IngestReport {
+            batch_id,
+            accepted: valid.len(),
+            rejected,
+            replayed: false,
+        })
+    }
+
+    /// Splits `events` into the rows to write and the rejected ones.
+    async fn check(
+        &self,
+        events: &[Event],
+    ) -> Result<(Vec<ValidEvent>, Vec<Rejected>), AnalyticsError> {
+        let now = chrono::DateTime::<chrono::Utc>::from(self.store.clock.now());
+        let mut valid = Vec::with_capacity(events.len());
+        let mut rejected = Vec::new();
+        let mut checked = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            match self.store.rules.check(event, now) {
+                Ok(v) => checked.push((index, v)),
+                Err(reason) => rejected.push(Rejected::new(index, &reason)),
+            }
+        }
+        let ids: HashSet<i64> = checked.iter().map(|(_, v)| v.tenant_id.0).collect();
+        let unknown = self.store.tenants.unknown(&self.store, &ids).await?;
+        for (index, v) in checked {
+            if unknown.contains(&v.tenant_id.0) {
+                rejected.push(Rejected::new(
+                    index,
+                    &RejectReason::UnknownTenant(TenantId(v.tenant_id.0)),
+                ));
+            } else {
+                valid.push(v);
+            }
+        }
+        rejected.sort_by_key(|r| r.index);
+        Ok((valid, rejected))
+    }
+}

@@ -1,0 +1,283 @@
+//! The PostgreSQL store against a real server, each test in its own
+//! database: migrations and partitions, bad rows, replayed batches, and the
+//! rollup against the raw events under concurrent writers with late rows.
+#![cfg(feature = "postgres")]
+
+use std::sync::Arc;
+
+use chrono::{Datelike, NaiveDate, TimeDelta, Utc};
+use pg_analytics::postgres::partition_name;
+use pg_analytics::{
+    Analytics, AnalyticsError, Event, EventRules, Plan, Tenant, TenantId, WriterConfig,
+};
+use testkit::TestDatabase;
+use uuid::Uuid;
+
+async fn store(db: &TestDatabase, rules: EventRules) -> Analytics {
+    let pool = pg_kit::pool(db.url(), &pg_kit::PoolConfig::default()).unwrap();
+    let store = Analytics::new(pool, time_kit::system()).with_rules(rules);
+    store.migrate().await.unwrap();
+    store
+}
+
+async fn tenants(store: &Analytics, n: i64) {
+    for id in 1..=n {
+        let plan = match id % 3 {
+            0 => Plan::Enterprise,
+            1 => Plan::Pro,
+            _ => Plan::Free,
+        };
+        store
+            .upsert_tenant(&Tenant {
+                id: TenantId(id),
+                name: format!("tenant {id}"),
+                plan,
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn event(tenant: i64, at: chrono::DateTime<Utc>, ms: f64) -> Event {
+    Event {
+        tenant_id: TenantId(tenant),
+        created_at: at,
+        event_type: "page_view".into(),
+        processing_time_ms: ms,
+    }
+}
+
+async fn count(store: &Analytics, sql: &str) -> i64 {
+    let conn = store.pool().get().await.unwrap();
+    conn.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn migrations_run_once_and_partitions_are_made_ahead() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db, EventRules::default()).await;
+    assert_eq!(store.migrate().await.unwrap(), 0, "applied once");
+    let today = Utc::now().date_naive();
+    let report = store.ensure_partitions(today, today, 3).await.unwrap();
+    assert_eq!(report.created.len(), 4, "{report:?}");
+    assert_eq!(
+        report.created[0],
+        partition_name(today.with_day(1).unwrap())
+    );
+    let again = store.ensure_partitions(today, today, 3).await.unwrap();
+    assert_eq!((again.created.len(), again.existing), (0, 4));
+    // A row of a month with no partition lands in the default partition,
+    // which then blocks creating that month's partition.
+    tenants(&store, 1).await;
+    let old = Utc::now() - TimeDelta::days(3 * 365);
+    let writer = store.writer(WriterConfig::default());
+    let written = writer
+        .write(Uuid::now_v7(), &[event(1, old, 1.0)])
+        .await
+        .unwrap();
+    assert_eq!(written.accepted, 1);
+    assert_eq!(store.default_partition_rows().await.unwrap(), 1);
+    let blocked = store
+        .ensure_partitions(old.date_naive(), old.date_naive(), 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(blocked, AnalyticsError::PartitionBlocked { month } if month == old.date_naive().with_day(1).unwrap()),
+        "{blocked:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_rows_are_refused_with_their_codes_and_only_the_good_ones_commit() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let now = Utc::now();
+    let horizon = now - TimeDelta::days(730);
+    let store = store(
+        &db,
+        EventRules::default().with_archived_before(Some(horizon)),
+    )
+    .await;
+    store
+        .ensure_partitions(now.date_naive(), now.date_naive(), 3)
+        .await
+        .unwrap();
+    tenants(&store, 3).await;
+    let batch = vec![
+        event(1, now, 10.0),
+        event(99, now, 10.0),
+        event(2, now, -1.0),
+        event(2, now, f64::NAN),
+        event(3, now + TimeDelta::hours(1), 1.0),
+        event(3, horizon - TimeDelta::days(1), 1.0),
+        event(3, now, 2.5),
+    ];
+    let report = store
+        .writer(WriterConfig::default())
+        .write(Uuid::now_v7(), &batch)
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, 2);
+    let codes: Vec<(usize, &str)> = report.rejected.iter().map(|r| (r.index, r.code)).collect();
+    assert_eq!(
+        codes,
+        vec![
+            (1, "unknown_tenant"),
+            (2, "negative_processing_time"),
+            (3, "non_finite_processing_time"),
+            (4, "too_far_in_future"),
+            (5, "before_archived_horizon"),
+        ]
+    );
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events").await,
+        2
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT sum(events)::bigint FROM analytics.events_daily"
+        )
+        .await,
+        2
+    );
+    // A batch of nothing but bad rows writes nothing at all.
+    let none = store
+        .writer(WriterConfig::default())
+        .write(Uuid::now_v7(), &[event(42, now, 1.0)])
+        .await
+        .unwrap();
+    assert_eq!((none.accepted, none.rejected.len()), (0, 1));
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events").await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_retried_batch_is_written_once() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db, EventRules::default()).await;
+    let now = Utc::now();
+    store
+        .ensure_partitions(now.date_naive(), now.date_naive(), 3)
+        .await
+        .unwrap();
+    tenants(&store, 2).await;
+    let writer = store.writer(WriterConfig::default());
+    let id = Uuid::now_v7();
+    let batch: Vec<Event> = (0..100).map(|i| event(1 + i % 2, now, i as f64)).collect();
+    let first = writer.write(id, &batch).await.unwrap();
+    let again = writer.write(id, &batch).await.unwrap();
+    assert_eq!((first.accepted, first.replayed), (100, false));
+    assert_eq!((again.accepted, again.replayed), (100, true));
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events").await,
+        100
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT sum(events)::bigint FROM analytics.events_daily"
+        )
+        .await,
+        100
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_concurrent_writers_with_late_rows_keep_the_rollup_equal_to_raw() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db, EventRules::default()).await;
+    let now = Utc::now();
+    let start = now - TimeDelta::days(60);
+    store
+        .ensure_partitions(start.date_naive(), now.date_naive(), 3)
+        .await
+        .unwrap();
+    tenants(&store, 20).await;
+    let writer = store.writer(WriterConfig::default().with_max_in_flight(8));
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ w;
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let mut written = 0usize;
+            for _ in 0..15 {
+                // Rows anywhere in the last 60 days, in no order: late and
+                // out-of-order writes to every tenant's days.
+                let batch: Vec<Event> = (0..200)
+                    .map(|_| {
+                        let tenant = 1 + (next() % 20) as i64;
+                        let at = now - TimeDelta::seconds((next() % (60 * 86_400)) as i64);
+                        let ms = (next() % 1_000_000) as f64 / 997.0;
+                        event(tenant, at, ms)
+                    })
+                    .collect();
+                written += writer.write(Uuid::now_v7(), &batch).await.unwrap().accepted;
+            }
+            written
+        }));
+    }
+    let mut written = 0;
+    for task in tasks {
+        written += task.await.unwrap();
+    }
+    assert_eq!(written, 8 * 15 * 200);
+    let since = start.date_naive() - TimeDelta::days(1);
+    let mut mismatches = 0;
+    for plan in [Plan::Free, Plan::Pro, Plan::Enterprise] {
+        let rollup = store.dashboard(plan, since).await.unwrap();
+        let raw = store.dashboard_raw(plan, since).await.unwrap();
+        assert!(!raw.is_empty());
+        if rollup != raw {
+            mismatches += 1;
+        }
+    }
+    assert_eq!(mismatches, 0, "the rollup differs from the raw events");
+    assert_eq!(
+        count(
+            &store,
+            "SELECT sum(events)::bigint FROM analytics.events_daily"
+        )
+        .await,
+        written as i64
+    );
+    // Newest day first.
+    let rows = store.dashboard(Plan::Pro, since).await.unwrap();
+    assert!(rows.windows(2).all(|w| w[0].day >= w[1].day));
+    let _ = NaiveDate::MIN;
+}
+
+#[tokio::test]
+async fn a_database_that_is_down_is_unavailable() {
+    let pool = pg_kit::pool(
+        "postgres://postgres@127.0.0.1:1/none",
+        &pg_kit::PoolConfig {
+            connection_timeout: std::time::Duration::from_millis(300),
+            ..pg_kit::PoolConfig::default()
+        },
+    )
+    .unwrap();
+    let store = Arc::new(Analytics::new(pool, time_kit::system()));
+    let error = store.migrate().await.unwrap_err();
+    assert!(error.is_transient(), "{error:?}");
+    let error = store
+        .dashboard(Plan::Pro, NaiveDate::from_ymd_opt(2024, 1, 1).unwrap())
+        .await
+        .unwrap_err();
+    assert!(error.is_transient(), "{error:?}");
+}
