@@ -281,3 +281,85 @@ async fn a_database_that_is_down_is_unavailable() {
         .unwrap_err();
     assert!(error.is_transient(), "{error:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_mid_copy_commits_nothing_and_the_retry_writes_once() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db, EventRules::default()).await;
+    let now = Utc::now();
+    store
+        .ensure_partitions((now - TimeDelta::days(3)).date_naive(), now.date_naive(), 3)
+        .await
+        .unwrap();
+    tenants(&store, 4).await;
+    let writer = store.writer(WriterConfig::default().with_max_batch_rows(200_000));
+    let batch: Arc<Vec<Event>> = Arc::new(
+        (0..150_000)
+            .map(|i| event(1 + i % 4, now - TimeDelta::seconds(i), (i % 1000) as f64))
+            .collect(),
+    );
+    let id = Uuid::now_v7();
+    let write = {
+        let (writer, batch) = (writer.clone(), Arc::clone(&batch));
+        tokio::spawn(async move { writer.write(id, &batch).await })
+    };
+    // Wait until the COPY is streaming, then end its backend, as a crash
+    // of the server process or a network cut would.
+    let admin = db.connect().await;
+    let mut killed = false;
+    while !write.is_finished() {
+        let rows = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE datname = current_database() AND query LIKE 'COPY analytics.events%'
+                    AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        if rows.iter().any(|r| r.get::<_, bool>(0)) {
+            killed = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let outcome = write.await.unwrap();
+    assert!(
+        killed,
+        "the COPY ended before it could be interrupted: {outcome:?}"
+    );
+    let error = outcome.unwrap_err();
+    assert!(error.is_transient(), "{error:?}");
+    // Nothing of the batch was committed: no rows, no totals, no batch id.
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events").await,
+        0
+    );
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events_daily").await,
+        0
+    );
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.ingest_batches").await,
+        0
+    );
+    // The retry under the same id writes it once; a second retry replays.
+    let retried = writer.write(id, &batch).await.unwrap();
+    assert_eq!((retried.accepted, retried.replayed), (150_000, false));
+    let again = writer.write(id, &batch).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events").await,
+        150_000
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT sum(events)::bigint FROM analytics.events_daily"
+        )
+        .await,
+        150_000
+    );
+}

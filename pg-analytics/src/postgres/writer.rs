@@ -41,6 +41,12 @@ impl WriterConfig {
         self.max_in_flight = n.max(1);
         self
     }
+
+    /// Sets [`WriterConfig::max_batch_rows`] (at least 1).
+    pub fn with_max_batch_rows(mut self, n: usize) -> WriterConfig {
+        self.max_batch_rows = n.max(1);
+        self
+    }
 }
 
 /// A row of a batch that was not written, and why.
