@@ -23,6 +23,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -55,6 +56,7 @@ impl bb8::ManageConnection for PgManager {
         Ok(PgClient {
             client,
             statements: Mutex::default(),
+            broken: AtomicBool::new(false),
         })
     }
 
@@ -63,7 +65,7 @@ impl bb8::ManageConnection for PgManager {
     }
 
     fn has_broken(&self, conn: &mut PgClient) -> bool {
-        conn.client.is_closed()
+        conn.client.is_closed() || conn.broken.load(Ordering::Relaxed)
     }
 }
 
@@ -76,15 +78,39 @@ type StatementCache = Mutex<HashMap<String, Statement>>;
 pub struct PgClient {
     client: Client,
     statements: StatementCache,
+    broken: AtomicBool,
+}
+
+/// Whether `e` says the session is gone (the server ended it, or the
+/// socket closed): the connection must not go back to the pool.
+pub fn ends_session(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("08") || code == "57P01" || code == "57P02" || code == "57P03"
+        })
 }
 
 impl PgClient {
+    /// Records that a call on this connection failed with `e`: if the
+    /// session is gone ([`ends_session`]), the pool discards the connection
+    /// when it comes back instead of handing it to the next caller (the
+    /// client may not have noticed the closed socket yet). The
+    /// [`Prepared`] methods do this themselves; call it after an error from
+    /// the client used directly (`copy_in`, `batch_execute`, …).
+    pub fn note_error(&self, e: &tokio_postgres::Error) {
+        if ends_session(e) {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Begins a transaction whose statements use this connection's cache.
     pub async fn begin(&mut self) -> Result<PgTransaction<'_>, tokio_postgres::Error> {
         let transaction = self.client.transaction().await?;
         Ok(PgTransaction {
             transaction,
             statements: &self.statements,
+            broken: &self.broken,
         })
     }
 }
@@ -109,6 +135,7 @@ impl std::ops::DerefMut for PgClient {
 pub struct PgTransaction<'a> {
     transaction: Transaction<'a>,
     statements: &'a StatementCache,
+    broken: &'a AtomicBool,
 }
 
 impl std::fmt::Debug for PgTransaction<'_> {
@@ -118,6 +145,13 @@ impl std::fmt::Debug for PgTransaction<'_> {
 }
 
 impl PgTransaction<'_> {
+    /// As [`PgClient::note_error`], for the transaction's connection.
+    pub fn note_error(&self, e: &tokio_postgres::Error) {
+        if ends_session(e) {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Commits.
     pub async fn commit(self) -> Result<(), tokio_postgres::Error> {
         self.transaction.commit().await
@@ -178,10 +212,11 @@ impl Prepared for PgClient {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let statement = prepare(&self.client, &self.statements, sql, params).await?;
+        let statement = prepare(&self.client, &self.statements, &self.broken, sql, params).await?;
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
         evict_on_error(
             &self.statements,
+            &self.broken,
             sql,
             self.client.query(&statement, &values).await,
         )
@@ -192,10 +227,11 @@ impl Prepared for PgClient {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Row, tokio_postgres::Error> {
-        let statement = prepare(&self.client, &self.statements, sql, params).await?;
+        let statement = prepare(&self.client, &self.statements, &self.broken, sql, params).await?;
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
         evict_on_error(
             &self.statements,
+            &self.broken,
             sql,
             self.client.query_one(&statement, &values).await,
         )
@@ -206,10 +242,11 @@ impl Prepared for PgClient {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<u64, tokio_postgres::Error> {
-        let statement = prepare(&self.client, &self.statements, sql, params).await?;
+        let statement = prepare(&self.client, &self.statements, &self.broken, sql, params).await?;
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
         evict_on_error(
             &self.statements,
+            &self.broken,
             sql,
             self.client.execute(&statement, &values).await,
         )
@@ -222,10 +259,12 @@ impl Prepared for PgTransaction<'_> {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let statement = prepare(&self.transaction, self.statements, sql, params).await?;
+        let statement =
+            prepare(&self.transaction, self.statements, self.broken, sql, params).await?;
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
         evict_on_error(
             self.statements,
+            self.broken,
             sql,
             self.transaction.query(&statement, &values).await,
         )
@@ -236,10 +275,12 @@ impl Prepared for PgTransaction<'_> {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Row, tokio_postgres::Error> {
-        let statement = prepare(&self.transaction, self.statements, sql, params).await?;
+        let statement =
+            prepare(&self.transaction, self.statements, self.broken, sql, params).await?;
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
         evict_on_error(
             self.statements,
+            self.broken,
             sql,
             self.transaction.query_one(&statement, &values).await,
         )
@@ -250,10 +291,12 @@ impl Prepared for PgTransaction<'_> {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<u64, tokio_postgres::Error> {
-        let statement = prepare(&self.transaction, self.statements, sql, params).await?;
+        let statement =
+            prepare(&self.transaction, self.statements, self.broken, sql, params).await?;
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
         evict_on_error(
             self.statements,
+            self.broken,
             sql,
             self.transaction.execute(&statement, &values).await,
         )
@@ -266,6 +309,7 @@ impl Prepared for PgTransaction<'_> {
 async fn prepare<C: GenericClient + Sync>(
     client: &C,
     statements: &StatementCache,
+    broken: &AtomicBool,
     sql: &str,
     params: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<Statement, tokio_postgres::Error> {
@@ -275,7 +319,11 @@ async fn prepare<C: GenericClient + Sync>(
     {
         return Ok(statement.clone());
     }
-    let statement = client.prepare_typed(sql, &types).await?;
+    let statement = client.prepare_typed(sql, &types).await.inspect_err(|e| {
+        if ends_session(e) {
+            broken.store(true, Ordering::Relaxed);
+        }
+    })?;
     statements.lock().insert(sql.to_owned(), statement.clone());
     Ok(statement)
 }
@@ -284,9 +332,15 @@ async fn prepare<C: GenericClient + Sync>(
 /// migration changed a table under it), so the next call prepares it anew.
 fn evict_on_error<T>(
     statements: &StatementCache,
+    broken: &AtomicBool,
     sql: &str,
     result: Result<T, tokio_postgres::Error>,
 ) -> Result<T, tokio_postgres::Error> {
+    if let Err(e) = &result
+        && ends_session(e)
+    {
+        broken.store(true, Ordering::Relaxed);
+    }
     if let Err(e) = &result
         && let Some(code) = e.code()
         && (*code == tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED

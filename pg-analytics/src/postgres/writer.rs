@@ -176,7 +176,7 @@ impl EventWriter {
                      FROM STDIN (FORMAT binary)",
                 )
                 .await
-                .map_err(AnalyticsError::from_query)?;
+                .map_err(|e| noted(&tx, e))?;
             let writer = BinaryCopyInWriter::new(
                 sink,
                 &[Type::INT8, Type::TIMESTAMPTZ, Type::TEXT, Type::INT8],
@@ -225,6 +225,8 @@ impl EventWriter {
             .await
             .map_err(AnalyticsError::from_query)?;
         }
+        // A commit whose answer is lost leaves the outcome unknown: the
+        // caller retries under the same batch id, which tells.
         tx.commit().await.map_err(AnalyticsError::from_query)?;
         Ok(IngestReport {
             batch_id,
@@ -264,4 +266,11 @@ impl EventWriter {
         rejected.sort_by_key(|r| r.index);
         Ok((valid, rejected))
     }
+}
+
+/// `e` from the client used directly, noted on the transaction's
+/// connection (so a dead session is not pooled again) and classified.
+fn noted(tx: &pg_kit::PgTransaction<'_>, e: tokio_postgres::Error) -> AnalyticsError {
+    tx.note_error(&e);
+    AnalyticsError::from_query(e)
 }
