@@ -168,3 +168,80 @@ async fn a_group_of_transitions_fences_each_row_by_its_own_lease() {
     expected.sort();
     assert_eq!(answered, expected);
 }
+
+#[tokio::test]
+async fn two_drivers_of_one_order_in_one_group_are_fenced_apart() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let pool = pool(db.url(), &PoolConfig::default()).unwrap();
+    let store = PgOrderStore::with_batching(pool.clone(), 1, 64);
+    store.migrate().await.unwrap();
+    let mut orders = Vec::new();
+    for i in 0..6 {
+        let (order, saga, new) = new_order(100 + i);
+        let Created::New(lease) = store.create(new).await.unwrap() else {
+            panic!("not created")
+        };
+        orders.push((order, saga, lease));
+    }
+    let update = |order: &Order, saga: &Saga, note: &str| {
+        let mut saga = *saga;
+        saga.succeeded(Step::ReserveStock).unwrap();
+        let mut order = order.clone();
+        order.state = saga.state();
+        SagaUpdate {
+            order,
+            saga,
+            attempts: 0,
+            events: Vec::new(),
+            log: vec![note.to_owned()],
+            response: None,
+            release_after: None,
+            cancel_applied: false,
+        }
+    };
+    // The first transition takes the shard; behind it queue a stalled
+    // driver of order 1 (a token it no longer holds), the current driver of
+    // order 1, and the others.
+    let (o0, s0, l0) = &orders[0];
+    let (o1, s1, l1) = &orders[1];
+    let stale = Lease {
+        owner: l1.owner.clone(),
+        token: l1.token - 1,
+    };
+    let mut writes: Vec<(Lease, SagaUpdate)> = vec![
+        (l0.clone(), update(o0, s0, "first")),
+        (stale, update(o1, s1, "stale driver")),
+        (l1.clone(), update(o1, s1, "current driver")),
+    ];
+    for (o, s, l) in &orders[2..] {
+        writes.push((l.clone(), update(o, s, "other")));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (lease, update)) in writes.into_iter().enumerate() {
+        let store = store.clone();
+        tasks.spawn(async move { (i, store.update(&lease, update).await) });
+    }
+    let mut results: Vec<Option<Result<bool, StoreError>>> = (0..7).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = joined.unwrap();
+        results[i] = Some(result);
+    }
+    assert!(
+        matches!(results[1], Some(Err(StoreError::LeaseLost(_)))),
+        "{:?}",
+        results[1]
+    );
+    for (i, result) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
+        assert!(matches!(result, Some(Ok(false))), "write {i}: {result:?}");
+    }
+    assert_eq!(
+        store.saga_log(o1.id).await.unwrap(),
+        vec![
+            "begin reserve_stock".to_owned(),
+            "current driver".to_owned()
+        ],
+        "only the current driver's entries are written"
+    );
+}

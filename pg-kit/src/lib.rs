@@ -85,10 +85,15 @@ pub struct PgClient {
 /// socket closed): the connection must not go back to the pool.
 pub fn ends_session(e: &tokio_postgres::Error) -> bool {
     e.is_closed()
-        || e.code().is_some_and(|code| {
-            let code = code.code();
-            code.starts_with("08") || code == "57P01" || code == "57P02" || code == "57P03"
-        })
+        || e.as_db_error()
+            .is_some_and(|db| matches!(db.severity(), "FATAL" | "PANIC"))
+        || e.code().is_some_and(|code| code.code().starts_with("08"))
+}
+
+fn mark_if_ended(broken: &AtomicBool, e: &tokio_postgres::Error) {
+    if ends_session(e) {
+        broken.store(true, Ordering::Relaxed);
+    }
 }
 
 impl PgClient {
@@ -106,7 +111,11 @@ impl PgClient {
 
     /// Begins a transaction whose statements use this connection's cache.
     pub async fn begin(&mut self) -> Result<PgTransaction<'_>, tokio_postgres::Error> {
-        let transaction = self.client.transaction().await?;
+        let transaction = self
+            .client
+            .transaction()
+            .await
+            .inspect_err(|e| mark_if_ended(&self.broken, e))?;
         Ok(PgTransaction {
             transaction,
             statements: &self.statements,
@@ -152,14 +161,23 @@ impl PgTransaction<'_> {
         }
     }
 
-    /// Commits.
+    /// Commits. If the answer is lost with the session, the outcome is
+    /// unknown (and the connection is not pooled again).
     pub async fn commit(self) -> Result<(), tokio_postgres::Error> {
-        self.transaction.commit().await
+        let broken = self.broken;
+        self.transaction
+            .commit()
+            .await
+            .inspect_err(|e| mark_if_ended(broken, e))
     }
 
     /// Rolls back.
     pub async fn rollback(self) -> Result<(), tokio_postgres::Error> {
-        self.transaction.rollback().await
+        let broken = self.broken;
+        self.transaction
+            .rollback()
+            .await
+            .inspect_err(|e| mark_if_ended(broken, e))
     }
 }
 
@@ -441,10 +459,17 @@ pub async fn migrate(
     });
     conn.execute("SELECT pg_advisory_lock($1)", &[&lock_key])
         .await?;
+    // The lock belongs to the session: should this future be dropped
+    // before the unlock, the connection must be closed rather than pooled
+    // with the lock still held (every later migrate would wait forever).
+    conn.broken.store(true, Ordering::Relaxed);
     let result = apply(&mut conn, schema, migrations).await;
     let unlock = conn
         .execute("SELECT pg_advisory_unlock($1)", &[&lock_key])
         .await;
+    if unlock.is_ok() && result.is_ok() {
+        conn.broken.store(false, Ordering::Relaxed);
+    }
     let applied = result?;
     unlock?;
     Ok(applied)

@@ -30,9 +30,12 @@
 //! releases, or the sweeper's batch taken with `SKIP LOCKED`, which never
 //! waits), then SKU rows in ascending SKU order. A multi-line reservation
 //! first tries one statement that locks its SKU rows with `SELECT … ORDER
-//! BY sku FOR UPDATE` and writes only if every line is covered (its
-//! reservation row is new, so nobody else can hold it); otherwise its
-//! transaction takes the lines one statement each in SKU order. Release
+//! BY sku FOR UPDATE` and writes only if every line is covered;
+//! otherwise its transaction takes the lines one statement each in SKU
+//! order. The single statement inserts its (new) reservation row after the
+//! SKU locks, so two concurrent requests with one reservation id that take
+//! different paths can deadlock; PostgreSQL aborts one within a second,
+//! and its retry is answered as a replay (docs/order-saga/inventory.md). Release
 //! and the sweeper lock several SKUs with one `SELECT … ORDER BY sku FOR
 //! UPDATE` before updating them together. A commit of a live reservation
 //! is one statement that touches no SKU row.

@@ -255,7 +255,7 @@ mod postgres {
                         WITH ORDINALITY AS i(event_id, order_id, event_type, occurred_at, payload, n)
                  ), first AS (
                     INSERT INTO orders.inbox (consumer, event_id)
-                    SELECT $1, event_id FROM input ORDER BY n
+                    SELECT $1, event_id FROM input ORDER BY event_id
                     ON CONFLICT (consumer, event_id) DO NOTHING
                     RETURNING event_id
                  ), entry AS (

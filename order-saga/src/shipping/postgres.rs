@@ -57,6 +57,7 @@ const SCHEDULE_MANY: &str =
      SELECT order_id, id, 'scheduled', address, items, created_at
        FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::timestamptz[])
             AS r(order_id, id, address, items, created_at)
+      ORDER BY order_id
      ON CONFLICT (order_id) DO NOTHING
      RETURNING order_id, id, state, created_at";
 

@@ -8,7 +8,10 @@ use pg_kit::PgError;
 #[non_exhaustive]
 pub enum AnalyticsError {
     /// The database could not be reached, or failed in a way a retry may
-    /// fix; nothing of the call was committed.
+    /// fix. Nothing of the call was committed, except when the connection
+    /// was lost while its commit was in flight: then the outcome is
+    /// unknown, and a retry tells (an ingest batch retried under its id is
+    /// answered as a replay if it had committed).
     #[error("PostgreSQL unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A statement was refused (a bug, or a schema this version does not
@@ -37,7 +40,12 @@ impl AnalyticsError {
 
     pub(crate) fn from_query(e: tokio_postgres::Error) -> AnalyticsError {
         let transient = match e.code() {
-            None => true,
+            // No SQLSTATE: the socket (closed, I/O), or a value that did not
+            // convert, which a retry would not fix.
+            None => {
+                e.is_closed()
+                    || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+            }
             Some(code) => {
                 let code = code.code();
                 matches!(&code[..2], "08" | "53" | "57" | "58")

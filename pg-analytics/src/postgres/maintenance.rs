@@ -29,9 +29,11 @@ fn first_of_month(day: NaiveDate) -> NaiveDate {
 impl Analytics {
     /// Makes sure every month from the one holding `from` through
     /// `months_ahead` months after the one holding `to` has its partition.
-    /// Safe to run concurrently and repeatedly (`IF NOT EXISTS`, under an
-    /// advisory lock). A month whose rows already sit in the default
-    /// partition is refused with [`AnalyticsError::PartitionBlocked`].
+    /// Safe to run repeatedly and from several processes at once: a
+    /// partition another run created meanwhile counts as existing. A month
+    /// whose rows already sit in the default partition cannot be created;
+    /// the other months still are, and then the first such month is
+    /// reported as [`AnalyticsError::PartitionBlocked`].
     pub async fn ensure_partitions(
         &self,
         from: NaiveDate,
@@ -54,6 +56,7 @@ impl Analytics {
             .map(|row| row.get(0))
             .collect();
         let mut report = PartitionReport::default();
+        let mut blocked = None;
         let last = first_of_month(to)
             .checked_add_months(Months::new(months_ahead))
             .unwrap_or(to);
@@ -76,7 +79,15 @@ impl Analytics {
                         report.created.push(name);
                     }
                     Err(e) if e.code() == Some(&SqlState::CHECK_VIOLATION) => {
-                        return Err(AnalyticsError::PartitionBlocked { month });
+                        tracing::warn!(partition = %name, "the default partition holds rows of this month");
+                        blocked.get_or_insert(month);
+                    }
+                    // Created by a concurrent run between the listing and now.
+                    Err(e)
+                        if e.code() == Some(&SqlState::DUPLICATE_TABLE)
+                            || e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+                    {
+                        report.existing += 1;
                     }
                     Err(e) => return Err(AnalyticsError::from_query(e)),
                 }
@@ -86,7 +97,10 @@ impl Analytics {
             }
             month = next;
         }
-        Ok(report)
+        match blocked {
+            Some(month) => Err(AnalyticsError::PartitionBlocked { month }),
+            None => Ok(report),
+        }
     }
 
     /// Rows in the default partition: events whose month had no partition

@@ -129,7 +129,7 @@ impl EventWriter {
                 replayed: false,
             });
         }
-        let (valid, mut rejected) = self.check(events).await?;
+        let (valid, rejected) = self.check(events).await?;
         let _permit = self
             .in_flight
             .acquire()
@@ -161,7 +161,8 @@ impl EventWriter {
                 .map_err(AnalyticsError::from_query)?;
             let accepted: i32 = stored.get(0);
             let _ = tx.rollback().await;
-            rejected.clear();
+            // The rows refused now are the rows refused then (the rules
+            // and the tenants only ever widen).
             return Ok(IngestReport {
                 batch_id,
                 accepted: usize::try_from(accepted).unwrap_or(0),
@@ -192,9 +193,9 @@ impl EventWriter {
                         &event.processing_time_us,
                     ])
                     .await
-                    .map_err(AnalyticsError::from_query)?;
+                    .map_err(|e| noted(&tx, e))?;
             }
-            writer.finish().await.map_err(AnalyticsError::from_query)?;
+            writer.finish().await.map_err(|e| noted(&tx, e))?;
             // The batch's totals, in key order: concurrent batches lock the
             // rollup rows they share in the same order.
             let totals = aggregate(&valid);

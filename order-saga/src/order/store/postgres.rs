@@ -10,7 +10,9 @@
 //! as for fifty, and a profile of the load test showed PostgreSQL's
 //! per-statement work (executor start-up, commit) as its largest cost once
 //! statements were prepared. One order's transitions never share a
-//! statement: its driver waits for each before writing the next.
+//! statement: its driver waits for each before writing the next, and when
+//! two drivers of one order meet in a group (a stalled one and the one
+//! that took its expired lease over), the second is written on its own.
 //!
 //! Leases and due times use the database's clock (`now()`), so instances
 //! with skewed clocks still agree on who holds what.
@@ -565,6 +567,51 @@ impl OrderStore for PgOrderStore {
 async fn write_transitions(pool: PgPool, batch: Vec<Transition>) -> Vec<TransitionResult> {
     if let [(lease, update)] = batch.as_slice() {
         return vec![write_one(&pool, lease, update).await];
+    }
+    // One order twice in a group (a stalled driver and the one that took
+    // its expired lease over): the statement matches writes to rows by
+    // order id, so the repeats are written after it, one by one, each
+    // fenced by its own lease.
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    let repeated: Vec<usize> = (0..batch.len())
+        .filter(|&i| !seen.insert(batch[i].1.order.id))
+        .collect();
+    if !repeated.is_empty() {
+        let (mut firsts, mut repeats) = (Vec::new(), Vec::new());
+        let mut positions = Vec::with_capacity(batch.len());
+        for (i, transition) in batch.into_iter().enumerate() {
+            if repeated.contains(&i) {
+                positions.push((false, repeats.len()));
+                repeats.push(transition);
+            } else {
+                positions.push((true, firsts.len()));
+                firsts.push(transition);
+            }
+        }
+        let mut first_results = Box::pin(write_transitions(pool.clone(), firsts)).await;
+        let mut repeat_results = Vec::with_capacity(repeats.len());
+        for (lease, update) in &repeats {
+            repeat_results.push(write_one(&pool, lease, update).await);
+        }
+        let mut taken_first: Vec<Option<TransitionResult>> =
+            first_results.drain(..).map(Some).collect();
+        let mut taken_repeat: Vec<Option<TransitionResult>> =
+            repeat_results.into_iter().map(Some).collect();
+        return positions
+            .into_iter()
+            .map(|(first, k)| {
+                let slot = if first {
+                    &mut taken_first[k]
+                } else {
+                    &mut taken_repeat[k]
+                };
+                slot.take().unwrap_or_else(|| {
+                    Err(StoreError::Unavailable(
+                        "a transition's result went missing".into(),
+                    ))
+                })
+            })
+            .collect();
     }
     let conn = match pool.get().await {
         Ok(conn) => conn,
