@@ -21,7 +21,17 @@
 //! `ingest_to_insert_unnest`, `late_fraction` (the query, cache and archival
 //! figures of the issue are not measured yet). A fresh database is created
 //! and dropped. `--late-fraction F` (default 0.05) is the share of rows
-//! spread over the last 60 days; the rest fall in the last hour.
+//! spread over the last `--days D` days (default 60); the rest fall in the
+//! last hour.
+//!
+//! `--mode queries` (with, say, `--late-fraction 1 --days 730`) loads the
+//! rows once with `EventWriter` and once into the seed's own schema (one
+//! plain `events` table), then times the seed's query as written (the
+//! baseline), `dashboard_raw` and `dashboard` (p50 and p99 of 200 calls),
+//! prints their `EXPLAIN (ANALYZE, BUFFERS)` to stderr, and ends with a
+//! JSON line: `rows`, `days`, `ingest_rows_per_sec`, `original_query_ms`,
+//! `dashboard_raw_ms`, `dashboard_p50_ms`, `dashboard_p99_ms`,
+//! `dashboard_rows`, `original_to_dashboard_p99`.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -40,6 +50,8 @@ struct Args {
     connections: usize,
     tenants: i64,
     late_fraction: f64,
+    days: i64,
+    mode: String,
 }
 
 fn parse_args() -> Args {
@@ -50,6 +62,8 @@ fn parse_args() -> Args {
         connections: 4,
         tenants: 1_000,
         late_fraction: 0.05,
+        days: 60,
+        mode: "ingest".into(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -61,6 +75,8 @@ fn parse_args() -> Args {
             "--connections" => a.connections = value.parse().expect("--connections N"),
             "--tenants" => a.tenants = value.parse().expect("--tenants N"),
             "--late-fraction" => a.late_fraction = value.parse().expect("--late-fraction F"),
+            "--days" => a.days = value.parse().expect("--days N"),
+            "--mode" => a.mode = value,
             "--database-url" => a.database_url = value,
             other => {
                 eprintln!("unknown flag {other}");
@@ -93,7 +109,7 @@ fn sample(args: &Args, now: DateTime<Utc>) -> Vec<Event> {
             Event {
                 tenant_id: TenantId(tenant.min(args.tenants)),
                 created_at: if rng.f64() < args.late_fraction {
-                    now - TimeDelta::seconds(rng.i64(0..60 * 86_400))
+                    now - TimeDelta::seconds(rng.i64(0..args.days.max(1) * 86_400))
                 } else {
                     now - TimeDelta::seconds(rng.i64(0..3_600))
                 },
@@ -307,6 +323,167 @@ async fn event_writer(
     rate
 }
 
+/// The seed's query as written, against the seed's schema (one plain
+/// table with an index on `tenant_id` and one on `created_at`).
+const ORIGINAL_QUERY: &str = "SELECT
+    tenant_id,
+    DATE(created_at) as date,
+    COUNT(*) as events,
+    AVG(processing_time) as avg_time
+FROM seed.events
+WHERE created_at >= '2024-01-01'
+    AND tenant_id IN (SELECT id FROM seed.tenants WHERE plan = 'enterprise')
+GROUP BY tenant_id, DATE(created_at)
+ORDER BY date DESC";
+
+/// `--mode queries`: loads the rows with `EventWriter` and the same rows
+/// into the seed's schema, then times the original query, `dashboard_raw`
+/// and `dashboard` (p99 of 200 calls), printing their plans to stderr.
+async fn queries(
+    args: &Args,
+    pool: &pg_kit::PgPool,
+    store: &Analytics,
+    batches: &Arc<Vec<Vec<Event>>>,
+) -> serde_json::Value {
+    let ingest_rows_per_sec = event_writer(store, batches, args.connections).await;
+    eprintln!("EventWriter: {ingest_rows_per_sec:.0} rows/s");
+    let conn = pool.get().await.expect("connection");
+    let start = Instant::now();
+    conn.batch_execute(
+        "CREATE SCHEMA seed;
+         CREATE TABLE seed.tenants (id bigint PRIMARY KEY, plan text NOT NULL);
+         INSERT INTO seed.tenants SELECT id, plan FROM analytics.tenants;
+         CREATE TABLE seed.events (id bigserial PRIMARY KEY, tenant_id bigint NOT NULL,
+             created_at timestamptz NOT NULL, event_type text NOT NULL,
+             processing_time double precision NOT NULL);
+         INSERT INTO seed.events (tenant_id, created_at, event_type, processing_time)
+             SELECT tenant_id, created_at, event_type, processing_time_us / 1000.0 FROM analytics.events;
+         CREATE INDEX ON seed.events (tenant_id);
+         CREATE INDEX ON seed.events (created_at);",
+    )
+    .await
+    .expect("the seed's schema");
+    // One statement each: VACUUM cannot run inside the implicit transaction
+    // of a multi-statement string.
+    for table in [
+        "seed.events",
+        "seed.tenants",
+        "analytics.events",
+        "analytics.events_daily",
+        "analytics.tenants",
+    ] {
+        conn.batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await
+            .expect("vacuum analyze");
+    }
+    eprintln!(
+        "seed schema loaded in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    let explain = |sql: String| {
+        let conn = &conn;
+        async move {
+            let plan = conn
+                .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {sql}"), &[])
+                .await
+                .expect("explain");
+            plan.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    let since = chrono::NaiveDate::from_ymd_opt(2024, 1, 1).expect("date");
+    // DATE(created_at) follows the session's time zone; the dashboards'
+    // days are UTC.
+    conn.batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("time zone");
+    let start = Instant::now();
+    let original = conn
+        .query(ORIGINAL_QUERY, &[])
+        .await
+        .expect("original query");
+    let original_query_ms = start.elapsed().as_secs_f64() * 1000.0;
+    eprintln!(
+        "original query: {original_query_ms:.1} ms, {} rows",
+        original.len()
+    );
+    let start = Instant::now();
+    let raw = store
+        .dashboard_raw(Plan::Enterprise, since)
+        .await
+        .expect("dashboard_raw");
+    let dashboard_raw_ms = start.elapsed().as_secs_f64() * 1000.0;
+    eprintln!(
+        "dashboard_raw: {dashboard_raw_ms:.1} ms, {} rows",
+        raw.len()
+    );
+    let mut latencies = Vec::with_capacity(200);
+    let mut rows = Vec::new();
+    for n in 0..210 {
+        let start = Instant::now();
+        rows = store
+            .dashboard(Plan::Enterprise, since)
+            .await
+            .expect("dashboard");
+        if n >= 10 {
+            latencies.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let dashboard_p50_ms = latencies[latencies.len() / 2];
+    let dashboard_p99_ms = latencies[latencies.len() * 99 / 100];
+    assert_eq!(rows, raw, "the rollup answers what the raw events answer");
+    assert_eq!(
+        original.len(),
+        raw.len(),
+        "the original query has as many rows"
+    );
+    eprintln!(
+        "dashboard: p50 {dashboard_p50_ms:.2} ms, p99 {dashboard_p99_ms:.2} ms, {} rows",
+        rows.len()
+    );
+    eprintln!(
+        "--- EXPLAIN original query\n{}",
+        explain(ORIGINAL_QUERY.to_owned()).await
+    );
+    eprintln!(
+        "--- EXPLAIN dashboard_raw\n{}",
+        explain(format!(
+            "SELECT e.tenant_id, (e.created_at AT TIME ZONE 'UTC')::date AS day, count(*), sum(e.processing_time_us)::bigint
+               FROM analytics.events e
+              WHERE e.created_at >= '{since}T00:00:00Z'
+                AND e.tenant_id IN (SELECT id FROM analytics.tenants WHERE plan = 'enterprise')
+              GROUP BY 1, 2 ORDER BY day DESC, e.tenant_id"
+        ))
+        .await
+    );
+    eprintln!(
+        "--- EXPLAIN dashboard\n{}",
+        explain(format!(
+            "SELECT d.tenant_id, d.day, d.events, d.sum_processing_time_us
+               FROM analytics.events_daily d
+              WHERE d.day >= '{since}'
+                AND d.tenant_id IN (SELECT id FROM analytics.tenants WHERE plan = 'enterprise')
+                AND d.events > 0
+              ORDER BY d.day DESC, d.tenant_id"
+        ))
+        .await
+    );
+    serde_json::json!({
+        "rows": args.rows,
+        "days": args.days,
+        "ingest_rows_per_sec": ingest_rows_per_sec,
+        "original_query_ms": original_query_ms,
+        "dashboard_raw_ms": dashboard_raw_ms,
+        "dashboard_p50_ms": dashboard_p50_ms,
+        "dashboard_p99_ms": dashboard_p99_ms,
+        "dashboard_rows": rows.len(),
+        "original_to_dashboard_p99": original_query_ms / dashboard_p99_ms,
+    })
+}
+
 #[tokio::main]
 async fn main() {
     let args = parse_args();
@@ -330,7 +507,7 @@ async fn main() {
     let now = Utc::now();
     store
         .ensure_partitions(
-            (now - TimeDelta::days(61)).date_naive(),
+            (now - TimeDelta::days(args.days + 1)).date_naive(),
             now.date_naive(),
             3,
         )
@@ -410,6 +587,17 @@ async fn main() {
         args.batch,
         args.connections
     );
+
+    if args.mode == "queries" {
+        let summary = queries(&args, &pool, &store, &batches).await;
+        drop(store);
+        drop(pool);
+        let _ = server
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await;
+        println!("{summary}");
+        return;
+    }
 
     // Each way runs twice, in the order A B C D D C B A, from a truncated
     // schema after a checkpoint, so no way gets the cold or the warm start
