@@ -21,6 +21,21 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+/// The cause of a failure that every request of a group shares.
+pub(crate) type SharedCause = Arc<dyn std::error::Error + Send + Sync>;
+
+/// `cause` as the error of each of `n` requests of one group: each gets
+/// its own error, built by `wrap`, whose source is the shared cause.
+pub(crate) fn fail_each<T, E>(
+    n: usize,
+    cause: SharedCause,
+    wrap: impl Fn(Box<dyn std::error::Error + Send + Sync>) -> E,
+) -> Vec<Result<T, E>> {
+    (0..n)
+        .map(|_| Err(wrap(Box::new(Arc::clone(&cause)))))
+        .collect()
+}
+
 /// Groups concurrent requests by key; see the module docs.
 pub(crate) struct Combiner<K, T, R> {
     queues: Arc<Mutex<HashMap<K, Queue<T, R>>>>,

@@ -104,9 +104,7 @@ impl PgClient {
     /// [`Prepared`] methods do this themselves; call it after an error from
     /// the client used directly (`copy_in`, `batch_execute`, …).
     pub fn note_error(&self, e: &tokio_postgres::Error) {
-        if ends_session(e) {
-            self.broken.store(true, Ordering::Relaxed);
-        }
+        mark_if_ended(&self.broken, e);
     }
 
     /// Begins a transaction whose statements use this connection's cache.
@@ -156,9 +154,7 @@ impl std::fmt::Debug for PgTransaction<'_> {
 impl PgTransaction<'_> {
     /// As [`PgClient::note_error`], for the transaction's connection.
     pub fn note_error(&self, e: &tokio_postgres::Error) {
-        if ends_session(e) {
-            self.broken.store(true, Ordering::Relaxed);
-        }
+        mark_if_ended(self.broken, e);
     }
 
     /// Commits. If the answer is lost with the session, the outcome is
@@ -230,14 +226,7 @@ impl Prepared for PgClient {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let statement = prepare(&self.client, &self.statements, &self.broken, sql, params).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        evict_on_error(
-            &self.statements,
-            &self.broken,
-            sql,
-            self.client.query(&statement, &values).await,
-        )
+        self.session().query(sql, params).await
     }
 
     async fn query_prepared_one(
@@ -245,14 +234,7 @@ impl Prepared for PgClient {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Row, tokio_postgres::Error> {
-        let statement = prepare(&self.client, &self.statements, &self.broken, sql, params).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        evict_on_error(
-            &self.statements,
-            &self.broken,
-            sql,
-            self.client.query_one(&statement, &values).await,
-        )
+        self.session().query_one(sql, params).await
     }
 
     async fn execute_prepared(
@@ -260,14 +242,7 @@ impl Prepared for PgClient {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<u64, tokio_postgres::Error> {
-        let statement = prepare(&self.client, &self.statements, &self.broken, sql, params).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        evict_on_error(
-            &self.statements,
-            &self.broken,
-            sql,
-            self.client.execute(&statement, &values).await,
-        )
+        self.session().execute(sql, params).await
     }
 }
 
@@ -277,15 +252,7 @@ impl Prepared for PgTransaction<'_> {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let statement =
-            prepare(&self.transaction, self.statements, self.broken, sql, params).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        evict_on_error(
-            self.statements,
-            self.broken,
-            sql,
-            self.transaction.query(&statement, &values).await,
-        )
+        self.session().query(sql, params).await
     }
 
     async fn query_prepared_one(
@@ -293,15 +260,7 @@ impl Prepared for PgTransaction<'_> {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Row, tokio_postgres::Error> {
-        let statement =
-            prepare(&self.transaction, self.statements, self.broken, sql, params).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        evict_on_error(
-            self.statements,
-            self.broken,
-            sql,
-            self.transaction.query_one(&statement, &values).await,
-        )
+        self.session().query_one(sql, params).await
     }
 
     async fn execute_prepared(
@@ -309,16 +268,73 @@ impl Prepared for PgTransaction<'_> {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<u64, tokio_postgres::Error> {
-        let statement =
-            prepare(&self.transaction, self.statements, self.broken, sql, params).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        evict_on_error(
-            self.statements,
-            self.broken,
-            sql,
-            self.transaction.execute(&statement, &values).await,
-        )
+        self.session().execute(sql, params).await
     }
+}
+
+impl PgClient {
+    fn session(&self) -> Session<'_, Client> {
+        Session {
+            client: &self.client,
+            statements: &self.statements,
+            broken: &self.broken,
+        }
+    }
+}
+
+impl<'a> PgTransaction<'a> {
+    fn session(&self) -> Session<'_, Transaction<'a>> {
+        Session {
+            client: &self.transaction,
+            statements: self.statements,
+            broken: self.broken,
+        }
+    }
+}
+
+/// What a [`Prepared`] call needs of a connection or a transaction: the
+/// client to run on, the connection's statement cache, and its broken flag.
+struct Session<'s, C> {
+    client: &'s C,
+    statements: &'s StatementCache,
+    broken: &'s AtomicBool,
+}
+
+impl<C: GenericClient + Sync> Session<'_, C> {
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = prepare(self.client, self.statements, self.broken, sql, params).await?;
+        let result = self.client.query(&statement, &values(params)).await;
+        evict_on_error(self.statements, self.broken, sql, result)
+    }
+
+    async fn query_one(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Row, tokio_postgres::Error> {
+        let statement = prepare(self.client, self.statements, self.broken, sql, params).await?;
+        let result = self.client.query_one(&statement, &values(params)).await;
+        evict_on_error(self.statements, self.broken, sql, result)
+    }
+
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = prepare(self.client, self.statements, self.broken, sql, params).await?;
+        let result = self.client.execute(&statement, &values(params)).await;
+        evict_on_error(self.statements, self.broken, sql, result)
+    }
+}
+
+/// The parameters' values, without their types.
+fn values<'p>(params: &[(&'p (dyn ToSql + Sync), Type)]) -> Vec<&'p (dyn ToSql + Sync)> {
+    params.iter().map(|(v, _)| *v).collect()
 }
 
 /// The cached statement for `sql` with the parameters' types, preparing
@@ -337,11 +353,10 @@ async fn prepare<C: GenericClient + Sync>(
     {
         return Ok(statement.clone());
     }
-    let statement = client.prepare_typed(sql, &types).await.inspect_err(|e| {
-        if ends_session(e) {
-            broken.store(true, Ordering::Relaxed);
-        }
-    })?;
+    let statement = client
+        .prepare_typed(sql, &types)
+        .await
+        .inspect_err(|e| mark_if_ended(broken, e))?;
     statements.lock().insert(sql.to_owned(), statement.clone());
     Ok(statement)
 }
@@ -354,10 +369,8 @@ fn evict_on_error<T>(
     sql: &str,
     result: Result<T, tokio_postgres::Error>,
 ) -> Result<T, tokio_postgres::Error> {
-    if let Err(e) = &result
-        && ends_session(e)
-    {
-        broken.store(true, Ordering::Relaxed);
+    if let Err(e) = &result {
+        mark_if_ended(broken, e);
     }
     if let Err(e) = &result
         && let Some(code) = e.code()

@@ -67,7 +67,7 @@ use super::{
     sorted_items,
 };
 use crate::BoxFuture;
-use crate::combiner::Combiner;
+use crate::combiner::{Combiner, SharedCause, fail_each};
 use crate::model::Sku;
 use crate::pg::{Migration, PgError, PgPool, PgTransaction, Prepared};
 
@@ -446,14 +446,13 @@ impl PgInventory {
             }
             Err(e) => {
                 // One failure for the whole group: every caller sees it.
-                let shared: Arc<dyn std::error::Error + Send + Sync> = match e {
+                let cause: SharedCause = match e {
                     InventoryError::Unavailable(source) => Arc::from(source),
                     other => Arc::new(other),
                 };
-                for &i in &batched {
-                    results[i] = Some(Err(InventoryError::Unavailable(Box::new(Arc::clone(
-                        &shared,
-                    )))));
+                let failed = fail_each(batched.len(), cause, InventoryError::Unavailable);
+                for (&i, failure) in batched.iter().zip(failed) {
+                    results[i] = Some(failure);
                 }
             }
         }
@@ -673,13 +672,7 @@ impl PgInventory {
         };
         let rows = match rows {
             Ok(rows) => rows,
-            Err(e) => {
-                let shared: Arc<dyn std::error::Error + Send + Sync> = Arc::new(e);
-                return ids
-                    .iter()
-                    .map(|_| Err(InventoryError::Unavailable(Box::new(Arc::clone(&shared)))))
-                    .collect();
-            }
+            Err(e) => return fail_each(ids.len(), Arc::new(e), InventoryError::Unavailable),
         };
         let mut committed: std::collections::HashMap<Uuid, Reservation> =
             std::collections::HashMap::new();
@@ -699,13 +692,9 @@ impl PgInventory {
                     });
                     reservation.lines.extend(line);
                 }
+                // Written, but unreadable: every caller learns it.
                 Err(e) => {
-                    // Written, but unreadable: every caller learns it.
-                    let shared: Arc<dyn std::error::Error + Send + Sync> = Arc::new(e);
-                    return ids
-                        .iter()
-                        .map(|_| Err(InventoryError::Unavailable(Box::new(Arc::clone(&shared)))))
-                        .collect();
+                    return fail_each(ids.len(), Arc::new(e), InventoryError::Unavailable);
                 }
             }
         }

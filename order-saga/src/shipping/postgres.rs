@@ -36,7 +36,7 @@ use super::{
     ShippingError,
 };
 use crate::BoxFuture;
-use crate::combiner::Combiner;
+use crate::combiner::{Combiner, fail_each};
 use crate::model::OrderId;
 use crate::pg::{Migration, PgClient, PgError, PgPool, Prepared};
 
@@ -254,17 +254,7 @@ async fn insert_shipments(pool: PgPool, group: Vec<NewShipment>) -> Vec<Inserted
     };
     let rows = match rows {
         Ok(rows) => rows,
-        Err(e) => {
-            let shared = Arc::new(e);
-            return group
-                .iter()
-                .map(|_| {
-                    Err(ShippingError::Unavailable(Box::new(SharedError(
-                        Arc::clone(&shared),
-                    ))))
-                })
-                .collect();
-        }
+        Err(e) => return fail_each(group.len(), Arc::new(e), ShippingError::Unavailable),
     };
     let mut created_now: HashMap<uuid::Uuid, &Row> = HashMap::with_capacity(rows.len());
     for row in &rows {
@@ -273,15 +263,11 @@ async fn insert_shipments(pool: PgPool, group: Vec<NewShipment>) -> Vec<Inserted
                 created_now.insert(order_id, row);
             }
             Err(e) => {
-                let shared = Arc::new(unavailable(e));
-                return group
-                    .iter()
-                    .map(|_| {
-                        Err(ShippingError::Unavailable(Box::new(SharedError(
-                            Arc::clone(&shared),
-                        ))))
-                    })
-                    .collect();
+                return fail_each(
+                    group.len(),
+                    Arc::new(unavailable(e)),
+                    ShippingError::Unavailable,
+                );
             }
         }
     }
@@ -297,11 +283,6 @@ async fn insert_shipments(pool: PgPool, group: Vec<NewShipment>) -> Vec<Inserted
         })
         .collect()
 }
-
-/// One failure reported to every schedule of its group.
-#[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-struct SharedError(Arc<ShippingError>);
 
 async fn read(conn: &PgClient, order_id: OrderId) -> Result<Option<Shipment>, ShippingError> {
     let uuid = order_id.as_uuid();

@@ -28,7 +28,7 @@ use super::{
     Created, Lease, NewOrder, OrderStore, SagaRecord, SagaUpdate, StoreError, StoredResponse,
 };
 use crate::BoxFuture;
-use crate::combiner::Combiner;
+use crate::combiner::{Combiner, fail_each};
 use crate::messaging::outbox;
 use crate::model::{CustomerId, Order, OrderId, OrderState};
 use crate::pg::{Migration, PgClient, PgError, PgPool, Prepared};
@@ -635,21 +635,8 @@ async fn write_transitions(pool: PgPool, batch: Vec<Transition>) -> Vec<Transiti
 
 /// `error` as the result of every transition of `batch`.
 fn report_to_all(batch: &[Transition], error: StoreError) -> Vec<TransitionResult> {
-    let shared = Arc::new(error);
-    batch
-        .iter()
-        .map(|_| {
-            Err(StoreError::Unavailable(Box::new(SharedError(Arc::clone(
-                &shared,
-            )))))
-        })
-        .collect()
+    fail_each(batch.len(), Arc::new(error), StoreError::Unavailable)
 }
-
-/// One failure reported to every transition of its group.
-#[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-struct SharedError(Arc<StoreError>);
 
 /// One transition, one autocommitted statement.
 async fn write_one(pool: &PgPool, lease: &Lease, update: &SagaUpdate) -> TransitionResult {
