@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 
+#[path = "env.rs"]
+mod env_support;
+pub(crate) use env_support::{env, redacted};
+
 /// A verifier of HS256 tokens signed with `secret` (any `kid`).
 pub(crate) fn hs256_verifier(secret: &str) -> Result<JwtVerifier, jwt_kit::KeyError> {
     let keys = KeySet::new()
@@ -28,23 +32,4 @@ pub(crate) fn mint_token(
         &serde_json::json!({"sub": subject, "exp": exp, "roles": roles}),
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
-}
-
-/// The environment variable `name`, unless unset or empty.
-pub(crate) fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
-/// `url` with any password replaced by `***`, for printing.
-pub(crate) fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "(unparsed URL)".to_owned();
-    };
-    match rest.split_once('@') {
-        Some((user, host)) => {
-            let user = user.split_once(':').map_or(user, |(name, _)| name);
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
 }

@@ -6,7 +6,6 @@
 mod messaging_support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use order_saga::messaging::{
 };
 use order_saga::pg::{self, PgPool, PoolConfig};
 use redis_kit::RedisSetup;
-use testkit::{TestDatabase, TestRedis};
+use testkit::{RedisServer, TestDatabase, TestRedis};
 
 async fn database() -> Option<(TestDatabase, PgPool)> {
     let db = TestDatabase::create().await?;
@@ -94,68 +93,6 @@ async fn pending_count(client: &Client, stream: &str, group: &str) -> u64 {
     order_saga::messaging::redis::pending_count(client, stream, group)
         .await
         .unwrap()
-}
-
-/// A `redis-server` of the test's own, on a fixed port, so it can be
-/// stopped and started again at the same address.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start_on(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RedisServer {
-            port,
-            child: Some(child),
-        }
-    }
-
-    fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        RedisServer::start_on(port)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        *self = RedisServer::start_on(self.port);
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

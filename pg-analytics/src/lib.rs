@@ -51,6 +51,12 @@
 //! tenant's local day (documented as an extension in the crate's README).
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "archive")]
+pub mod archive;
+#[cfg(feature = "redis")]
+pub mod cache;
+#[cfg(feature = "server")]
+pub mod http;
 pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -16,7 +16,7 @@ impl std::fmt::Display for TenantId {
 }
 
 /// A tenant's plan.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Plan {
     /// The free tier.
@@ -28,6 +28,9 @@ pub enum Plan {
 }
 
 impl Plan {
+    /// Every plan.
+    pub const ALL: [Plan; 3] = [Plan::Free, Plan::Pro, Plan::Enterprise];
+
     /// Its stored name.
     pub const fn as_str(self) -> &'static str {
         match self {

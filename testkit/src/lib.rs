@@ -30,9 +30,11 @@
 
 mod postgres;
 mod redis;
+mod redis_server;
 
 pub use postgres::{DATABASE_URL_ENV, TestDatabase};
 pub use redis::{REDIS_URL_ENV, TestRedis};
+pub use redis_server::RedisServer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

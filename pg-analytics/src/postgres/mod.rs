@@ -9,7 +9,7 @@ mod writer;
 
 pub use error::AnalyticsError;
 pub use maintenance::{PartitionReport, partition_name};
-pub use queries::DashboardRow;
+pub use queries::{DashboardRow, render_dashboard};
 pub use writer::{EventWriter, IngestReport, Rejected, WriterConfig};
 
 use std::sync::Arc;
@@ -24,11 +24,23 @@ use tenants::TenantCache;
 pub const SCHEMA: &str = "analytics";
 
 /// The schema's migrations, applied in order by [`Analytics::migrate`].
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_analytics.sql",
-    sql: include_str!("../../migrations/analytics/0001_analytics.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_analytics.sql",
+        sql: include_str!("../../migrations/analytics/0001_analytics.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_archive.sql",
+        sql: include_str!("../../migrations/analytics/0002_archive.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_dashboard_index.sql",
+        sql: include_str!("../../migrations/analytics/0003_dashboard_index.sql"),
+    },
+];
 
 /// The analytics store on PostgreSQL. Cheap to clone.
 #[derive(Clone)]

@@ -26,6 +26,18 @@ pub struct DashboardRow {
     pub avg_processing_time_ms: f64,
 }
 
+/// The dashboard document of `rows`.
+pub fn render_dashboard(plan: Plan, since: NaiveDate, rows: &[DashboardRow]) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Document<'a> {
+        plan: Plan,
+        since: NaiveDate,
+        rows: &'a [DashboardRow],
+    }
+    // Serializing plain data into memory cannot fail.
+    serde_json::to_vec(&Document { plan, since, rows }).unwrap_or_default()
+}
+
 fn row_from(row: &Row) -> Result<DashboardRow, AnalyticsError> {
     let totals = DayTotals {
         events: row.try_get(2).map_err(AnalyticsError::from_query)?,
@@ -43,28 +55,43 @@ fn row_from(row: &Row) -> Result<DashboardRow, AnalyticsError> {
 }
 
 impl Analytics {
-    /// The dashboard from the rollup: one index range per day on
-    /// `events_daily`'s primary key, whatever the events' number.
+    /// The dashboard from the rollup: for each of the plan's tenants, one
+    /// index-only range scan of `events_daily`'s primary key (which
+    /// carries the counts and sums), whatever the number of events; the
+    /// rows are put newest first here rather than sorted by the database.
     pub async fn dashboard(
         &self,
         plan: Plan,
         since: NaiveDate,
     ) -> Result<Vec<DashboardRow>, AnalyticsError> {
         let conn = self.pool.get().await.map_err(AnalyticsError::from_pool)?;
-        conn.query_prepared(
-            "SELECT d.tenant_id, d.day, d.events, d.sum_processing_time_us
-               FROM analytics.events_daily d
-              WHERE d.day >= $2
-                AND d.tenant_id IN (SELECT id FROM analytics.tenants WHERE plan = $1)
-                AND d.events > 0
-              ORDER BY d.day DESC, d.tenant_id",
-            &[(&plan.as_str(), Type::TEXT), (&since, Type::DATE)],
-        )
-        .await
-        .map_err(AnalyticsError::from_query)?
-        .iter()
-        .map(row_from)
-        .collect()
+        let mut rows = conn
+            .query_prepared(
+                "SELECT d.tenant_id, d.day, d.events, d.sum_processing_time_us
+                   FROM analytics.tenants t
+                   JOIN analytics.events_daily d ON d.tenant_id = t.id
+                  WHERE t.plan = $1 AND d.day >= $2 AND d.events > 0",
+                &[(&plan.as_str(), Type::TEXT), (&since, Type::DATE)],
+            )
+            .await
+            .map_err(AnalyticsError::from_query)?
+            .iter()
+            .map(row_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.sort_unstable_by(|a, b| b.day.cmp(&a.day).then(a.tenant_id.cmp(&b.tenant_id)));
+        Ok(rows)
+    }
+
+    /// [`Analytics::dashboard`] as the JSON document the HTTP API serves
+    /// and the cache stores:
+    /// `{"plan":"enterprise","since":"2024-01-01","rows":[{"tenant_id":7,"day":"2026-12-01","events":120,"sum_processing_time_us":5400000,"avg_processing_time_ms":45.0}]}`.
+    pub async fn dashboard_json(
+        &self,
+        plan: Plan,
+        since: NaiveDate,
+    ) -> Result<Vec<u8>, AnalyticsError> {
+        let rows = self.dashboard(plan, since).await?;
+        Ok(render_dashboard(plan, since, &rows))
     }
 
     /// The same answer computed from `events` (the correctness reference):

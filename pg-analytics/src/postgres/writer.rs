@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use pg_kit::Prepared;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -12,7 +13,7 @@ use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use super::{Analytics, AnalyticsError};
-use crate::model::{Event, RejectReason, TenantId, ValidEvent};
+use crate::model::{Event, Plan, RejectReason, TenantId, ValidEvent};
 use crate::rollup::aggregate;
 
 /// How an [`EventWriter`] runs.
@@ -82,6 +83,14 @@ pub struct IngestReport {
     pub rejected: Vec<Rejected>,
     /// The batch id had been committed before: nothing was written now.
     pub replayed: bool,
+    /// The tenants whose rows this call committed, in id order (empty on a
+    /// replay).
+    pub tenants: Vec<TenantId>,
+    /// Their plans at commit, in order (empty on a replay). The tenants'
+    /// rows are locked `FOR SHARE` in the batch's transaction, so a plan
+    /// change waits for the batch and is seen by whoever invalidates after
+    /// it (the dashboard cache).
+    pub plans: Vec<Plan>,
 }
 
 /// Writes batches of events: validates each row, then in one transaction
@@ -89,6 +98,12 @@ pub struct IngestReport {
 /// totals to the rollup. A batch is all or nothing, and a batch id is
 /// committed once, so a retry after an unknown outcome neither loses nor
 /// double-counts rows. Cheap to clone; clones share the in-flight limit.
+///
+/// Rows created before the archived horizon ([`Analytics::archive_horizon`],
+/// raised by the archiver before it detaches a month) are refused with
+/// [`RejectReason::BeforeArchivedHorizon`]: the horizon is read `FOR SHARE`
+/// in the batch's transaction, so the archiver's raise waits for batches in
+/// flight and no batch that commits after it writes into an archived month.
 #[derive(Clone, Debug)]
 pub struct EventWriter {
     store: Analytics,
@@ -127,9 +142,11 @@ impl EventWriter {
                     .map(|i| Rejected::new(i, &reason))
                     .collect(),
                 replayed: false,
+                tenants: Vec::new(),
+                plans: Vec::new(),
             });
         }
-        let (valid, rejected) = self.check(events).await?;
+        let (mut indices, mut valid, mut rejected) = self.check(events).await?;
         let _permit = self
             .in_flight
             .acquire()
@@ -142,6 +159,26 @@ impl EventWriter {
             .await
             .map_err(AnalyticsError::from_pool)?;
         let tx = conn.begin().await.map_err(AnalyticsError::from_query)?;
+        // The archive fence, read in this transaction and held `FOR SHARE`
+        // until its commit (see the type's docs). Rows the rules let through
+        // but the horizon refuses are reported like any other refusal.
+        let fenced = if valid.is_empty() {
+            Vec::new()
+        } else {
+            let row = tx
+                .query_prepared_one(
+                    "SELECT archived_before FROM analytics.archive_horizon FOR SHARE",
+                    &[],
+                )
+                .await
+                .map_err(AnalyticsError::from_query)?;
+            let horizon: Option<DateTime<Utc>> =
+                row.try_get(0).map_err(AnalyticsError::from_query)?;
+            match horizon {
+                Some(horizon) => fence(&mut indices, &mut valid, horizon),
+                None => Vec::new(),
+            }
+        };
         let rows = i32::try_from(valid.len()).unwrap_or(i32::MAX);
         let first = tx
             .query_prepared_opt(
@@ -162,15 +199,44 @@ impl EventWriter {
             let accepted: i32 = stored.get(0);
             let _ = tx.rollback().await;
             // The rows refused now are the rows refused then (the rules
-            // and the tenants only ever widen).
+            // and the tenants only ever widen). The fence is left out: the
+            // horizon may have risen over rows the first commit wrote.
             return Ok(IngestReport {
                 batch_id,
                 accepted: usize::try_from(accepted).unwrap_or(0),
                 rejected,
                 replayed: true,
+                tenants: Vec::new(),
+                plans: Vec::new(),
             });
         }
+        if !fenced.is_empty() {
+            rejected.extend(fenced);
+            rejected.sort_by_key(|r| r.index);
+        }
+        let mut tenants: Vec<i64> = valid.iter().map(|v| v.tenant_id.0).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let mut plans = Vec::new();
         if !valid.is_empty() {
+            // The tenants' plans as of this commit; in id order, so that
+            // batches lock shared tenant rows in one order.
+            for row in tx
+                .query_prepared(
+                    "SELECT plan FROM analytics.tenants WHERE id = ANY($1) ORDER BY id FOR SHARE",
+                    &[(&tenants, Type::INT8_ARRAY)],
+                )
+                .await
+                .map_err(AnalyticsError::from_query)?
+            {
+                let name: &str = row.try_get(0).map_err(AnalyticsError::from_query)?;
+                let plan: Plan = name.parse().map_err(|e: crate::model::UnknownPlan| {
+                    AnalyticsError::Corrupt(e.to_string())
+                })?;
+                plans.push(plan);
+            }
+            plans.sort_unstable();
+            plans.dedup();
             let sink = tx
                 .copy_in(
                     "COPY analytics.events (tenant_id, created_at, event_type, processing_time_us)
@@ -234,15 +300,19 @@ impl EventWriter {
             accepted: valid.len(),
             rejected,
             replayed: false,
+            tenants: tenants.into_iter().map(TenantId).collect(),
+            plans,
         })
     }
 
-    /// Splits `events` into the rows to write and the rejected ones.
+    /// Splits `events` into the rows to write (with their positions in the
+    /// batch) and the rejected ones.
     async fn check(
         &self,
         events: &[Event],
-    ) -> Result<(Vec<ValidEvent>, Vec<Rejected>), AnalyticsError> {
+    ) -> Result<(Vec<usize>, Vec<ValidEvent>, Vec<Rejected>), AnalyticsError> {
         let now = chrono::DateTime::<chrono::Utc>::from(self.store.clock.now());
+        let mut indices = Vec::with_capacity(events.len());
         let mut valid = Vec::with_capacity(events.len());
         let mut rejected = Vec::new();
         let mut checked = Vec::with_capacity(events.len());
@@ -261,11 +331,56 @@ impl EventWriter {
                     &RejectReason::UnknownTenant(TenantId(v.tenant_id.0)),
                 ));
             } else {
+                indices.push(index);
                 valid.push(v);
             }
         }
         rejected.sort_by_key(|r| r.index);
-        Ok((valid, rejected))
+        Ok((indices, valid, rejected))
+    }
+}
+
+/// Removes from `valid` (and their positions from `indices`) the rows
+/// created before `horizon`, and returns them as refused.
+fn fence(
+    indices: &mut Vec<usize>,
+    valid: &mut Vec<ValidEvent>,
+    horizon: DateTime<Utc>,
+) -> Vec<Rejected> {
+    if valid.iter().all(|v| v.created_at >= horizon) {
+        return Vec::new();
+    }
+    let mut refused = Vec::new();
+    let mut kept_indices = Vec::with_capacity(indices.len());
+    let mut kept = Vec::with_capacity(valid.len());
+    for (index, v) in indices.drain(..).zip(valid.drain(..)) {
+        if v.created_at < horizon {
+            refused.push(Rejected::new(
+                index,
+                &RejectReason::BeforeArchivedHorizon(v.created_at, horizon),
+            ));
+        } else {
+            kept_indices.push(index);
+            kept.push(v);
+        }
+    }
+    *indices = kept_indices;
+    *valid = kept;
+    refused
+}
+
+impl Analytics {
+    /// The archived horizon: events created before it are refused by the
+    /// [`EventWriter`] (their months are archived, or being archived).
+    /// `None` while nothing is archived. Raised by the archiver (feature
+    /// `archive`) before it detaches a month, lowered by a restore.
+    pub async fn archive_horizon(&self) -> Result<Option<DateTime<Utc>>, AnalyticsError> {
+        let conn = self.pool.get().await.map_err(AnalyticsError::from_pool)?;
+        let row = conn
+            .query_prepared_one("SELECT archived_before FROM analytics.archive_horizon", &[])
+            .await
+            .map_err(AnalyticsError::from_query)?;
+        row.try_get(0).map_err(AnalyticsError::from_query)
     }
 }
 

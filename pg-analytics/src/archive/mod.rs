@@ -1,0 +1,1 @@
+//! Archival of old partitions to Parquet in an object store (feature `archive`).
