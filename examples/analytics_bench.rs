@@ -1,69 +1,83 @@
-//! Ingest benchmark of pg-analytics, with its floor and peer in the same
-//! run: the same N rows, in the same batches and with the same number of
-//! connections, written three ways into a fresh database with the
-//! production schema and indexes (`synchronous_commit = on`):
-//!
-//! - `EventWriter` (binary `COPY`, the rollup maintained and the batch id
-//!   recorded in the same transaction);
-//! - bare binary `COPY FROM STDIN` of the same rows (the floor);
-//! - multi-row `INSERT … VALUES (…), (…)` with 1,000 rows per statement
-//!   (the usual alternative), and `INSERT … SELECT FROM unnest(…)` of the
-//!   whole batch (a faster one).
+//! The pg-analytics benchmark: every figure of the crate with its floor
+//! or baseline, measured in one run on a fresh database.
 //!
 //! ```text
-//! DATABASE_URL=postgres://postgres@127.0.0.1/postgres \
-//!   cargo run --release --example analytics_bench -- --rows 1000000
+//! DATABASE_URL=postgres://postgres@127.0.0.1/postgres REDIS_URL=redis://127.0.0.1:6379 \
+//!   cargo run --release --example analytics_bench -- --rows 20000000
 //! ```
+//!
+//! 1. **Ingest**, on a sample of `--sample-rows` rows (default the smaller
+//!    of `--rows` and 1,000,000; 95 % in the last hour, 5 % late over 60
+//!    days), in the same batches and with the same connections, into the
+//!    production schema and indexes with `synchronous_commit = on`, each
+//!    way twice in the order A B C D D C B A from a truncated table after a
+//!    checkpoint: bare binary `COPY FROM STDIN` (the floor), multi-row
+//!    `INSERT … VALUES` (1,000 rows a statement), `INSERT … SELECT FROM
+//!    unnest(…)`, and `EventWriter` (COPY, rollup, batch id).
+//! 2. **Queries**: `--rows` rows spread over the last `--days` days (default
+//!    730) loaded with `EventWriter`, and the same rows in the seed's own
+//!    schema (one plain table with an index on `tenant_id` and one on
+//!    `created_at`); then the seed's query as written (the baseline),
+//!    `dashboard_raw`, `dashboard` (p50/p99 of `--calls` calls) and its
+//!    floor (the same result rows read from a table that holds exactly
+//!    them), each plan's `EXPLAIN (ANALYZE, BUFFERS)` on stderr.
+//! 3. **Cache** (when `REDIS_URL` is set): `DashboardCache` hits (p99 of
+//!    `--calls`) against a plain Redis `GET` of a value of the same size.
+//! 4. **Archival**: the oldest month archived to Parquet in a local
+//!    directory (export, verify, drop): rows/s, and the Parquet size
+//!    against the partition's heap size.
 //!
 //! The last line is JSON: `rows`, `ingest_rows_per_sec`,
 //! `copy_rows_per_sec`, `insert_rows_per_sec`, `ingest_to_copy`,
-//! `ingest_to_insert`, and `insert_unnest_rows_per_sec`,
-//! `ingest_to_insert_unnest`, `late_fraction` (the query, cache and archival
-//! figures of the issue are not measured yet). A fresh database is created
-//! and dropped. `--late-fraction F` (default 0.05) is the share of rows
-//! spread over the last `--days D` days (default 60); the rest fall in the
-//! last hour.
-//!
-//! `--mode queries` (with, say, `--late-fraction 1 --days 730`) loads the
-//! rows once with `EventWriter` and once into the seed's own schema (one
-//! plain `events` table), then times the seed's query as written (the
-//! baseline), `dashboard_raw` and `dashboard` (p50 and p99 of 200 calls),
-//! prints their `EXPLAIN (ANALYZE, BUFFERS)` to stderr, and ends with a
-//! JSON line: `rows`, `days`, `ingest_rows_per_sec`, `original_query_ms`,
-//! `dashboard_raw_ms`, `dashboard_p50_ms`, `dashboard_p99_ms`,
-//! `dashboard_rows`, `original_to_dashboard_p99`.
+//! `ingest_to_insert`, `insert_unnest_rows_per_sec`, `load_rows_per_sec`,
+//! `original_query_ms`, `dashboard_raw_ms`, `dashboard_p50_ms`,
+//! `dashboard_p99_ms`, `dashboard_floor_p99_ms`, `dashboard_rows`,
+//! `original_to_dashboard_p99`, `dashboard_cached_p99_ms`,
+//! `redis_get_p99_ms`, `cached_to_redis_get`, `archive_rows`,
+//! `archive_rows_per_sec`, `parquet_bytes`, `heap_bytes`, `parquet_to_heap`
+//! (cache figures are null without `REDIS_URL`). `--mode ingest` or
+//! `--mode queries` runs one part. The scratch database and directory are
+//! dropped at the end.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, TimeDelta, Utc};
+use pg_analytics::archive::{ArchiveConfig, ArchiveReport, Archiver, local_store};
+use pg_analytics::cache::{CacheConfig, DashboardCache};
 use pg_analytics::{Analytics, Event, Plan, Tenant, TenantId, WriterConfig};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
 struct Args {
     database_url: String,
+    redis_url: String,
     rows: usize,
+    sample_rows: usize,
     batch: usize,
     connections: usize,
     tenants: i64,
     late_fraction: f64,
     days: i64,
+    calls: usize,
     mode: String,
 }
 
 fn parse_args() -> Args {
     let mut a = Args {
         database_url: std::env::var("DATABASE_URL").unwrap_or_default(),
+        redis_url: std::env::var("REDIS_URL").unwrap_or_default(),
         rows: 1_000_000,
+        sample_rows: 0,
         batch: 10_000,
         connections: 4,
         tenants: 1_000,
         late_fraction: 0.05,
-        days: 60,
-        mode: "ingest".into(),
+        days: 730,
+        calls: 200,
+        mode: "all".into(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -71,13 +85,16 @@ fn parse_args() -> Args {
         let value = argv.get(i + 1).cloned().unwrap_or_default();
         match argv[i].as_str() {
             "--rows" => a.rows = value.parse().expect("--rows N"),
+            "--sample-rows" => a.sample_rows = value.parse().expect("--sample-rows N"),
             "--batch" => a.batch = value.parse().expect("--batch N"),
             "--connections" => a.connections = value.parse().expect("--connections N"),
             "--tenants" => a.tenants = value.parse().expect("--tenants N"),
             "--late-fraction" => a.late_fraction = value.parse().expect("--late-fraction F"),
             "--days" => a.days = value.parse().expect("--days N"),
+            "--calls" => a.calls = value.parse().expect("--calls N"),
             "--mode" => a.mode = value,
             "--database-url" => a.database_url = value,
+            "--redis-url" => a.redis_url = value,
             other => {
                 eprintln!("unknown flag {other}");
                 std::process::exit(2);
@@ -91,33 +108,51 @@ fn parse_args() -> Args {
         );
         std::process::exit(2);
     }
+    if !["all", "ingest", "queries"].contains(&a.mode.as_str()) {
+        eprintln!("analytics_bench: --mode is all, ingest or queries");
+        std::process::exit(2);
+    }
+    if a.sample_rows == 0 {
+        a.sample_rows = a.rows.min(1_000_000);
+    }
+    a.calls = a.calls.max(1);
     a
 }
 
-/// The sample: tenants skewed (a few large, a long tail); times within the
-/// last hour, except `late_fraction` of the rows, anywhere in the last 60
-/// days (late and out-of-order writes); processing times of a few ms to a
-/// few s.
+/// The ingest sample: tenants skewed (a few large, a long tail); times
+/// within the last hour, except `late_fraction` of the rows, anywhere in
+/// the last 60 days (late and out-of-order writes); processing times of a
+/// few ms to a few s.
 fn sample(args: &Args, now: DateTime<Utc>) -> Vec<Event> {
     let mut rng = fastrand::Rng::with_seed(42);
-    (0..args.rows)
-        .map(|_| {
-            // The square of a uniform draw favours small ids: tenant 1 gets
-            // far more rows than tenant 1,000.
-            let u = rng.f64();
-            let tenant = 1 + ((u * u) * args.tenants as f64) as i64;
-            Event {
-                tenant_id: TenantId(tenant.min(args.tenants)),
-                created_at: if rng.f64() < args.late_fraction {
-                    now - TimeDelta::seconds(rng.i64(0..args.days.max(1) * 86_400))
-                } else {
-                    now - TimeDelta::seconds(rng.i64(0..3_600))
-                },
-                event_type: ["page_view", "login", "export", "api_call"][rng.usize(..4)].into(),
-                processing_time_ms: (rng.f64() * rng.f64() * 3_000.0 * 1000.0).round() / 1000.0,
-            }
-        })
+    (0..args.sample_rows)
+        .map(|_| event(&mut rng, args.tenants, now, args.late_fraction, 60))
         .collect()
+}
+
+/// One event: `late_fraction` of them anywhere in the last `days` days,
+/// the rest in the last hour.
+fn event(
+    rng: &mut fastrand::Rng,
+    tenants: i64,
+    now: DateTime<Utc>,
+    late_fraction: f64,
+    days: i64,
+) -> Event {
+    // The square of a uniform draw favours small ids: tenant 1 gets far
+    // more rows than tenant 1,000.
+    let u = rng.f64();
+    let tenant = 1 + ((u * u) * tenants as f64) as i64;
+    Event {
+        tenant_id: TenantId(tenant.min(tenants)),
+        created_at: if rng.f64() < late_fraction {
+            now - TimeDelta::seconds(rng.i64(0..days.max(1) * 86_400))
+        } else {
+            now - TimeDelta::seconds(rng.i64(0..3_600))
+        },
+        event_type: ["page_view", "login", "export", "api_call"][rng.usize(..4)].into(),
+        processing_time_ms: (rng.f64() * rng.f64() * 3_000.0 * 1000.0).round() / 1000.0,
+    }
 }
 
 /// `url` (a `postgres://` URL) with its database name replaced by `db`.
@@ -336,17 +371,73 @@ WHERE created_at >= '2024-01-01'
 GROUP BY tenant_id, DATE(created_at)
 ORDER BY date DESC";
 
-/// `--mode queries`: loads the rows with `EventWriter` and the same rows
-/// into the seed's schema, then times the original query, `dashboard_raw`
-/// and `dashboard` (p99 of 200 calls), printing their plans to stderr.
+/// Loads `args.rows` rows spread over the last `args.days` days with
+/// `EventWriter`, generated batch by batch (never all in memory); rows/s.
+async fn load(args: &Args, store: &Analytics, now: DateTime<Utc>) -> f64 {
+    let writer = store.writer(WriterConfig::default().with_max_in_flight(args.connections));
+    let batches = args.rows.div_ceil(args.batch.max(1));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections {
+        let (writer, next) = (writer.clone(), Arc::clone(&next));
+        let (rows, batch, tenants, days) = (args.rows, args.batch.max(1), args.tenants, args.days);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if b >= batches {
+                    return;
+                }
+                let mut rng = fastrand::Rng::with_seed(1_000 + b as u64);
+                let events: Vec<Event> = (0..batch.min(rows - b * batch))
+                    .map(|_| event(&mut rng, tenants, now, 1.0, days))
+                    .collect();
+                let report = writer
+                    .write(uuid::Uuid::now_v7(), &events)
+                    .await
+                    .expect("write");
+                assert!(report.rejected.is_empty(), "{:?}", report.rejected.first());
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("loader task");
+    }
+    args.rows as f64 / start.elapsed().as_secs_f64()
+}
+
+/// p50 and p99 of `calls` runs of `f` (after 10 unmeasured), in ms.
+async fn percentiles<F, Fut, T>(calls: usize, mut f: F) -> (f64, f64, T)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut last = None;
+    let mut latencies = Vec::with_capacity(calls);
+    for n in 0..calls + 10 {
+        let start = Instant::now();
+        last = Some(f().await);
+        if n >= 10 {
+            latencies.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    (at(0.5), at(0.99), last.expect("at least one call"))
+}
+
+/// Parts 2 to 4: queries, cache and archival on `args.rows` rows.
 async fn queries(
     args: &Args,
     pool: &pg_kit::PgPool,
     store: &Analytics,
-    batches: &Arc<Vec<Vec<Event>>>,
+    now: DateTime<Utc>,
 ) -> serde_json::Value {
-    let ingest_rows_per_sec = event_writer(store, batches, args.connections).await;
-    eprintln!("EventWriter: {ingest_rows_per_sec:.0} rows/s");
+    let load_rows_per_sec = load(args, store, now).await;
+    eprintln!(
+        "loaded {} rows with EventWriter: {load_rows_per_sec:.0} rows/s",
+        args.rows
+    );
     let conn = pool.get().await.expect("connection");
     let start = Instant::now();
     conn.batch_execute(
@@ -419,21 +510,13 @@ async fn queries(
         "dashboard_raw: {dashboard_raw_ms:.1} ms, {} rows",
         raw.len()
     );
-    let mut latencies = Vec::with_capacity(200);
-    let mut rows = Vec::new();
-    for n in 0..210 {
-        let start = Instant::now();
-        rows = store
+    let (dashboard_p50_ms, dashboard_p99_ms, rows) = percentiles(args.calls, || async {
+        store
             .dashboard(Plan::Enterprise, since)
             .await
-            .expect("dashboard");
-        if n >= 10 {
-            latencies.push(start.elapsed().as_secs_f64() * 1000.0);
-        }
-    }
-    latencies.sort_by(f64::total_cmp);
-    let dashboard_p50_ms = latencies[latencies.len() / 2];
-    let dashboard_p99_ms = latencies[latencies.len() * 99 / 100];
+            .expect("dashboard")
+    })
+    .await;
     assert_eq!(rows, raw, "the rollup answers what the raw events answer");
     assert_eq!(
         original.len(),
@@ -444,6 +527,41 @@ async fn queries(
         "dashboard: p50 {dashboard_p50_ms:.2} ms, p99 {dashboard_p99_ms:.2} ms, {} rows",
         rows.len()
     );
+    // The floor: the same result rows, read from a table that holds
+    // exactly them (no join, no filter, no ordering), decoded the same way.
+    conn.batch_execute(&format!(
+        "CREATE TABLE floor.dashboard AS
+           SELECT d.tenant_id, d.day, d.events, d.sum_processing_time_us
+             FROM analytics.events_daily d JOIN analytics.tenants t ON t.id = d.tenant_id
+            WHERE t.plan = 'enterprise' AND d.day >= '{since}'"
+    ))
+    .await
+    .expect("floor table");
+    conn.batch_execute("VACUUM ANALYZE floor.dashboard")
+        .await
+        .expect("vacuum");
+    let (_, dashboard_floor_p99_ms, floor_rows) = percentiles(args.calls, || async {
+        let conn = pool.get().await.expect("connection");
+        conn.query(
+            "SELECT tenant_id, day, events, sum_processing_time_us FROM floor.dashboard",
+            &[],
+        )
+        .await
+        .expect("floor")
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                r.get::<_, chrono::NaiveDate>(1),
+                r.get::<_, i64>(2),
+                r.get::<_, i64>(3),
+            )
+        })
+        .collect::<Vec<_>>()
+    })
+    .await;
+    assert_eq!(floor_rows.len(), rows.len());
+    eprintln!("dashboard floor (the result rows alone): p99 {dashboard_floor_p99_ms:.2} ms");
     eprintln!(
         "--- EXPLAIN original query\n{}",
         explain(ORIGINAL_QUERY.to_owned()).await
@@ -463,25 +581,127 @@ async fn queries(
         "--- EXPLAIN dashboard\n{}",
         explain(format!(
             "SELECT d.tenant_id, d.day, d.events, d.sum_processing_time_us
-               FROM analytics.events_daily d
-              WHERE d.day >= '{since}'
-                AND d.tenant_id IN (SELECT id FROM analytics.tenants WHERE plan = 'enterprise')
-                AND d.events > 0
-              ORDER BY d.day DESC, d.tenant_id"
+               FROM analytics.tenants t
+               JOIN analytics.events_daily d ON d.tenant_id = t.id
+              WHERE t.plan = 'enterprise' AND d.day >= '{since}' AND d.events > 0"
         ))
         .await
     );
+    drop(conn);
+
+    let (dashboard_cached_p99_ms, redis_get_p99_ms) = cache_figures(args, store, since).await;
+    let archive = archive_figures(store, now).await;
     serde_json::json!({
         "rows": args.rows,
         "days": args.days,
-        "ingest_rows_per_sec": ingest_rows_per_sec,
+        "load_rows_per_sec": load_rows_per_sec,
         "original_query_ms": original_query_ms,
         "dashboard_raw_ms": dashboard_raw_ms,
         "dashboard_p50_ms": dashboard_p50_ms,
         "dashboard_p99_ms": dashboard_p99_ms,
+        "dashboard_floor_p99_ms": dashboard_floor_p99_ms,
+        "dashboard_to_floor_p99": dashboard_p99_ms / dashboard_floor_p99_ms,
         "dashboard_rows": rows.len(),
         "original_to_dashboard_p99": original_query_ms / dashboard_p99_ms,
+        "dashboard_cached_p99_ms": dashboard_cached_p99_ms,
+        "redis_get_p99_ms": redis_get_p99_ms,
+        "cached_to_redis_get": dashboard_cached_p99_ms.zip(redis_get_p99_ms).map(|(c, g)| c / g),
+        "archive_rows": archive.rows,
+        "archive_rows_per_sec": archive.rows as f64 / archive.elapsed.as_secs_f64(),
+        "parquet_bytes": archive.parquet_bytes,
+        "heap_bytes": archive.heap_bytes,
+        "parquet_to_heap": archive.parquet_bytes as f64 / archive.heap_bytes as f64,
     })
+}
+
+/// Part 3: p99 of cached dashboard reads, and of a Redis `GET` of a value
+/// of the same size; `None` without `REDIS_URL`.
+async fn cache_figures(
+    args: &Args,
+    store: &Analytics,
+    since: chrono::NaiveDate,
+) -> (Option<f64>, Option<f64>) {
+    use fred::interfaces::KeysInterface;
+    if args.redis_url.is_empty() {
+        eprintln!("REDIS_URL unset: no cache figures");
+        return (None, None);
+    }
+    let client = redis_kit::RedisSetup::new(args.redis_url.clone())
+        .connect()
+        .await
+        .expect("REDIS_URL");
+    let prefix = format!("analytics_bench_{}:", std::process::id());
+    let cache = DashboardCache::new(
+        store.clone(),
+        client.clone(),
+        CacheConfig::default().with_key_prefix(prefix.clone()),
+    )
+    .expect("cache");
+    let (_, cached_p99, body) = percentiles(args.calls, || async {
+        cache
+            .dashboard_json(Plan::Enterprise, since)
+            .await
+            .expect("cached dashboard")
+    })
+    .await;
+    let stats = cache.stats();
+    assert_eq!(stats.recomputations, 1, "{stats:?}");
+    // The same bytes a hit moves: the value's 24-byte header and its body.
+    let key = format!("{prefix}plain");
+    let value = bytes::Bytes::from(vec![b'x'; body.len() + 24]);
+    client
+        .set::<(), _, _>(&key, value, None, None, false)
+        .await
+        .expect("set");
+    let (_, get_p99, got) = percentiles(args.calls, || async {
+        client.get::<bytes::Bytes, _>(&key).await.expect("get")
+    })
+    .await;
+    assert_eq!(got.len(), body.len() + 24);
+    let _ = client.del::<i64, _>(&key).await;
+    let mut cursor_keys = Vec::new();
+    for plan in Plan::ALL {
+        cursor_keys.push(format!("{prefix}gen:plan:{}", plan.as_str()));
+    }
+    let _ = client.del::<i64, _>(cursor_keys).await;
+    eprintln!(
+        "cache: hit p99 {cached_p99:.2} ms, GET of {} bytes p99 {get_p99:.2} ms",
+        body.len() + 24
+    );
+    (Some(cached_p99), Some(get_p99))
+}
+
+/// Part 4: the oldest month with rows, archived to a scratch directory.
+async fn archive_figures(store: &Analytics, now: DateTime<Utc>) -> ArchiveReport {
+    let conn = store.pool().get().await.expect("connection");
+    let oldest: DateTime<Utc> = conn
+        .query_one("SELECT min(created_at) FROM analytics.events", &[])
+        .await
+        .expect("oldest")
+        .get(0);
+    drop(conn);
+    let month = oldest.date_naive().with_day(1).expect("first of the month");
+    let dir = std::env::temp_dir().join(format!("analytics_bench_{}", std::process::id()));
+    let objects = local_store(&dir).expect("local store");
+    let months_back = (now.year() - month.year()) * 12 + now.month() as i32 - month.month() as i32;
+    let archiver = Archiver::new(
+        store.clone(),
+        objects,
+        ArchiveConfig::default().with_min_age_months((months_back - 1).max(1) as u32),
+    );
+    let report = archiver.archive(month).await.expect("archive");
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "archive of {}: {} rows in {:.1} s ({:.0} rows/s), Parquet {} bytes, heap {} bytes ({:.3})",
+        report.month,
+        report.rows,
+        report.elapsed.as_secs_f64(),
+        report.rows as f64 / report.elapsed.as_secs_f64(),
+        report.parquet_bytes,
+        report.heap_bytes,
+        report.parquet_bytes as f64 / report.heap_bytes as f64
+    );
+    report
 }
 
 #[tokio::main]
@@ -507,7 +727,7 @@ async fn main() {
     let now = Utc::now();
     store
         .ensure_partitions(
-            (now - TimeDelta::days(args.days + 1)).date_naive(),
+            (now - TimeDelta::days(args.days.max(60) + 1)).date_naive(),
             now.date_naive(),
             3,
         )
@@ -573,82 +793,87 @@ async fn main() {
             "the floor table must have the same indexes"
         );
     }
-    let events = sample(&args, now);
-    let batches: Arc<Vec<Vec<Event>>> = Arc::new(
-        events
-            .chunks(args.batch.max(1))
-            .map(<[Event]>::to_vec)
-            .collect(),
-    );
-    eprintln!(
-        "{} rows in {} batches of {}, {} connections",
-        args.rows,
-        batches.len(),
-        args.batch,
-        args.connections
-    );
 
-    if args.mode == "queries" {
-        let summary = queries(&args, &pool, &store, &batches).await;
-        drop(store);
-        drop(pool);
-        let _ = server
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-            .await;
-        println!("{summary}");
-        return;
-    }
-
-    // Each way runs twice, in the order A B C D D C B A, from a truncated
-    // schema after a checkpoint, so no way gets the cold or the warm start
-    // alone; the figure is the mean of its two runs.
-    let mut rates = [0.0f64; 4];
-    for round in 0..2 {
-        for k in 0..4 {
-            let way = if round == 0 { k } else { 3 - k };
-            reset(&pool).await;
-            let rate = match way {
-                0 => bare_copy(&pool, &batches, args.connections).await,
-                1 => insert_values(&pool, &batches, args.connections).await,
-                2 => insert_unnest(&pool, &batches, args.connections).await,
-                _ => event_writer(&store, &batches, args.connections).await,
-            };
-            eprintln!(
-                "{}: {rate:.0} rows/s",
-                [
-                    "bare COPY",
-                    "INSERT … VALUES",
-                    "INSERT … unnest",
-                    "EventWriter"
-                ][way]
-            );
-            rates[way] += rate / 2.0;
+    let mut summary = serde_json::json!({
+        "rows": args.rows,
+        "batch": args.batch,
+        "connections": args.connections,
+    });
+    if args.mode != "queries" {
+        let events = sample(&args, now);
+        let batches: Arc<Vec<Vec<Event>>> = Arc::new(
+            events
+                .chunks(args.batch.max(1))
+                .map(<[Event]>::to_vec)
+                .collect(),
+        );
+        eprintln!(
+            "ingest sample: {} rows in {} batches of {}, {} connections",
+            args.sample_rows,
+            batches.len(),
+            args.batch,
+            args.connections
+        );
+        // Each way runs twice, in the order A B C D D C B A, from a
+        // truncated schema after a checkpoint, so no way gets the cold or
+        // the warm start alone; the figure is the mean of its two runs.
+        let mut rates = [0.0f64; 4];
+        for round in 0..2 {
+            for k in 0..4 {
+                let way = if round == 0 { k } else { 3 - k };
+                reset(&pool).await;
+                let rate = match way {
+                    0 => bare_copy(&pool, &batches, args.connections).await,
+                    1 => insert_values(&pool, &batches, args.connections).await,
+                    2 => insert_unnest(&pool, &batches, args.connections).await,
+                    _ => event_writer(&store, &batches, args.connections).await,
+                };
+                eprintln!(
+                    "{}: {rate:.0} rows/s",
+                    [
+                        "bare COPY",
+                        "INSERT … VALUES",
+                        "INSERT … unnest",
+                        "EventWriter"
+                    ][way]
+                );
+                rates[way] += rate / 2.0;
+            }
         }
+        let [
+            copy_rows_per_sec,
+            insert_rows_per_sec,
+            insert_unnest_rows_per_sec,
+            ingest_rows_per_sec,
+        ] = rates;
+        reset(&pool).await;
+        let part = serde_json::json!({
+            "sample_rows": args.sample_rows,
+            "late_fraction": args.late_fraction,
+            "ingest_rows_per_sec": ingest_rows_per_sec,
+            "copy_rows_per_sec": copy_rows_per_sec,
+            "insert_rows_per_sec": insert_rows_per_sec,
+            "insert_unnest_rows_per_sec": insert_unnest_rows_per_sec,
+            "ingest_to_copy": ingest_rows_per_sec / copy_rows_per_sec,
+            "ingest_to_insert": ingest_rows_per_sec / insert_rows_per_sec,
+            "ingest_to_insert_unnest": ingest_rows_per_sec / insert_unnest_rows_per_sec,
+        });
+        merge(&mut summary, part);
     }
-    let [
-        copy_rows_per_sec,
-        insert_rows_per_sec,
-        insert_unnest_rows_per_sec,
-        ingest_rows_per_sec,
-    ] = rates;
-
+    if args.mode != "ingest" {
+        let part = queries(&args, &pool, &store, now).await;
+        merge(&mut summary, part);
+    }
     drop(store);
     drop(pool);
     let _ = server
         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
         .await;
-    let summary = serde_json::json!({
-        "rows": args.rows,
-        "batch": args.batch,
-        "connections": args.connections,
-        "ingest_rows_per_sec": ingest_rows_per_sec,
-        "copy_rows_per_sec": copy_rows_per_sec,
-        "insert_rows_per_sec": insert_rows_per_sec,
-        "insert_unnest_rows_per_sec": insert_unnest_rows_per_sec,
-        "ingest_to_insert_unnest": ingest_rows_per_sec / insert_unnest_rows_per_sec,
-        "late_fraction": args.late_fraction,
-        "ingest_to_copy": ingest_rows_per_sec / copy_rows_per_sec,
-        "ingest_to_insert": ingest_rows_per_sec / insert_rows_per_sec,
-    });
     println!("{summary}");
+}
+
+fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+    if let (Some(into), serde_json::Value::Object(from)) = (into.as_object_mut(), from) {
+        into.extend(from);
+    }
 }

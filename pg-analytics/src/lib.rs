@@ -12,7 +12,15 @@
 //! - `postgres` (feature `postgres`): the store ([`Analytics`]): migrations,
 //!   partition maintenance, the [`EventWriter`], and the dashboard queries
 //!   (`dashboard` from the rollup, `dashboard_raw` from the events, the
-//!   correctness reference).
+//!   correctness reference);
+//! - [`cache`] (feature `redis`): [`DashboardCache`](cache::DashboardCache),
+//!   dashboards in Redis under generation-versioned keys, single-flight and
+//!   XFetch, falling through to PostgreSQL when Redis is down;
+//! - [`archive`] (feature `archive`): [`Archiver`](archive::Archiver), old
+//!   months to verified Parquet in an object store, resumable, with
+//!   restore;
+//! - [`http`] (feature `server`): [`AnalyticsService`](http::AnalyticsService),
+//!   the HTTP adapter, a tower service on the suite's shared edge.
 //!
 //! ```no_run
 //! # #[cfg(feature = "postgres")]
@@ -62,6 +70,10 @@ pub mod model;
 pub mod postgres;
 pub mod rollup;
 
+#[cfg(feature = "archive")]
+pub use archive::{
+    ArchiveConfig, ArchiveError, ArchiveReport, ArchiveState, Archiver, RestoreReport, VerifyReport,
+};
 pub use model::{Event, EventRules, Plan, RejectReason, Tenant, TenantId, ValidEvent};
 #[cfg(feature = "postgres")]
 pub use postgres::{

@@ -117,6 +117,26 @@ async fn a_committed_write_is_never_served_stale() {
     assert!(report.replayed);
     cache.dashboard_json(Plan::Free, SINCE).await.unwrap();
     assert_eq!(cache.stats().recomputations, before + 2);
+
+    // A tenant that changes plan moves between the plans' dashboards at
+    // once.
+    let free = cache.dashboard_json(Plan::Free, SINCE).await.unwrap();
+    cache
+        .upsert_tenant(&Tenant {
+            id: TenantId(3),
+            name: "tenant 3".into(),
+            plan: Plan::Enterprise,
+        })
+        .await
+        .unwrap();
+    for plan in [Plan::Free, Plan::Enterprise] {
+        assert_eq!(
+            cache.dashboard_json(plan, SINCE).await.unwrap(),
+            store.dashboard_json(plan, SINCE).await.unwrap(),
+            "{plan:?} after the plan change"
+        );
+    }
+    assert_ne!(cache.dashboard_json(Plan::Free, SINCE).await.unwrap(), free);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -363,3 +363,69 @@ async fn a_connection_dropped_mid_copy_commits_nothing_and_the_retry_writes_once
         150_000
     );
 }
+
+#[tokio::test]
+async fn a_month_boundary_splits_rows_between_partitions_and_days() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db, EventRules::default()).await;
+    tenants(&store, 1).await;
+    let this_month = Utc::now().date_naive().with_day(1).unwrap();
+    let last_month = (this_month - TimeDelta::days(1)).with_day(1).unwrap();
+    store
+        .ensure_partitions(last_month, this_month, 0)
+        .await
+        .unwrap();
+    let midnight = this_month.and_time(chrono::NaiveTime::MIN).and_utc();
+    let just_before = midnight - TimeDelta::microseconds(1);
+    let report = store
+        .writer(WriterConfig::default())
+        .write(
+            Uuid::now_v7(),
+            &[
+                event(1, just_before, 1.0),
+                event(1, midnight, 2.0),
+                event(1, midnight, 4.0),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, 3);
+    let conn = store.pool().get().await.unwrap();
+    let parts: Vec<(String, i64)> = conn
+        .query(
+            "SELECT tableoid::regclass::text, count(*) FROM analytics.events GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        parts,
+        vec![
+            (format!("analytics.{}", partition_name(last_month)), 1),
+            (format!("analytics.{}", partition_name(this_month)), 2),
+        ]
+    );
+    let days: Vec<(NaiveDate, i64, i64)> = conn
+        .query(
+            "SELECT day, events, sum_processing_time_us FROM analytics.events_daily ORDER BY day",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        days,
+        vec![
+            (this_month - TimeDelta::days(1), 1, 1_000),
+            (this_month, 2, 6_000),
+        ]
+    );
+    assert_eq!(store.default_partition_rows().await.unwrap(), 0);
+}

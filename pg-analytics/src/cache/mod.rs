@@ -50,7 +50,7 @@ use futures_util::future::{BoxFuture, Shared};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
-use crate::model::{Event, Plan};
+use crate::model::{Event, Plan, Tenant};
 use crate::postgres::{Analytics, AnalyticsError, EventWriter, IngestReport};
 use value::CachedValue;
 
@@ -549,8 +549,24 @@ impl DashboardCache {
         }
     }
 
+    /// Registers or updates `tenant` (as [`Analytics::upsert_tenant`]),
+    /// then bumps every plan's generation: a tenant that changed plan
+    /// leaves one plan's dashboards and joins another's. When the bump
+    /// fails, this process reads through to PostgreSQL until one succeeds.
+    pub async fn upsert_tenant(&self, tenant: &Tenant) -> Result<(), AnalyticsError> {
+        self.inner.store.upsert_tenant(tenant).await?;
+        if !self.invalidate_all().await {
+            self.inner
+                .counters
+                .invalidation_failures
+                .fetch_add(1, Ordering::Relaxed);
+            self.inner.bump_lost.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Bumps every plan's generation (after a lost bump, or when a tenant
-    /// changes plan).
+    /// changes plan); `false` when Redis failed.
     pub async fn invalidate_all(&self) -> bool {
         let keys = Plan::ALL
             .iter()
