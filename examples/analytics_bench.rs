@@ -36,7 +36,9 @@
 //! `redis_get_p99_ms`, `cached_to_redis_get`, `archive_rows`,
 //! `archive_rows_per_sec`, `parquet_bytes`, `heap_bytes`, `parquet_to_heap`
 //! (cache figures are null without `REDIS_URL`). `--mode ingest` or
-//! `--mode queries` runs one part. The scratch database and directory are
+//! `--mode queries` runs one part. `--plain-rollup-key` gives the rollup its
+//! primary key without the covering columns (as before migration 0003), to
+//! measure what the covering key costs ingest and gains the dashboard. The scratch database and directory are
 //! dropped at the end.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -63,6 +65,7 @@ struct Args {
     days: i64,
     calls: usize,
     mode: String,
+    plain_rollup_key: bool,
 }
 
 fn parse_args() -> Args {
@@ -78,10 +81,16 @@ fn parse_args() -> Args {
         days: 730,
         calls: 200,
         mode: "all".into(),
+        plain_rollup_key: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
+        if argv[i] == "--plain-rollup-key" {
+            a.plain_rollup_key = true;
+            i += 1;
+            continue;
+        }
         let value = argv.get(i + 1).cloned().unwrap_or_default();
         match argv[i].as_str() {
             "--rows" => a.rows = value.parse().expect("--rows N"),
@@ -724,6 +733,19 @@ async fn main() {
     .expect("pool");
     let store = Analytics::new(pool.clone(), time_kit::system());
     store.migrate().await.expect("migrate");
+    if args.plain_rollup_key {
+        // The rollup's key without the counts and sums (before migration
+        // 0003): what the covering key costs ingest, measured.
+        pool.get()
+            .await
+            .expect("connection")
+            .batch_execute(
+                "ALTER TABLE analytics.events_daily DROP CONSTRAINT events_daily_pkey,
+                     ADD CONSTRAINT events_daily_pkey PRIMARY KEY (tenant_id, day)",
+            )
+            .await
+            .expect("plain rollup key");
+    }
     let now = Utc::now();
     store
         .ensure_partitions(
@@ -795,6 +817,7 @@ async fn main() {
     }
 
     let mut summary = serde_json::json!({
+        "plain_rollup_key": args.plain_rollup_key,
         "rows": args.rows,
         "batch": args.batch,
         "connections": args.connections,

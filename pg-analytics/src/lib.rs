@@ -72,7 +72,8 @@ pub mod rollup;
 
 #[cfg(feature = "archive")]
 pub use archive::{
-    ArchiveConfig, ArchiveError, ArchiveReport, ArchiveState, Archiver, RestoreReport, VerifyReport,
+    AbortReport, ArchiveConfig, ArchiveError, ArchiveReport, ArchiveState, Archiver, DueReport,
+    RestoreReport, VerifyReport,
 };
 pub use model::{Event, EventRules, Plan, RejectReason, Tenant, TenantId, ValidEvent};
 #[cfg(feature = "postgres")]

@@ -151,6 +151,25 @@ impl RejectReason {
             RejectReason::Malformed(_) => "malformed_row",
         }
     }
+
+    /// Every code [`RejectReason::code`] returns.
+    pub const CODES: [&'static str; 8] = [
+        "unknown_tenant",
+        "negative_processing_time",
+        "non_finite_processing_time",
+        "processing_time_too_large",
+        "too_far_in_future",
+        "before_archived_horizon",
+        "invalid_event_type",
+        "malformed_row",
+    ];
+
+    /// The code spelled `name`, as the `&'static str` [`RejectReason::code`]
+    /// returns; `None` if no reason has that code. Codes are stored as text
+    /// with a batch (to answer its replays), and read back through this.
+    pub fn code_named(name: &str) -> Option<&'static str> {
+        RejectReason::CODES.into_iter().find(|code| *code == name)
+    }
 }
 
 /// What an event must satisfy (besides its tenant existing).
@@ -287,6 +306,27 @@ mod tests {
         bad.event_type = "a\nb".into();
         assert_eq!(code(&bad), Err("invalid_event_type"));
         assert_eq!(code(&event(1.5, now)), Ok(()));
+    }
+
+    #[test]
+    fn every_code_is_listed_and_found_by_name() {
+        let now = Utc::now();
+        let reasons = [
+            RejectReason::UnknownTenant(TenantId(1)),
+            RejectReason::NegativeProcessingTime(-1.0),
+            RejectReason::NonFiniteProcessingTime,
+            RejectReason::ProcessingTimeTooLarge(2.0, 1.0),
+            RejectReason::TooFarInFuture(now, 300),
+            RejectReason::BeforeArchivedHorizon(now, now),
+            RejectReason::InvalidEventType(String::new()),
+            RejectReason::Malformed(String::new()),
+        ];
+        let codes: Vec<&str> = reasons.iter().map(RejectReason::code).collect();
+        assert_eq!(codes, RejectReason::CODES);
+        for code in codes {
+            assert_eq!(RejectReason::code_named(code), Some(code));
+        }
+        assert_eq!(RejectReason::code_named("no_such_code"), None);
     }
 
     #[test]

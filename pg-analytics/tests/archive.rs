@@ -14,7 +14,8 @@ use pg_analytics::archive::{
     ArchiveConfig, ArchiveError, ArchiveState, Archiver, Mismatch, NotEligible, Step, local_store,
     object_path,
 };
-use pg_analytics::postgres::partition_name;
+use pg_analytics::postgres::IngestReport;
+use pg_analytics::postgres::{HORIZON_LOCK_KEY, partition_name};
 use pg_analytics::{Analytics, Event, EventRules, Plan, Tenant, TenantId, WriterConfig};
 use sha2::{Digest, Sha256};
 use testkit::TestDatabase;
@@ -206,6 +207,46 @@ fn parquet_rows(path: &std::path::Path) -> Vec<Row> {
 fn sorted(mut rows: Vec<Row>) -> Vec<Row> {
     rows.sort();
     rows
+}
+
+/// The lock types this test database's sessions are waiting for, other
+/// than the caller's.
+async fn waits(conn: &tokio_postgres::Client) -> Vec<String> {
+    conn.query(
+        "SELECT l.locktype FROM pg_locks l
+          WHERE NOT l.granted AND l.pid <> pg_backend_pid()
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Whether a session of this database waits for the fence's advisory lock
+/// (the key split as PostgreSQL shows a bigint key: high and low halves).
+async fn waits_for_fence(conn: &tokio_postgres::Client) -> bool {
+    conn.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks
+                         WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1
+                           AND (classid::int8 << 32 | objid::int8) = $1
+                           AND database = (SELECT oid FROM pg_database
+                                            WHERE datname = current_database()))",
+        &[&HORIZON_LOCK_KEY],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Flips a byte in the middle of `file`: same size, other bytes.
+fn flip_a_byte(file: &std::path::Path) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(file, &bytes).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -570,22 +611,32 @@ async fn verify_rechecks_an_archived_month_against_the_manifest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fence_waits_for_an_ingest_transaction_in_flight() {
     let Some(f) = fixture().await else { return };
-    // An ingest batch holds the horizon FOR SHARE until its commit, as
+    // The fixture's batches read the horizon without locking its row (a
+    // row lock would have left its locker in xmax: a tuple write per
+    // batch, and a MultiXact when batches overlap).
+    let xmax: i64 = f
+        .scalar("SELECT xmax::text::int8 FROM analytics.archive_horizon")
+        .await;
+    assert_eq!(xmax, 0, "the horizon's row was locked");
+    // An ingest batch holds the fence's lock shared until its commit, as
     // EventWriter::write does.
     let mut conn = f.store.pool().get().await.unwrap();
     let batch = conn.begin().await.unwrap();
     batch
         .query(
-            "SELECT archived_before FROM analytics.archive_horizon FOR SHARE",
-            &[],
+            "SELECT pg_advisory_xact_lock_shared($1)",
+            &[&HORIZON_LOCK_KEY],
         )
         .await
         .unwrap();
     let archiver = f.archiver(Some(Step::Fence));
     let month = f.month;
     let fence = tokio::spawn(async move { archiver.archive(month).await });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(!fence.is_finished(), "the raise waits for the batch");
+    let admin = f.store.pool().get().await.unwrap();
+    while !waits_for_fence(&admin).await {
+        assert!(!fence.is_finished(), "the raise did not wait for the batch");
+        tokio::task::yield_now().await;
+    }
     assert_eq!(f.store.archive_horizon().await.unwrap(), None);
     batch.commit().await.unwrap();
     let fenced = fence.await.unwrap().unwrap_err();
@@ -601,4 +652,363 @@ async fn the_fence_waits_for_an_ingest_transaction_in_flight() {
     );
     let next = f.month.checked_add_months(Months::new(1)).unwrap();
     assert_eq!(f.store.archive_horizon().await.unwrap(), Some(start(next)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waiting_for_the_fence_sees_the_horizon_raised_meanwhile() {
+    let Some(f) = fixture().await else { return };
+    let next = f.month.checked_add_months(Months::new(1)).unwrap();
+    // An archiver's fence, in flight: the lock held exclusive, the horizon
+    // raised, not yet committed.
+    let mut conn = f.store.pool().get().await.unwrap();
+    let fence = conn.begin().await.unwrap();
+    fence
+        .query("SELECT pg_advisory_xact_lock($1)", &[&HORIZON_LOCK_KEY])
+        .await
+        .unwrap();
+    fence
+        .execute(
+            "UPDATE analytics.archive_horizon SET archived_before = $1",
+            &[&start(next)],
+        )
+        .await
+        .unwrap();
+    let writer = f.store.writer(WriterConfig::default());
+    let batch = vec![
+        Event {
+            tenant_id: TenantId(1),
+            created_at: start(f.month) + TimeDelta::days(2),
+            event_type: "late".into(),
+            processing_time_ms: 1.0,
+        },
+        Event {
+            tenant_id: TenantId(1),
+            created_at: Utc::now(),
+            event_type: "late".into(),
+            processing_time_ms: 1.0,
+        },
+    ];
+    let write = tokio::spawn(async move { writer.write(Uuid::now_v7(), &batch).await });
+    let admin = f.store.pool().get().await.unwrap();
+    while !waits_for_fence(&admin).await {
+        assert!(!write.is_finished(), "the batch did not wait for the fence");
+        tokio::task::yield_now().await;
+    }
+    fence.commit().await.unwrap();
+    let report: IngestReport = write.await.unwrap().unwrap();
+    assert_eq!(report.accepted, 1);
+    let codes: Vec<(usize, &str)> = report.rejected.iter().map(|r| (r.index, r.code)).collect();
+    assert_eq!(codes, vec![(0, "before_archived_horizon")]);
+    assert_eq!(
+        f.rows().await.len() as i64,
+        ROWS,
+        "nothing written into the fenced month"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_and_a_batch_writing_into_the_default_partition_do_not_deadlock() {
+    let Some(f) = fixture().await else { return };
+    let before = f.rows().await;
+    f.archiver(None).archive(f.month).await.unwrap();
+    // A batch in flight: it holds the fence's lock shared and has written a
+    // row into the default partition (a month with no partition).
+    let stray = start(f.month.checked_sub_months(Months::new(6)).unwrap());
+    let mut conn = f.store.pool().get().await.unwrap();
+    let batch = conn.begin().await.unwrap();
+    batch
+        .query(
+            "SELECT pg_advisory_xact_lock_shared($1)",
+            &[&HORIZON_LOCK_KEY],
+        )
+        .await
+        .unwrap();
+    let insert =
+        "INSERT INTO analytics.events (tenant_id, created_at, event_type, processing_time_us)
+                  VALUES (1, $1, 'stray', 1)";
+    batch.execute(insert, &[&stray]).await.unwrap();
+    let archiver = f.archiver(None);
+    let month = f.month;
+    let restore = tokio::spawn(async move { archiver.restore(month).await });
+    // The restore queues for the fence's lock before it locks anything the
+    // batch needs (before, it waited on the default partition for ATTACH,
+    // while the batch would wait for it on the horizon).
+    let admin = f.store.pool().get().await.unwrap();
+    loop {
+        let waiting = waits(&admin).await;
+        assert!(
+            !waiting.iter().any(|w| w == "relation"),
+            "the restore waits on a relation the batch holds: {waiting:?}"
+        );
+        if waits_for_fence(&admin).await {
+            break;
+        }
+        assert!(
+            !restore.is_finished(),
+            "the restore did not wait for the batch"
+        );
+        tokio::task::yield_now().await;
+    }
+    // The batch goes on into the default partition, and commits.
+    batch
+        .execute(insert, &[&(stray + TimeDelta::seconds(1))])
+        .await
+        .unwrap();
+    batch.commit().await.unwrap();
+    let restored = restore.await.unwrap().unwrap();
+    assert_eq!(restored.rows, ROWS as u64);
+    assert_eq!(f.rows().await, before);
+    assert_eq!(f.store.default_partition_rows().await.unwrap(), 2);
+    assert_eq!(f.state().await, Some(ArchiveState::Restored));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_month_whose_object_changed_is_not_dropped() {
+    let Some(f) = fixture().await else { return };
+    let before = f.rows().await;
+    let table = format!("SELECT count(*) FROM analytics.{}", partition_name(f.month));
+    // Overwritten with other bytes of the same size, then deleted: each
+    // after a crash right after the verification was recorded.
+    for damage in ["overwritten", "deleted"] {
+        f.archiver(Some(Step::Verify))
+            .archive(f.month)
+            .await
+            .unwrap_err();
+        assert_eq!(f.state().await, Some(ArchiveState::Verified), "{damage}");
+        let file = f.object_file();
+        if damage == "overwritten" {
+            flip_a_byte(&file);
+        } else {
+            std::fs::remove_file(&file).unwrap();
+        }
+        let error = f.archiver(None).archive(f.month).await.unwrap_err();
+        let expected = match &error {
+            ArchiveError::Verification {
+                mismatch: Mismatch::Hash { .. },
+                ..
+            } => "overwritten",
+            ArchiveError::Verification {
+                mismatch: Mismatch::Missing { .. },
+                ..
+            } => "deleted",
+            other => panic!("{damage}: {other:?}"),
+        };
+        assert_eq!(expected, damage);
+        // Not dropped: whole, and back to be exported again.
+        assert!(f.partition_exists().await, "{damage}");
+        assert_eq!(f.scalar(&table).await, ROWS, "{damage}");
+        let record = f.archiver(None).record(f.month).await.unwrap().unwrap();
+        assert_eq!(record.state, ArchiveState::Detached, "{damage}");
+        assert!(record.last_error.is_some(), "{damage}: {record:?}");
+    }
+    let report = f.archiver(None).archive(f.month).await.unwrap();
+    assert_eq!(report.resumed_from, Some(ArchiveState::Detached));
+    assert!(!f.partition_exists().await);
+    assert_eq!(parquet_rows(&f.object_file()), sorted(before));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_sends_a_verified_month_that_no_longer_matches_back() {
+    let Some(f) = fixture().await else { return };
+    let day = f.month + TimeDelta::days(3);
+    let conn = f.store.pool().get().await.unwrap();
+    let nudge = |by: i64| {
+        let conn = &conn;
+        async move {
+            conn.execute(
+                "UPDATE analytics.events_daily SET events = events + $2
+                  WHERE tenant_id = 2 AND day = $1",
+                &[&day, &by],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    f.archiver(Some(Step::Verify))
+        .archive(f.month)
+        .await
+        .unwrap_err();
+    // The rollup changed since: back to exported, to be verified again.
+    nudge(1).await;
+    let error = f.archiver(None).verify(f.month).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ArchiveError::Verification {
+                mismatch: Mismatch::Rollup { .. },
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(f.state().await, Some(ArchiveState::Exported));
+    nudge(-1).await;
+    f.archiver(Some(Step::Verify))
+        .archive(f.month)
+        .await
+        .unwrap_err();
+    assert_eq!(f.state().await, Some(ArchiveState::Verified));
+    // The object damaged since: back to detached, to be exported again.
+    let file = f.object_file();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.truncate(bytes.len() - 10);
+    std::fs::write(&file, &bytes).unwrap();
+    let error = f.archiver(None).verify(f.month).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ArchiveError::Verification {
+                mismatch: Mismatch::Size { .. },
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(f.state().await, Some(ArchiveState::Detached));
+    assert!(f.partition_exists().await);
+    let report = f.archiver(None).archive(f.month).await.unwrap();
+    assert_eq!(report.resumed_from, Some(ArchiveState::Detached));
+    assert_eq!(f.state().await, Some(ArchiveState::Dropped));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_due_goes_past_a_month_that_keeps_failing() {
+    let Some(f) = fixture().await else { return };
+    // An older month, whose rollup disagrees with its rows.
+    let older = f.month.checked_sub_months(Months::new(1)).unwrap();
+    f.store.ensure_partitions(older, older, 0).await.unwrap();
+    let events: Vec<Event> = (0..20)
+        .map(|i| Event {
+            tenant_id: TenantId(1),
+            created_at: start(older) + TimeDelta::days(1) + TimeDelta::minutes(i),
+            event_type: "old".into(),
+            processing_time_ms: 1.0,
+        })
+        .collect();
+    let written = f
+        .store
+        .writer(WriterConfig::default())
+        .write(Uuid::now_v7(), &events)
+        .await
+        .unwrap();
+    assert_eq!(written.accepted, 20);
+    let conn = f.store.pool().get().await.unwrap();
+    let nudge =
+        "UPDATE analytics.events_daily SET events = events + $2 WHERE tenant_id = 1 AND day = $1";
+    let day = older + TimeDelta::days(1);
+    conn.execute(nudge, &[&day, &1i64]).await.unwrap();
+    let archiver = f.archiver(None);
+    let report = archiver.archive_due_report().await.unwrap();
+    let archived: Vec<NaiveDate> = report.archived.iter().map(|r| r.month).collect();
+    assert_eq!(archived, vec![f.month], "the later month is archived");
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert_eq!(report.failed[0].month, older);
+    assert!(
+        matches!(
+            report.failed[0].error,
+            ArchiveError::Verification {
+                mismatch: Mismatch::Rollup { .. },
+                ..
+            }
+        ),
+        "{report:?}"
+    );
+    assert!(report.not_attempted.is_empty());
+    assert_eq!(f.state().await, Some(ArchiveState::Dropped));
+    let stuck = archiver.record(older).await.unwrap().unwrap();
+    assert_eq!(stuck.state, ArchiveState::Exported);
+    assert!(stuck.last_error.is_some());
+    // archive_due tries it again and returns its error.
+    let error = archiver.archive_due().await.unwrap_err();
+    assert!(
+        matches!(error, ArchiveError::Verification { .. }),
+        "{error:?}"
+    );
+    // Called off: the partition is back, with its rows; the horizon stays
+    // at the later month's end; archive_due leaves the month alone.
+    let aborted = archiver.abort(older).await.unwrap();
+    assert_eq!(
+        (aborted.from, aborted.reattached),
+        (ArchiveState::Exported, true)
+    );
+    let next = f.month.checked_add_months(Months::new(1)).unwrap();
+    assert_eq!(aborted.horizon, Some(start(next)));
+    assert_eq!(
+        archiver.record(older).await.unwrap().unwrap().state,
+        ArchiveState::Aborted
+    );
+    let visible = conn
+        .query_one(
+            "SELECT count(*) FROM analytics.events WHERE created_at >= $1 AND created_at < $2",
+            &[&start(older), &start(f.month)],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(visible, 20);
+    let again = archiver.archive_due_report().await.unwrap();
+    assert!(
+        again.archived.is_empty() && again.failed.is_empty(),
+        "{again:?}"
+    );
+    // The rollup corrected, an explicit archive starts it over.
+    conn.execute(nudge, &[&day, &-1i64]).await.unwrap();
+    let report = archiver.archive(older).await.unwrap();
+    assert_eq!((report.rows, report.resumed_from), (20, None));
+    assert_eq!(
+        archiver.record(older).await.unwrap().unwrap().state,
+        ArchiveState::Dropped
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_attaches_a_detached_month_again_and_lowers_the_horizon() {
+    let Some(f) = fixture().await else { return };
+    let before = f.rows().await;
+    f.archiver(Some(Step::Export))
+        .archive(f.month)
+        .await
+        .unwrap_err();
+    assert!(
+        f.rows().await.is_empty(),
+        "detached: not seen through the parent"
+    );
+    let archiver = f.archiver(None);
+    let aborted = archiver.abort(f.month).await.unwrap();
+    assert_eq!(
+        (aborted.from, aborted.reattached, aborted.horizon),
+        (ArchiveState::Exported, true, None)
+    );
+    assert_eq!(f.state().await, Some(ArchiveState::Aborted));
+    assert_eq!(f.store.archive_horizon().await.unwrap(), None);
+    assert_eq!(f.rows().await, before, "attached again, every row");
+    // Late rows are taken again; the month is not due; aborting twice is
+    // a no-op.
+    let late = Event {
+        tenant_id: TenantId(2),
+        created_at: start(f.month) + TimeDelta::hours(5),
+        event_type: "late".into(),
+        processing_time_ms: 1.0,
+    };
+    let report = f
+        .store
+        .writer(WriterConfig::default())
+        .write(Uuid::now_v7(), &[late])
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, 1, "{:?}", report.rejected);
+    assert!(archiver.archive_due().await.unwrap().is_empty());
+    assert_eq!(
+        archiver.abort(f.month).await.unwrap().from,
+        ArchiveState::Aborted
+    );
+    // Archived on purpose, from the start; a dropped month cannot be
+    // aborted.
+    let again = archiver.archive(f.month).await.unwrap();
+    assert_eq!((again.rows, again.resumed_from), (ROWS as u64 + 1, None));
+    let error = archiver.abort(f.month).await.unwrap_err();
+    assert!(
+        matches!(error, ArchiveError::WrongState { .. }),
+        "{error:?}"
+    );
 }

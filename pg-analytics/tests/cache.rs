@@ -95,7 +95,7 @@ async fn a_committed_write_is_never_served_stale() {
             .write(Uuid::now_v7(), &events(2, 3, round))
             .await
             .unwrap();
-        assert_eq!(report.plans, vec![Plan::Enterprise]);
+        assert_eq!(report.tenants, vec![TenantId(2)]);
         let cached = cache.dashboard_json(Plan::Enterprise, SINCE).await.unwrap();
         let fresh = store.dashboard_json(Plan::Enterprise, SINCE).await.unwrap();
         assert_eq!(
@@ -110,10 +110,11 @@ async fn a_committed_write_is_never_served_stale() {
     // A replayed batch bumps every plan (its first attempt may have
     // committed without its bump): the next read recomputes.
     let id = Uuid::now_v7();
-    writer.write(id, &events(3, 2, 0)).await.unwrap();
+    let batch = events(3, 2, 0);
+    writer.write(id, &batch).await.unwrap();
     let before = cache.stats().recomputations;
     cache.dashboard_json(Plan::Free, SINCE).await.unwrap();
-    let report = writer.write(id, &events(3, 2, 0)).await.unwrap();
+    let report = writer.write(id, &batch).await.unwrap();
     assert!(report.replayed);
     cache.dashboard_json(Plan::Free, SINCE).await.unwrap();
     assert_eq!(cache.stats().recomputations, before + 2);
@@ -280,4 +281,63 @@ async fn a_redis_outage_falls_through_to_postgres_and_is_counted() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_gives_up_does_not_strand_the_computation() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let store = store(&db).await;
+    let cache = cache(&store, redis.url(), config(&redis)).await;
+    // Hold the rollup so the computation blocks in PostgreSQL.
+    let mut blocker = db.connect().await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE analytics.events_daily IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        cache.dashboard_json(Plan::Enterprise, SINCE),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the read should have been blocked");
+    lock.commit().await.unwrap();
+    // The computation goes on without its reader: it stores the value and
+    // gives its connection back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cache.stats().recomputations == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the computation was stranded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let state = store.pool().state();
+    assert_eq!(state.connections, state.idle_connections, "{state:?}");
+    // And it was stored: readers get it from Redis, none computes again.
+    while cache.stats().hits == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never stored");
+        cache.dashboard_json(Plan::Enterprise, SINCE).await.unwrap();
+    }
+    assert_eq!(cache.stats().recomputations, 1, "{:?}", cache.stats());
+
+    // Generations are never reused: a bump sets at least the server's
+    // clock in µs, so an evicted or rolled-back key cannot come back to an
+    // old number.
+    use fred::interfaces::KeysInterface;
+    let writer = cache.writer(store.writer(WriterConfig::default()));
+    writer
+        .write(Uuid::now_v7(), &events(1, 1, 0))
+        .await
+        .unwrap();
+    let generation: i64 = redis
+        .client()
+        .get(format!("{}gen:plan:enterprise", redis.prefix()))
+        .await
+        .unwrap();
+    assert!(generation > 1_600_000_000_000_000, "{generation}");
 }

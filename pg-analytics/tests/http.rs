@@ -178,6 +178,34 @@ async fn a_retry_with_the_same_idempotency_key_is_written_once() {
 }
 
 #[tokio::test]
+async fn an_idempotency_key_reused_for_another_batch_is_422() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db).await;
+    let service = AnalyticsService::new(store.clone(), None, AnalyticsHttpConfig::default());
+    let key = uuid::Uuid::now_v7().to_string();
+    let request = |body: String| {
+        post()
+            .header("idempotency-key", &key)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let (status, _) = call(&service, request(line(1, 1.0))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, reply) = call(&service, request(line(1, 2.0))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{reply}");
+    assert_eq!(reply["error"], "idempotency_key_reused");
+    let conn = store.pool().get().await.unwrap();
+    let rows: i64 = conn
+        .query_one("SELECT count(*) FROM analytics.events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
 async fn bodies_that_are_not_batches_are_refused_whole() {
     let Some(db) = TestDatabase::create().await else {
         return;

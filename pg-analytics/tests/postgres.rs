@@ -429,3 +429,152 @@ async fn a_month_boundary_splits_rows_between_partitions_and_days() {
     );
     assert_eq!(store.default_partition_rows().await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_replay_answers_what_the_first_attempt_answered() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db, EventRules::default()).await;
+    let now = Utc::now();
+    let old = now - TimeDelta::days(10);
+    store
+        .ensure_partitions(old.date_naive(), now.date_naive(), 1)
+        .await
+        .unwrap();
+    tenants(&store, 2).await;
+    let batch = vec![
+        event(1, now, 1.0),
+        event(99, now, 1.0),
+        event(2, now + TimeDelta::minutes(30), 1.0),
+        event(2, old, 2.0),
+    ];
+    let id = Uuid::now_v7();
+    let first = store
+        .writer(WriterConfig::default())
+        .write(id, &batch)
+        .await
+        .unwrap();
+    assert_eq!((first.accepted, first.replayed), (2, false));
+    let codes: Vec<(usize, &str)> = first.rejected.iter().map(|r| (r.index, r.code)).collect();
+    assert_eq!(codes, vec![(1, "unknown_tenant"), (2, "too_far_in_future")]);
+    // Since then: tenant 99 is registered, the rules allow an hour ahead,
+    // and the horizon covers the old row. Every row would be answered
+    // differently now; the replay answers as the first attempt did.
+    store
+        .upsert_tenant(&Tenant {
+            id: TenantId(99),
+            name: "late".into(),
+            plan: Plan::Free,
+        })
+        .await
+        .unwrap();
+    let conn = store.pool().get().await.unwrap();
+    conn.execute(
+        "UPDATE analytics.archive_horizon SET archived_before = $1",
+        &[&(now - TimeDelta::days(1))],
+    )
+    .await
+    .unwrap();
+    let lenient = Analytics::new(store.pool().clone(), time_kit::system())
+        .with_rules(EventRules::default().with_max_future_skew(TimeDelta::hours(1)));
+    for replayer in [&store, &lenient] {
+        let again = replayer
+            .writer(WriterConfig::default())
+            .write(id, &batch)
+            .await
+            .unwrap();
+        assert!(again.replayed);
+        assert_eq!(again.accepted, first.accepted);
+        assert_eq!(
+            again.rejected, first.rejected,
+            "the same rows, codes, reasons"
+        );
+        assert_eq!(again.accepted + again.rejected.len(), batch.len());
+    }
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events").await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_batch_id_reused_for_other_events_is_refused() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db, EventRules::default()).await;
+    let now = Utc::now();
+    store
+        .ensure_partitions(now.date_naive(), now.date_naive(), 1)
+        .await
+        .unwrap();
+    tenants(&store, 2).await;
+    let writer = store.writer(WriterConfig::default());
+    let id = Uuid::now_v7();
+    let first = vec![event(1, now, 1.0), event(2, now, 2.0)];
+    writer.write(id, &first).await.unwrap();
+    let others = [
+        // One field of one row differs.
+        vec![event(1, now, 1.0), event(2, now, 2.5)],
+        // Fewer rows.
+        vec![event(1, now, 1.0)],
+        // Nothing of it would be accepted.
+        vec![event(42, now, 1.0)],
+    ];
+    for other in others {
+        let error = writer.write(id, &other).await.unwrap_err();
+        assert!(
+            matches!(error, AnalyticsError::IdempotencyKeyReused { batch_id } if batch_id == id),
+            "{other:?}: {error:?}"
+        );
+        assert!(!error.is_transient());
+    }
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events").await,
+        2
+    );
+    // The first batch itself still replays.
+    assert!(writer.write(id, &first).await.unwrap().replayed);
+}
+
+#[tokio::test]
+async fn a_batch_with_nothing_accepted_records_no_key_and_its_correction_is_written() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db, EventRules::default()).await;
+    let now = Utc::now();
+    store
+        .ensure_partitions(now.date_naive(), now.date_naive(), 1)
+        .await
+        .unwrap();
+    tenants(&store, 1).await;
+    let writer = store.writer(WriterConfig::default());
+    let id = Uuid::now_v7();
+    let wrong = vec![event(7, now, 1.0), event(1, now, -1.0)];
+    let refused = writer.write(id, &wrong).await.unwrap();
+    assert_eq!(
+        (refused.accepted, refused.rejected.len(), refused.replayed),
+        (0, 2, false)
+    );
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.ingest_batches").await,
+        0,
+        "nothing committed, no key recorded"
+    );
+    // The client fixes its lines and sends them again under the same key.
+    let fixed = vec![event(1, now, 1.0), event(1, now, 1.0)];
+    let written = writer.write(id, &fixed).await.unwrap();
+    assert_eq!((written.accepted, written.replayed), (2, false));
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events").await,
+        2
+    );
+    let again = writer.write(id, &fixed).await.unwrap();
+    assert_eq!((again.accepted, again.replayed), (2, true));
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM analytics.events").await,
+        2
+    );
+}

@@ -21,10 +21,10 @@ use super::error::{ArchiveError, Mismatch, NotEligible, StateName};
 use super::format::{self, ArchiveWriter, ArchivedRow, CHUNK_ROWS, Totals, Written};
 use super::store::{self, Scratch};
 use super::{
-    ArchiveConfig, ArchiveRecord, ArchiveReport, ArchiveState, RestoreReport, Step, VerifyReport,
-    manifest,
+    AbortReport, ArchiveConfig, ArchiveRecord, ArchiveReport, ArchiveState, DueReport,
+    MonthFailure, RestoreReport, Step, VerifyReport, manifest,
 };
-use crate::postgres::{Analytics, AnalyticsError, partition_name};
+use crate::postgres::{Analytics, AnalyticsError, HORIZON_LOCK_KEY, partition_name};
 
 /// The first key of the advisory locks archivers take, one per month (the
 /// second key is `yyyymm`): "Arch".
@@ -103,6 +103,67 @@ fn decode(row: &BinaryCopyOutRow) -> Result<ArchivedRow, tokio_postgres::Error> 
 
 fn db(e: tokio_postgres::Error) -> ArchiveError {
     ArchiveError::Database(AnalyticsError::from_query(e))
+}
+
+/// A store error saying the object is not there, as the mismatch it is (the
+/// object is at fault, not the store); any other error as is.
+fn missing_as_mismatch(month: NaiveDate, e: ArchiveError) -> ArchiveError {
+    match e {
+        ArchiveError::Store {
+            path,
+            source: object_store::Error::NotFound { .. },
+        } => ArchiveError::Verification {
+            month,
+            mismatch: Mismatch::Missing { path },
+        },
+        other => other,
+    }
+}
+
+/// Whether `error` stops [`Archiver::archive_due_report`]: the services are
+/// down (the next months would fail alike), or a fault was injected (it
+/// stands for a crash). Anything about the month alone does not.
+fn stops_the_run(error: &ArchiveError) -> bool {
+    match error {
+        ArchiveError::Database(e) => e.is_transient(),
+        ArchiveError::Store { .. } => error.is_transient(),
+        ArchiveError::Injected { .. } => true,
+        _ => false,
+    }
+}
+
+/// Takes the fence's lock exclusive (see [`HORIZON_LOCK_KEY`]) in `tx`:
+/// waits for the ingest batches in flight, and holds later ones off until
+/// `tx` ends. Taken before any lock an ingest batch may hold or wait for
+/// (on `analytics.events`, its partitions, the horizon's row), so that a
+/// batch never holds the fence while waiting for this transaction.
+async fn lock_fence(tx: &impl Prepared) -> Result<(), ArchiveError> {
+    tx.execute_prepared(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[(&HORIZON_LOCK_KEY, Type::INT8)],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Lowers the horizon to the end of the newest month still out of the
+/// database or on its way out (none: NULL), in `tx`, which holds the fence's
+/// lock; returns it.
+async fn lower_horizon(tx: &impl Prepared) -> Result<Option<DateTime<Utc>>, ArchiveError> {
+    tx.query_prepared_one(
+        "UPDATE analytics.archive_horizon
+            SET archived_before = (SELECT max((month + interval '1 month') AT TIME ZONE 'UTC')
+                                     FROM analytics.archives
+                                    WHERE state NOT IN ('restored', 'aborted')),
+                updated_at = now()
+         RETURNING archived_before",
+        &[],
+    )
+    .await
+    .map_err(db)?
+    .try_get(0)
+    .map_err(db)
 }
 
 fn joined(e: tokio::task::JoinError, path: &std::path::Path) -> ArchiveError {
@@ -222,10 +283,27 @@ impl Archiver {
 
     /// Finishes every archival a crash left unfinished, then archives every
     /// month older than the cutoff that has a partition, oldest first.
-    /// Restored months are left alone (archive them again with
-    /// [`Archiver::archive`]). Stops at the first error; the months before
-    /// it are done and recorded.
+    /// Restored and aborted months are left alone (archive them again with
+    /// [`Archiver::archive`]). A month that fails does not stop the others
+    /// (see [`DueReport::failed`]); the first failure is returned once every
+    /// month was tried, and the months archived meanwhile are recorded in
+    /// the manifest. [`Archiver::archive_due_report`] tells both.
     pub async fn archive_due(&self) -> Result<Vec<ArchiveReport>, ArchiveError> {
+        let report = self.archive_due_report().await?;
+        match report.failed.into_iter().next() {
+            Some(failure) => Err(failure.error),
+            None => Ok(report.archived),
+        }
+    }
+
+    /// As [`Archiver::archive_due`], reporting every month: the archived
+    /// ones and the failed ones with their errors. Failures of one month
+    /// (its verification, rows of it in the default partition, …) are
+    /// logged, recorded on its manifest row, and the run goes on to the
+    /// next month: a month that keeps failing does not hold the later ones
+    /// back. The database or the store being unavailable stops the run.
+    /// `Err` only when the due months cannot even be listed.
+    pub async fn archive_due_report(&self) -> Result<DueReport, ArchiveError> {
         let cutoff = self.cutoff();
         let (records, partitions) = {
             let conn = self.conn().await?;
@@ -254,11 +332,23 @@ impl Archiver {
                 .into_iter()
                 .filter(|m| *m < cutoff && !known.contains_key(m)),
         );
-        let mut reports = Vec::with_capacity(due.len());
-        for month in due {
-            reports.push(self.archive(month).await?);
+        let mut report = DueReport::default();
+        let mut months = due.into_iter();
+        for month in months.by_ref() {
+            match self.archive(month).await {
+                Ok(archived) => report.archived.push(archived),
+                Err(error) => {
+                    let stop = stops_the_run(&error);
+                    tracing::warn!(%month, error = %error, stop, "month not archived");
+                    report.failed.push(MonthFailure { month, error });
+                    if stop {
+                        break;
+                    }
+                }
+            }
         }
-        Ok(reports)
+        report.not_attempted = months.collect();
+        Ok(report)
     }
 
     /// Archives the month holding `month` (any day of it), or resumes its
@@ -281,13 +371,31 @@ impl Archiver {
         self.locked(month, self.run_verify(month)).await
     }
 
+    /// Calls off the archival of a month that is not dropped yet (fenced,
+    /// detached, exported or verified), for a month that keeps failing (a
+    /// rollup that disagrees, an export that cannot be written): attaches
+    /// its partition again (it still holds every row), records the month as
+    /// [`ArchiveState::Aborted`], and lowers the horizon to the end of the
+    /// newest month still out of the database, in one transaction.
+    /// [`Archiver::archive_due`] then leaves the month alone; an explicit
+    /// [`Archiver::archive`] starts it over (exporting again). An object
+    /// already in the store stays there until that export overwrites it.
+    /// A dropped month is refused (restore it instead).
+    pub async fn abort(&self, month: NaiveDate) -> Result<AbortReport, ArchiveError> {
+        let month = first_of_month(month);
+        self.locked(month, self.run_abort(month)).await
+    }
+
     /// Loads the month's archive back into its partition: fetches the
-    /// object, checks its hash against the manifest, creates the partition
+    /// object, checks its hash against the manifest, creates a staging
     /// table, `COPY`s the rows in, checks the count and the per (tenant,
-    /// day) totals against the manifest and the rollup, attaches it, and
-    /// lowers the horizon to the end of the newest month still archived.
-    /// All of it in one transaction, so a crash leaves the month
-    /// `restoring` and the next call starts the load again.
+    /// day) totals against the manifest and the rollup, then takes the
+    /// fence's lock ([`HORIZON_LOCK_KEY`], exclusive), puts the table in the
+    /// partition's place, attaches it, and lowers the horizon to the end of
+    /// the newest month still archived. All of it in one transaction, so a
+    /// crash leaves the month `restoring` and the next call starts the load
+    /// again. Ingest batches wait for the restore only from the lock on,
+    /// not during the load.
     pub async fn restore(&self, month: NaiveDate) -> Result<RestoreReport, ArchiveError> {
         let month = first_of_month(month);
         self.locked(month, self.run_restore(month)).await
@@ -358,7 +466,7 @@ impl Archiver {
             manifest::get(&*conn, month).await?.map(|r| r.state)
         };
         let (mut state, resumed_from) = match found {
-            None | Some(ArchiveState::Restored) => {
+            None | Some(ArchiveState::Restored) | Some(ArchiveState::Aborted) => {
                 self.fence(month).await?;
                 (ArchiveState::Fenced, None)
             }
@@ -375,6 +483,9 @@ impl Archiver {
             }
         };
         let (mut export_elapsed, mut verify_elapsed) = (None, None);
+        // Whether this call verified the object: if not (a month resumed
+        // from verified), the object is checked again before the drop.
+        let mut verified_here = false;
         while state != ArchiveState::Dropped {
             let step_started = Instant::now();
             let next = match state {
@@ -387,12 +498,23 @@ impl Archiver {
                 ArchiveState::Exported => {
                     let done = self.verify_exported(month).await;
                     verify_elapsed = Some(step_started.elapsed());
+                    verified_here = done.is_ok();
                     done.map(|_| ArchiveState::Verified)
                 }
-                ArchiveState::Verified => self
-                    .drop_partition(month)
-                    .await
-                    .map(|()| ArchiveState::Dropped),
+                ArchiveState::Verified => {
+                    let still = if verified_here {
+                        Ok(())
+                    } else {
+                        self.recheck_verified(month).await
+                    };
+                    match still {
+                        Ok(()) => self
+                            .drop_partition(month)
+                            .await
+                            .map(|()| ArchiveState::Dropped),
+                        Err(e) => Err(e),
+                    }
+                }
                 other => Err(ArchiveError::WrongState {
                     month,
                     operation: "archive",
@@ -438,8 +560,9 @@ impl Archiver {
     }
 
     /// Step 1: checks the month may be archived, records it as fenced and
-    /// raises the horizon over it, in one transaction. The horizon's
-    /// `UPDATE` waits for ingest transactions holding it `FOR SHARE`.
+    /// raises the horizon over it, in one transaction, which first takes
+    /// the fence's lock exclusive: it waits for the ingest batches in
+    /// flight, and the batches after it see the new horizon.
     async fn fence(&self, month: NaiveDate) -> Result<(), ArchiveError> {
         let cutoff = self.cutoff();
         if month >= cutoff {
@@ -469,6 +592,7 @@ impl Archiver {
         }
         let object = store::object_path(month).to_string();
         let tx = conn.begin().await.map_err(db)?;
+        lock_fence(&tx).await?;
         let inserted = tx
             .execute_prepared(
                 "INSERT INTO analytics.archives (month, partition_name, object_path, state)
@@ -480,7 +604,7 @@ impl Archiver {
                         parquet_bytes = NULL, sha256 = NULL, started_at = now(),
                         updated_at = now(), exported_at = NULL, verified_at = NULL,
                         dropped_at = NULL, restored_at = NULL, last_error = NULL
-                  WHERE analytics.archives.state = 'restored'",
+                  WHERE analytics.archives.state IN ('restored', 'aborted')",
                 &[
                     (&month, Type::DATE),
                     (&partition, Type::TEXT),
@@ -735,7 +859,9 @@ impl Archiver {
         let fail = |mismatch| ArchiveError::Verification { month, mismatch };
         let path = ObjectPath::from(record.object_path.as_str());
         let scratch = Scratch::new(&self.config.scratch_dir, month, "verify");
-        let (bytes, sha256) = store::download(&*self.objects, &path, scratch.path()).await?;
+        let (bytes, sha256) = store::download(&*self.objects, &path, scratch.path())
+            .await
+            .map_err(|e| missing_as_mismatch(month, e))?;
         let expected_bytes = record.parquet_bytes.unwrap_or(0);
         if bytes != expected_bytes {
             return Err(fail(Mismatch::Size {
@@ -844,6 +970,74 @@ impl Archiver {
         })
     }
 
+    /// Before the drop of a month verified by an earlier call (resumed from
+    /// `verified`): the object must still be the one verified, since once
+    /// the partition is dropped it is the only copy, and it may have been
+    /// deleted or overwritten since. Its size and SHA-256 are checked
+    /// against the manifest by reading it whole: the manifest's hash is the
+    /// hash of the bytes that verified, so equal hashes mean the earlier
+    /// verification (rows against the partition, totals against the
+    /// rollup) still holds, without a second comparison. A size check alone
+    /// (a HEAD) would miss an object overwritten with other bytes of the
+    /// same length, or bits rotted in place; the read costs one transfer of
+    /// the object, small beside the partition it replaces. A mismatch sends
+    /// the month back to be exported again.
+    async fn recheck_verified(&self, month: NaiveDate) -> Result<(), ArchiveError> {
+        let record = self.record_of(month).await?;
+        let path = ObjectPath::from(record.object_path.as_str());
+        let fail = |mismatch| ArchiveError::Verification { month, mismatch };
+        let checked = match store::digest(&*self.objects, &path).await {
+            Err(e) => Err(missing_as_mismatch(month, e)),
+            Ok((bytes, sha256)) => {
+                let expected_bytes = record.parquet_bytes.unwrap_or(0);
+                let expected_sha = record.sha256.clone().unwrap_or_default();
+                if bytes != expected_bytes {
+                    Err(fail(Mismatch::Size {
+                        expected: expected_bytes,
+                        actual: bytes,
+                    }))
+                } else if sha256 != expected_sha {
+                    Err(fail(Mismatch::Hash {
+                        expected: expected_sha,
+                        actual: sha256,
+                    }))
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        if let Err(e) = &checked {
+            self.unverify(month, e).await?;
+        }
+        checked
+    }
+
+    /// After `error` on a verified month: a mismatch sends it back, while
+    /// its partition exists, so that the next run does not drop it: to
+    /// `detached` (exported again from the partition) when the object is at
+    /// fault, to `exported` (verified again) when the rollup is. Other
+    /// errors leave it verified.
+    async fn unverify(&self, month: NaiveDate, error: &ArchiveError) -> Result<(), ArchiveError> {
+        let ArchiveError::Verification { mismatch, .. } = error else {
+            return Ok(());
+        };
+        let conn = self.conn().await?;
+        let status = manifest::partition_status(&*conn, &partition_name(month)).await?;
+        if !status.exists {
+            // Nothing to export again from; the error stands.
+            return Ok(());
+        }
+        let back = if mismatch.is_in_object() {
+            ArchiveState::Detached
+        } else {
+            ArchiveState::Exported
+        };
+        if manifest::advance(&*conn, month, ArchiveState::Verified, back).await? {
+            tracing::warn!(%month, %mismatch, state = %back, "a verified archive no longer matches; the month goes back");
+        }
+        Ok(())
+    }
+
     /// Step 5: drops the partition of a verified month and records it, in
     /// one transaction holding the manifest row.
     async fn drop_partition(&self, month: NaiveDate) -> Result<(), ArchiveError> {
@@ -907,12 +1101,15 @@ impl Archiver {
                 }
                 (checked?, ArchiveState::Verified, true, true)
             }
-            ArchiveState::Verified => (
-                self.check_object(month, &record, true, true).await?,
-                ArchiveState::Verified,
-                true,
-                true,
-            ),
+            ArchiveState::Verified => {
+                let checked = self.check_object(month, &record, true, true).await;
+                if let Err(e) = &checked {
+                    tracing::warn!(%month, error = %e, "verification failed");
+                    self.unverify(month, e).await?;
+                    self.note(month, e).await;
+                }
+                (checked?, ArchiveState::Verified, true, true)
+            }
             state @ (ArchiveState::Dropped | ArchiveState::Restoring) => (
                 self.check_object(month, &record, false, true).await?,
                 state,
@@ -1018,7 +1215,9 @@ impl Archiver {
         let fail = |mismatch| ArchiveError::Verification { month, mismatch };
         let path = ObjectPath::from(record.object_path.as_str());
         let scratch = Scratch::new(&self.config.scratch_dir, month, "restore");
-        let (bytes, sha256) = store::download(&*self.objects, &path, scratch.path()).await?;
+        let (bytes, sha256) = store::download(&*self.objects, &path, scratch.path())
+            .await
+            .map_err(|e| missing_as_mismatch(month, e))?;
         let expected_bytes = record.parquet_bytes.unwrap_or(0);
         if bytes != expected_bytes {
             return Err(fail(Mismatch::Size {
@@ -1036,34 +1235,29 @@ impl Archiver {
         let partition = partition_name(month);
         let qualified = format!("analytics.{partition}");
         let next = next_month(month);
+        // An early look, so that a partition holding rows fails the restore
+        // before the load rather than after; checked again under the lock.
+        {
+            let conn = self.conn().await?;
+            self.restore_target(&*conn, month, &partition).await?;
+        }
+        // The rows are loaded into a table of their own, unknown to every
+        // other transaction, and only then, under the fence's lock, is it
+        // put in the partition's place and attached: ingest waits for the
+        // lock only as long as the attach, not the whole load.
+        let staging = format!("{partition}_restoring");
+        let staged = format!("analytics.{staging}");
         let mut conn = self.conn().await?;
         let tx = conn.begin().await.map_err(db)?;
         let noted = |e: tokio_postgres::Error| {
             tx.note_error(&e);
             db(e)
         };
-        let status = manifest::partition_status(&tx, &partition).await?;
-        if status.exists {
-            // An empty partition made meanwhile (the maintenance job
-            // creating months) is replaced; one with rows is not ours to drop.
-            let rows: i64 = tx
-                .query_prepared_one(&format!("SELECT count(*) FROM {qualified}"), &[])
-                .await
-                .map_err(db)?
-                .try_get(0)
-                .map_err(db)?;
-            if rows > 0 {
-                return Err(ArchiveError::RestoreBlocked { month, rows });
-            }
-            tx.batch_execute(&format!("DROP TABLE {qualified}"))
-                .await
-                .map_err(noted)?;
-        }
         // The CHECK matches the partition bound, so ATTACH skips its scan
         // of the rows; the COPY checks each row against it instead.
         tx.batch_execute(&format!(
-            "CREATE TABLE {qualified} (LIKE analytics.events INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
-             ALTER TABLE {qualified} ADD CONSTRAINT {partition}_month
+            "CREATE TABLE {staged} (LIKE analytics.events INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+             ALTER TABLE {staged} ADD CONSTRAINT {partition}_month
                  CHECK (created_at >= '{month}T00:00:00Z' AND created_at < '{next}T00:00:00Z')"
         ))
         .await
@@ -1071,7 +1265,7 @@ impl Archiver {
         let sink = tx
             .copy_in(
                 format!(
-                    "COPY {qualified} (tenant_id, created_at, event_type, processing_time_us)
+                    "COPY {staged} (tenant_id, created_at, event_type, processing_time_us)
                      FROM STDIN (FORMAT binary)"
                 )
                 .as_str(),
@@ -1113,8 +1307,26 @@ impl Archiver {
         if let Some(mismatch) = first_difference(&totals, &cells) {
             return Err(fail(mismatch));
         }
+        // The partitioned index's counterpart, built now so that ATTACH
+        // adopts it instead of building it under the locks below.
         tx.batch_execute(&format!(
-            "ALTER TABLE analytics.events ATTACH PARTITION {qualified}
+            "CREATE INDEX {staging}_tenant_time_idx ON {staged} (tenant_id, created_at)"
+        ))
+        .await
+        .map_err(noted)?;
+        // From here on, relations ingest batches write: the fence's lock
+        // first (a batch holding it may be waiting for the default
+        // partition, which ATTACH locks; see `lock_fence`).
+        lock_fence(&tx).await?;
+        if self.restore_target(&tx, month, &partition).await? {
+            tx.batch_execute(&format!("DROP TABLE {qualified}"))
+                .await
+                .map_err(noted)?;
+        }
+        tx.batch_execute(&format!(
+            "ALTER TABLE {staged} RENAME TO {partition};
+             ALTER INDEX analytics.{staging}_tenant_time_idx RENAME TO {partition}_tenant_id_created_at_idx;
+             ALTER TABLE analytics.events ATTACH PARTITION {qualified}
                  FOR VALUES FROM ('{month}T00:00:00Z') TO ('{next}T00:00:00Z')"
         ))
         .await
@@ -1124,20 +1336,141 @@ impl Archiver {
         }
         // The horizon drops to the end of the newest month still out of
         // the database (or none); months archived after this one keep it.
-        let horizon: Option<DateTime<Utc>> = tx
-            .query_prepared_one(
-                "UPDATE analytics.archive_horizon
-                    SET archived_before = (SELECT max((month + interval '1 month') AT TIME ZONE 'UTC')
-                                             FROM analytics.archives WHERE state <> 'restored'),
-                        updated_at = now()
-                 RETURNING archived_before",
-                &[],
-            )
+        let horizon = lower_horizon(&tx).await?;
+        tx.commit().await.map_err(db)?;
+        Ok((count, horizon))
+    }
+
+    /// Whether the month's partition exists, to be replaced by the restore:
+    /// an empty one made meanwhile (the maintenance job creating months)
+    /// is; one with rows is not ours to drop ([`ArchiveError::RestoreBlocked`]).
+    async fn restore_target(
+        &self,
+        db_: &impl Prepared,
+        month: NaiveDate,
+        partition: &str,
+    ) -> Result<bool, ArchiveError> {
+        let status = manifest::partition_status(db_, partition).await?;
+        if !status.exists {
+            return Ok(false);
+        }
+        let rows: i64 = db_
+            .query_prepared_one(&format!("SELECT count(*) FROM analytics.{partition}"), &[])
             .await
             .map_err(db)?
             .try_get(0)
             .map_err(db)?;
+        if rows > 0 {
+            return Err(ArchiveError::RestoreBlocked { month, rows });
+        }
+        Ok(true)
+    }
+
+    async fn run_abort(&self, month: NaiveDate) -> Result<AbortReport, ArchiveError> {
+        let record = {
+            let conn = self.conn().await?;
+            manifest::get(&*conn, month).await?
+        };
+        let from = record.map(|r| r.state);
+        match from {
+            Some(
+                ArchiveState::Fenced
+                | ArchiveState::Detached
+                | ArchiveState::Exported
+                | ArchiveState::Verified,
+            ) => {}
+            Some(ArchiveState::Aborted) => {
+                return Ok(AbortReport {
+                    month,
+                    from: ArchiveState::Aborted,
+                    reattached: false,
+                    horizon: self.horizon().await?,
+                });
+            }
+            _ => {
+                return Err(ArchiveError::WrongState {
+                    month,
+                    operation: "abort",
+                    state: StateName(from),
+                });
+            }
+        }
+        let from = from.unwrap_or(ArchiveState::Fenced);
+        let partition = partition_name(month);
+        let qualified = format!("analytics.{partition}");
+        let next = next_month(month);
+        let mut conn = self.conn().await?;
+        let mut status = manifest::partition_status(&*conn, &partition).await?;
+        if !status.exists {
+            return Err(ArchiveError::WrongState {
+                month,
+                operation: "abort (its partition is gone)",
+                state: StateName(Some(from)),
+            });
+        }
+        if status.detach_pending {
+            // An interrupted `DETACH … CONCURRENTLY` (run by hand): only
+            // FINALIZE completes it, outside a transaction block.
+            conn.batch_execute(&format!(
+                "ALTER TABLE analytics.events DETACH PARTITION {qualified} FINALIZE"
+            ))
+            .await
+            .map_err(|e| {
+                conn.note_error(&e);
+                db(e)
+            })?;
+            status.attached = false;
+        }
+        let tx = conn.begin().await.map_err(db)?;
+        let noted = |e: tokio_postgres::Error| {
+            tx.note_error(&e);
+            db(e)
+        };
+        let reattach = !status.attached;
+        if reattach {
+            // A CHECK matching the bound, validated now by a scan of the
+            // detached table (which nothing else uses), lets ATTACH skip
+            // its own scan under the fence's lock below.
+            let constraint = format!("{partition}_month");
+            let has_check: bool = tx
+                .query_prepared_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_constraint
+                                     WHERE conrelid = to_regclass($1) AND conname = $2)",
+                    &[(&qualified, Type::TEXT), (&constraint, Type::TEXT)],
+                )
+                .await
+                .map_err(db)?
+                .try_get(0)
+                .map_err(db)?;
+            if !has_check {
+                tx.batch_execute(&format!(
+                    "ALTER TABLE {qualified} ADD CONSTRAINT {constraint}
+                         CHECK (created_at >= '{month}T00:00:00Z' AND created_at < '{next}T00:00:00Z')"
+                ))
+                .await
+                .map_err(noted)?;
+            }
+        }
+        lock_fence(&tx).await?;
+        if reattach {
+            tx.batch_execute(&format!(
+                "ALTER TABLE analytics.events ATTACH PARTITION {qualified}
+                     FOR VALUES FROM ('{month}T00:00:00Z') TO ('{next}T00:00:00Z')"
+            ))
+            .await
+            .map_err(noted)?;
+        }
+        if !manifest::advance(&tx, month, from, ArchiveState::Aborted).await? {
+            return Err(ArchiveError::Busy { month });
+        }
+        let horizon = lower_horizon(&tx).await?;
         tx.commit().await.map_err(db)?;
-        Ok((count, horizon))
+        tracing::info!(%month, %from, reattached = reattach, "archival aborted");
+        Ok(AbortReport {
+            month,
+            from,
+            reattached: reattach,
+            horizon,
+        })
     }
 }

@@ -147,6 +147,12 @@ pub enum NotEligible {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Mismatch {
+    /// The object is not in the store (deleted since it was exported).
+    #[error("the object {path} is not in the store")]
+    Missing {
+        /// The object's path in the store.
+        path: String,
+    },
     /// The object's SHA-256 is not the one recorded at export.
     #[error("SHA-256 is {actual}, the manifest says {expected}")]
     Hash {

@@ -8,7 +8,9 @@
 //! 1. **fenced**: the archived horizon (`analytics.archive_horizon`) is
 //!    raised to the month's end and committed; the
 //!    [`EventWriter`](crate::EventWriter) refuses later rows of the month
-//!    (`before_archived_horizon`). The raise waits for batches in flight.
+//!    (`before_archived_horizon`). The raise takes the fence's advisory
+//!    lock ([`HORIZON_LOCK_KEY`](crate::postgres::HORIZON_LOCK_KEY))
+//!    exclusive, so it waits for the batches in flight.
 //! 2. **detached**: `ALTER TABLE … DETACH PARTITION` (not `CONCURRENTLY`:
 //!    PostgreSQL refuses it while a default partition exists; see ADR 0022)
 //!    with a short `lock_timeout`, retried; the partition's heap size is
@@ -22,7 +24,9 @@
 //!    hash must match the manifest, its rows must equal the partition's,
 //!    row for row, and its count and processing-time sum per (tenant, UTC
 //!    day) must equal the rollup (`analytics.events_daily`, which is kept).
-//! 5. **dropped**: the partition is dropped, only from **verified**.
+//! 5. **dropped**: the partition is dropped, only from **verified**; a run
+//!    that resumes a month from **verified** first reads the object back
+//!    and checks its size and SHA-256 against the manifest again.
 //!
 //! [`Archiver::archive`] resumes a month from its recorded state, so a
 //! crash at any point is recovered by running it again; every step is
@@ -30,7 +34,9 @@
 //! object that fails verification sends the month back to **detached**: the
 //! next run exports it again from the partition, which is still there.
 //! [`Archiver::restore`] loads a dropped month back into a partition
-//! (**restoring** → **restored**) in one transaction.
+//! (**restoring** → **restored**) in one transaction. [`Archiver::abort`]
+//! calls off a month's archival before the drop (**aborted**: the
+//! partition attached again), for a month that keeps failing.
 //!
 //! ```no_run
 //! # async fn demo(store: pg_analytics::Analytics) -> Result<(), Box<dyn std::error::Error>> {
@@ -84,6 +90,10 @@ pub enum ArchiveState {
     Restoring,
     /// The month is back in a partition.
     Restored,
+    /// The archival was called off ([`Archiver::abort`]) before the drop:
+    /// the partition is attached again. [`Archiver::archive_due`] leaves the
+    /// month alone; [`Archiver::archive`] starts it over.
+    Aborted,
 }
 
 impl ArchiveState {
@@ -97,6 +107,7 @@ impl ArchiveState {
             ArchiveState::Dropped => "dropped",
             ArchiveState::Restoring => "restoring",
             ArchiveState::Restored => "restored",
+            ArchiveState::Aborted => "aborted",
         }
     }
 
@@ -110,6 +121,7 @@ impl ArchiveState {
             "dropped" => ArchiveState::Dropped,
             "restoring" => ArchiveState::Restoring,
             "restored" => ArchiveState::Restored,
+            "aborted" => ArchiveState::Aborted,
             _ => return None,
         })
     }
@@ -295,6 +307,50 @@ pub struct ArchiveReport {
     pub export_elapsed: Option<Duration>,
     /// Of which verifying (download, hash, compare), if this call did.
     pub verify_elapsed: Option<Duration>,
+}
+
+/// What [`Archiver::archive_due_report`] did: the months archived, and
+/// the months that failed, each with its error (also recorded as the
+/// month's `last_error`).
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct DueReport {
+    /// The months archived (or found archived), oldest first.
+    pub archived: Vec<ArchiveReport>,
+    /// The months that failed, oldest first. A failure that concerns the
+    /// month alone (a verification mismatch, rows in the default partition,
+    /// another archiver on it, …) does not stop the run; one that concerns
+    /// the services (the database or the store unavailable) does, and is
+    /// the last entry.
+    pub failed: Vec<MonthFailure>,
+    /// The months due that were not tried, because a failure stopped the
+    /// run.
+    pub not_attempted: Vec<NaiveDate>,
+}
+
+/// A month [`Archiver::archive_due_report`] could not archive.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct MonthFailure {
+    /// The month (its first day).
+    pub month: NaiveDate,
+    /// Why; its state in the manifest says where it stands.
+    pub error: ArchiveError,
+}
+
+/// What [`Archiver::abort`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AbortReport {
+    /// The month (its first day).
+    pub month: NaiveDate,
+    /// The state the month was called off from (`Aborted` if it already
+    /// was).
+    pub from: ArchiveState,
+    /// The partition had to be attached again (it was detached).
+    pub reattached: bool,
+    /// The archived horizon after the abort.
+    pub horizon: Option<DateTime<Utc>>,
 }
 
 /// What [`Archiver::verify`] checked.

@@ -179,6 +179,27 @@ pub(crate) async fn upload(
     Ok(())
 }
 
+/// The size and SHA-256 (hex) of the object at `path`, streamed through
+/// the hash (nothing is written locally).
+pub(crate) async fn digest(
+    objects: &dyn ObjectStore,
+    path: &ObjectPath,
+) -> Result<(u64, String), ArchiveError> {
+    let got = objects
+        .get(path)
+        .await
+        .map_err(|e| ArchiveError::store(path, e))?;
+    let mut stream = got.into_stream();
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ArchiveError::store(path, e))?;
+        hasher.update(&chunk);
+        bytes += chunk.len() as u64;
+    }
+    Ok((bytes, hex::encode(hasher.finalize())))
+}
+
 /// Downloads `path` into the file `file`, hashing as it goes; returns its
 /// size and SHA-256 (hex).
 pub(crate) async fn download(

@@ -10,14 +10,16 @@
 //! | --- | --- |
 //! | `analytics:gen:tenant:{id}` | the tenant's generation (an integer) |
 //! | `analytics:gen:plan:{plan}` | the plan's generation |
-//! | `analytics:dash:{plan}:{since}:{gen}` | a 24-byte header, then the dashboard's JSON |
+//! | `analytics:dash:{plan}:{since}` | a 44-byte header (computed at, compute time, expiry, generation), then the dashboard's JSON |
 //!
 //! A committed batch bumps, in one script, the generation of each tenant it
-//! wrote and of each of their plans (the plan's generation is the
-//! aggregate of its tenants': it moves whenever one of theirs does). A
-//! dashboard is read with one script that reads the plan's generation and
-//! the value stored under it, so a read costs one round trip and never
-//! pairs a new generation with an old value.
+//! wrote and of every plan (a plan's generation is the aggregate of its
+//! tenants': it moves whenever one of theirs does). A bump never reuses a
+//! number: it takes the larger of +1 and Redis's clock in microseconds. A
+//! dashboard is read with one `MGET` of the plan's generation and the
+//! value: a hit is a value whose header carries that generation; anything
+//! else is a miss. A value is stored by a script that refuses to replace
+//! one of a newer generation.
 //!
 //! ## Freshness
 //!
@@ -27,7 +29,8 @@
 //! stale is served. A bump that fails (Redis down) is counted, and this
 //! process then serves dashboards from PostgreSQL until a later bump of
 //! every plan succeeds; other processes may serve the old value until its
-//! TTL (documented in docs/pg-analytics/DESIGN.md).
+//! TTL (docs/pg-analytics/API.md lists this bound, ADR 0021 the reasons).
+//! A reconnection of the client is treated as a lost bump.
 //!
 //! The scripts touch keys they compute from the prefix, so they run on a
 //! single Redis server (or a replica set), not across Redis Cluster slots.
@@ -36,15 +39,15 @@ mod value;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use chrono::NaiveDate;
-use fred::interfaces::KeysInterface;
+use fred::interfaces::{EventInterface, KeysInterface};
 use fred::prelude::Client;
+use fred::types::Value;
 use fred::types::scripts::Script;
-use fred::types::{Expiration, Value};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use parking_lot::Mutex;
@@ -54,18 +57,38 @@ use crate::model::{Event, Plan, Tenant};
 use crate::postgres::{Analytics, AnalyticsError, EventWriter, IngestReport};
 use value::CachedValue;
 
-/// Reads a plan's generation and the value stored under it, in one round
-/// trip. Returns `{gen}` on a miss and `{gen, value}` on a hit.
-const READ_LUA: &str = r"
-local gen = redis.call('GET', KEYS[1]) or '0'
-local value = redis.call('GET', ARGV[1] .. gen)
-if value then return {gen, value} end
-return {gen}
+/// Gives a generation that is missing (a Redis that is new, restarted
+/// empty, or evicted the key) a value never used before: the server's
+/// clock in microseconds. `NX`: concurrent readers agree on one.
+const INIT_LUA: &str = r"
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])), 'NX')
+return 1
 ";
 
-/// Bumps every key given: the tenants' and their plans' generations.
+/// Stores a dashboard unless the key holds one of a newer generation (a
+/// slow computation must not replace a fresher one). Reads only the
+/// header's generation (`GETRANGE`), never the whole value.
+const STORE_LUA: &str = r"
+local stored = tonumber(redis.call('GETRANGE', KEYS[1], 24, 43))
+if stored and stored > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+";
+
+/// Moves every key given (generations) to a value never used before:
+/// one more than now, or the server's clock in microseconds if that is
+/// larger. A generation that went back (a failover to a replica that missed
+/// bumps, a restart from a snapshot, an evicted key) therefore never
+/// returns to a number whose value is still stored.
 const BUMP_LUA: &str = r"
-for i, key in ipairs(KEYS) do redis.call('INCR', key) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i, key in ipairs(KEYS) do
+  local next = tonumber(redis.call('GET', key) or '0') + 1
+  if now > next then next = now end
+  redis.call('SET', key, string.format('%d', next))
+end
 return #KEYS
 ";
 
@@ -89,6 +112,13 @@ pub struct CacheConfig {
     /// PostgreSQL (and is counted as a failure). Default 1 s (a dashboard
     /// value can be megabytes).
     pub redis_timeout: Duration,
+    /// After a Redis failure, how long reads skip Redis and go straight to
+    /// PostgreSQL (so an outage does not cost every read a timeout).
+    /// Default 2 s.
+    pub outage_backoff: Duration,
+    /// Dashboards computed from PostgreSQL at once while Redis is skipped;
+    /// more readers wait for a turn. Default 4.
+    pub max_fallthroughs: usize,
 }
 
 impl Default for CacheConfig {
@@ -99,6 +129,8 @@ impl Default for CacheConfig {
             ttl_jitter: 0.1,
             early_refresh_beta: 1.0,
             redis_timeout: Duration::from_secs(1),
+            outage_backoff: Duration::from_secs(2),
+            max_fallthroughs: 4,
         }
     }
 }
@@ -135,6 +167,18 @@ impl CacheConfig {
     /// Sets [`CacheConfig::redis_timeout`].
     pub fn with_redis_timeout(mut self, timeout: Duration) -> CacheConfig {
         self.redis_timeout = timeout;
+        self
+    }
+
+    /// Sets [`CacheConfig::outage_backoff`].
+    pub fn with_outage_backoff(mut self, backoff: Duration) -> CacheConfig {
+        self.outage_backoff = backoff;
+        self
+    }
+
+    /// Sets [`CacheConfig::max_fallthroughs`] (at least 1).
+    pub fn with_max_fallthroughs(mut self, n: usize) -> CacheConfig {
+        self.max_fallthroughs = n.max(1);
         self
     }
 }
@@ -202,11 +246,26 @@ struct Counters {
 
 type Flight = Shared<BoxFuture<'static, Result<Bytes, Arc<AnalyticsError>>>>;
 
+/// What one computation computes and where it stores it.
+struct Target {
+    /// The in-process name: value key and generation.
+    key: String,
+    /// The Redis key of the value.
+    value_key: String,
+    /// The generation the computation started at (read before it).
+    generation: u64,
+    plan: Plan,
+    since: NaiveDate,
+    /// Started early by XFetch.
+    early: bool,
+}
+
 struct Inner {
     store: Analytics,
     redis: Client,
     config: CacheConfig,
-    read_script: Script,
+    init_script: Script,
+    store_script: Script,
     bump_script: Script,
     /// Computations in progress, by value key: a reader of a key being
     /// computed waits for that computation instead of starting another.
@@ -216,8 +275,15 @@ struct Inner {
     /// instead of recomputing, and XFetch does not refresh a value this
     /// process already replaced.
     stored: Mutex<HashMap<String, (u64, Instant)>>,
-    /// A bump failed: generations in Redis may be behind PostgreSQL.
-    bump_lost: AtomicBool,
+    /// Bumps lost since the last successful resync (0: none): generations
+    /// in Redis may be behind PostgreSQL. A counter, not a flag, so that a
+    /// resync racing a newer failure does not clear it.
+    lost_bumps: AtomicU64,
+    /// Until when (ms since the Unix epoch) reads skip Redis after a
+    /// failure.
+    skip_redis_until_ms: AtomicU64,
+    /// Turns for reading from PostgreSQL while Redis is skipped.
+    fallthrough_turns: tokio::sync::Semaphore,
     counters: Counters,
 }
 
@@ -244,26 +310,48 @@ fn unix_ms(t: SystemTime) -> u64 {
 
 impl DashboardCache {
     /// A cache of `store`'s dashboards on `redis` (a connected client, for
-    /// instance from `redis_kit::RedisSetup::connect`).
+    /// instance from `redis_kit::RedisSetup::connect`). Call it inside a
+    /// Tokio runtime: it starts a listener for the client's reconnections.
     pub fn new(
         store: Analytics,
         redis: Client,
         config: CacheConfig,
     ) -> Result<DashboardCache, CacheError> {
         redis_kit::check_prefix(&config.key_prefix).map_err(CacheError::Config)?;
-        Ok(DashboardCache {
+        let fallthroughs = config.max_fallthroughs.max(1);
+        let cache = DashboardCache {
             inner: Arc::new(Inner {
                 store,
                 redis,
                 config,
-                read_script: Script::from_lua(READ_LUA),
+                init_script: Script::from_lua(INIT_LUA),
+                store_script: Script::from_lua(STORE_LUA),
                 bump_script: Script::from_lua(BUMP_LUA),
                 flights: Mutex::new(HashMap::new()),
                 stored: Mutex::new(HashMap::new()),
-                bump_lost: AtomicBool::new(false),
+                lost_bumps: AtomicU64::new(0),
+                skip_redis_until_ms: AtomicU64::new(0),
+                fallthrough_turns: tokio::sync::Semaphore::new(fallthroughs),
                 counters: Counters::default(),
             }),
-        })
+        };
+        // A reconnect may reach a server that lost bumps (restarted from a
+        // snapshot, or a replica promoted): resync before trusting it. The
+        // listener holds the cache weakly and ends with it.
+        let weak = Arc::downgrade(&cache.inner);
+        let _listener = cache.inner.redis.on_reconnect(move |_server| {
+            std::future::ready(match weak.upgrade() {
+                Some(inner) => {
+                    inner.lost_bumps.fetch_add(1, Ordering::AcqRel);
+                    Ok(())
+                }
+                None => Err(fred::error::Error::new(
+                    fred::error::ErrorKind::Canceled,
+                    "dashboard cache dropped",
+                )),
+            })
+        });
+        Ok(cache)
     }
 
     /// The store behind the cache.
@@ -308,24 +396,26 @@ impl DashboardCache {
     /// the answer comes from PostgreSQL and the failure is counted.
     pub async fn dashboard_json(&self, plan: Plan, since: NaiveDate) -> Result<Bytes, CacheError> {
         let inner = &self.inner;
-        if inner.bump_lost.load(Ordering::Acquire) && !self.resync().await {
+        if self.skipping_redis() {
             return self.fall_through(plan, since).await;
         }
-        let prefix = self.value_key_prefix(plan, since);
-        let (generation, cached) = match self.read(plan, &prefix).await {
+        if inner.lost_bumps.load(Ordering::Acquire) > 0 && !self.resync().await {
+            return self.fall_through(plan, since).await;
+        }
+        let value_key = self.value_key(plan, since);
+        let (generation, cached) = match self.read(plan, &value_key).await {
             Ok(found) => found,
             Err(()) => return self.fall_through(plan, since).await,
         };
-        let key = format!("{prefix}{generation}");
+        // In-process names of one value: the key and the generation.
+        let key = format!("{value_key}@{generation}");
         if let Some(value) = cached {
             inner.counters.hits.fetch_add(1, Ordering::Relaxed);
             if self.should_refresh_early(&key, &value) {
                 // The others keep reading this value while one refresh
-                // runs in the background.
-                let (flight, started) = self.flight(&key, plan, since, true);
-                if started {
-                    tokio::spawn(flight);
-                }
+                // runs in the background (a task of its own: nothing to
+                // await here).
+                let _ = self.flight(&key, &value_key, generation, plan, since, true);
             }
             return Ok(value.body);
         }
@@ -333,19 +423,19 @@ impl DashboardCache {
         if self.stored_recently(&key) {
             // Stored by this process after our read: read it again rather
             // than compute it a second time.
-            if let Ok((g, Some(value))) = self.read(plan, &prefix).await
+            if let Ok((g, Some(value))) = self.read(plan, &value_key).await
                 && g == generation
             {
                 return Ok(value.body);
             }
         }
-        let (flight, _) = self.flight(&key, plan, since, false);
+        let (flight, _) = self.flight(&key, &value_key, generation, plan, since, false);
         flight.await.map_err(CacheError::Store)
     }
 
-    fn value_key_prefix(&self, plan: Plan, since: NaiveDate) -> String {
+    fn value_key(&self, plan: Plan, since: NaiveDate) -> String {
         format!(
-            "{}dash:{}:{}:",
+            "{}dash:{}:{}",
             self.inner.config.key_prefix,
             plan.as_str(),
             since
@@ -360,37 +450,61 @@ impl DashboardCache {
         format!("{}gen:tenant:{tenant}", self.inner.config.key_prefix)
     }
 
-    /// The plan's generation and the value under it, or `Err` when Redis
-    /// failed (counted).
-    async fn read(&self, plan: Plan, prefix: &str) -> Result<(String, Option<CachedValue>), ()> {
+    /// The plan's generation and the value stored for `value_key` if it
+    /// was computed at that generation; `Err` when Redis failed (counted).
+    /// One `MGET` of both keys: a consistent pair in one round trip, with
+    /// the value sent as it is stored (no script copies it).
+    async fn read(&self, plan: Plan, value_key: &str) -> Result<(u64, Option<CachedValue>), ()> {
         let inner = &self.inner;
-        let call = inner.read_script.evalsha_with_reload::<Vec<Value>, _, _>(
-            &inner.redis,
-            vec![self.plan_generation_key(plan)],
-            vec![prefix.to_owned()],
-        );
-        let reply = match tokio::time::timeout(inner.config.redis_timeout, call).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => return Err(self.redis_failed("read", &e)),
-            Err(_) => return Err(self.redis_failed("read", &"timed out")),
-        };
-        let mut reply = reply.into_iter();
-        let generation = reply
-            .next()
-            .and_then(|v| v.as_bytes_str())
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "0".into());
-        let value = match reply.next().and_then(Value::into_bytes) {
-            Some(bytes) => match CachedValue::decode(bytes) {
-                Some(v) => Some(v),
-                None => {
-                    tracing::warn!(prefix, "dashboard cache: an unreadable value, recomputed");
-                    None
+        let generation_key = self.plan_generation_key(plan);
+        for attempt in 0..2 {
+            let call = inner
+                .redis
+                .mget::<Vec<Value>, _>(vec![generation_key.clone(), value_key.to_owned()]);
+            let reply = match tokio::time::timeout(inner.config.redis_timeout, call).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) => return Err(self.redis_failed("read", &e)),
+                Err(_) => return Err(self.redis_failed("read", &"timed out")),
+            };
+            let mut reply = reply.into_iter();
+            let generation = reply
+                .next()
+                .and_then(|v| v.as_bytes_str())
+                .and_then(|s| s.parse::<u64>().ok());
+            let Some(generation) = generation else {
+                if attempt == 0 {
+                    // No generation yet: give it one, then read again.
+                    let init = inner.init_script.evalsha_with_reload::<i64, _, _>(
+                        &inner.redis,
+                        vec![generation_key.clone()],
+                        Vec::<String>::new(),
+                    );
+                    match tokio::time::timeout(inner.config.redis_timeout, init).await {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => return Err(self.redis_failed("init", &e)),
+                        Err(_) => return Err(self.redis_failed("init", &"timed out")),
+                    }
                 }
-            },
-            None => None,
-        };
-        Ok((generation, value))
+                return Err(self.redis_failed("read", &"no generation"));
+            };
+            let value = match reply.next().and_then(Value::into_bytes) {
+                Some(bytes) => match CachedValue::decode(bytes) {
+                    Some(v) => Some(v),
+                    None => {
+                        tracing::warn!(
+                            value_key,
+                            "dashboard cache: an unreadable value, recomputed"
+                        );
+                        None
+                    }
+                },
+                None => None,
+            };
+            // A value of another generation is a miss (an older one is
+            // stale; a newer one will be read with its generation).
+            return Ok((generation, value.filter(|v| v.generation == generation)));
+        }
+        Err(())
     }
 
     fn redis_failed(&self, what: &str, error: &dyn std::fmt::Display) {
@@ -398,14 +512,32 @@ impl DashboardCache {
             .counters
             .redis_failures
             .fetch_add(1, Ordering::Relaxed);
+        let backoff =
+            u64::try_from(self.inner.config.outage_backoff.as_millis()).unwrap_or(u64::MAX);
+        self.inner.skip_redis_until_ms.store(
+            unix_ms(SystemTime::now()).saturating_add(backoff),
+            Ordering::Release,
+        );
         tracing::warn!(%error, what, "dashboard cache: redis unavailable");
     }
 
+    /// Whether a recent failure says to leave Redis alone for now.
+    fn skipping_redis(&self) -> bool {
+        unix_ms(SystemTime::now()) < self.inner.skip_redis_until_ms.load(Ordering::Acquire)
+    }
+
+    /// The dashboard from PostgreSQL, without the cache. Each reader
+    /// computes its own (sharing a computation that started before it came
+    /// could miss a write acknowledged in between), a few at a time.
     async fn fall_through(&self, plan: Plan, since: NaiveDate) -> Result<Bytes, CacheError> {
         self.inner
             .counters
             .fallthroughs
             .fetch_add(1, Ordering::Relaxed);
+        let _turn =
+            self.inner.fallthrough_turns.acquire().await.map_err(|e| {
+                CacheError::Store(Arc::new(AnalyticsError::Unavailable(Box::new(e))))
+            })?;
         self.inner
             .store
             .dashboard_json(plan, since)
@@ -440,43 +572,66 @@ impl DashboardCache {
         matches!(self.inner.stored.lock().get(key), Some((_, until)) if *until > Instant::now())
     }
 
-    /// The computation of `key` in progress, or a new one (then `true`).
-    fn flight(&self, key: &str, plan: Plan, since: NaiveDate, early: bool) -> (Flight, bool) {
+    /// The computation of `key` (a value key at a generation) in progress,
+    /// or a new one (then `true`).
+    fn flight(
+        &self,
+        key: &str,
+        value_key: &str,
+        generation: u64,
+        plan: Plan,
+        since: NaiveDate,
+        early: bool,
+    ) -> (Flight, bool) {
         let mut flights = self.inner.flights.lock();
         if let Some(flight) = flights.get(key) {
             return (flight.clone(), false);
         }
-        let flight = self.compute_flight(key.to_owned(), plan, since, early);
+        let target = Target {
+            key: key.to_owned(),
+            value_key: value_key.to_owned(),
+            generation,
+            plan,
+            since,
+            early,
+        };
+        let flight = self.compute_flight(target);
         flights.insert(key.to_owned(), flight.clone());
         (flight, true)
     }
 
-    fn compute_flight(&self, key: String, plan: Plan, since: NaiveDate, early: bool) -> Flight {
+    /// The computation runs as its own task, so readers that give up (a
+    /// client gone, a timeout) cannot leave it half-polled in the table
+    /// holding a pooled connection: it finishes, stores, and leaves.
+    fn compute_flight(&self, target: Target) -> Flight {
         let cache = self.clone();
-        async move {
-            let result = cache.compute_and_store(&key, plan, since, early).await;
-            cache.inner.flights.lock().remove(&key);
+        let task = tokio::spawn(async move {
+            let result = cache.compute_and_store(&target).await;
+            cache.inner.flights.lock().remove(&target.key);
             result
+        });
+        async move {
+            task.await
+                .map_err(|e| Arc::new(AnalyticsError::Unavailable(Box::new(e))))?
         }
         .boxed()
         .shared()
     }
 
-    async fn compute_and_store(
-        &self,
-        key: &str,
-        plan: Plan,
-        since: NaiveDate,
-        early: bool,
-    ) -> Result<Bytes, Arc<AnalyticsError>> {
+    async fn compute_and_store(&self, target: &Target) -> Result<Bytes, Arc<AnalyticsError>> {
         let inner = &self.inner;
         let started = Instant::now();
-        let body = Bytes::from(inner.store.dashboard_json(plan, since).await?);
+        let body = Bytes::from(
+            inner
+                .store
+                .dashboard_json(target.plan, target.since)
+                .await?,
+        );
         inner
             .counters
             .recomputations
             .fetch_add(1, Ordering::Relaxed);
-        if early {
+        if target.early {
             inner
                 .counters
                 .early_refreshes
@@ -487,24 +642,26 @@ impl DashboardCache {
         let value = CachedValue {
             computed_at_ms,
             compute_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            expires_at_ms: computed_at_ms + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            expires_at_ms: computed_at_ms
+                .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+            generation: target.generation,
             body: body.clone(),
         };
-        let set = inner.redis.set::<(), _, _>(
-            key,
-            value.encode(),
-            Some(Expiration::PX(
-                i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
-            )),
-            None,
-            false,
+        let set = inner.store_script.evalsha_with_reload::<i64, _, _>(
+            &inner.redis,
+            vec![target.value_key.clone()],
+            vec![
+                Value::Bytes(value.encode()),
+                Value::Integer(i64::try_from(target.generation).unwrap_or(i64::MAX)),
+                Value::Integer(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1)),
+            ],
         );
         match tokio::time::timeout(inner.config.redis_timeout, set).await {
-            Ok(Ok(())) => {
+            Ok(Ok(_)) => {
                 let mut stored = inner.stored.lock();
                 let now = Instant::now();
                 stored.retain(|_, (_, until)| *until > now);
-                stored.insert(key.to_owned(), (computed_at_ms, now + ttl));
+                stored.insert(target.key.clone(), (computed_at_ms, now + ttl));
             }
             Ok(Err(e)) => self.redis_failed("store", &e),
             Err(_) => self.redis_failed("store", &"timed out"),
@@ -517,15 +674,18 @@ impl DashboardCache {
         jittered(config.ttl, config.ttl_jitter, fastrand::f64())
     }
 
-    /// Bumps the generations of what `report` wrote: its tenants and their
-    /// plans, or every plan for a replay (whose first attempt may have
-    /// committed without its bump).
+    /// Bumps the generations of what `report` wrote: its tenants', and
+    /// every plan's. Every plan, because the plan a tenant is on is only
+    /// known for certain inside the database (another process may have
+    /// moved it a moment ago), and because a batch of a multi-tenant feed
+    /// holds tenants of every plan anyway. A replay bumps them too: its
+    /// first attempt may have committed without its bump.
     pub async fn invalidate(&self, report: &IngestReport) {
-        let plans: &[Plan] = if report.replayed {
-            &Plan::ALL
-        } else {
-            &report.plans
-        };
+        let plans: &[Plan] = &Plan::ALL;
+        if report.tenants.is_empty() && !report.replayed {
+            // Nothing was written.
+            return;
+        }
         let mut keys: Vec<String> = report
             .tenants
             .iter()
@@ -541,11 +701,7 @@ impl DashboardCache {
                 .invalidations
                 .fetch_add(1, Ordering::Relaxed);
         } else {
-            self.inner
-                .counters
-                .invalidation_failures
-                .fetch_add(1, Ordering::Relaxed);
-            self.inner.bump_lost.store(true, Ordering::Release);
+            self.bump_lost();
         }
     }
 
@@ -556,11 +712,7 @@ impl DashboardCache {
     pub async fn upsert_tenant(&self, tenant: &Tenant) -> Result<(), AnalyticsError> {
         self.inner.store.upsert_tenant(tenant).await?;
         if !self.invalidate_all().await {
-            self.inner
-                .counters
-                .invalidation_failures
-                .fetch_add(1, Ordering::Relaxed);
-            self.inner.bump_lost.store(true, Ordering::Release);
+            self.bump_lost();
         }
         Ok(())
     }
@@ -575,8 +727,29 @@ impl DashboardCache {
         self.bump(keys).await
     }
 
+    /// Counts a lost bump; this process reads through to PostgreSQL until
+    /// a bump of every plan succeeds.
+    fn bump_lost(&self) {
+        let inner = &self.inner;
+        inner
+            .counters
+            .invalidation_failures
+            .fetch_add(1, Ordering::Relaxed);
+        inner.lost_bumps.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Marks the generations as untrusted, as after a lost bump: call it
+    /// when the Redis connection was re-established (the server may have
+    /// restarted from a snapshot or failed over, and lost bumps).
+    pub fn mark_generations_suspect(&self) {
+        self.inner.lost_bumps.fetch_add(1, Ordering::AcqRel);
+    }
+
     async fn bump(&self, keys: Vec<String>) -> bool {
         let inner = &self.inner;
+        if self.skipping_redis() {
+            return false;
+        }
         let call = inner.bump_script.evalsha_with_reload::<i64, _, _>(
             &inner.redis,
             keys,
@@ -598,21 +771,35 @@ impl DashboardCache {
     /// After a lost bump: bump every plan, and read through the cache
     /// again once that worked.
     async fn resync(&self) -> bool {
-        if self.invalidate_all().await {
-            self.inner.bump_lost.store(false, Ordering::Release);
-            tracing::info!("dashboard cache: generations bumped after an outage");
-            true
-        } else {
-            false
+        let seen = self.inner.lost_bumps.load(Ordering::Acquire);
+        if seen == 0 {
+            return true;
         }
+        if !self.invalidate_all().await {
+            return false;
+        }
+        // Cleared only if no bump was lost while this one ran.
+        let _ =
+            self.inner
+                .lost_bumps
+                .compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Acquire);
+        tracing::info!("dashboard cache: generations bumped after an outage");
+        true
     }
 }
 
 /// `ttl` spread by `jitter` (a fraction) according to `r` in [0, 1): from
 /// `ttl·(1 − jitter)` to `ttl·(1 + jitter)`, and at least 1 ms.
 fn jittered(ttl: Duration, jitter: f64, r: f64) -> Duration {
-    let spread = jitter * (2.0 * r - 1.0);
-    ttl.mul_f64((1.0 + spread).max(0.0))
+    // The config's fields are public: never trust them to be in range.
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 0.5)
+    } else {
+        0.0
+    };
+    let spread = jitter * (2.0 * r.clamp(0.0, 1.0) - 1.0);
+    Duration::try_from_secs_f64(ttl.as_secs_f64() * (1.0 + spread))
+        .unwrap_or(ttl)
         .max(Duration::from_millis(1))
 }
 

@@ -1,10 +1,13 @@
-//! A cached dashboard as stored in Redis: a fixed header for XFetch, then
-//! the JSON body, so a hit hands the body out without copying it.
+//! A cached dashboard as stored in Redis: a fixed header (XFetch's times,
+//! then the generation it was computed at), then the JSON body, so a hit
+//! hands the body out without copying it.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// Header: computed-at, compute time and expiry, in ms, little-endian u64s.
-const HEADER: usize = 24;
+/// Header: computed-at, compute time and expiry, in ms, as little-endian
+/// u64s (bytes 0..24), then the generation as 20 ASCII digits (bytes
+/// 24..44), which the store script reads with `GETRANGE` and `tonumber`.
+const HEADER: usize = 44;
 
 /// A dashboard value with what XFetch needs to decide an early refresh.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,6 +18,8 @@ pub(super) struct CachedValue {
     pub(super) compute_ms: u64,
     /// When its key expires (ms since the Unix epoch).
     pub(super) expires_at_ms: u64,
+    /// The plan's generation it was computed at.
+    pub(super) generation: u64,
     /// The dashboard's JSON.
     pub(super) body: Bytes,
 }
@@ -25,6 +30,7 @@ impl CachedValue {
         out.put_u64_le(self.computed_at_ms);
         out.put_u64_le(self.compute_ms);
         out.put_u64_le(self.expires_at_ms);
+        out.put_slice(format!("{:020}", self.generation).as_bytes());
         out.put_slice(&self.body);
         out.freeze()
     }
@@ -39,10 +45,15 @@ impl CachedValue {
             word.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
             u64::from_le_bytes(word)
         };
+        let generation = std::str::from_utf8(&bytes[24..HEADER])
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
         Some(CachedValue {
             computed_at_ms: field(0),
             compute_ms: field(1),
             expires_at_ms: field(2),
+            generation,
             body: bytes.slice(HEADER..),
         })
     }
@@ -55,11 +66,12 @@ mod tests {
 
     proptest! {
         #[test]
-        fn a_value_round_trips(a: u64, b: u64, c: u64, body: Vec<u8>) {
+        fn a_value_round_trips(a: u64, b: u64, c: u64, generation: u64, body: Vec<u8>) {
             let value = CachedValue {
                 computed_at_ms: a,
                 compute_ms: b,
                 expires_at_ms: c,
+                generation,
                 body: Bytes::from(body),
             };
             prop_assert_eq!(CachedValue::decode(value.encode()), Some(value));

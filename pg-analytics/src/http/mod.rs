@@ -272,12 +272,7 @@ impl AnalyticsService {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
             .map(|v| v.trim().to_ascii_lowercase())
-            .is_some_and(|v| {
-                matches!(
-                    v.as_str(),
-                    "application/x-ndjson" | "application/jsonl" | "application/json-seq"
-                )
-            });
+            .is_some_and(|v| matches!(v.as_str(), "application/x-ndjson" | "application/jsonl"));
         if !is_ndjson {
             return Err(ApiError::unsupported_media_type(
                 "Content-Type must be application/x-ndjson (one JSON event per line)",
@@ -433,9 +428,17 @@ fn missing(name: &str) -> ApiError {
     .with_detail("parameter", name)
 }
 
+/// 422 `idempotency_key_reused` for a batch id reused with other events;
 /// 503 `unavailable` (with `Retry-After: 1`) when a retry may help, else
 /// 500 `internal` (the cause is logged, never sent).
 fn store_error(e: &AnalyticsError) -> ApiError {
+    if let AnalyticsError::IdempotencyKeyReused { batch_id } = e {
+        return ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            format!("the Idempotency-Key {batch_id} was used before for a different batch"),
+        );
+    }
     if e.is_transient() {
         tracing::warn!(error = %e, "postgres unavailable");
         ApiError::unavailable("unavailable", "the database is unavailable; retry later")

@@ -28,6 +28,14 @@ pub enum AnalyticsError {
     /// A stored row could not be read back.
     #[error("stored data is not valid: {0}")]
     Corrupt(String),
+    /// The batch id was committed before with different events: a key
+    /// reused for another batch (a client bug), not a retry. Nothing was
+    /// written; retrying the same call fails the same way.
+    #[error("the batch id {batch_id} was committed before with different events")]
+    IdempotencyKeyReused {
+        /// The batch id.
+        batch_id: uuid::Uuid,
+    },
 }
 
 impl AnalyticsError {

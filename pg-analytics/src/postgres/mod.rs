@@ -23,6 +23,22 @@ use tenants::TenantCache;
 /// The schema the store owns.
 pub const SCHEMA: &str = "analytics";
 
+/// The key of the advisory lock that fences ingest against archival:
+/// 7380064356294359662, the ASCII bytes of `"fkAnHrzn"` (ferrokeel analytics
+/// horizon) read as a big-endian `bigint` (`x'666b416e48727a6e'`).
+///
+/// Every ingest transaction takes `pg_advisory_xact_lock_shared(K)` before
+/// anything else, then reads `analytics.archive_horizon` with a plain
+/// `SELECT` in a later statement (under `READ COMMITTED` that statement's
+/// snapshot is taken once the lock is granted). Whatever moves the horizon
+/// (the archiver's fence, a restore, an abort) takes
+/// `pg_advisory_xact_lock(K)` first. So a raise waits for the batches in
+/// flight, and a batch that starts after it sees it, without a tuple lock on
+/// the horizon's row (which writes the row and creates a MultiXact whenever
+/// two batches overlap). Anything else writing `analytics.events` must take
+/// the shared lock the same way. See migration `0005_archive_abort.sql`.
+pub const HORIZON_LOCK_KEY: i64 = i64::from_be_bytes(*b"fkAnHrzn");
+
 /// The schema's migrations, applied in order by [`Analytics::migrate`].
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -39,6 +55,16 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "0003_dashboard_index.sql",
         sql: include_str!("../../migrations/analytics/0003_dashboard_index.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_ingest_batches_answer.sql",
+        sql: include_str!("../../migrations/analytics/0004_ingest_batches_answer.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "0005_archive_abort.sql",
+        sql: include_str!("../../migrations/analytics/0005_archive_abort.sql"),
     },
 ];
 
