@@ -15,7 +15,8 @@
 //!    `INSERT … VALUES` (1,000 rows a statement), `INSERT … SELECT FROM
 //!    unnest(…)`, and `EventWriter` (COPY, rollup, batch id).
 //! 2. **Queries**: `--rows` rows spread over the last `--days` days (default
-//!    730) loaded with `EventWriter`, and the same rows in the seed's own
+//!    730) loaded with `EventWriter` in time order by batch (as a live feed
+//!    would have written them), and the same rows in the seed's own
 //!    schema (one plain table with an index on `tenant_id` and one on
 //!    `created_at`); then the seed's query as written (the baseline),
 //!    `dashboard_raw`, `dashboard` (p50/p99 of `--calls` calls) and its
@@ -36,7 +37,8 @@
 //! `redis_get_p99_ms`, `cached_to_redis_get`, `archive_rows`,
 //! `archive_rows_per_sec`, `parquet_bytes`, `heap_bytes`, `parquet_to_heap`
 //! (cache figures are null without `REDIS_URL`). `--mode ingest` or
-//! `--mode queries` runs one part. `--plain-rollup-key` gives the rollup its
+//! `--mode queries` runs one part (`ANALYTICS_BENCH_KEEP_DB=1` keeps the
+//! database for a look afterwards). `--plain-rollup-key` gives the rollup its
 //! primary key without the covering columns (as before migration 0003), to
 //! measure what the covering key costs ingest and gains the dashboard. The scratch database and directory are
 //! dropped at the end.
@@ -381,7 +383,8 @@ GROUP BY tenant_id, DATE(created_at)
 ORDER BY date DESC";
 
 /// Loads `args.rows` rows spread over the last `args.days` days with
-/// `EventWriter`, generated batch by batch (never all in memory); rows/s.
+/// `EventWriter`, in time order by batch (as a live feed writes history),
+/// generated batch by batch (never all in memory); rows/s.
 async fn load(args: &Args, store: &Analytics, now: DateTime<Utc>) -> f64 {
     let writer = store.writer(WriterConfig::default().with_max_in_flight(args.connections));
     let batches = args.rows.div_ceil(args.batch.max(1));
@@ -398,8 +401,19 @@ async fn load(args: &Args, store: &Analytics, now: DateTime<Utc>) -> f64 {
                     return;
                 }
                 let mut rng = fastrand::Rng::with_seed(1_000 + b as u64);
+                // History arrives as a live feed would have written it: batch
+                // b holds the b-th slice of the span, oldest first (the
+                // slices are written out of order across connections, and
+                // rows within a slice are in random order).
+                let span = days.max(1) * 86_400;
+                let slice = (span / batches as i64).max(1);
+                let slice_end = now - TimeDelta::seconds(span - (b as i64 + 1) * slice);
                 let events: Vec<Event> = (0..batch.min(rows - b * batch))
-                    .map(|_| event(&mut rng, tenants, now, 1.0, days))
+                    .map(|_| {
+                        let mut e = event(&mut rng, tenants, now, 0.0, days);
+                        e.created_at = slice_end - TimeDelta::seconds(rng.i64(0..slice));
+                        e
+                    })
                     .collect();
                 let report = writer
                     .write(uuid::Uuid::now_v7(), &events)
@@ -889,9 +903,13 @@ async fn main() {
     }
     drop(store);
     drop(pool);
-    let _ = server
-        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-        .await;
+    if std::env::var_os("ANALYTICS_BENCH_KEEP_DB").is_some() {
+        eprintln!("ANALYTICS_BENCH_KEEP_DB: the database {db} is kept");
+    } else {
+        let _ = server
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await;
+    }
     println!("{summary}");
 }
 

@@ -246,6 +246,10 @@ struct Counters {
 
 type Flight = Shared<BoxFuture<'static, Result<Bytes, Arc<AnalyticsError>>>>;
 
+/// Redis failed (and the failure was counted).
+#[derive(Debug)]
+struct RedisDown;
+
 /// What one computation computes and where it stores it.
 struct Target {
     /// The in-process name: value key and generation.
@@ -405,7 +409,7 @@ impl DashboardCache {
         let value_key = self.value_key(plan, since);
         let (generation, cached) = match self.read(plan, &value_key).await {
             Ok(found) => found,
-            Err(()) => return self.fall_through(plan, since).await,
+            Err(RedisDown) => return self.fall_through(plan, since).await,
         };
         // In-process names of one value: the key and the generation.
         let key = format!("{value_key}@{generation}");
@@ -454,7 +458,11 @@ impl DashboardCache {
     /// was computed at that generation; `Err` when Redis failed (counted).
     /// One `MGET` of both keys: a consistent pair in one round trip, with
     /// the value sent as it is stored (no script copies it).
-    async fn read(&self, plan: Plan, value_key: &str) -> Result<(u64, Option<CachedValue>), ()> {
+    async fn read(
+        &self,
+        plan: Plan,
+        value_key: &str,
+    ) -> Result<(u64, Option<CachedValue>), RedisDown> {
         let inner = &self.inner;
         let generation_key = self.plan_generation_key(plan);
         for attempt in 0..2 {
@@ -504,10 +512,10 @@ impl DashboardCache {
             // stale; a newer one will be read with its generation).
             return Ok((generation, value.filter(|v| v.generation == generation)));
         }
-        Err(())
+        Err(RedisDown)
     }
 
-    fn redis_failed(&self, what: &str, error: &dyn std::fmt::Display) {
+    fn redis_failed(&self, what: &str, error: &dyn std::fmt::Display) -> RedisDown {
         self.inner
             .counters
             .redis_failures
@@ -519,6 +527,7 @@ impl DashboardCache {
             Ordering::Release,
         );
         tracing::warn!(%error, what, "dashboard cache: redis unavailable");
+        RedisDown
     }
 
     /// Whether a recent failure says to leave Redis alone for now.
@@ -663,8 +672,12 @@ impl DashboardCache {
                 stored.retain(|_, (_, until)| *until > now);
                 stored.insert(target.key.clone(), (computed_at_ms, now + ttl));
             }
-            Ok(Err(e)) => self.redis_failed("store", &e),
-            Err(_) => self.redis_failed("store", &"timed out"),
+            Ok(Err(e)) => {
+                self.redis_failed("store", &e);
+            }
+            Err(_) => {
+                self.redis_failed("store", &"timed out");
+            }
         }
         Ok(body)
     }

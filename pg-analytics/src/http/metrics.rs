@@ -30,12 +30,9 @@ impl Metrics {
             requests: Family::default(),
             batches: Family::default(),
             rows: Family::default(),
-            dashboard_seconds: Histogram::new(
-                [
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ]
-                .into_iter(),
-            ),
+            dashboard_seconds: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             default_partition_rows: Gauge::default(),
         };
         registry.register(
