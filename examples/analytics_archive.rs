@@ -154,14 +154,29 @@ async fn run(args: Args, url: String) -> Result<(), Box<dyn std::error::Error>> 
     match args.command {
         Command::Archive { month: Some(month) } => print_archived(&archiver.archive(month).await?),
         Command::Archive { month: None } => {
-            let reports = archiver.archive_due().await?;
-            if reports.is_empty() {
+            let report = archiver.archive_due_report().await?;
+            if report.archived.is_empty() && report.failed.is_empty() {
                 println!(
                     "nothing is due (cutoff {})",
                     archiver.cutoff().format("%Y-%m")
                 );
             }
-            reports.iter().for_each(print_archived);
+            report.archived.iter().for_each(print_archived);
+            for month in &report.not_attempted {
+                println!("{} not attempted", month.format("%Y-%m"));
+            }
+            // Every month that failed is listed; the run fails with the
+            // first one.
+            for failure in &report.failed {
+                eprintln!(
+                    "{} failed: {}",
+                    failure.month.format("%Y-%m"),
+                    failure.error
+                );
+            }
+            if let Some(first) = report.failed.into_iter().next() {
+                return Err(first.error.into());
+            }
         }
         Command::Verify { month } => print_verified(&archiver.verify(month).await?),
         Command::Restore { month } => print_restored(&archiver.restore(month).await?),

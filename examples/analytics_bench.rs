@@ -603,10 +603,14 @@ async fn queries(
     eprintln!(
         "--- EXPLAIN dashboard\n{}",
         explain(format!(
-            "SELECT d.tenant_id, d.day, d.events, d.sum_processing_time_us
+            "SELECT t.id, d.day, d.events, d.sum_processing_time_us
                FROM analytics.tenants t
-               JOIN analytics.events_daily d ON d.tenant_id = t.id
-              WHERE t.plan = 'enterprise' AND d.day >= '{since}' AND d.events > 0"
+              CROSS JOIN LATERAL (
+                    SELECT d.day, d.events, d.sum_processing_time_us
+                      FROM analytics.events_daily d
+                     WHERE d.tenant_id = t.id AND d.day >= '{since}' AND d.events > 0
+                    OFFSET 0) d
+              WHERE t.plan = 'enterprise'"
         ))
         .await
     );

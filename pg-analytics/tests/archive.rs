@@ -212,10 +212,12 @@ fn sorted(mut rows: Vec<Row>) -> Vec<Row> {
 /// The lock types this test database's sessions are waiting for, other
 /// than the caller's.
 async fn waits(conn: &tokio_postgres::Client) -> Vec<String> {
+    // By session, not by the lock's database: a row lock's wait is on a
+    // transaction id, which belongs to no database.
     conn.query(
-        "SELECT l.locktype FROM pg_locks l
+        "SELECT l.locktype FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
           WHERE NOT l.granted AND l.pid <> pg_backend_pid()
-            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            AND a.datname = current_database()",
         &[],
     )
     .await
@@ -239,6 +241,28 @@ async fn waits_for_fence(conn: &tokio_postgres::Client) -> bool {
     .await
     .unwrap()
     .get(0)
+}
+
+/// Returns once a session of this database queues for the fence's lock.
+/// Panics if `finished` says the session expected to wait is done instead,
+/// or if a session waits for any other lock (a row, a relation: the wait
+/// the fence's lock is there to replace, and a possible deadlock).
+async fn until_one_waits_for_the_fence(
+    admin: &tokio_postgres::Client,
+    finished: impl Fn() -> bool,
+) {
+    loop {
+        let waiting = waits(admin).await;
+        assert!(
+            waiting.iter().all(|w| w == "advisory"),
+            "a session waits for {waiting:?}, not for the fence's lock"
+        );
+        if waits_for_fence(admin).await {
+            return;
+        }
+        assert!(!finished(), "it finished without waiting for the fence");
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Flips a byte in the middle of `file`: same size, other bytes.
@@ -633,10 +657,7 @@ async fn the_fence_waits_for_an_ingest_transaction_in_flight() {
     let month = f.month;
     let fence = tokio::spawn(async move { archiver.archive(month).await });
     let admin = f.store.pool().get().await.unwrap();
-    while !waits_for_fence(&admin).await {
-        assert!(!fence.is_finished(), "the raise did not wait for the batch");
-        tokio::task::yield_now().await;
-    }
+    until_one_waits_for_the_fence(&admin, || fence.is_finished()).await;
     assert_eq!(f.store.archive_horizon().await.unwrap(), None);
     batch.commit().await.unwrap();
     let fenced = fence.await.unwrap().unwrap_err();
@@ -690,10 +711,7 @@ async fn a_batch_waiting_for_the_fence_sees_the_horizon_raised_meanwhile() {
     ];
     let write = tokio::spawn(async move { writer.write(Uuid::now_v7(), &batch).await });
     let admin = f.store.pool().get().await.unwrap();
-    while !waits_for_fence(&admin).await {
-        assert!(!write.is_finished(), "the batch did not wait for the fence");
-        tokio::task::yield_now().await;
-    }
+    until_one_waits_for_the_fence(&admin, || write.is_finished()).await;
     fence.commit().await.unwrap();
     let report: IngestReport = write.await.unwrap().unwrap();
     assert_eq!(report.accepted, 1);
@@ -734,21 +752,7 @@ async fn a_restore_and_a_batch_writing_into_the_default_partition_do_not_deadloc
     // batch needs (before, it waited on the default partition for ATTACH,
     // while the batch would wait for it on the horizon).
     let admin = f.store.pool().get().await.unwrap();
-    loop {
-        let waiting = waits(&admin).await;
-        assert!(
-            !waiting.iter().any(|w| w == "relation"),
-            "the restore waits on a relation the batch holds: {waiting:?}"
-        );
-        if waits_for_fence(&admin).await {
-            break;
-        }
-        assert!(
-            !restore.is_finished(),
-            "the restore did not wait for the batch"
-        );
-        tokio::task::yield_now().await;
-    }
+    until_one_waits_for_the_fence(&admin, || restore.is_finished()).await;
     // The batch goes on into the default partition, and commits.
     batch
         .execute(insert, &[&(stray + TimeDelta::seconds(1))])

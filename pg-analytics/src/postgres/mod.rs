@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_archive_abort.sql",
         sql: include_str!("../../migrations/analytics/0005_archive_abort.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_events_brin.sql",
+        sql: include_str!("../../migrations/analytics/0006_events_brin.sql"),
+    },
 ];
 
 /// The analytics store on PostgreSQL. Cheap to clone.

@@ -67,10 +67,18 @@ impl Analytics {
         let conn = self.pool.get().await.map_err(AnalyticsError::from_pool)?;
         let mut rows = conn
             .query_prepared(
-                "SELECT d.tenant_id, d.day, d.events, d.sum_processing_time_us
+                // One range scan per tenant, always: `OFFSET 0` keeps the
+                // subquery from being flattened into a join the planner may
+                // turn into a sequential scan of the whole rollup plus a
+                // hash join (seen at 20M rows: 250 ms against 45 ms).
+                "SELECT t.id, d.day, d.events, d.sum_processing_time_us
                    FROM analytics.tenants t
-                   JOIN analytics.events_daily d ON d.tenant_id = t.id
-                  WHERE t.plan = $1 AND d.day >= $2 AND d.events > 0",
+                  CROSS JOIN LATERAL (
+                        SELECT d.day, d.events, d.sum_processing_time_us
+                          FROM analytics.events_daily d
+                         WHERE d.tenant_id = t.id AND d.day >= $2 AND d.events > 0
+                        OFFSET 0) d
+                  WHERE t.plan = $1",
                 &[(&plan.as_str(), Type::TEXT), (&since, Type::DATE)],
             )
             .await
