@@ -62,7 +62,7 @@ fn plan_of(id: u32, share: f64) -> Plan {
         (u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
     if slot < share {
         Plan::Enterprise
-    } else if id % 2 == 0 {
+    } else if id.is_multiple_of(2) {
         Plan::Pro
     } else {
         Plan::Free

@@ -9,6 +9,8 @@ use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 
 #[path = "env.rs"]
 mod env_support;
+// Not every example that includes this file reads the environment.
+#[allow(unused_imports)]
 pub(crate) use env_support::{env, redacted};
 
 /// A verifier of HS256 tokens signed with `secret` (any `kid`).

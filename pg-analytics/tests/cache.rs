@@ -3,6 +3,8 @@
 //! (on a throwaway `redis-server`).
 #![cfg(feature = "redis")]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,29 +18,15 @@ use uuid::Uuid;
 const SINCE: NaiveDate = NaiveDate::from_ymd_opt(2020, 1, 1).unwrap();
 
 async fn store(db: &TestDatabase) -> Analytics {
-    let pool = pg_kit::pool(db.url(), &pg_kit::PoolConfig::default()).unwrap();
-    let store = Analytics::new(pool, time_kit::system());
-    store.migrate().await.unwrap();
-    let today = Utc::now().date_naive();
-    store
-        .ensure_partitions(today - TimeDelta::days(40), today, 1)
-        .await
-        .unwrap();
-    for (id, plan) in [
-        (1, Plan::Enterprise),
-        (2, Plan::Enterprise),
-        (3, Plan::Free),
-    ] {
-        store
-            .upsert_tenant(&Tenant {
-                id: TenantId(id),
-                name: format!("tenant {id}"),
-                plan,
-            })
-            .await
-            .unwrap();
-    }
-    store
+    support::with_tenants(
+        db,
+        &[
+            (1, Plan::Enterprise),
+            (2, Plan::Enterprise),
+            (3, Plan::Free),
+        ],
+    )
+    .await
 }
 
 fn events(tenant: i64, n: usize, days_ago: i64) -> Vec<Event> {

@@ -3,37 +3,21 @@
 //! dashboard's parameters, probes, metrics, and a database outage.
 #![cfg(feature = "server")]
 
+mod support;
+
 use bytes::Bytes;
 use chrono::{TimeDelta, Utc};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use pg_analytics::cache::{CacheConfig, DashboardCache};
 use pg_analytics::http::{AnalyticsHttpConfig, AnalyticsService};
-use pg_analytics::{Analytics, Plan, Tenant, TenantId, WriterConfig};
+use pg_analytics::{Analytics, Plan, WriterConfig};
 use serde_json::Value;
 use testkit::{TestDatabase, TestRedis};
 use tower::ServiceExt;
 
 async fn store(db: &TestDatabase) -> Analytics {
-    let pool = pg_kit::pool(db.url(), &pg_kit::PoolConfig::default()).unwrap();
-    let store = Analytics::new(pool, time_kit::system());
-    store.migrate().await.unwrap();
-    let today = Utc::now().date_naive();
-    store
-        .ensure_partitions(today - TimeDelta::days(40), today, 1)
-        .await
-        .unwrap();
-    for (id, plan) in [(1, Plan::Enterprise), (2, Plan::Pro)] {
-        store
-            .upsert_tenant(&Tenant {
-                id: TenantId(id),
-                name: format!("tenant {id}"),
-                plan,
-            })
-            .await
-            .unwrap();
-    }
-    store
+    support::with_tenants(db, &[(1, Plan::Enterprise), (2, Plan::Pro)]).await
 }
 
 fn line(tenant: i64, ms: f64) -> String {

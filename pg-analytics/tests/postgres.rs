@@ -3,6 +3,8 @@
 //! rollup against the raw events under concurrent writers with late rows.
 #![cfg(feature = "postgres")]
 
+mod support;
+
 use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate, TimeDelta, Utc};
@@ -14,28 +16,21 @@ use testkit::TestDatabase;
 use uuid::Uuid;
 
 async fn store(db: &TestDatabase, rules: EventRules) -> Analytics {
-    let pool = pg_kit::pool(db.url(), &pg_kit::PoolConfig::default()).unwrap();
-    let store = Analytics::new(pool, time_kit::system()).with_rules(rules);
-    store.migrate().await.unwrap();
-    store
+    support::migrated(db, rules).await
 }
 
 async fn tenants(store: &Analytics, n: i64) {
-    for id in 1..=n {
-        let plan = match id % 3 {
-            0 => Plan::Enterprise,
-            1 => Plan::Pro,
-            _ => Plan::Free,
-        };
-        store
-            .upsert_tenant(&Tenant {
-                id: TenantId(id),
-                name: format!("tenant {id}"),
-                plan,
-            })
-            .await
-            .unwrap();
-    }
+    let plans: Vec<(i64, Plan)> = (1..=n)
+        .map(|id| {
+            let plan = match id % 3 {
+                0 => Plan::Enterprise,
+                1 => Plan::Pro,
+                _ => Plan::Free,
+            };
+            (id, plan)
+        })
+        .collect();
+    support::register(store, &plans).await;
 }
 
 fn event(tenant: i64, at: chrono::DateTime<Utc>, ms: f64) -> Event {

@@ -3,9 +3,7 @@
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -35,13 +33,12 @@ struct HubCollector(Hub);
 impl Collector for HubCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let stats = self.0.stats();
-        let gauge = ConstGauge::new(i64::try_from(stats.connections()).unwrap_or(i64::MAX));
-        gauge.encode(encoder.encode_descriptor(
+        http_kit::prometheus::encode_gauge(
+            &mut encoder,
             "notify_connections",
             "Open WebSocket connections on this node",
-            None,
-            gauge.metric_type(),
-        )?)?;
+            i64::try_from(stats.connections()).unwrap_or(i64::MAX),
+        )?;
         for (name, help, value) in [
             (
                 "notify_delivered",
@@ -70,13 +67,7 @@ impl Collector for HubCollector {
                 stats.batches(),
             ),
         ] {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
+            http_kit::prometheus::encode_counter(&mut encoder, name, help, value)?;
         }
         Ok(())
     }

@@ -60,8 +60,8 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_kit::{ApiError, BoxError, Query};
 use jwt_kit::JwtVerifier;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -741,13 +741,7 @@ impl Collector for SweepCollector {
                 background.map_or(0, SweeperStats::errors),
             ),
         ] {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
+            http_kit::prometheus::encode_counter(&mut encoder, name, help, value)?;
         }
         Ok(())
     }

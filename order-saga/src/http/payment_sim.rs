@@ -732,13 +732,7 @@ impl Collector for SimCollector {
                 stats.replays,
             ),
         ] {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
+            http_kit::prometheus::encode_counter(&mut encoder, name, help, value)?;
         }
         let mut payments = encoder.encode_descriptor(
             "payment_sim_payments",
@@ -783,8 +777,7 @@ impl Collector for SimCollector {
                 i64::from(config.down),
             ),
         ] {
-            let gauge = ConstGauge::new(value);
-            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+            http_kit::prometheus::encode_gauge(&mut encoder, name, help, value)?;
         }
         Ok(())
     }

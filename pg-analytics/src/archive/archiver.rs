@@ -857,25 +857,7 @@ impl Archiver {
         against_rollup: bool,
     ) -> Result<Checked, ArchiveError> {
         let fail = |mismatch| ArchiveError::Verification { month, mismatch };
-        let path = ObjectPath::from(record.object_path.as_str());
-        let scratch = Scratch::new(&self.config.scratch_dir, month, "verify");
-        let (bytes, sha256) = store::download(&*self.objects, &path, scratch.path())
-            .await
-            .map_err(|e| missing_as_mismatch(month, e))?;
-        let expected_bytes = record.parquet_bytes.unwrap_or(0);
-        if bytes != expected_bytes {
-            return Err(fail(Mismatch::Size {
-                expected: expected_bytes,
-                actual: bytes,
-            }));
-        }
-        let expected_sha = record.sha256.clone().unwrap_or_default();
-        if sha256 != expected_sha {
-            return Err(fail(Mismatch::Hash {
-                expected: expected_sha,
-                actual: sha256,
-            }));
-        }
+        let (scratch, bytes, sha256) = self.download_recorded(month, record, "verify").await?;
         let (mut chunks, reader) = spawn_reader(scratch.path(), month);
         let mut totals = Totals::new();
         let mut count = 0u64;
@@ -1206,15 +1188,18 @@ impl Archiver {
         })
     }
 
-    /// The restore's load, in one transaction: see [`Archiver::restore`].
-    async fn load(
+    /// The month's object, downloaded to a scratch file for `purpose`, with
+    /// its size and SHA-256, once they match what the manifest recorded at
+    /// export (a missing object is a [`Mismatch`] too).
+    async fn download_recorded(
         &self,
         month: NaiveDate,
         record: &ArchiveRecord,
-    ) -> Result<(u64, Option<DateTime<Utc>>), ArchiveError> {
+        purpose: &str,
+    ) -> Result<(Scratch, u64, String), ArchiveError> {
         let fail = |mismatch| ArchiveError::Verification { month, mismatch };
         let path = ObjectPath::from(record.object_path.as_str());
-        let scratch = Scratch::new(&self.config.scratch_dir, month, "restore");
+        let scratch = Scratch::new(&self.config.scratch_dir, month, purpose);
         let (bytes, sha256) = store::download(&*self.objects, &path, scratch.path())
             .await
             .map_err(|e| missing_as_mismatch(month, e))?;
@@ -1232,6 +1217,17 @@ impl Archiver {
                 actual: sha256,
             }));
         }
+        Ok((scratch, bytes, sha256))
+    }
+
+    /// The restore's load, in one transaction: see [`Archiver::restore`].
+    async fn load(
+        &self,
+        month: NaiveDate,
+        record: &ArchiveRecord,
+    ) -> Result<(u64, Option<DateTime<Utc>>), ArchiveError> {
+        let fail = |mismatch| ArchiveError::Verification { month, mismatch };
+        let (scratch, _, _) = self.download_recorded(month, record, "restore").await?;
         let partition = partition_name(month);
         let qualified = format!("analytics.{partition}");
         let next = next_month(month);

@@ -3,10 +3,10 @@
 //! `docs/pg-analytics/API.md`).
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -113,12 +113,7 @@ impl Collector for StoreCollector {
             ),
         ];
         for (name, help, value) in gauges {
-            ConstGauge::new(value).encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                ConstGauge::new(value).metric_type(),
-            )?)?;
+            http_kit::prometheus::encode_gauge(&mut encoder, name, help, value)?;
         }
         let mut counters = vec![
             (
@@ -193,13 +188,7 @@ impl Collector for StoreCollector {
             ]);
         }
         for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                counter.metric_type(),
-            )?)?;
+            http_kit::prometheus::encode_counter(&mut encoder, name, help, value)?;
         }
         Ok(())
     }
