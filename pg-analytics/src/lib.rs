@@ -16,7 +16,7 @@
 //! - [`cache`] (feature `redis`): [`DashboardCache`](cache::DashboardCache),
 //!   dashboards in Redis under generation-versioned keys, single-flight and
 //!   XFetch, falling through to PostgreSQL when Redis is down;
-//! - [`archive`] (feature `archive`): [`Archiver`](archive::Archiver), old
+//! - [`archive`] (feature `archive`): [`Archiver`], old
 //!   months to verified Parquet in an object store, resumable, with
 //!   restore;
 //! - [`http`] (feature `server`): [`AnalyticsService`](http::AnalyticsService),
