@@ -573,3 +573,49 @@ async fn a_batch_with_nothing_accepted_records_no_key_and_its_correction_is_writ
         2
     );
 }
+
+#[tokio::test]
+async fn the_dashboard_orders_days_far_apart_like_the_raw_events() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = store(&db, EventRules::default()).await;
+    tenants(&store, 6).await;
+    let now = Utc::now();
+    store
+        .ensure_partitions(now.date_naive(), now.date_naive(), 0)
+        .await
+        .unwrap();
+    // A stray row decades back (it lands in the default partition) beside
+    // today's rows: the dashboard must not make a bucket per day between.
+    let old = chrono::DateTime::parse_from_rfc3339("1990-03-04T05:06:07Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let batch = vec![
+        event(3, old, 1.0),
+        event(6, now, 2.0),
+        event(3, now, 3.0),
+        event(6, old, 4.0),
+    ];
+    store
+        .writer(WriterConfig::default())
+        .write(Uuid::now_v7(), &batch)
+        .await
+        .unwrap();
+    let since = NaiveDate::from_ymd_opt(1980, 1, 1).unwrap();
+    let rows = store.dashboard(Plan::Enterprise, since).await.unwrap();
+    assert_eq!(
+        rows,
+        store.dashboard_raw(Plan::Enterprise, since).await.unwrap()
+    );
+    let order: Vec<(NaiveDate, i64)> = rows.iter().map(|r| (r.day, r.tenant_id.0)).collect();
+    assert_eq!(
+        order,
+        vec![
+            (now.date_naive(), 3),
+            (now.date_naive(), 6),
+            (old.date_naive(), 3),
+            (old.date_naive(), 6),
+        ]
+    );
+}

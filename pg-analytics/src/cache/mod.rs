@@ -59,10 +59,12 @@ use value::CachedValue;
 
 /// Gives a generation that is missing (a Redis that is new, restarted
 /// empty, or evicted the key) a value never used before: the server's
-/// clock in microseconds. `NX`: concurrent readers agree on one.
+/// clock in microseconds; also one that is not a number. A script runs
+/// alone, so concurrent readers agree on one.
 const INIT_LUA: &str = r"
+if tonumber(redis.call('GET', KEYS[1]) or 'none') then return 0 end
 local t = redis.call('TIME')
-redis.call('SET', KEYS[1], string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])), 'NX')
+redis.call('SET', KEYS[1], string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
 return 1
 ";
 
@@ -85,7 +87,7 @@ const BUMP_LUA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 for i, key in ipairs(KEYS) do
-  local next = tonumber(redis.call('GET', key) or '0') + 1
+  local next = (tonumber(redis.call('GET', key) or '0') or 0) + 1
   if now > next then next = now end
   redis.call('SET', key, string.format('%d', next))
 end
@@ -116,9 +118,11 @@ pub struct CacheConfig {
     /// PostgreSQL (so an outage does not cost every read a timeout).
     /// Default 2 s.
     pub outage_backoff: Duration,
-    /// Dashboards computed from PostgreSQL at once while Redis is skipped;
-    /// more readers wait for a turn. Default 4.
-    pub max_fallthroughs: usize,
+    /// Dashboards computed from PostgreSQL at once by this cache (misses,
+    /// early refreshes, and reads while Redis is skipped); more wait for a
+    /// turn, so distinct `since` values cannot take the whole pool.
+    /// Default 4.
+    pub max_computations: usize,
 }
 
 impl Default for CacheConfig {
@@ -130,7 +134,7 @@ impl Default for CacheConfig {
             early_refresh_beta: 1.0,
             redis_timeout: Duration::from_secs(1),
             outage_backoff: Duration::from_secs(2),
-            max_fallthroughs: 4,
+            max_computations: 4,
         }
     }
 }
@@ -176,9 +180,9 @@ impl CacheConfig {
         self
     }
 
-    /// Sets [`CacheConfig::max_fallthroughs`] (at least 1).
-    pub fn with_max_fallthroughs(mut self, n: usize) -> CacheConfig {
-        self.max_fallthroughs = n.max(1);
+    /// Sets [`CacheConfig::max_computations`] (at least 1).
+    pub fn with_max_computations(mut self, n: usize) -> CacheConfig {
+        self.max_computations = n.max(1);
         self
     }
 }
@@ -246,6 +250,18 @@ struct Counters {
 
 type Flight = Shared<BoxFuture<'static, Result<Bytes, Arc<AnalyticsError>>>>;
 
+/// Removes a flight from the table when its task ends, however it ends.
+struct LeaveTable {
+    cache: DashboardCache,
+    key: String,
+}
+
+impl Drop for LeaveTable {
+    fn drop(&mut self) {
+        self.cache.inner.flights.lock().remove(&self.key);
+    }
+}
+
 /// Redis failed (and the failure was counted).
 #[derive(Debug)]
 struct RedisDown;
@@ -279,15 +295,20 @@ struct Inner {
     /// instead of recomputing, and XFetch does not refresh a value this
     /// process already replaced.
     stored: Mutex<HashMap<String, (u64, Instant)>>,
-    /// Bumps lost since the last successful resync (0: none): generations
-    /// in Redis may be behind PostgreSQL. A counter, not a flag, so that a
-    /// resync racing a newer failure does not clear it.
-    lost_bumps: AtomicU64,
-    /// Until when (ms since the Unix epoch) reads skip Redis after a
-    /// failure.
-    skip_redis_until_ms: AtomicU64,
-    /// Turns for reading from PostgreSQL while Redis is skipped.
-    fallthrough_turns: tokio::sync::Semaphore,
+    /// Bumps lost (and reconnections) so far. Generations in Redis are
+    /// trusted only while `synced_epoch` has caught up with it: a resync
+    /// records the count it saw before its bump, so a loss during the
+    /// resync keeps Redis untrusted (no ABA on a single counter).
+    lost_epoch: AtomicU64,
+    /// The largest `lost_epoch` a successful bump of every plan covered.
+    synced_epoch: AtomicU64,
+    /// Until when (ns since `started`) reads skip Redis after a failure;
+    /// monotonic, so a clock step does not stretch it.
+    skip_redis_until_ns: AtomicU64,
+    /// The instant the breaker measures from.
+    started: Instant,
+    /// Turns for computing from PostgreSQL.
+    computations: tokio::sync::Semaphore,
     counters: Counters,
 }
 
@@ -322,7 +343,7 @@ impl DashboardCache {
         config: CacheConfig,
     ) -> Result<DashboardCache, CacheError> {
         redis_kit::check_prefix(&config.key_prefix).map_err(CacheError::Config)?;
-        let fallthroughs = config.max_fallthroughs.max(1);
+        let computations = config.max_computations.max(1);
         let cache = DashboardCache {
             inner: Arc::new(Inner {
                 store,
@@ -333,9 +354,11 @@ impl DashboardCache {
                 bump_script: Script::from_lua(BUMP_LUA),
                 flights: Mutex::new(HashMap::new()),
                 stored: Mutex::new(HashMap::new()),
-                lost_bumps: AtomicU64::new(0),
-                skip_redis_until_ms: AtomicU64::new(0),
-                fallthrough_turns: tokio::sync::Semaphore::new(fallthroughs),
+                lost_epoch: AtomicU64::new(0),
+                synced_epoch: AtomicU64::new(0),
+                skip_redis_until_ns: AtomicU64::new(0),
+                started: Instant::now(),
+                computations: tokio::sync::Semaphore::new(computations),
                 counters: Counters::default(),
             }),
         };
@@ -346,7 +369,7 @@ impl DashboardCache {
         let _listener = cache.inner.redis.on_reconnect(move |_server| {
             std::future::ready(match weak.upgrade() {
                 Some(inner) => {
-                    inner.lost_bumps.fetch_add(1, Ordering::AcqRel);
+                    inner.lost_epoch.fetch_add(1, Ordering::AcqRel);
                     Ok(())
                 }
                 None => Err(fred::error::Error::new(
@@ -403,7 +426,7 @@ impl DashboardCache {
         if self.skipping_redis() {
             return self.fall_through(plan, since).await;
         }
-        if inner.lost_bumps.load(Ordering::Acquire) > 0 && !self.resync().await {
+        if !self.generations_trusted() && !self.resync().await {
             return self.fall_through(plan, since).await;
         }
         let value_key = self.value_key(plan, since);
@@ -419,21 +442,28 @@ impl DashboardCache {
                 // The others keep reading this value while one refresh
                 // runs in the background (a task of its own: nothing to
                 // await here).
-                let _ = self.flight(&key, &value_key, generation, plan, since, true);
+                let _ = self.flight_early(&key, &value_key, generation, plan, since);
             }
             return Ok(value.body);
         }
         inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-        if self.stored_recently(&key) {
-            // Stored by this process after our read: read it again rather
-            // than compute it a second time.
-            if let Ok((g, Some(value))) = self.read(plan, &value_key).await
-                && g == generation
-            {
-                return Ok(value.body);
+        let flight = match self.flight(&key, &value_key, generation, plan, since, false) {
+            Some((flight, _)) => flight,
+            None => {
+                // Stored by this process after our read: read it again
+                // rather than compute it a second time.
+                if let Ok((g, Some(value))) = self.read(plan, &value_key).await
+                    && g == generation
+                {
+                    return Ok(value.body);
+                }
+                self.flight(&key, &value_key, generation, plan, since, true)
+                    .map(|(flight, _)| flight)
+                    .unwrap_or_else(|| {
+                        self.compute_flight_untracked(&key, &value_key, generation, plan, since)
+                    })
             }
-        }
-        let (flight, _) = self.flight(&key, &value_key, generation, plan, since, false);
+        };
         flight.await.map_err(CacheError::Store)
     }
 
@@ -520,10 +550,9 @@ impl DashboardCache {
             .counters
             .redis_failures
             .fetch_add(1, Ordering::Relaxed);
-        let backoff =
-            u64::try_from(self.inner.config.outage_backoff.as_millis()).unwrap_or(u64::MAX);
-        self.inner.skip_redis_until_ms.store(
-            unix_ms(SystemTime::now()).saturating_add(backoff),
+        let until = self.inner.started.elapsed() + self.inner.config.outage_backoff;
+        self.inner.skip_redis_until_ns.store(
+            u64::try_from(until.as_nanos()).unwrap_or(u64::MAX),
             Ordering::Release,
         );
         tracing::warn!(%error, what, "dashboard cache: redis unavailable");
@@ -532,7 +561,15 @@ impl DashboardCache {
 
     /// Whether a recent failure says to leave Redis alone for now.
     fn skipping_redis(&self) -> bool {
-        unix_ms(SystemTime::now()) < self.inner.skip_redis_until_ms.load(Ordering::Acquire)
+        let now = u64::try_from(self.inner.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        now < self.inner.skip_redis_until_ns.load(Ordering::Acquire)
+    }
+
+    /// Whether every lost bump so far has been covered by a bump of every
+    /// plan.
+    fn generations_trusted(&self) -> bool {
+        self.inner.synced_epoch.load(Ordering::Acquire)
+            >= self.inner.lost_epoch.load(Ordering::Acquire)
     }
 
     /// The dashboard from PostgreSQL, without the cache. Each reader
@@ -544,7 +581,7 @@ impl DashboardCache {
             .fallthroughs
             .fetch_add(1, Ordering::Relaxed);
         let _turn =
-            self.inner.fallthrough_turns.acquire().await.map_err(|e| {
+            self.inner.computations.acquire().await.map_err(|e| {
                 CacheError::Store(Arc::new(AnalyticsError::Unavailable(Box::new(e))))
             })?;
         self.inner
@@ -582,7 +619,11 @@ impl DashboardCache {
     }
 
     /// The computation of `key` (a value key at a generation) in progress,
-    /// or a new one (then `true`).
+    /// or a new one (then `true`); `None` when this process stored the
+    /// value since the caller read (checked under the table's lock, so a
+    /// flight that ends between a reader's read and this call is seen
+    /// here: it records its store before it leaves the table). `again`
+    /// skips that check, for a caller that read again and still missed.
     fn flight(
         &self,
         key: &str,
@@ -590,11 +631,39 @@ impl DashboardCache {
         generation: u64,
         plan: Plan,
         since: NaiveDate,
-        early: bool,
-    ) -> (Flight, bool) {
+        again: bool,
+    ) -> Option<(Flight, bool)> {
         let mut flights = self.inner.flights.lock();
         if let Some(flight) = flights.get(key) {
-            return (flight.clone(), false);
+            return Some((flight.clone(), false));
+        }
+        if !again && self.stored_recently(key) {
+            return None;
+        }
+        let flight = self.compute_flight(Target {
+            key: key.to_owned(),
+            value_key: value_key.to_owned(),
+            generation,
+            plan,
+            since,
+            early: false,
+        });
+        flights.insert(key.to_owned(), flight.clone());
+        Some((flight, true))
+    }
+
+    /// An early refresh of `key` unless one is running.
+    fn flight_early(
+        &self,
+        key: &str,
+        value_key: &str,
+        generation: u64,
+        plan: Plan,
+        since: NaiveDate,
+    ) -> bool {
+        let mut flights = self.inner.flights.lock();
+        if flights.contains_key(key) {
+            return false;
         }
         let target = Target {
             key: key.to_owned(),
@@ -602,11 +671,31 @@ impl DashboardCache {
             generation,
             plan,
             since,
-            early,
+            early: true,
         };
         let flight = self.compute_flight(target);
-        flights.insert(key.to_owned(), flight.clone());
-        (flight, true)
+        flights.insert(key.to_owned(), flight);
+        true
+    }
+
+    /// A computation outside the table (only when the table's own could
+    /// not be had, which the lock makes unreachable in practice).
+    fn compute_flight_untracked(
+        &self,
+        key: &str,
+        value_key: &str,
+        generation: u64,
+        plan: Plan,
+        since: NaiveDate,
+    ) -> Flight {
+        self.compute_flight(Target {
+            key: key.to_owned(),
+            value_key: value_key.to_owned(),
+            generation,
+            plan,
+            since,
+            early: false,
+        })
     }
 
     /// The computation runs as its own task, so readers that give up (a
@@ -615,9 +704,13 @@ impl DashboardCache {
     fn compute_flight(&self, target: Target) -> Flight {
         let cache = self.clone();
         let task = tokio::spawn(async move {
-            let result = cache.compute_and_store(&target).await;
-            cache.inner.flights.lock().remove(&target.key);
-            result
+            // Leaves the table however the task ends (a panic, the runtime
+            // shutting down), so a failed flight is never joined again.
+            let _leave = LeaveTable {
+                cache: cache.clone(),
+                key: target.key.clone(),
+            };
+            cache.compute_and_store(&target).await
         });
         async move {
             task.await
@@ -629,6 +722,11 @@ impl DashboardCache {
 
     async fn compute_and_store(&self, target: &Target) -> Result<Bytes, Arc<AnalyticsError>> {
         let inner = &self.inner;
+        let _turn = inner
+            .computations
+            .acquire()
+            .await
+            .map_err(|e| Arc::new(AnalyticsError::Unavailable(Box::new(e))))?;
         let started = Instant::now();
         let body = Bytes::from(
             inner
@@ -656,7 +754,7 @@ impl DashboardCache {
             generation: target.generation,
             body: body.clone(),
         };
-        let set = inner.store_script.evalsha_with_reload::<i64, _, _>(
+        let stored_it = inner.store_script.evalsha_with_reload::<i64, _, _>(
             &inner.redis,
             vec![target.value_key.clone()],
             vec![
@@ -665,7 +763,9 @@ impl DashboardCache {
                 Value::Integer(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1)),
             ],
         );
-        match tokio::time::timeout(inner.config.redis_timeout, set).await {
+        match tokio::time::timeout(inner.config.redis_timeout, stored_it).await {
+            // Refused: a newer generation's value is there.
+            Ok(Ok(0)) => {}
             Ok(Ok(_)) => {
                 let mut stored = inner.stored.lock();
                 let now = Instant::now();
@@ -748,14 +848,14 @@ impl DashboardCache {
             .counters
             .invalidation_failures
             .fetch_add(1, Ordering::Relaxed);
-        inner.lost_bumps.fetch_add(1, Ordering::AcqRel);
+        inner.lost_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Marks the generations as untrusted, as after a lost bump: call it
     /// when the Redis connection was re-established (the server may have
     /// restarted from a snapshot or failed over, and lost bumps).
     pub fn mark_generations_suspect(&self) {
-        self.inner.lost_bumps.fetch_add(1, Ordering::AcqRel);
+        self.inner.lost_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     async fn bump(&self, keys: Vec<String>) -> bool {
@@ -784,20 +884,17 @@ impl DashboardCache {
     /// After a lost bump: bump every plan, and read through the cache
     /// again once that worked.
     async fn resync(&self) -> bool {
-        let seen = self.inner.lost_bumps.load(Ordering::Acquire);
-        if seen == 0 {
+        // The losses this bump covers: those counted before it was sent.
+        let seen = self.inner.lost_epoch.load(Ordering::Acquire);
+        if self.inner.synced_epoch.load(Ordering::Acquire) >= seen {
             return true;
         }
         if !self.invalidate_all().await {
             return false;
         }
-        // Cleared only if no bump was lost while this one ran.
-        let _ =
-            self.inner
-                .lost_bumps
-                .compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Acquire);
+        self.inner.synced_epoch.fetch_max(seen, Ordering::AcqRel);
         tracing::info!("dashboard cache: generations bumped after an outage");
-        true
+        self.generations_trusted()
     }
 }
 
@@ -825,15 +922,33 @@ pub struct CachedWriter {
 }
 
 impl CachedWriter {
-    /// As [`EventWriter::write`], then [`DashboardCache::invalidate`].
+    /// As [`EventWriter::write`], then [`DashboardCache::invalidate`]. The
+    /// two run as one task of their own, so a caller that gives up (a
+    /// client gone) cannot leave a commit without its bump; a write that
+    /// fails bumps every plan, since its commit may have happened with its
+    /// answer lost.
     pub async fn write(
         &self,
         batch_id: Uuid,
         events: &[Event],
     ) -> Result<IngestReport, AnalyticsError> {
-        let report = self.writer.write(batch_id, events).await?;
-        self.cache.invalidate(&report).await;
-        Ok(report)
+        let (writer, cache, events) = (self.writer.clone(), self.cache.clone(), events.to_vec());
+        let task = tokio::spawn(async move {
+            match writer.write(batch_id, &events).await {
+                Ok(report) => {
+                    cache.invalidate(&report).await;
+                    Ok(report)
+                }
+                Err(e) => {
+                    if !cache.invalidate_all().await {
+                        cache.bump_lost();
+                    }
+                    Err(e)
+                }
+            }
+        });
+        task.await
+            .map_err(|e| AnalyticsError::Unavailable(Box::new(e)))?
     }
 
     /// The writer underneath.

@@ -129,6 +129,19 @@ impl Analytics {
             per_tenant.push((id, days, events, sums));
         }
         let span = usize::try_from((last - first).num_days() + 1).unwrap_or(0);
+        let total: usize = per_tenant.iter().map(|(_, days, _, _)| days.len()).sum();
+        if span > total.saturating_mul(4).max(1_024) {
+            // A few days far apart (a stray old timestamp): buckets would
+            // cost more than sorting.
+            let mut rows = Vec::with_capacity(total);
+            for (id, days, events, sums) in per_tenant {
+                for ((day, events), sum) in days.into_iter().zip(events).zip(sums) {
+                    rows.push(dashboard_row(id, day, events, sum)?);
+                }
+            }
+            rows.sort_by(|a, b| b.day.cmp(&a.day).then(a.tenant_id.cmp(&b.tenant_id)));
+            return Ok(rows);
+        }
         let mut by_day: Vec<Vec<DashboardRow>> = vec![Vec::new(); span];
         for (id, days, events, sums) in per_tenant {
             for ((day, events), sum) in days.into_iter().zip(events).zip(sums) {
