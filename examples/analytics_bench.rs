@@ -461,6 +461,22 @@ where
     (at(0.5), at(0.99), last.expect("at least one call"))
 }
 
+/// `sql`'s rows of (tenant, day, events, sum), each decoded: the client's
+/// share of a dashboard answered a row per day.
+async fn day_rows(
+    pool: &pg_kit::PgPool,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Vec<(i64, chrono::NaiveDate, i64, i64)> {
+    let conn = pool.get().await.expect("connection");
+    conn.query(sql, params)
+        .await
+        .expect("rows of the dashboard")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
 /// Parts 2 to 4: queries, cache and archival on `args.rows` rows.
 async fn queries(
     args: &Args,
@@ -565,20 +581,7 @@ async fn queries(
     // The same index-only scans, answered a row per (tenant, day) instead
     // of a row of arrays per tenant: what the wire format costs.
     let (_, dashboard_rows_p99_ms, per_day) = percentiles(args.calls, || async {
-        let conn = pool.get().await.expect("connection");
-        conn.query(DASHBOARD_ROWS, &[&since])
-            .await
-            .expect("dashboard, a row per day")
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, i64>(0),
-                    r.get::<_, chrono::NaiveDate>(1),
-                    r.get::<_, i64>(2),
-                    r.get::<_, i64>(3),
-                )
-            })
-            .collect::<Vec<_>>()
+        day_rows(pool, DASHBOARD_ROWS, &[&since]).await
     })
     .await;
     assert_eq!(per_day.len(), rows.len());
@@ -596,24 +599,12 @@ async fn queries(
     conn.batch_execute("VACUUM ANALYZE floor.dashboard")
         .await
         .expect("vacuum");
-    let (_, dashboard_floor_p99_ms, floor_rows) = percentiles(args.calls, || async {
-        let conn = pool.get().await.expect("connection");
-        conn.query(
+    let (_, dashboard_floor_p99_ms, floor_rows) = percentiles(args.calls, || {
+        day_rows(
+            pool,
             "SELECT tenant_id, day, events, sum_processing_time_us FROM floor.dashboard",
             &[],
         )
-        .await
-        .expect("floor")
-        .iter()
-        .map(|r| {
-            (
-                r.get::<_, i64>(0),
-                r.get::<_, chrono::NaiveDate>(1),
-                r.get::<_, i64>(2),
-                r.get::<_, i64>(3),
-            )
-        })
-        .collect::<Vec<_>>()
     })
     .await;
     assert_eq!(floor_rows.len(), rows.len());
