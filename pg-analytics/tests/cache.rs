@@ -63,7 +63,7 @@ async fn a_committed_write_is_never_served_stale() {
     let cache = cache(&store, redis.url(), config(&redis)).await;
     let writer = cache.writer(store.writer(WriterConfig::default()));
     writer
-        .write(Uuid::now_v7(), &events(1, 10, 1))
+        .write(Uuid::now_v7(), events(1, 10, 1))
         .await
         .unwrap();
 
@@ -80,7 +80,7 @@ async fn a_committed_write_is_never_served_stale() {
     // Every write, acknowledged, is in the very next read.
     for round in 0..5 {
         let report = writer
-            .write(Uuid::now_v7(), &events(2, 3, round))
+            .write(Uuid::now_v7(), events(2, 3, round))
             .await
             .unwrap();
         assert_eq!(report.tenants, vec![TenantId(2)]);
@@ -99,10 +99,10 @@ async fn a_committed_write_is_never_served_stale() {
     // committed without its bump): the next read recomputes.
     let id = Uuid::now_v7();
     let batch = events(3, 2, 0);
-    writer.write(id, &batch).await.unwrap();
+    writer.write(id, batch.clone()).await.unwrap();
     let before = cache.stats().recomputations;
     cache.dashboard_json(Plan::Free, SINCE).await.unwrap();
-    let report = writer.write(id, &batch).await.unwrap();
+    let report = writer.write(id, batch).await.unwrap();
     assert!(report.replayed);
     cache.dashboard_json(Plan::Free, SINCE).await.unwrap();
     assert_eq!(cache.stats().recomputations, before + 2);
@@ -220,10 +220,7 @@ async fn a_redis_outage_falls_through_to_postgres_and_is_counted() {
     )
     .await;
     let writer = cache.writer(store.writer(WriterConfig::default()));
-    writer
-        .write(Uuid::now_v7(), &events(1, 5, 2))
-        .await
-        .unwrap();
+    writer.write(Uuid::now_v7(), events(1, 5, 2)).await.unwrap();
     cache.dashboard_json(Plan::Enterprise, SINCE).await.unwrap();
     assert_eq!(cache.stats().redis_failures, 0);
 
@@ -238,10 +235,7 @@ async fn a_redis_outage_falls_through_to_postgres_and_is_counted() {
     assert!(stats.redis_failures >= 1, "{stats:?}");
     assert_eq!(stats.fallthroughs, 1, "{stats:?}");
     // A write still commits; its lost bump is counted.
-    let report = writer
-        .write(Uuid::now_v7(), &events(2, 4, 1))
-        .await
-        .unwrap();
+    let report = writer.write(Uuid::now_v7(), events(2, 4, 1)).await.unwrap();
     assert_eq!(report.accepted, 4);
     assert_eq!(cache.stats().invalidation_failures, 1);
     let during = cache.dashboard_json(Plan::Enterprise, SINCE).await.unwrap();
@@ -318,10 +312,7 @@ async fn a_reader_that_gives_up_does_not_strand_the_computation() {
     // old number.
     use fred::interfaces::KeysInterface;
     let writer = cache.writer(store.writer(WriterConfig::default()));
-    writer
-        .write(Uuid::now_v7(), &events(1, 1, 0))
-        .await
-        .unwrap();
+    writer.write(Uuid::now_v7(), events(1, 1, 0)).await.unwrap();
     let generation: i64 = redis
         .client()
         .get(format!("{}gen:plan:enterprise", redis.prefix()))

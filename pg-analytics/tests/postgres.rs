@@ -74,6 +74,13 @@ async fn migrations_run_once_and_partitions_are_made_ahead() {
         .unwrap();
     assert_eq!(written.accepted, 1);
     assert_eq!(store.default_partition_rows().await.unwrap(), 1);
+    // The maintenance job's pass finds the months made and counts the stray.
+    let pass = store.maintain(3).await.unwrap();
+    assert_eq!(
+        (pass.partitions.created.len(), pass.partitions.existing),
+        (0, 4)
+    );
+    assert_eq!(pass.default_partition_rows, 1);
     let blocked = store
         .ensure_partitions(old.date_naive(), old.date_naive(), 0)
         .await

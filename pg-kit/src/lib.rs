@@ -220,57 +220,40 @@ pub trait Prepared: Sync {
     ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send;
 }
 
-impl Prepared for PgClient {
-    async fn query_prepared(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        self.session().query(sql, params).await
-    }
+/// Both connection handles run [`Prepared`] calls through their
+/// [`Session`]: one body for the two.
+macro_rules! prepared_through_session {
+    ($handle:ty) => {
+        impl Prepared for $handle {
+            async fn query_prepared(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> Result<Vec<Row>, tokio_postgres::Error> {
+                self.session().query(sql, params).await
+            }
 
-    async fn query_prepared_one(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Row, tokio_postgres::Error> {
-        self.session().query_one(sql, params).await
-    }
+            async fn query_prepared_one(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> Result<Row, tokio_postgres::Error> {
+                self.session().query_one(sql, params).await
+            }
 
-    async fn execute_prepared(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<u64, tokio_postgres::Error> {
-        self.session().execute(sql, params).await
-    }
+            async fn execute_prepared(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> Result<u64, tokio_postgres::Error> {
+                self.session().execute(sql, params).await
+            }
+        }
+    };
 }
 
-impl Prepared for PgTransaction<'_> {
-    async fn query_prepared(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        self.session().query(sql, params).await
-    }
-
-    async fn query_prepared_one(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Row, tokio_postgres::Error> {
-        self.session().query_one(sql, params).await
-    }
-
-    async fn execute_prepared(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<u64, tokio_postgres::Error> {
-        self.session().execute(sql, params).await
-    }
-}
+prepared_through_session!(PgClient);
+prepared_through_session!(PgTransaction<'_>);
 
 impl PgClient {
     fn session(&self) -> Session<'_, Client> {

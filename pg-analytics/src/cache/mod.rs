@@ -434,21 +434,29 @@ impl DashboardCache {
             Ok(found) => found,
             Err(RedisDown) => return self.fall_through(plan, since).await,
         };
-        // In-process names of one value: the key and the generation.
-        let key = format!("{value_key}@{generation}");
+        let target = |early| Target {
+            // In-process name of one value: its key and generation.
+            key: format!("{value_key}@{generation}"),
+            value_key: value_key.clone(),
+            generation,
+            plan,
+            since,
+            early,
+        };
         if let Some(value) = cached {
             inner.counters.hits.fetch_add(1, Ordering::Relaxed);
-            if self.should_refresh_early(&key, &value) {
+            let early = target(true);
+            if self.should_refresh_early(&early.key, &value) {
                 // The others keep reading this value while one refresh
                 // runs in the background (a task of its own: nothing to
                 // await here).
-                let _ = self.flight_early(&key, &value_key, generation, plan, since);
+                drop(self.flight(early));
             }
             return Ok(value.body);
         }
         inner.counters.misses.fetch_add(1, Ordering::Relaxed);
-        let flight = match self.flight(&key, &value_key, generation, plan, since, false) {
-            Some((flight, _)) => flight,
+        let flight = match self.flight_unless_stored(target(false)) {
+            Some(flight) => flight,
             None => {
                 // Stored by this process after our read: read it again
                 // rather than compute it a second time.
@@ -457,11 +465,7 @@ impl DashboardCache {
                 {
                     return Ok(value.body);
                 }
-                self.flight(&key, &value_key, generation, plan, since, true)
-                    .map(|(flight, _)| flight)
-                    .unwrap_or_else(|| {
-                        self.compute_flight_untracked(&key, &value_key, generation, plan, since)
-                    })
+                self.flight(target(false))
             }
         };
         flight.await.map_err(CacheError::Store)
@@ -618,84 +622,33 @@ impl DashboardCache {
         matches!(self.inner.stored.lock().get(key), Some((_, until)) if *until > Instant::now())
     }
 
-    /// The computation of `key` (a value key at a generation) in progress,
-    /// or a new one (then `true`); `None` when this process stored the
-    /// value since the caller read (checked under the table's lock, so a
-    /// flight that ends between a reader's read and this call is seen
-    /// here: it records its store before it leaves the table). `again`
-    /// skips that check, for a caller that read again and still missed.
-    fn flight(
-        &self,
-        key: &str,
-        value_key: &str,
-        generation: u64,
-        plan: Plan,
-        since: NaiveDate,
-        again: bool,
-    ) -> Option<(Flight, bool)> {
+    /// The computation of `target` in progress, or a new one.
+    fn flight(&self, target: Target) -> Flight {
         let mut flights = self.inner.flights.lock();
-        if let Some(flight) = flights.get(key) {
-            return Some((flight.clone(), false));
-        }
-        if !again && self.stored_recently(key) {
+        self.join_or_start(&mut flights, target)
+    }
+
+    /// As [`DashboardCache::flight`], unless no computation is in progress
+    /// and this process stored the value since the caller read (checked
+    /// under the table's lock, so a flight that ends between a reader's
+    /// read and this call is seen here: it records its store before it
+    /// leaves the table): then `None`, and the caller reads again.
+    fn flight_unless_stored(&self, target: Target) -> Option<Flight> {
+        let mut flights = self.inner.flights.lock();
+        if !flights.contains_key(&target.key) && self.stored_recently(&target.key) {
             return None;
         }
-        let flight = self.compute_flight(Target {
-            key: key.to_owned(),
-            value_key: value_key.to_owned(),
-            generation,
-            plan,
-            since,
-            early: false,
-        });
-        flights.insert(key.to_owned(), flight.clone());
-        Some((flight, true))
+        Some(self.join_or_start(&mut flights, target))
     }
 
-    /// An early refresh of `key` unless one is running.
-    fn flight_early(
-        &self,
-        key: &str,
-        value_key: &str,
-        generation: u64,
-        plan: Plan,
-        since: NaiveDate,
-    ) -> bool {
-        let mut flights = self.inner.flights.lock();
-        if flights.contains_key(key) {
-            return false;
+    fn join_or_start(&self, flights: &mut HashMap<String, Flight>, target: Target) -> Flight {
+        if let Some(flight) = flights.get(&target.key) {
+            return flight.clone();
         }
-        let target = Target {
-            key: key.to_owned(),
-            value_key: value_key.to_owned(),
-            generation,
-            plan,
-            since,
-            early: true,
-        };
+        let key = target.key.clone();
         let flight = self.compute_flight(target);
-        flights.insert(key.to_owned(), flight);
-        true
-    }
-
-    /// A computation outside the table (only when the table's own could
-    /// not be had, which the lock makes unreachable in practice).
-    fn compute_flight_untracked(
-        &self,
-        key: &str,
-        value_key: &str,
-        generation: u64,
-        plan: Plan,
-        since: NaiveDate,
-    ) -> Flight {
-        self.compute_flight(Target {
-            key: key.to_owned(),
-            value_key: value_key.to_owned(),
-            generation,
-            plan,
-            since,
-            early: false,
-        })
+        flights.insert(key, flight.clone());
+        flight
     }
 
     /// The computation runs as its own task, so readers that give up (a
@@ -927,12 +880,15 @@ impl CachedWriter {
     /// client gone) cannot leave a commit without its bump; a write that
     /// fails bumps every plan, since its commit may have happened with its
     /// answer lost.
+    ///
+    /// It takes the events by value: the task that owns them outlives the
+    /// caller's borrow.
     pub async fn write(
         &self,
         batch_id: Uuid,
-        events: &[Event],
+        events: Vec<Event>,
     ) -> Result<IngestReport, AnalyticsError> {
-        let (writer, cache, events) = (self.writer.clone(), self.cache.clone(), events.to_vec());
+        let (writer, cache) = (self.writer.clone(), self.cache.clone());
         let task = tokio::spawn(async move {
             match writer.write(batch_id, &events).await {
                 Ok(report) => {

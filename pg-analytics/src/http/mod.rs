@@ -179,20 +179,11 @@ impl AnalyticsService {
         self.inner.metrics.default_partition_rows.set(rows);
     }
 
-    /// One maintenance pass: partitions for this month and the next
-    /// `months_ahead`, then the default partition's row count into
-    /// `/metrics`.
+    /// One maintenance pass ([`Analytics::maintain`]), its default
+    /// partition count recorded for `/metrics`.
     pub async fn maintain(&self, months_ahead: u32) -> Result<(), AnalyticsError> {
-        let today = chrono::Utc::now().date_naive();
-        self.inner
-            .store
-            .ensure_partitions(today, today, months_ahead)
-            .await?;
-        let rows = self.inner.store.default_partition_rows().await?;
-        self.record_default_partition_rows(rows);
-        if rows > 0 {
-            tracing::warn!(rows, "rows in the default partition");
-        }
+        let report = self.inner.store.maintain(months_ahead).await?;
+        self.record_default_partition_rows(report.default_partition_rows);
         Ok(())
     }
 
@@ -313,7 +304,7 @@ impl AnalyticsService {
         }
         let result = match &self.inner.writer {
             Writer::Plain(w) => w.write(batch_id, &parsed.events).await,
-            Writer::Cached(w) => w.write(batch_id, &parsed.events).await,
+            Writer::Cached(w) => w.write(batch_id, parsed.events).await,
         };
         let report = match result {
             Ok(report) => report,

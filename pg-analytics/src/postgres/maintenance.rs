@@ -22,6 +22,17 @@ pub struct PartitionReport {
     pub existing: usize,
 }
 
+/// What [`Analytics::maintain`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MaintenanceReport {
+    /// The partitions made (this month and the months ahead).
+    pub partitions: PartitionReport,
+    /// Rows in the default partition: months without a partition. Should
+    /// be 0; each is a row that a partition would refuse to be made over.
+    pub default_partition_rows: i64,
+}
+
 fn first_of_month(day: NaiveDate) -> NaiveDate {
     day.with_day(1).unwrap_or(day)
 }
@@ -101,6 +112,26 @@ impl Analytics {
             Some(month) => Err(AnalyticsError::PartitionBlocked { month }),
             None => Ok(report),
         }
+    }
+
+    /// The maintenance job's pass, to run at start and then periodically
+    /// (hourly is plenty): partitions for the current month (by the store's
+    /// clock) and the next `months_ahead`, then the default partition's
+    /// row count, logged when not 0.
+    pub async fn maintain(&self, months_ahead: u32) -> Result<MaintenanceReport, AnalyticsError> {
+        let today = chrono::DateTime::<chrono::Utc>::from(self.clock.now()).date_naive();
+        let partitions = self.ensure_partitions(today, today, months_ahead).await?;
+        let default_partition_rows = self.default_partition_rows().await?;
+        if default_partition_rows > 0 {
+            tracing::warn!(
+                rows = default_partition_rows,
+                "rows in the default partition"
+            );
+        }
+        Ok(MaintenanceReport {
+            partitions,
+            default_partition_rows,
+        })
     }
 
     /// Rows in the default partition: events whose month had no partition

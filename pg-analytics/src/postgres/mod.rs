@@ -8,7 +8,7 @@ mod tenants;
 mod writer;
 
 pub use error::AnalyticsError;
-pub use maintenance::{PartitionReport, partition_name};
+pub use maintenance::{MaintenanceReport, PartitionReport, partition_name};
 pub use queries::{DashboardRow, render_dashboard};
 pub use writer::{EventWriter, IngestReport, Rejected, WriterConfig};
 
