@@ -30,6 +30,14 @@ use gateway_mw::server::GatewayServer;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 
+// mimalloc rather than glibc's malloc: a proxy allocates and frees small
+// buffers on every request from both worker threads, and glibc's arenas
+// showed up as 11 % of the gateway's profile, lock waits included
+// (docs/PERFORMANCE.md, "What was tried"). Both proxies measured by
+// scripts/gateway-load use it, so their comparison stays like for like.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     server_support::init_tracing();

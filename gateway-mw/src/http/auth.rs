@@ -185,10 +185,13 @@ impl AuthLayer {
             .get(AUTHORIZATION)
             .and_then(bearer_token)
             .ok_or(Failure::Missing)?;
-        let claims = self.verifier.verify(token).map_err(Failure::BadToken)?;
+        let claims = self
+            .verifier
+            .verify_shared(token)
+            .map_err(Failure::BadToken)?;
         Ok(Principal {
-            id: claims.subject,
-            roles: claims.roles,
+            id: claims.subject.clone(),
+            roles: claims.roles.clone(),
             kind: PrincipalKind::User,
         })
     }

@@ -108,11 +108,67 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
+/// What the rules do with a header a client sent, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rule {
+    /// Forwarded as sent.
+    Pass,
+    /// Never forwarded: hop-by-hop, credentials, overrides.
+    Remove,
+    /// Removed unless the peer is a trusted proxy.
+    UntrustedClaim,
+    /// `X-Forwarded-For`, `Forwarded`, `X-Real-IP`: rewritten.
+    Rewritten,
+}
+
+/// The rule for `name` (lowercase, as `HeaderName` stores it). One match on
+/// the names a request carries, rather than a hash lookup for each of the
+/// 30-odd names the rules cover: most requests carry none of them.
+fn rule(name: &str) -> Rule {
+    if HOP_BY_HOP.contains(&name) || CREDENTIALS.contains(&name) || OVERRIDES.contains(&name) {
+        Rule::Remove
+    } else if UNTRUSTED_CLAIMS.contains(&name) {
+        Rule::UntrustedClaim
+    } else if name == "x-forwarded-for" || name == "forwarded" || name == "x-real-ip" {
+        Rule::Rewritten
+    } else {
+        Rule::Pass
+    }
+}
+
 /// `ip` as an RFC 7239 node: IPv6 in brackets and quotes.
 fn forwarded_node(ip: IpAddr) -> String {
     match ip {
-        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V4(v4) => {
+            let mut node = String::with_capacity(19);
+            node.push_str("for=");
+            push_v4(&mut node, v4);
+            node
+        }
         IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
+
+/// `ip` as text. IPv4, what nearly every request carries, is written
+/// without the formatting machinery (twice per request otherwise).
+fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            push_v4(&mut text, v4);
+            text
+        }
+        IpAddr::V6(v6) => v6.to_string(),
+    }
+}
+
+fn push_v4(out: &mut String, v4: std::net::Ipv4Addr) {
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(digits.format(octet));
     }
 }
 
@@ -146,10 +202,9 @@ fn set(headers: &mut HeaderMap, name: &HeaderName, value: String) {
 /// arrived from `peer`; `peer_is_trusted` says whether `peer` is one of the
 /// configured trusted proxies.
 pub fn sanitize_forward_headers(headers: &mut HeaderMap, peer: IpAddr, peer_is_trusted: bool) {
-    strip_hop_by_hop(headers);
-    for name in CREDENTIALS.iter().chain(&OVERRIDES) {
-        headers.remove(*name);
-    }
+    remove_by_rule(headers, |rule| {
+        rule == Rule::Remove || (rule == Rule::UntrustedClaim && !peer_is_trusted)
+    });
     if peer_is_trusted {
         let xff = match joined(headers, &X_FORWARDED_FOR) {
             Some(list) => format!("{list}, {peer}"),
@@ -162,28 +217,38 @@ pub fn sanitize_forward_headers(headers: &mut HeaderMap, peer: IpAddr, peer_is_t
         };
         set(headers, &FORWARDED, forwarded);
     } else {
-        for name in UNTRUSTED_CLAIMS {
-            headers.remove(name);
+        // The peer's address is always printable: one value serves both.
+        match HeaderValue::from_str(&ip_text(peer)) {
+            Ok(address) => {
+                headers.insert(X_FORWARDED_FOR.clone(), address.clone());
+                headers.insert(X_REAL_IP.clone(), address);
+            }
+            Err(_) => {
+                headers.remove(&X_FORWARDED_FOR);
+                headers.remove(&X_REAL_IP);
+            }
         }
-        set(headers, &X_FORWARDED_FOR, peer.to_string());
         set(headers, &FORWARDED, forwarded_node(peer));
-        set(headers, &X_REAL_IP, peer.to_string());
     }
 }
 
-/// Removes the headers `Connection` names, then the standard hop-by-hop set.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+/// Removes the headers `Connection` names, then every header whose
+/// [`Rule`] `remove` selects, looking at the names present once.
+fn remove_by_rule(headers: &mut HeaderMap, remove: impl Fn(Rule) -> bool) {
+    let mut doomed: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    doomed.extend(
+        headers
+            .keys()
+            .filter(|name| remove(rule(name.as_str())))
+            .cloned(),
+    );
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -200,19 +265,7 @@ pub fn prepare_forward(parts: &mut http::request::Parts) {
         .is_some_and(|PeerIsTrustedProxy(t)| *t);
     match peer {
         Some(peer) => sanitize_forward_headers(&mut parts.headers, peer, trusted),
-        None => {
-            strip_hop_by_hop(&mut parts.headers);
-            for name in CREDENTIALS
-                .iter()
-                .chain(&OVERRIDES)
-                .chain(&UNTRUSTED_CLAIMS)
-            {
-                parts.headers.remove(*name);
-            }
-            for name in [&X_FORWARDED_FOR, &FORWARDED, &X_REAL_IP] {
-                parts.headers.remove(name);
-            }
-        }
+        None => remove_by_rule(&mut parts.headers, |rule| rule != Rule::Pass),
     }
     match parts.extensions.get::<RequestId>() {
         Some(id) => {
@@ -392,6 +445,24 @@ mod tests {
             }
             prop_assert_eq!(&h["x-forwarded-for"], "203.0.113.1");
             prop_assert!(!h.contains_key(CONNECTION));
+        }
+
+        /// The hand-written address text is what `Display` writes, so the
+        /// upstream sees the same `X-Forwarded-For`, `X-Real-IP` and
+        /// `Forwarded` as before it was written by hand.
+        #[test]
+        fn address_text_matches_display(v4 in any::<[u8; 4]>(), v6 in any::<[u16; 8]>()) {
+            let v4 = IpAddr::from(v4);
+            prop_assert_eq!(ip_text(v4), v4.to_string());
+            prop_assert_eq!(forwarded_node(v4), format!("for={v4}"));
+            let v6 = IpAddr::from(v6);
+            prop_assert_eq!(ip_text(v6), v6.to_string());
+            prop_assert_eq!(forwarded_node(v6), format!("for=\"[{v6}]\""));
+            let mut h = HeaderMap::new();
+            sanitize_forward_headers(&mut h, v4, false);
+            let text = v4.to_string();
+            prop_assert_eq!(&h["x-forwarded-for"], text.as_str());
+            prop_assert_eq!(&h["x-real-ip"], text.as_str());
         }
     }
 }

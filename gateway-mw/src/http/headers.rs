@@ -58,6 +58,17 @@ impl SecurityHeaders {
     /// outside its layer stack (health checks, metrics) calls it directly so
     /// that every response carries them. Idempotent.
     pub fn apply(&self, path: &str, h: &mut HeaderMap) {
+        self.apply_with(self.no_store(path), h);
+    }
+
+    /// Whether a response to `path` gets `Cache-Control: no-store`.
+    fn no_store(&self, path: &str) -> bool {
+        self.no_store_prefixes
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
+    }
+
+    fn apply_with(&self, no_store: bool, h: &mut HeaderMap) {
         h.insert(STRICT_TRANSPORT_SECURITY, self.hsts.clone());
         h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         h.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
@@ -70,11 +81,7 @@ impl SecurityHeaders {
         );
         h.remove(SERVER);
         h.remove(&X_POWERED_BY);
-        if self
-            .no_store_prefixes
-            .iter()
-            .any(|p| path.starts_with(p.as_str()))
-        {
+        if no_store {
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
     }
@@ -127,12 +134,13 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
+        // Decided now, so the path need not be kept until the response.
+        let no_store = self.headers.no_store(request.uri().path());
         let headers = Arc::clone(&self.headers);
         let future = self.inner.call(request);
         Box::pin(async move {
             let mut response = future.await?;
-            headers.apply(&path, response.headers_mut());
+            headers.apply_with(no_store, response.headers_mut());
             Ok(response)
         })
     }

@@ -134,7 +134,7 @@ impl GatewayMetrics {
         let labels: Labels = [
             ("http_request_method", method_label(method).to_owned()),
             ("http_route", route.to_owned()),
-            ("http_response_status_code", status.to_string()),
+            ("http_response_status_code", status_label(status)),
         ];
         self.duration.get_or_create(&labels).observe(seconds);
         self.requests.get_or_create(&labels).inc();
@@ -154,6 +154,13 @@ impl GatewayMetrics {
             _ => {}
         }
     }
+}
+
+/// The status code's digits, without the formatting machinery for the
+/// codes that exist.
+fn status_label(status: u16) -> String {
+    http::StatusCode::from_u16(status)
+        .map_or_else(|_| status.to_string(), |code| code.as_str().to_owned())
 }
 
 fn method_label(method: &Method) -> &'static str {
@@ -264,9 +271,8 @@ where
                 .as_ref()
                 .ok()
                 .and_then(|r| r.extensions().get::<MatchedRoute>())
-                .map_or("unmatched", |r| r.0.as_str())
-                .to_owned();
-            metrics.observe(&method, &route, status, started.elapsed().as_secs_f64());
+                .map_or("unmatched", |r| r.0.as_str());
+            metrics.observe(&method, route, status, started.elapsed().as_secs_f64());
             drop(guard);
             result
         })

@@ -273,6 +273,24 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// `"name";a=A;b=B`, written without the formatting machinery: it is on
+/// every response.
+fn item(name: &str, a: &str, a_value: u64, b: &str, b_value: u64) -> String {
+    let mut digits = itoa::Buffer::new();
+    let mut out = String::with_capacity(name.len() + 32);
+    out.push('"');
+    out.push_str(name);
+    out.push_str("\";");
+    out.push_str(a);
+    out.push('=');
+    out.push_str(digits.format(a_value));
+    out.push(';');
+    out.push_str(b);
+    out.push('=');
+    out.push_str(digits.format(b_value));
+    out
+}
+
 /// Sets `RateLimit-Policy: "name";q=Q;w=W` and `RateLimit: "name";r=R;t=T`
 /// (draft-ietf-httpapi-ratelimit-headers-08, the structured-field syntax),
 /// plus `Retry-After` when denied.
@@ -282,16 +300,25 @@ pub(super) fn set_headers(
     quota: Quota,
     decision: &RateDecision,
 ) {
-    let policy = format!("\"{name}\";q={};w={}", quota.burst, ceil_secs(quota.period));
-    let state = format!(
-        "\"{name}\";r={};t={}",
-        decision.remaining,
-        ceil_secs(decision.reset_after)
+    let policy = item(
+        name,
+        "q",
+        u64::from(quota.burst),
+        "w",
+        ceil_secs(quota.period),
+    );
+    let state = item(
+        name,
+        "r",
+        u64::from(decision.remaining),
+        "t",
+        ceil_secs(decision.reset_after),
     );
     let headers = response.headers_mut();
+    // The strings become the values' bytes as they are, without a copy.
     if let (Ok(p), Ok(s)) = (
-        HeaderValue::from_str(&policy),
-        HeaderValue::from_str(&state),
+        HeaderValue::from_maybe_shared(Bytes::from(policy)),
+        HeaderValue::from_maybe_shared(Bytes::from(state)),
     ) {
         headers.insert(RATELIMIT_POLICY.clone(), p);
         headers.insert(RATELIMIT.clone(), s);
@@ -318,19 +345,22 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let principal = request.extensions().get::<Principal>().cloned();
-        let ip = request.extensions().get::<ClientIp>().copied();
-        let route = request
-            .extensions()
-            .get::<MatchedRoute>()
-            .map(|MatchedRoute(template)| format!("{} {template}", request.method()));
         let layer = self.layer.clone();
         // The ready inner service serves this request; a clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
-            let (name, subject, quota, decision) =
-                layer.limits.check(principal.as_ref(), ip, route).await;
+            // Read from the request this future owns: nothing is copied
+            // out of it to be checked.
+            let principal = request.extensions().get::<Principal>();
+            let ip = request.extensions().get::<ClientIp>().copied();
+            // The route's key is only built when there are route quotas.
+            let route = request
+                .extensions()
+                .get::<MatchedRoute>()
+                .filter(|_| !layer.limits.routes.is_empty())
+                .map(|MatchedRoute(template)| format!("{} {template}", request.method()));
+            let (name, subject, quota, decision) = layer.limits.check(principal, ip, route).await;
             if !decision.allowed {
                 let entry = AuditEntry::new("ratelimit.check", Outcome::Denied)
                     .who(subject)

@@ -257,11 +257,11 @@ impl GatewayServer {
 
         let mut all_upstreams: Vec<Upstream> = Vec::new();
         for u in config.upstreams.values() {
-            all_upstreams.push(Upstream {
-                base: u.url.trim_end_matches('/').to_owned(),
-                timeout: Duration::from_millis(u.timeout_ms),
-                http2: u.http2,
-            });
+            all_upstreams.push(Upstream::new(
+                &u.url,
+                Duration::from_millis(u.timeout_ms),
+                u.http2,
+            ));
         }
         // Small request/response messages: Nagle's algorithm would hold
         // them back waiting for ACKs, so both hops disable it.

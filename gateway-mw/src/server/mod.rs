@@ -106,9 +106,11 @@ impl GatewayServer {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        let (api, auth, state) = (self.api.clone(), self.auth.clone(), Arc::clone(&self.state));
+        // Shared, so a request clones only the stack it is routed to.
+        let stacks = Arc::new((self.api.clone(), self.auth.clone()));
+        let state = Arc::clone(&self.state);
         let service = tower::service_fn(move |request: Request<Incoming>| {
-            dispatch(api.clone(), auth.clone(), Arc::clone(&state), request)
+            dispatch(Arc::clone(&stacks), Arc::clone(&state), request)
         });
         let config = http_kit::ServeConfig::default()
             .with_drain_timeout(Duration::from_secs(self.config.shutdown_grace_secs));
@@ -178,8 +180,7 @@ pub async fn run(
 /// after giving it a safe request id (`http_kit::serve` has already put the
 /// peer address in its extensions).
 async fn dispatch(
-    api: BoxedService,
-    auth: BoxedService,
+    stacks: Arc<(BoxedService, BoxedService)>,
     state: Arc<State>,
     mut request: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Infallible> {
@@ -225,10 +226,11 @@ async fn dispatch(
             if let Some(route) = route {
                 request.extensions_mut().insert(Matched(route));
             }
+            let (api, auth) = &*stacks;
             if login {
-                auth.oneshot(request).await?
+                auth.clone().oneshot(request).await?
             } else {
-                api.oneshot(request).await?
+                api.clone().oneshot(request).await?
             }
         }
     };

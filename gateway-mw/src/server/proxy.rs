@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 
@@ -16,8 +17,51 @@ use crate::http::{BoxError, GatewayBody, Principal};
 #[derive(Debug, Clone)]
 pub(super) struct Upstream {
     pub(super) base: String,
+    /// `base`'s scheme and authority when it has no path of its own, so a
+    /// request's URI is put together from parts instead of formatted and
+    /// parsed again on every request.
+    origin: Option<(Scheme, Authority)>,
     pub(super) timeout: Duration,
     pub(super) http2: bool,
+}
+
+impl Upstream {
+    /// The upstream at `url` (a trailing `/` is ignored).
+    pub(super) fn new(url: &str, timeout: Duration, http2: bool) -> Upstream {
+        let base = url.trim_end_matches('/').to_owned();
+        let origin = base.parse::<Uri>().ok().and_then(|uri| {
+            let parts = uri.into_parts();
+            let bare = parts.path_and_query.as_ref().is_none_or(|p| p == "/");
+            Some((parts.scheme?, parts.authority?)).filter(|_| bare)
+        });
+        Upstream {
+            base,
+            origin,
+            timeout,
+            http2,
+        }
+    }
+
+    /// Where `path_and_query` of a request goes on this upstream.
+    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Option<Uri> {
+        match &self.origin {
+            Some((scheme, authority)) => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(scheme.clone());
+                parts.authority = Some(authority.clone());
+                parts.path_and_query = Some(
+                    path_and_query
+                        .cloned()
+                        .unwrap_or(PathAndQuery::from_static("/")),
+                );
+                Uri::from_parts(parts).ok()
+            }
+            None => {
+                let path_and_query = path_and_query.map_or("/", |p| p.as_str());
+                format!("{}{path_and_query}", self.base).parse().ok()
+            }
+        }
+    }
 }
 
 pub(super) async fn proxy(
@@ -26,12 +70,7 @@ pub(super) async fn proxy(
     request: Request<Full<Bytes>>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let (mut parts, body) = request.into_parts();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let Ok(uri) = format!("{}{path_and_query}", upstream.base).parse::<Uri>() else {
+    let Some(uri) = upstream.uri(parts.uri.path_and_query()) else {
         return Ok(crate::http::error_response(
             StatusCode::BAD_GATEWAY,
             "bad_upstream",

@@ -126,11 +126,11 @@ pub(super) fn build_table(config: &GatewayConfig) -> Result<RouteTable, ConfigEr
         let target = config.upstreams.get(&route.upstream).ok_or_else(|| {
             ConfigError::invalid(&named, format!("unknown upstream {:?}", route.upstream))
         })?;
-        let upstream = Upstream {
-            base: target.url.trim_end_matches('/').to_owned(),
-            timeout: Duration::from_millis(target.timeout_ms),
-            http2: target.http2,
-        };
+        let upstream = Upstream::new(
+            &target.url,
+            Duration::from_millis(target.timeout_ms),
+            target.http2,
+        );
         add(
             &route.method,
             &route.path,
