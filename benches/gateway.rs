@@ -19,7 +19,7 @@ const SECRET: &[u8] = b"pyjwt-fixture-secret-0123456789abcdef";
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(format!(
-        "{}/gateway-mw/tests/fixtures/{name}",
+        "{}/jwt-kit/tests/fixtures/{name}",
         env!("CARGO_MANIFEST_DIR")
     ))
     .expect("fixture")

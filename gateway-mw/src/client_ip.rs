@@ -101,11 +101,33 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &TrustedPro
     client
 }
 
+/// Appends `v4` in dotted decimal, as `Display` writes it, without the
+/// formatting machinery: the gateway writes the client's address several
+/// times per request (rate-limit keys, forwarding headers).
+pub(crate) fn push_ipv4(out: &mut String, v4: std::net::Ipv4Addr) {
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+}
+
 /// The rate-limit key of a client address: the address for IPv4, the /64
 /// network for IPv6.
 pub fn limit_key(ip: IpAddr) -> String {
     match canonical(ip) {
-        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V4(v4) => {
+            let mut key = String::with_capacity(15);
+            push_ipv4(&mut key, v4);
+            key
+        }
         IpAddr::V6(v6) => {
             let s = v6.segments();
             let prefix = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
@@ -229,6 +251,13 @@ mod tests {
             let attacked = client_ip(ip("10.0.0.1"), Some(&entries.join(", ")), &t);
             prop_assert_eq!(honest, real);
             prop_assert_eq!(attacked, real);
+        }
+
+        /// An IPv4 limit key is the address as `Display` writes it.
+        #[test]
+        fn ipv4_limit_keys_are_the_dotted_address(octets in any::<[u8; 4]>()) {
+            let v4 = std::net::Ipv4Addr::from(octets);
+            prop_assert_eq!(limit_key(IpAddr::V4(v4)), v4.to_string());
         }
     }
 }

@@ -142,7 +142,7 @@ fn forwarded_node(ip: IpAddr) -> String {
         IpAddr::V4(v4) => {
             let mut node = String::with_capacity(19);
             node.push_str("for=");
-            push_v4(&mut node, v4);
+            crate::client_ip::push_ipv4(&mut node, v4);
             node
         }
         IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
@@ -155,20 +155,10 @@ fn ip_text(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => {
             let mut text = String::with_capacity(15);
-            push_v4(&mut text, v4);
+            crate::client_ip::push_ipv4(&mut text, v4);
             text
         }
         IpAddr::V6(v6) => v6.to_string(),
-    }
-}
-
-fn push_v4(out: &mut String, v4: std::net::Ipv4Addr) {
-    let mut digits = itoa::Buffer::new();
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.push('.');
-        }
-        out.push_str(digits.format(octet));
     }
 }
 

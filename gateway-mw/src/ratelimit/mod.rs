@@ -182,7 +182,10 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         let tolerance = self.quota.tolerance_nanos();
         let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
         let mut map = shard.lock();
-        let tat = map.get(key).copied().unwrap_or(now).max(now);
+        // One lookup: a key already held (every request of an active
+        // caller) is updated in place, without a copy of the key.
+        let held = map.get_mut(key);
+        let tat = held.as_deref().copied().unwrap_or(now).max(now);
         let allow_from = tat.saturating_sub(tolerance);
         if now < allow_from {
             return RateDecision {
@@ -194,10 +197,15 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             };
         }
         let new_tat = tat + t;
-        if !map.contains_key(key) && map.len() >= self.per_shard {
-            self.make_room(&mut map, now);
+        match held {
+            Some(held) => *held = new_tat,
+            None => {
+                if map.len() >= self.per_shard {
+                    self.make_room(&mut map, now);
+                }
+                map.insert(key.to_owned(), new_tat);
+            }
         }
-        map.insert(key.to_owned(), new_tat);
         // Requests still allowed now: how many more T fit under the tolerance.
         let used = new_tat - now;
         let remaining = ((tolerance + t).saturating_sub(used) / t) as u32;

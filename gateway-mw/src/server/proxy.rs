@@ -5,13 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::HeaderValue;
+use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 
 use super::State;
 use crate::http::{BoxError, GatewayBody, Principal};
+
+static X_GATEWAY_SUBJECT: HeaderName = HeaderName::from_static("x-gateway-subject");
+static X_GATEWAY_ROLES: HeaderName = HeaderName::from_static("x-gateway-roles");
 
 /// A configured upstream.
 #[derive(Debug, Clone)]
@@ -80,12 +83,12 @@ pub(super) async fn proxy(
     parts.uri = uri;
     // Hop-by-hop, credentials, overrides, forwarding claims, request id.
     crate::http::prepare_forward(&mut parts);
-    if let Some(principal) = parts.extensions.get::<Principal>().cloned() {
+    if let Some(principal) = parts.extensions.get::<Principal>() {
         if let Ok(v) = HeaderValue::from_str(&principal.id) {
-            parts.headers.insert("x-gateway-subject", v);
+            parts.headers.insert(X_GATEWAY_SUBJECT.clone(), v);
         }
         if let Ok(v) = HeaderValue::from_str(&principal.roles.join(",")) {
-            parts.headers.insert("x-gateway-roles", v);
+            parts.headers.insert(X_GATEWAY_ROLES.clone(), v);
         }
     }
     let mut outgoing = Request::from_parts(parts, body);
