@@ -1,18 +1,25 @@
-//! A bare reverse proxy: hyper server, pooled hyper client, no middleware.
+//! A bare reverse proxy: the gateway's forwarding path with no middleware.
 //!
 //! It is the baseline `scripts/gateway-load` measures beside the gateway, so
 //! the cost of the extra HTTP hop and the cost of the middleware show up
-//! separately.
+//! separately. It forwards as the gateway does: `http_kit`'s server, the
+//! gateway's per-thread HTTP/1.1 upstream pool (`UpstreamPool`), and one
+//! single-threaded runtime per core (`runtime = "per_core"`); `--multi-thread`
+//! serves on one multi-threaded runtime instead, and `--http2` speaks h2c to
+//! the upstream through hyper-util's client (`http2 = true`).
 //!
 //! ```text
-//! cargo run --release --features gateway-proxy --example proxy_baseline -- 127.0.0.1:8081 http://127.0.0.1:9000 [--http2]
+//! cargo run --release --features gateway-proxy --example proxy_baseline -- 127.0.0.1:8081 http://127.0.0.1:9000 [--http2] [--multi-thread]
 //! ```
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
+use bytes::Bytes;
+use gateway_mw::server::UpstreamPool;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 
 // mimalloc rather than glibc's malloc: a proxy allocates and frees small
 // buffers on every request from both worker threads, and glibc's arenas
@@ -22,64 +29,89 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Where requests go.
+struct Forward {
+    upstream: http::Uri,
+    http2: Option<Client<HttpConnector, Full<Bytes>>>,
+    pool: UpstreamPool,
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let listen = args.next().unwrap_or_else(|| "127.0.0.1:8081".into());
-    let upstream: http::Uri = args
-        .next()
-        .unwrap_or_else(|| "http://127.0.0.1:9000".into())
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let listen: std::net::SocketAddr = args
+        .first()
+        .map_or("127.0.0.1:8081", String::as_str)
         .parse()?;
-    // `--http2`: h2c to the upstream, as the gateway does for `http2 = true`.
-    let http2 = args.next().as_deref() == Some("--http2");
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(http2)
-        .build(connector);
-    let listener = tokio::net::TcpListener::bind(&listen).await?;
-    loop {
-        let (stream, _) = listener.accept().await?;
-        stream.set_nodelay(true)?;
-        let (client, upstream) = (client.clone(), upstream.clone());
-        let service =
-            hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                let (client, upstream) = (client.clone(), upstream.clone());
-                async move {
-                    let (mut parts, body) = request.into_parts();
-                    let body = body
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    let mut uri = upstream.into_parts();
-                    uri.path_and_query = parts.uri.path_and_query().cloned();
-                    parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
-                    parts.headers.remove(http::header::CONNECTION);
-                    if http2 {
-                        parts.version = http::Version::HTTP_2;
-                    }
-                    let response = match client
-                        .request(http::Request::from_parts(parts, Full::new(body)))
-                        .await
-                    {
-                        Ok(r) => r.map(|b| b.boxed()),
-                        Err(_) => http::Response::builder()
-                            .status(502)
-                            .body(
-                                Full::new(bytes::Bytes::new())
-                                    .map_err(|never| match never {})
-                                    .boxed(),
-                            )
-                            .unwrap_or_default(),
-                    };
-                    Ok::<_, Infallible>(response)
-                }
-            });
-        tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+    let upstream: http::Uri = args
+        .get(1)
+        .map_or("http://127.0.0.1:9000", String::as_str)
+        .parse()?;
+    let http2 = args.iter().any(|a| a == "--http2").then(|| {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector)
+    });
+    let forward = Arc::new(Forward {
+        upstream,
+        http2,
+        pool: UpstreamPool::new(),
+    });
+    let service = tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        let forward = Arc::clone(&forward);
+        async move { Ok::<_, Infallible>(forward.send(request).await) }
+    });
+    let (config, shutdown) = (http_kit::ServeConfig::default(), http_kit::Shutdown::new());
+    if args.iter().any(|a| a == "--multi-thread") {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        http_kit::serve(listener, service, config, shutdown).await;
+    } else {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let listeners = http_kit::per_thread::bind_reuseport(listen, threads)?;
+        http_kit::per_thread::serve(listeners, service, config, shutdown).await;
+    }
+    Ok(())
+}
+
+impl Forward {
+    async fn send(
+        &self,
+        request: http::Request<hyper::body::Incoming>,
+    ) -> http::Response<http_kit::Body> {
+        let (mut parts, body) = request.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let mut uri = self.upstream.clone().into_parts();
+        uri.path_and_query = parts.uri.path_and_query().cloned();
+        parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+        parts.headers.remove(http::header::CONNECTION);
+        let authority = parts.uri.authority().cloned();
+        let response = match (&self.http2, authority) {
+            (Some(client), _) => {
+                parts.version = http::Version::HTTP_2;
+                let request = http::Request::from_parts(parts, Full::new(body));
+                client
+                    .request(request)
+                    .await
+                    .map_err(http_kit::BoxError::from)
+            }
+            (None, Some(authority)) => {
+                let request = http::Request::from_parts(parts, Full::new(body));
+                self.pool
+                    .send(&authority, request)
+                    .await
+                    .map_err(http_kit::BoxError::from)
+            }
+            (None, None) => Err("the upstream URI has no authority".into()),
+        };
+        match response {
+            Ok(response) => response.map(http_kit::boxed),
+            Err(_) => http_kit::empty(http::StatusCode::BAD_GATEWAY),
+        }
     }
 }

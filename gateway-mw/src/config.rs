@@ -319,6 +319,12 @@ pub struct GatewayConfig {
     /// Seconds to let in-flight requests finish on SIGTERM. Default 10.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// How connections are spread over threads. Default `multi_thread`.
+    #[serde(default)]
+    pub runtime: RuntimeLayout,
+    /// Serving threads with `runtime = "per_core"`. Default: one per core.
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// Token verification.
     pub jwt: JwtSection,
     /// The demo token endpoints (`/auth/token`, `/auth/refresh`, `/auth/logout`).
@@ -449,6 +455,23 @@ fn default_listen() -> SocketAddr {
 
 fn default_grace() -> u64 {
     10
+}
+
+/// `runtime`: how the gateway spreads connections over threads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeLayout {
+    /// The caller's tokio runtime (the example's is multi-threaded): one
+    /// listening socket, connections spread by work stealing.
+    #[default]
+    MultiThread,
+    /// One single-threaded runtime per serving thread, each with its own
+    /// listening socket on the same address (`SO_REUSEPORT`, Linux and the
+    /// BSDs) and its own upstream connections: a request and its upstream
+    /// exchange stay on one thread, as in nginx and HAProxy. The kernel
+    /// spreads connections over the sockets by a hash of their addresses,
+    /// so a handful of long-lived connections can land unevenly.
+    PerCore,
 }
 
 /// `[jwt]`.
@@ -852,6 +875,22 @@ impl GatewayConfig {
                 Ok(())
             }
         };
+
+        if self.threads == Some(0) {
+            return Err(invalid("threads", "must be at least 1"));
+        }
+        if self.threads.is_some() && self.runtime != RuntimeLayout::PerCore {
+            return Err(invalid(
+                "threads",
+                "applies only with runtime = \"per_core\" (a multi-threaded runtime is sized by its builder, e.g. TOKIO_WORKER_THREADS)",
+            ));
+        }
+        if self.runtime == RuntimeLayout::PerCore && !cfg!(unix) {
+            return Err(invalid(
+                "runtime",
+                "\"per_core\" needs SO_REUSEPORT, which this platform lacks",
+            ));
+        }
 
         // [jwt]
         if self.jwt.keys.is_empty() && self.jwt.jwks_file.is_none() {

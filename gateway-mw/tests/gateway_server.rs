@@ -1049,3 +1049,89 @@ async fn two_gateway_instances_share_limits_and_sessions_through_redis() {
     a.stop().await;
     b.stop().await;
 }
+
+/// `runtime = "per_core"`: two serving threads on one port, each with its
+/// own runtime and upstream connections. Many clients at once, each request
+/// answered by the upstream for its own path (no response crosses to
+/// another request), then a drain that ends the threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_core_gateway_serves_every_request_on_its_threads_and_drains() {
+    let (orders, counts) = upstream(false).await;
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nruntime = \"per_core\"\nthreads = 2\n{}",
+        config_text(&orders, "http://127.0.0.1:1")
+    );
+    let config = GatewayConfig::parse(&text).unwrap();
+    let bound = GatewayServer::build(config)
+        .await
+        .unwrap()
+        .bind()
+        .await
+        .unwrap();
+    let base = format!("http://{}", bound.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let done = tokio::spawn(bound.serve(async move {
+        let _ = stopped.await;
+    }));
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let login = http::Request::post(format!("{base}/auth/token"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            json!({"username": "alice", "password": "alice-pw"}).to_string(),
+        )))
+        .unwrap();
+    let response = client.request(login).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let bearer = Arc::new(format!("Bearer {}", body["access_token"].as_str().unwrap()));
+
+    let (clients, each) = (48, 25);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (base, bearer) = (base.clone(), Arc::clone(&bearer));
+        // A client (and so a connection) of its own: the kernel spreads
+        // the connections over both threads' sockets.
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..each {
+                let path = format!("/v1/orders/{c}-{i}");
+                let request = http::Request::get(format!("{base}{path}"))
+                    .header("authorization", bearer.as_str())
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let response = client.request(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                let bytes = response.into_body().collect().await.unwrap().to_bytes();
+                let echoed: Value = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(echoed["path"], path.as_str());
+                assert_eq!(echoed["subject"], "alice");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(counts.served.load(Ordering::SeqCst), clients * each);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(15), done)
+        .await
+        .expect("the serving threads drained and ended")
+        .unwrap();
+    // The port is released once every thread's socket is closed.
+    let addr = base.trim_start_matches("http://");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+/// `threads` without `runtime = "per_core"`, or zero threads, is refused.
+#[test]
+fn threads_apply_only_to_a_per_core_runtime() {
+    let text = config_text("http://127.0.0.1:1", "http://127.0.0.1:1");
+    let error = GatewayConfig::parse(&format!("threads = 2\n{text}")).unwrap_err();
+    assert!(error.to_string().contains("threads"), "{error}");
+    let error =
+        GatewayConfig::parse(&format!("runtime = \"per_core\"\nthreads = 0\n{text}")).unwrap_err();
+    assert!(error.to_string().contains("at least 1"), "{error}");
+    let error = GatewayConfig::parse(&format!("runtime = \"sideways\"\n{text}")).unwrap_err();
+    assert!(error.to_string().contains("runtime"), "{error}");
+}

@@ -57,6 +57,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod path;
+pub mod per_thread;
 pub mod prometheus;
 pub mod query;
 pub mod response;

@@ -112,6 +112,30 @@ pub struct ServeReport {
     pub left_open: usize,
 }
 
+impl ServeReport {
+    /// One report for several listeners served side by side (one per
+    /// thread, say): counts add up, drained only if every one drained, and
+    /// the most connections any one left open (they share one
+    /// [`Shutdown`], so each saw them all). No reports: nothing accepted,
+    /// drained.
+    pub fn merged(reports: impl IntoIterator<Item = ServeReport>) -> ServeReport {
+        reports.into_iter().fold(
+            ServeReport {
+                accepted: 0,
+                accept_errors: 0,
+                drained: true,
+                left_open: 0,
+            },
+            |total, report| ServeReport {
+                accepted: total.accepted + report.accepted,
+                accept_errors: total.accept_errors + report.accept_errors,
+                drained: total.drained && report.drained,
+                left_open: total.left_open.max(report.left_open),
+            },
+        )
+    }
+}
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 

@@ -267,15 +267,12 @@ impl GatewayServer {
         // them back waiting for ACKs, so both hops disable it.
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector.clone());
         let client_h2 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(super::pool::IDLE_TIMEOUT)
             .http2_only(true)
             .build(connector);
         let state = Arc::new(State {
-            client,
+            pool: super::pool::UpstreamPool::new(),
             client_h2,
             routes,
             all_upstreams,

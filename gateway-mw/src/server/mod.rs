@@ -13,6 +13,7 @@ mod admin;
 mod build;
 mod health;
 mod login;
+pub mod pool;
 mod proxy;
 mod routes;
 
@@ -31,9 +32,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt;
 
 use crate::audit::AuditLog;
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, RuntimeLayout};
 use crate::http::{GatewayBody, GatewayMetrics, Routed};
 use crate::router::{PathOptions, normalize_path};
+
+pub use pool::{UpstreamError, UpstreamPool};
 
 use login::Tokens;
 use proxy::Upstream;
@@ -43,7 +46,8 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Everything a request needs, shared by all connections.
 struct State {
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// HTTP/1.1 upstream connections, pooled per thread (see `pool`).
+    pool: pool::UpstreamPool,
     /// For upstreams with `http2 = true`.
     client_h2: Client<HttpConnector, Full<Bytes>>,
     /// The one route table (see `routes`).
@@ -84,26 +88,51 @@ impl GatewayServer {
 
     /// Binds `config.listen` and logs that the gateway is listening. The
     /// server is already built, so an invalid configuration never takes the
-    /// port (see [`run`]).
+    /// port (see [`run`]). With `runtime = "per_core"` it binds one socket
+    /// per serving thread, all on that address (`SO_REUSEPORT`).
     pub async fn bind(self) -> Result<BoundGateway, crate::Error> {
         let addr = self.config.listen;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| crate::Error::Bind { addr, source })?;
-        let local = listener.local_addr().unwrap_or(addr);
-        tracing::info!(addr = %local, "gateway listening");
+        let bind_error = |source| crate::Error::Bind { addr, source };
+        let sockets = match self.config.runtime {
+            RuntimeLayout::MultiThread => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(bind_error)?;
+                Sockets::One(listener)
+            }
+            RuntimeLayout::PerCore => {
+                let threads = self.config.threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+                });
+                Sockets::PerThread(
+                    http_kit::per_thread::bind_reuseport(addr, threads).map_err(bind_error)?,
+                )
+            }
+        };
+        let local = sockets.local_addr().unwrap_or(addr);
+        tracing::info!(addr = %local, runtime = ?self.config.runtime, "gateway listening");
         Ok(BoundGateway {
             server: self,
-            listener,
+            sockets,
         })
     }
 
     /// Serves on `listener` with [`http_kit::serve()`] until `shutdown`
     /// completes, then stops accepting, lets in-flight requests finish for
-    /// up to `shutdown_grace_secs`, and flushes the audit log.
+    /// up to `shutdown_grace_secs`, and flushes the audit log. It serves on
+    /// the caller's runtime, whatever `runtime` says ([`BoundGateway::serve`]
+    /// follows it).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        self.serve_sockets(Sockets::One(listener), shutdown).await;
+    }
+
+    async fn serve_sockets(
+        self,
+        sockets: Sockets,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         // Shared, so a request clones only the stack it is routed to.
@@ -116,13 +145,18 @@ impl GatewayServer {
             .with_drain_timeout(Duration::from_secs(self.config.shutdown_grace_secs));
         let drain = http_kit::Shutdown::new();
         let trigger = drain.clone();
-        let (report, ()) = tokio::join!(
-            http_kit::serve(listener, service, config, drain),
-            async move {
-                shutdown.await;
-                trigger.trigger();
+        let serving = async move {
+            match sockets {
+                Sockets::One(listener) => http_kit::serve(listener, service, config, drain).await,
+                Sockets::PerThread(listeners) => {
+                    http_kit::per_thread::serve(listeners, service, config, drain).await
+                }
             }
-        );
+        };
+        let (report, ()) = tokio::join!(serving, async move {
+            shutdown.await;
+            trigger.trigger();
+        });
         if !report.drained {
             tracing::warn!(
                 open = report.left_open,
@@ -139,22 +173,46 @@ impl GatewayServer {
     }
 }
 
-/// A built gateway that holds its listening socket.
+/// The listening sockets of a bound gateway.
+#[derive(Debug)]
+enum Sockets {
+    /// One socket, served on the caller's runtime.
+    One(tokio::net::TcpListener),
+    /// One socket per serving thread (`runtime = "per_core"`).
+    PerThread(Vec<std::net::TcpListener>),
+}
+
+impl Sockets {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Sockets::One(listener) => listener.local_addr(),
+            Sockets::PerThread(listeners) => listeners
+                .first()
+                .ok_or_else(|| std::io::Error::other("no socket"))?
+                .local_addr(),
+        }
+    }
+}
+
+/// A built gateway that holds its listening socket(s).
 #[derive(Debug)]
 pub struct BoundGateway {
     server: GatewayServer,
-    listener: tokio::net::TcpListener,
+    sockets: Sockets,
 }
 
 impl BoundGateway {
     /// The address it listens on (the port the OS chose for port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.sockets.local_addr()
     }
 
-    /// Serves until `shutdown` completes; see [`GatewayServer::serve`].
+    /// Serves until `shutdown` completes, as [`GatewayServer::serve`] does,
+    /// with the configured `runtime`: on the caller's runtime, or with
+    /// `per_core` on threads of its own (the caller's runtime then only
+    /// waits, and runs the audit writer and the Redis connections).
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
-        self.server.serve(self.listener, shutdown).await;
+        self.server.serve_sockets(self.sockets, shutdown).await;
     }
 }
 

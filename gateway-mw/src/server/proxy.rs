@@ -96,17 +96,39 @@ pub(super) async fn proxy(
         // Hop-by-hop headers are already stripped (STRIPPED).
         *outgoing.version_mut() = http::Version::HTTP_2;
     }
-    let client = if upstream.http2 {
-        &state.client_h2
-    } else {
-        &state.client
+    let exchange = async {
+        if upstream.http2 {
+            return state
+                .client_h2
+                .request(outgoing)
+                .await
+                .map_err(|e| -> BoxError { Box::new(e) });
+        }
+        // Configuration allows only `http://` upstreams, so every URI here
+        // has an authority.
+        let Some(authority) = outgoing.uri().authority().cloned() else {
+            return Err("the upstream URI has no authority".into());
+        };
+        state
+            .pool
+            .send(&authority, outgoing)
+            .await
+            .map_err(|e| -> BoxError { Box::new(e) })
     };
-    match tokio::time::timeout(upstream.timeout, client.request(outgoing)).await {
+    match tokio::time::timeout(upstream.timeout, exchange).await {
         Ok(Ok(response)) => {
             Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, upstream = %upstream.base, "upstream request failed");
+            // The error and its causes ("connecting failed: connection refused").
+            let mut cause = std::error::Error::source(&*e);
+            let mut error = e.to_string();
+            while let Some(inner) = cause {
+                error.push_str(": ");
+                error.push_str(&inner.to_string());
+                cause = inner.source();
+            }
+            tracing::warn!(%error, upstream = %upstream.base, "upstream request failed");
             Ok(crate::http::error_response(
                 StatusCode::BAD_GATEWAY,
                 "upstream_unavailable",
