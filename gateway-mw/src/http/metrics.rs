@@ -15,6 +15,7 @@
 //! [`MatchedRoute`] (or `unmatched`), the method one of the standard ones
 //! (or `_OTHER`), never the raw path.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,6 +36,16 @@ use crate::audit::AuditLog;
 
 type Labels = [(&'static str, String); 3];
 
+/// One (method, status) series of a route: its duration histogram and
+/// request counter (clones share the values in the families).
+#[derive(Debug, Clone)]
+struct Series {
+    method: &'static str,
+    status: u16,
+    duration: Histogram,
+    requests: Counter,
+}
+
 /// The gateway's metrics and their registry.
 #[derive(Debug)]
 pub struct GatewayMetrics {
@@ -42,6 +53,10 @@ pub struct GatewayMetrics {
     duration: Family<Labels, Histogram>,
     requests: Family<Labels, Counter>,
     errors: Family<Labels, Counter>,
+    /// The series of each (route, method, status) seen, resolved once: a
+    /// request then costs one lookup by route instead of three label
+    /// strings and a hash of them per family.
+    series: parking_lot::RwLock<HashMap<String, Vec<Series>, foldhash::fast::RandomState>>,
     auth_failures: Counter,
     rate_limited: Counter,
     upstream_errors: Counter,
@@ -110,6 +125,7 @@ impl GatewayMetrics {
             registry.register_collector(Box::new(AuditCollector(audit)));
         }
         GatewayMetrics {
+            series: parking_lot::RwLock::default(),
             registry,
             duration,
             requests,
@@ -131,14 +147,22 @@ impl GatewayMetrics {
     }
 
     fn observe(&self, method: &Method, route: &str, status: u16, seconds: f64) {
-        let labels: Labels = [
-            ("http_request_method", method_label(method).to_owned()),
-            ("http_route", route.to_owned()),
-            ("http_response_status_code", status_label(status)),
-        ];
-        self.duration.get_or_create(&labels).observe(seconds);
-        self.requests.get_or_create(&labels).inc();
+        let method = method_label(method);
+        let known = self.series.read().get(route).and_then(|series| {
+            series
+                .iter()
+                .find(|s| s.method == method && s.status == status)
+                .cloned()
+        });
+        let series = known.unwrap_or_else(|| self.resolve(method, route, status));
+        series.duration.observe(seconds);
+        series.requests.inc();
         if status >= 500 {
+            let labels: Labels = [
+                ("http_request_method", method.to_owned()),
+                ("http_route", route.to_owned()),
+                ("http_response_status_code", status_label(status)),
+            ];
             self.errors.get_or_create(&labels).inc();
         }
         match status {
@@ -161,6 +185,33 @@ impl GatewayMetrics {
 fn status_label(status: u16) -> String {
     http::StatusCode::from_u16(status)
         .map_or_else(|_| status.to_string(), |code| code.as_str().to_owned())
+}
+
+impl GatewayMetrics {
+    /// The series of (`method`, `route`, `status`), created in the families
+    /// and remembered on first use.
+    fn resolve(&self, method: &'static str, route: &str, status: u16) -> Series {
+        let labels: Labels = [
+            ("http_request_method", method.to_owned()),
+            ("http_route", route.to_owned()),
+            ("http_response_status_code", status_label(status)),
+        ];
+        let series = Series {
+            method,
+            status,
+            duration: self.duration.get_or_create(&labels).clone(),
+            requests: self.requests.get_or_create(&labels).clone(),
+        };
+        let mut known = self.series.write();
+        let of_route = known.entry(route.to_owned()).or_default();
+        if !of_route
+            .iter()
+            .any(|s| s.method == method && s.status == status)
+        {
+            of_route.push(series.clone());
+        }
+        series
+    }
 }
 
 fn method_label(method: &Method) -> &'static str {
@@ -276,5 +327,49 @@ where
             drop(guard);
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Threads resolving and counting the same few series at once: every
+    /// observation lands once, in its own series.
+    #[test]
+    fn concurrent_observations_all_land_in_their_series() {
+        let metrics = Arc::new(GatewayMetrics::default());
+        let (threads, each) = (4, 2_000);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                let metrics = Arc::clone(&metrics);
+                scope.spawn(move || {
+                    for i in 0..each {
+                        let (route, status) = match i % 3 {
+                            0 => ("/v1/a", 200),
+                            1 => ("/v1/a", 404),
+                            _ => ("/v1/b", 200),
+                        };
+                        metrics.observe(&Method::GET, route, status, 0.001);
+                    }
+                });
+            }
+        });
+        let text = metrics.encode();
+        let count = |route: &str, status: &str| -> u64 {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("http_server_requests_total{")
+                        && l.contains(&format!("http_route=\"{route}\""))
+                        && l.contains(&format!("http_response_status_code=\"{status}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map_or(0, |v| v.parse().unwrap())
+        };
+        let per_series = |share: u64| share * threads as u64;
+        assert_eq!(count("/v1/a", "200"), per_series(667), "{text}");
+        assert_eq!(count("/v1/a", "404"), per_series(667), "{text}");
+        assert_eq!(count("/v1/b", "200"), per_series(666), "{text}");
+        assert_eq!(metrics.series.read().len(), 2);
     }
 }

@@ -162,6 +162,13 @@ impl RateLimits {
         &self,
         ip: Option<ClientIp>,
     ) -> Option<RateDecision> {
+        // Nobody has failed lately (the usual case): nothing to look up,
+        // and no key to build.
+        if let Limiter::Local(limiter) = &self.auth_failures
+            && limiter.holds_no_keys()
+        {
+            return None;
+        }
         let decision = self.auth_failures.peek(&ip_key(ip)).await;
         (!decision.allowed).then_some(decision)
     }
@@ -198,29 +205,36 @@ impl RateLimits {
         self
     }
 
-    /// (policy name, subject for the audit log, quota, decision).
+    /// (policy name, quota, decision). The key is the principal's id, or
+    /// the client's address for anonymous requests ([`subject`]).
     async fn check(
         &self,
         principal: Option<&Principal>,
         ip: Option<ClientIp>,
         route: Option<String>,
-    ) -> (&'static str, String, Quota, RateDecision) {
-        let anonymous_key = || ip_key(ip);
-        if let Some(limiter) = route.as_ref().and_then(|r| self.routes.get(r)) {
-            let subject = principal.map_or_else(anonymous_key, |p| p.id.clone());
-            let decision = limiter.check(&subject).await;
-            return ("route", subject, limiter.quota(), decision);
-        }
-        let (name, limiter, subject) = match principal {
-            Some(p) if p.kind == PrincipalKind::User => ("user", &self.users, p.id.clone()),
-            Some(p) => ("api_key", &self.api_keys, p.id.clone()),
+    ) -> (&'static str, Quota, RateDecision) {
+        let route = route.as_ref().and_then(|r| self.routes.get(r));
+        let (name, limiter) = match (route, principal) {
+            (Some(limiter), _) => ("route", limiter),
+            (None, Some(p)) if p.kind == PrincipalKind::User => ("user", &self.users),
+            (None, Some(_)) => ("api_key", &self.api_keys),
             // Without an address all anonymous traffic shares one key:
             // limiting too much beats not limiting at all.
-            None => ("ip", &self.anonymous, anonymous_key()),
+            (None, None) => ("ip", &self.anonymous),
         };
-        let decision = limiter.check(&subject).await;
-        (name, subject, limiter.quota(), decision)
+        // A principal's id is the key as it is: nothing is copied for it.
+        let decision = match principal {
+            Some(p) => limiter.check(&p.id).await,
+            None => limiter.check(&ip_key(ip)).await,
+        };
+        (name, limiter.quota(), decision)
     }
+}
+
+/// Whom a rate decision was about, for the audit log: the principal's id,
+/// or the client's address.
+fn subject(principal: Option<&Principal>, ip: Option<ClientIp>) -> String {
+    principal.map_or_else(|| ip_key(ip), |p| p.id.clone())
 }
 
 /// The limit key of a client address; without an address all such traffic
@@ -360,10 +374,10 @@ where
                 .get::<MatchedRoute>()
                 .filter(|_| !layer.limits.routes.is_empty())
                 .map(|MatchedRoute(template)| format!("{} {template}", request.method()));
-            let (name, subject, quota, decision) = layer.limits.check(principal, ip, route).await;
+            let (name, quota, decision) = layer.limits.check(principal, ip, route).await;
             if !decision.allowed {
                 let entry = AuditEntry::new("ratelimit.check", Outcome::Denied)
-                    .who(subject)
+                    .who(subject(principal, ip))
                     .reason(name);
                 layer.audit.record(with_request_context(entry, &request));
                 let mut response = error_response(

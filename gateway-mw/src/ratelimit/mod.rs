@@ -142,6 +142,9 @@ pub struct KeyedLimiter<K = String> {
     hasher: RandomState,
     epoch: Instant,
     evictions: AtomicU64,
+    /// Keys held across the shards, kept with every insert and removal so
+    /// that [`KeyedLimiter::holds_no_keys`] takes no lock.
+    held: std::sync::atomic::AtomicUsize,
 }
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
@@ -154,6 +157,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             hasher: RandomState::new(),
             epoch: Instant::now(),
             evictions: AtomicU64::new(0),
+            held: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -200,10 +204,12 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         match held {
             Some(held) => *held = new_tat,
             None => {
-                if map.len() >= self.per_shard {
+                let before = map.len();
+                if before >= self.per_shard {
                     self.make_room(&mut map, now);
                 }
                 map.insert(key.to_owned(), new_tat);
+                self.account(before, map.len());
             }
         }
         // Requests still allowed now: how many more T fit under the tolerance.
@@ -297,6 +303,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
                 let mut map = s.lock();
                 let before = map.len();
                 map.retain(|_, tat| *tat > now);
+                self.account(before, map.len());
                 before - map.len()
             })
             .sum()
@@ -306,6 +313,24 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     pub fn quota(&self) -> Quota {
         self.quota
     }
+
+    /// Whether no key is held, without taking a lock: then every key is
+    /// fresh and [`KeyedLimiter::peek`] would allow it with a full burst.
+    /// A check running on another thread at the same moment may not be
+    /// seen yet.
+    pub fn holds_no_keys(&self) -> bool {
+        self.held.load(Ordering::Acquire) == 0
+    }
+
+    /// Records that a shard went from `before` to `after` keys (called with
+    /// the shard's lock held).
+    fn account(&self, before: usize, after: usize) {
+        if after >= before {
+            self.held.fetch_add(after - before, Ordering::Release);
+        } else {
+            self.held.fetch_sub(before - after, Ordering::Release);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -314,6 +339,29 @@ mod tests {
     use std::sync::Arc;
 
     const SEC: u64 = 1_000_000_000;
+
+    proptest::proptest! {
+        /// The lock-free count of keys always matches the shards, through
+        /// inserts, updates in place, evictions and pruning.
+        #[test]
+        fn the_held_count_matches_the_keys(
+            steps in proptest::collection::vec((0u8..40, 0u64..1_000), 1..200),
+        ) {
+            let l: KeyedLimiter = KeyedLimiter::new(
+                LimiterConfig::new(Quota::per_second(1_000)).with_max_keys(SHARDS),
+            );
+            proptest::prop_assert!(l.holds_no_keys());
+            let mut now = 0;
+            for (key, advance) in steps {
+                now += advance * 100_000;
+                l.check_at(&key.to_string(), now);
+                proptest::prop_assert_eq!(l.held.load(Ordering::Relaxed), l.len());
+                proptest::prop_assert!(!l.holds_no_keys());
+            }
+            l.prune();
+            proptest::prop_assert_eq!(l.held.load(Ordering::Relaxed), l.len());
+        }
+    }
 
     #[test]
     fn a_fresh_key_gets_its_burst_then_the_rate() {
