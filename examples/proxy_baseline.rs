@@ -110,7 +110,12 @@ impl Forward {
             (None, None) => Err("the upstream URI has no authority".into()),
         };
         match response {
-            Ok(response) => response.map(http_kit::boxed),
+            Ok(mut response) => {
+                // As the gateway: the upstream's `Connection: close` ends
+                // the upstream connection, not the client's.
+                gateway_mw::http::strip_response_hop_by_hop(response.headers_mut());
+                response.map(http_kit::boxed)
+            }
             Err(_) => http_kit::empty(http::StatusCode::BAD_GATEWAY),
         }
     }

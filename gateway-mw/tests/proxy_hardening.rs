@@ -42,9 +42,19 @@ async fn upstream() -> String {
                         "path": req.uri().path(),
                         "headers": headers,
                     });
-                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
-                        body.to_string(),
-                    ))))
+                    let mut response =
+                        http::Response::new(Full::new(Bytes::from(body.to_string())));
+                    if req.uri().path().starts_with("/hop") {
+                        // What nginx sends every `keepalive_requests`
+                        // responses, and headers only this hop may see.
+                        let h = response.headers_mut();
+                        h.insert("connection", "close, x-internal".parse().unwrap());
+                        h.insert("x-internal", "secret".parse().unwrap());
+                        h.insert("keep-alive", "timeout=5".parse().unwrap());
+                        h.insert("proxy-authenticate", "Basic".parse().unwrap());
+                        h.insert("x-kept", "1".parse().unwrap());
+                    }
+                    Ok::<_, Infallible>(response)
                 },
             );
             tokio::spawn(async move {
@@ -412,4 +422,73 @@ async fn failed_authentication_is_limited_per_client() {
         (reply.status, reply.body["error"].as_str()),
         (401, Some("conflicting_credentials"))
     );
+}
+
+/// An upstream's hop-by-hop response headers stay on its hop: its
+/// `Connection: close` (nginx sends one every `keepalive_requests`
+/// responses) must not close the client's connection, and what it names
+/// must not reach the client.
+#[tokio::test]
+async fn an_upstreams_hop_by_hop_response_headers_stop_at_the_gateway() {
+    let gw = start().await;
+    let bearer = format!("Bearer {}", token("alice", &["reader"]));
+    let mut stream = TcpStream::connect(&gw.addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET /hop HTTP/1.1\r\nHost: gw.test\r\nAuthorization: {bearer}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // One response, framed by its Content-Length.
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the gateway closed the client's connection");
+        bytes.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a Content-Length");
+            if body.len() >= length {
+                break head.to_ascii_lowercase();
+            }
+        }
+    };
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    for gone in [
+        "connection:",
+        "x-internal:",
+        "keep-alive:",
+        "proxy-authenticate:",
+    ] {
+        assert!(!head.contains(gone), "{gone} reached the client: {head}");
+    }
+    assert!(head.contains("x-kept: 1"), "{head}");
+    // The same connection serves another request.
+    stream
+        .write_all(
+            format!("GET /again HTTP/1.1\r\nHost: gw.test\r\nAuthorization: {bearer}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"));
+    let _ = gw.stop.send(());
+    gw.done.await.unwrap();
 }

@@ -222,6 +222,38 @@ pub fn sanitize_forward_headers(headers: &mut HeaderMap, peer: IpAddr, peer_is_t
     }
 }
 
+/// Removes the hop-by-hop headers of an upstream's response before it is
+/// relayed (RFC 9110 §7.6.1): every header `Connection` names, then the
+/// standard set ([`HOP_BY_HOP`]). An upstream's `Connection: close` (nginx
+/// sends one every `keepalive_requests` responses) ends only the upstream
+/// connection, never the client's.
+///
+/// ```
+/// use gateway_mw::http::strip_response_hop_by_hop;
+///
+/// let mut headers = http::HeaderMap::new();
+/// headers.insert("connection", "close, x-internal".parse().unwrap());
+/// headers.insert("x-internal", "1".parse().unwrap());
+/// headers.insert("keep-alive", "timeout=5".parse().unwrap());
+/// headers.insert("content-type", "application/json".parse().unwrap());
+/// strip_response_hop_by_hop(&mut headers);
+/// assert_eq!(headers.len(), 1);
+/// assert!(headers.contains_key("content-type"));
+/// ```
+pub fn strip_response_hop_by_hop(headers: &mut HeaderMap) {
+    remove_by_rule(headers, |_| false);
+    // Only the standard set: a response's credentials and forwarding
+    // headers are the upstream's to send.
+    let hop_by_hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(&name.as_str()))
+        .cloned()
+        .collect();
+    for name in hop_by_hop {
+        headers.remove(name);
+    }
+}
+
 /// Removes the headers `Connection` names, then every header whose
 /// [`Rule`] `remove` selects, looking at the names present once.
 fn remove_by_rule(headers: &mut HeaderMap, remove: impl Fn(Rule) -> bool) {

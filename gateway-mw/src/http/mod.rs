@@ -59,6 +59,7 @@ pub use client::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
 pub use cors::{CorsConfig, CorsConfigError};
 pub use forward::{
     HOP_BY_HOP, OVERRIDES, PeerIsTrustedProxy, prepare_forward, sanitize_forward_headers,
+    strip_response_hop_by_hop,
 };
 pub use headers::{SecurityHeaders, SecurityHeadersLayer, SecurityHeadersService};
 pub use metrics::{GatewayMetrics, MetricsLayer, MetricsService};

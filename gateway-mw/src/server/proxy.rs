@@ -116,7 +116,8 @@ pub(super) async fn proxy(
             .map_err(|e| -> BoxError { Box::new(e) })
     };
     match tokio::time::timeout(upstream.timeout, exchange).await {
-        Ok(Ok(response)) => {
+        Ok(Ok(mut response)) => {
+            crate::http::strip_response_hop_by_hop(response.headers_mut());
             Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
         }
         Ok(Err(e)) => {
