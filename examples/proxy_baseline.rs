@@ -69,8 +69,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         http_kit::serve(listener, service, config, shutdown).await;
     } else {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let listeners = http_kit::per_thread::bind_reuseport(listen, threads)?;
-        http_kit::per_thread::serve(listeners, service, config, shutdown).await;
+        let listener = std::net::TcpListener::bind(listen)?;
+        http_kit::per_thread::serve(listener, threads, service, config, shutdown).await;
     }
     Ok(())
 }

@@ -465,12 +465,12 @@ pub enum RuntimeLayout {
     /// listening socket, connections spread by work stealing.
     #[default]
     MultiThread,
-    /// One single-threaded runtime per serving thread, each with its own
-    /// listening socket on the same address (`SO_REUSEPORT`, Linux and the
-    /// BSDs) and its own upstream connections: a request and its upstream
-    /// exchange stay on one thread, as in nginx and HAProxy. The kernel
-    /// spreads connections over the sockets by a hash of their addresses,
-    /// so a handful of long-lived connections can land unevenly.
+    /// One single-threaded runtime per serving thread, each serving the
+    /// connections dealt to it in turn (`http_kit::per_thread`) with its own
+    /// upstream connections: a request and its upstream exchange stay on
+    /// one thread, as in nginx and HAProxy. A connection stays on the
+    /// thread it was dealt to, so a few long-lived busy connections can
+    /// load the threads unevenly.
     PerCore,
 }
 
@@ -883,12 +883,6 @@ impl GatewayConfig {
             return Err(invalid(
                 "threads",
                 "applies only with runtime = \"per_core\" (a multi-threaded runtime is sized by its builder, e.g. TOKIO_WORKER_THREADS)",
-            ));
-        }
-        if self.runtime == RuntimeLayout::PerCore && !cfg!(unix) {
-            return Err(invalid(
-                "runtime",
-                "\"per_core\" needs SO_REUSEPORT, which this platform lacks",
             ));
         }
 

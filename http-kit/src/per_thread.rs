@@ -1,75 +1,60 @@
-//! One single-threaded runtime per serving thread, each with its own
-//! listening socket on one address: the layout of nginx and HAProxy.
+//! One single-threaded runtime per serving thread, each serving its share of
+//! the connections: the layout of nginx and HAProxy.
 //!
 //! [`serve()`](crate::serve()) on a multi-threaded runtime spreads
 //! connections by work stealing, and a proxy's request then often crosses
 //! threads twice (to the task that owns the upstream connection and back).
-//! Here each thread accepts on its own socket ([`bind_reuseport`], with
-//! `SO_REUSEPORT`: the kernel spreads new connections over the sockets by a
-//! hash of their addresses) and runs everything those connections start on
-//! itself. Measured on the gateway in `docs/PERFORMANCE.md` (issue 14).
+//! Here one listening socket is accepted on by the first thread, which deals
+//! the connections to the threads in turn; each thread then runs everything
+//! its connections start on itself. Dealing in turn keeps the threads'
+//! shares equal (±1): with `SO_REUSEPORT` the kernel hashes connections to
+//! sockets, and 32 connections landed as unevenly as 24 and 8, which cost
+//! the gateway up to 15 % of its throughput in a run (`docs/PERFORMANCE.md`,
+//! issue 14).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use std::convert::Infallible;
 //! use http_kit::{ServeConfig, Shutdown};
 //!
-//! let listeners = http_kit::per_thread::bind_reuseport("127.0.0.1:8080".parse().unwrap(), 2)?;
+//! let listener = std::net::TcpListener::bind("127.0.0.1:8080")?;
 //! let service = tower::service_fn(|_request: http::Request<hyper::body::Incoming>| async {
 //!     Ok::<_, Infallible>(http_kit::text(http::StatusCode::OK, "ok".to_owned()))
 //! });
-//! let report = http_kit::per_thread::serve(listeners, service, ServeConfig::default(), Shutdown::new()).await;
+//! let report = http_kit::per_thread::serve(listener, 2, service, ServeConfig::default(), Shutdown::new()).await;
 //! # let _ = report;
 //! # Ok(())
 //! # }
 //! ```
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
+use crate::serve::{Accepting, spawn_connection};
 use crate::{BoxError, ServeConfig, ServeReport, Shutdown};
 
-/// `count` (at least 1) non-blocking listening sockets on `addr`, all with
-/// `SO_REUSEPORT` (and `SO_REUSEADDR`): the first binds `addr` (port 0
-/// picks a port), the others the address the first got.
-///
-/// # Errors
-/// The first socket error (an address in use without `SO_REUSEPORT`, say).
-pub fn bind_reuseport(
-    addr: SocketAddr,
-    count: usize,
-) -> std::io::Result<Vec<std::net::TcpListener>> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(count.max(1));
-    for _ in 0..count.max(1) {
-        let at = match listeners.first() {
-            Some(first) => first.local_addr()?,
-            None => addr,
-        };
-        let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        #[cfg(unix)]
-        socket.set_reuse_port(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&at.into())?;
-        socket.listen(1024)?;
-        listeners.push(socket.into());
-    }
-    Ok(listeners)
-}
+/// A connection dealt to a thread, with its slot.
+type Dealt = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
 
-/// Serves each listener with [`serve()`](crate::serve()) on a thread of its
-/// own (named `serve-N`) with a single-threaded runtime, until `shutdown`
-/// is triggered and drained; the reports are [merged](ServeReport::merged).
+/// Serves `listener` on `threads` threads (at least 1, named `serve-N`),
+/// each with a single-threaded runtime, until `shutdown` is triggered and
+/// drained. Thread 0 accepts, as [`serve()`](crate::serve()) does (one
+/// [`ServeConfig::max_connections`] cap for all threads, the same back-off),
+/// and deals each connection to the next thread in turn; every thread
+/// serves its connections as `serve` does. The reports are
+/// [merged](ServeReport::merged).
 ///
 /// The caller's runtime only waits here, so what the service hands to it
 /// (tasks spawned before, channels to them) keeps running. A thread whose
-/// runtime or socket registration fails logs it and serves nothing; the
-/// others go on.
+/// runtime fails to build logs it and serves nothing (its connections go to
+/// the others); if it is thread 0, nothing is accepted.
 pub async fn serve<S, B>(
-    listeners: Vec<std::net::TcpListener>,
+    listener: std::net::TcpListener,
+    threads: usize,
     service: S,
     config: ServeConfig,
     shutdown: Shutdown,
@@ -82,9 +67,21 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let mut pending = Vec::with_capacity(listeners.len());
-    for (i, listener) in listeners.into_iter().enumerate() {
+    let threads = threads.max(1);
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads)
+        .map(|_| mpsc::unbounded_channel::<Dealt>())
+        .unzip();
+    let mut listener = Some(listener);
+    let mut senders = Some(senders);
+    let mut pending = Vec::with_capacity(threads);
+    for (i, dealt) in receivers.into_iter().enumerate() {
         let (service, config, shutdown) = (service.clone(), config.clone(), shutdown.clone());
+        // Thread 0 accepts and deals.
+        let acceptor = if i == 0 {
+            listener.take().zip(senders.take())
+        } else {
+            None
+        };
         let (report_tx, report_rx) = tokio::sync::oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name(format!("serve-{i}"))
@@ -100,13 +97,20 @@ where
                     }
                 };
                 let report = runtime.block_on(async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => Some(crate::serve(listener, service, config, shutdown).await),
-                        Err(e) => {
-                            tracing::error!(error = %e, thread = i, "registering a listening socket failed");
-                            None
+                    let dealing = acceptor.map(|(listener, senders)| {
+                        tokio::spawn(deal(listener, senders, config.clone(), shutdown.clone()))
+                    });
+                    let mut report = serve_dealt(dealt, service, &config, &shutdown).await;
+                    if let Some(dealing) = dealing {
+                        match dealing.await {
+                            Ok(Ok(accept_errors)) => report.accept_errors = accept_errors,
+                            Ok(Err(e)) => {
+                                tracing::error!(error = %e, "registering the listening socket failed");
+                            }
+                            Err(e) => tracing::error!(error = %e, "the accepting task failed"),
                         }
                     }
+                    report
                 });
                 let _ = report_tx.send(report);
             });
@@ -117,10 +121,78 @@ where
     }
     let mut reports = Vec::with_capacity(pending.len());
     for report in pending {
-        // A thread that could not serve reports nothing.
-        if let Ok(Some(report)) = report.await {
+        // A thread that could not run reports nothing.
+        if let Ok(report) = report.await {
             reports.push(report);
         }
     }
     ServeReport::merged(reports)
+}
+
+/// Accepts on `listener` until `shutdown`, dealing each connection to the
+/// next thread that is still serving. Returns the accept errors survived.
+async fn deal(
+    listener: std::net::TcpListener,
+    senders: Vec<mpsc::UnboundedSender<Dealt>>,
+    config: ServeConfig,
+    shutdown: Shutdown,
+) -> std::io::Result<u64> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let slots = Arc::new(Semaphore::new(
+        config.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    let mut report = ServeReport::merged([]);
+    let mut accepting = Accepting::new(&listener, &slots, &shutdown);
+    let mut next = 0usize;
+    while let Some((stream, peer, permit)) = accepting.next(&mut report).await {
+        // Off this runtime's reactor, onto the receiving thread's.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let mut dealt = (stream, peer, permit);
+        for _ in 0..senders.len() {
+            let to = next % senders.len();
+            next = next.wrapping_add(1);
+            match senders[to].send(dealt) {
+                Ok(()) => break,
+                // That thread has stopped: try the next one (if none is
+                // left, the connection is closed when `back` drops).
+                Err(mpsc::error::SendError(back)) => dealt = back,
+            }
+        }
+    }
+    // Dropping the senders ends every thread's loop.
+    Ok(report.accept_errors)
+}
+
+/// Serves the connections dealt to this thread until the dealer stops (at
+/// shutdown), then waits for the drain.
+async fn serve_dealt<S, B>(
+    mut dealt: mpsc::UnboundedReceiver<Dealt>,
+    service: S,
+    config: &ServeConfig,
+    shutdown: &Shutdown,
+) -> ServeReport
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut report = ServeReport::merged([]);
+    while let Some((stream, peer, permit)) = dealt.recv().await {
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => {
+                report.accepted += 1;
+                spawn_connection(stream, peer, permit, service.clone(), config, shutdown);
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "registering a connection failed"),
+        }
+    }
+    report.drained = shutdown.wait_idle(config.drain_timeout).await;
+    report.left_open = shutdown.active();
+    report
 }

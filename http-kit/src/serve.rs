@@ -168,82 +168,10 @@ where
         drained: true,
         left_open: 0,
     };
-    let mut backoff = FIRST_BACKOFF;
-    loop {
-        let permit = tokio::select! {
-            biased;
-            () = shutdown.triggered() => break,
-            permit = Arc::clone(&slots).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break, // the semaphore is never closed
-            },
-        };
-        let accepted = tokio::select! {
-            biased;
-            () = shutdown.triggered() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => {
-                backoff = FIRST_BACKOFF;
-                accepted
-            }
-            Err(e) if !is_resource_error(&e) => {
-                // About this one connection (aborted, reset): the next one
-                // may be fine, so accept again at once.
-                report.accept_errors += 1;
-                tracing::debug!(error = %e, "accept failed for one connection");
-                continue;
-            }
-            Err(e) => {
-                report.accept_errors += 1;
-                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                drop(permit);
-                tokio::select! {
-                    () = shutdown.triggered() => break,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
+    let mut accepting = Accepting::new(&listener, &slots, &shutdown);
+    while let Some((stream, peer, permit)) = accepting.next(&mut report).await {
         report.accepted += 1;
-        if config.nodelay
-            && let Err(e) = stream.set_nodelay(true)
-        {
-            tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
-        }
-        let slot = ConnectionSlot(Arc::new(permit));
-        let per_request = shutdown.clone();
-        let service = service.clone();
-        let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            let extensions = request.extensions_mut();
-            extensions.insert(PeerAddr(peer));
-            extensions.insert(per_request.clone());
-            extensions.insert(slot.clone());
-            service.clone().oneshot(request)
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            .serve_connection(TokioIo::new(stream), hyper_service)
-            .with_upgrades();
-        let guard = shutdown.guard();
-        let draining = shutdown.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = draining.triggered() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        spawn_connection(stream, peer, permit, service.clone(), &config, &shutdown);
     }
     drop(listener);
     report.drained = shutdown.wait_idle(config.drain_timeout).await;
@@ -255,6 +183,127 @@ where
         );
     }
     report
+}
+
+/// Steps 1 and 2 of the module docs: a slot, then a connection, with the
+/// back-off on resource errors.
+pub(crate) struct Accepting<'a> {
+    listener: &'a TcpListener,
+    slots: &'a Arc<Semaphore>,
+    shutdown: &'a Shutdown,
+    backoff: Duration,
+}
+
+impl<'a> Accepting<'a> {
+    pub(crate) fn new(
+        listener: &'a TcpListener,
+        slots: &'a Arc<Semaphore>,
+        shutdown: &'a Shutdown,
+    ) -> Accepting<'a> {
+        Accepting {
+            listener,
+            slots,
+            shutdown,
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    /// The next connection and its slot; `None` once `shutdown` is
+    /// triggered. Accept errors are counted in `report`.
+    pub(crate) async fn next(
+        &mut self,
+        report: &mut ServeReport,
+    ) -> Option<(tokio::net::TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = self.shutdown.triggered() => return None,
+                permit = Arc::clone(self.slots).acquire_owned() => permit.ok()?, // never closed
+            };
+            let accepted = tokio::select! {
+                biased;
+                () = self.shutdown.triggered() => return None,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    self.backoff = FIRST_BACKOFF;
+                    return Some((stream, peer, permit));
+                }
+                Err(e) if !is_resource_error(&e) => {
+                    // About this one connection (aborted, reset): the next
+                    // one may be fine, so accept again at once.
+                    report.accept_errors += 1;
+                    tracing::debug!(error = %e, "accept failed for one connection");
+                }
+                Err(e) => {
+                    report.accept_errors += 1;
+                    tracing::warn!(error = %e, backoff_ms = self.backoff.as_millis() as u64, "accept failed; backing off");
+                    drop(permit);
+                    tokio::select! {
+                        () = self.shutdown.triggered() => return None,
+                        () = tokio::time::sleep(self.backoff) => {}
+                    }
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
+
+/// Steps 3 and 4 of the module docs: serves `stream` on a task of its own
+/// until it closes, or finishes its request in flight once `shutdown` is
+/// triggered.
+pub(crate) fn spawn_connection<S, B>(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    service: S,
+    config: &ServeConfig,
+    shutdown: &Shutdown,
+) where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    if config.nodelay
+        && let Err(e) = stream.set_nodelay(true)
+    {
+        tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
+    }
+    let slot = ConnectionSlot(Arc::new(permit));
+    let per_request = shutdown.clone();
+    let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let extensions = request.extensions_mut();
+        extensions.insert(PeerAddr(peer));
+        extensions.insert(per_request.clone());
+        extensions.insert(slot.clone());
+        service.clone().oneshot(request)
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .serve_connection(TokioIo::new(stream), hyper_service)
+        .with_upgrades();
+    let guard = shutdown.guard();
+    let draining = shutdown.clone();
+    tokio::spawn(async move {
+        let _guard = guard;
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = draining.triggered() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    });
 }
 
 /// Accept errors that mean the process or the system is out of something:

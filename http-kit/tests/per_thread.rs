@@ -1,7 +1,7 @@
-//! `per_thread`: several sockets on one port, each served by a thread and
-//! runtime of its own, drained together.
+//! `per_thread`: one socket, its connections dealt in turn to threads with a
+//! runtime each, drained together.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
@@ -11,45 +11,29 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[test]
-fn the_sockets_share_one_port_and_port_zero_picks_it() {
-    let listeners = per_thread::bind_reuseport("127.0.0.1:0".parse().unwrap(), 3).unwrap();
-    assert_eq!(listeners.len(), 3);
-    let port = listeners[0].local_addr().unwrap().port();
-    assert_ne!(port, 0);
-    assert!(
-        listeners
-            .iter()
-            .all(|l| l.local_addr().unwrap().port() == port)
-    );
-    // A count of 0 still binds one.
-    assert_eq!(
-        per_thread::bind_reuseport("127.0.0.1:0".parse().unwrap(), 0)
-            .unwrap()
-            .len(),
-        1
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_connection_is_served_on_a_serving_thread_and_the_drain_ends_them() {
-    let listeners = per_thread::bind_reuseport("127.0.0.1:0".parse().unwrap(), 2).unwrap();
-    let addr = listeners[0].local_addr().unwrap();
-    let threads = Arc::new(Mutex::new(HashSet::new()));
-    let seen = Arc::clone(&threads);
+async fn connections_are_dealt_evenly_and_the_drain_ends_the_threads() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Requests served, by the serving thread's name.
+    let served: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let seen = Arc::clone(&served);
     let service = tower::service_fn(move |_request: Request<Incoming>| {
         let name = std::thread::current().name().unwrap_or("").to_owned();
-        seen.lock().unwrap().insert(name.clone());
+        *seen.lock().unwrap().entry(name.clone()).or_default() += 1;
         async move { Ok::<_, Infallible>(json(StatusCode::OK, &serde_json::json!({"thread": name}))) }
     });
     let shutdown = Shutdown::new();
+    let threads = 3;
     let serving = tokio::spawn(per_thread::serve(
-        listeners,
+        listener,
+        threads,
         service,
         ServeConfig::default(),
         shutdown.clone(),
     ));
-    let connections = 40;
+    // One after another, so the dealing order is the connections' order.
+    let connections = 30;
     for _ in 0..connections {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream
@@ -59,14 +43,59 @@ async fn every_connection_is_served_on_a_serving_thread_and_the_drain_ends_them(
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-        assert!(response.contains("\"thread\":\"serve-"), "{response}");
+    }
+    let by_thread = served.lock().unwrap().clone();
+    assert_eq!(by_thread.len(), threads, "{by_thread:?}");
+    for (name, count) in &by_thread {
+        assert!(name.starts_with("serve-"), "{name}");
+        assert_eq!(*count, connections / threads, "{by_thread:?}");
     }
     shutdown.trigger();
     let report = serving.await.unwrap();
-    assert_eq!(report.accepted, connections);
+    assert_eq!(report.accepted, connections as u64);
     assert!(report.drained);
-    let names = threads.lock().unwrap().clone();
-    assert!(names.iter().all(|n| n.starts_with("serve-")), "{names:?}");
-    // Closed with the threads.
+    // The listening socket closed with the threads.
     assert!(TcpStream::connect(addr).await.is_err());
+}
+
+/// A connection still busy when the drain starts finishes its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_at_shutdown_is_answered() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = Arc::clone(&release);
+    let service = tower::service_fn(move |_request: Request<Incoming>| {
+        let (arrived, gate) = (arrived_tx.clone(), Arc::clone(&gate));
+        async move {
+            let _ = arrived.send(());
+            let _permit = gate.acquire().await.unwrap();
+            Ok::<_, Infallible>(json(StatusCode::OK, &serde_json::json!({"done": true})))
+        }
+    });
+    let shutdown = Shutdown::new();
+    let serving = tokio::spawn(per_thread::serve(
+        listener,
+        2,
+        service,
+        ServeConfig::default(),
+        shutdown.clone(),
+    ));
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut arrived_rx = arrived_rx;
+    arrived_rx.recv().await.unwrap();
+    shutdown.trigger();
+    release.add_permits(1);
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"done\":true"), "{response}");
+    let report = serving.await.unwrap();
+    assert_eq!(report.accepted, 1);
+    assert!(report.drained);
 }

@@ -88,8 +88,7 @@ impl GatewayServer {
 
     /// Binds `config.listen` and logs that the gateway is listening. The
     /// server is already built, so an invalid configuration never takes the
-    /// port (see [`run`]). With `runtime = "per_core"` it binds one socket
-    /// per serving thread, all on that address (`SO_REUSEPORT`).
+    /// port (see [`run`]).
     pub async fn bind(self) -> Result<BoundGateway, crate::Error> {
         let addr = self.config.listen;
         let bind_error = |source| crate::Error::Bind { addr, source };
@@ -104,9 +103,8 @@ impl GatewayServer {
                 let threads = self.config.threads.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
                 });
-                Sockets::PerThread(
-                    http_kit::per_thread::bind_reuseport(addr, threads).map_err(bind_error)?,
-                )
+                let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+                Sockets::PerThread { listener, threads }
             }
         };
         let local = sockets.local_addr().unwrap_or(addr);
@@ -148,8 +146,8 @@ impl GatewayServer {
         let serving = async move {
             match sockets {
                 Sockets::One(listener) => http_kit::serve(listener, service, config, drain).await,
-                Sockets::PerThread(listeners) => {
-                    http_kit::per_thread::serve(listeners, service, config, drain).await
+                Sockets::PerThread { listener, threads } => {
+                    http_kit::per_thread::serve(listener, threads, service, config, drain).await
                 }
             }
         };
@@ -178,18 +176,19 @@ impl GatewayServer {
 enum Sockets {
     /// One socket, served on the caller's runtime.
     One(tokio::net::TcpListener),
-    /// One socket per serving thread (`runtime = "per_core"`).
-    PerThread(Vec<std::net::TcpListener>),
+    /// One socket whose connections are dealt to the serving threads
+    /// (`runtime = "per_core"`).
+    PerThread {
+        listener: std::net::TcpListener,
+        threads: usize,
+    },
 }
 
 impl Sockets {
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
             Sockets::One(listener) => listener.local_addr(),
-            Sockets::PerThread(listeners) => listeners
-                .first()
-                .ok_or_else(|| std::io::Error::other("no socket"))?
-                .local_addr(),
+            Sockets::PerThread { listener, .. } => listener.local_addr(),
         }
     }
 }
