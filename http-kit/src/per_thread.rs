@@ -8,9 +8,9 @@
 //! the connections to the threads in turn; each thread then runs everything
 //! its connections start on itself. Dealing in turn keeps the threads'
 //! shares equal (±1): with `SO_REUSEPORT` the kernel hashes connections to
-//! sockets, and 32 connections landed as unevenly as 24 and 8, which cost
-//! the gateway up to 15 % of its throughput in a run (`docs/PERFORMANCE.md`,
-//! issue 14).
+//! sockets (two wrk runs of 32 connections: 42 on one thread, 28 on the
+//! other), and the gateway's throughput varied by 15 % between runs
+//! (`docs/PERFORMANCE.md`, issue 14).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
