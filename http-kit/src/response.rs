@@ -14,13 +14,26 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// inner service's body through without changing the response type.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Boxes any `Bytes` body into [`Body`].
+/// Boxes any `Bytes` body into [`Body`]. A body that already is a [`Body`]
+/// is returned as it is: layers that each box their inner service's body
+/// would otherwise wrap one box in another, an allocation and a dynamic
+/// call per layer on every frame.
 pub fn boxed<B>(body: B) -> Body
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    body.map_err(Into::into).boxed_unsync()
+    let mut body = Some(body);
+    if let Some(slot) = (&mut body as &mut dyn std::any::Any).downcast_mut::<Option<Body>>()
+        && let Some(already) = slot.take()
+    {
+        return already;
+    }
+    match body {
+        Some(body) => body.map_err(Into::into).boxed_unsync(),
+        // Taken above only when it was a `Body`, which returned.
+        None => full(Bytes::new()),
+    }
 }
 
 /// A complete body from `bytes`.
@@ -77,4 +90,23 @@ pub(crate) fn with_type(
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod boxed_tests {
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_body_boxed_again_keeps_its_bytes_and_size() {
+        let once = full("hello");
+        let twice = boxed(boxed(once));
+        assert_eq!(twice.size_hint().exact(), Some(5));
+        assert_eq!(twice.collect().await.unwrap().to_bytes(), "hello");
+        // Any other body is boxed as before.
+        let other = boxed(Full::new(Bytes::from_static(b"abc")));
+        assert_eq!(other.collect().await.unwrap().to_bytes(), "abc");
+    }
 }
