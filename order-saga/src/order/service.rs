@@ -323,7 +323,7 @@ impl OrderService {
             Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()).into();
         let now = inner.now();
         let order = Order {
-            id: OrderId::new_at(now.timestamp_millis()),
+            id: OrderId::new_at_time(now),
             customer: customer.clone(),
             state: OrderState::Pending,
             items: request.items,
