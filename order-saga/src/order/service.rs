@@ -472,10 +472,29 @@ impl OrderService {
                 return Err(OrderError::Store(e));
             }
         }
-        let record = inner.store.load(id).await?.ok_or(OrderError::NotFound)?;
-        if record.saga.state() == OrderState::Confirmed {
-            return Err(OrderError::NotCancellable(id));
-        }
+        // Another driver (an instance, or this one's own task) may hold the
+        // saga: it applies the request before its next step. Its last step
+        // has no next one: when that step succeeds the order confirms, and
+        // a 200 here would have promised a rollback that never comes. So
+        // while the last step runs, wait for the driver's decision (bounded
+        // by one lease: a driver that stops answering loses the saga by then,
+        // and whoever claims it next applies the request first).
+        let deadline = tokio::time::Instant::now() + inner.config.lease;
+        let record = loop {
+            let record = inner.store.load(id).await?.ok_or(OrderError::NotFound)?;
+            if record.saga.state() == OrderState::Confirmed {
+                return Err(OrderError::NotCancellable(id));
+            }
+            let last_step_running = record.cancel_requested
+                && record.saga.next()
+                    == crate::saga::Action::Run(crate::saga::Step::CapturePayment);
+            if !last_step_running || tokio::time::Instant::now() >= deadline {
+                break record;
+            }
+            // A short poll: the step is a payment capture, and the reply
+            // waits on it.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
         let mut order = record.order;
         if record.cancel_requested
             && !order.state.is_terminal()
