@@ -450,10 +450,8 @@ struct DigestHasher(u64);
 impl std::hash::Hasher for DigestHasher {
     fn write(&mut self, bytes: &[u8]) {
         // `[u8; 32]` hashes as its length, then its bytes in one write.
-        for chunk in bytes.chunks(8).take(1) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(word);
+        if let Some(word) = bytes.first_chunk::<8>() {
+            self.0 ^= u64::from_le_bytes(*word);
         }
     }
 

@@ -241,22 +241,20 @@ pub fn sanitize_forward_headers(headers: &mut HeaderMap, peer: IpAddr, peer_is_t
 /// assert!(headers.contains_key("content-type"));
 /// ```
 pub fn strip_response_hop_by_hop(headers: &mut HeaderMap) {
-    remove_by_rule(headers, |_| false);
     // Only the standard set: a response's credentials and forwarding
     // headers are the upstream's to send.
-    let hop_by_hop: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| HOP_BY_HOP.contains(&name.as_str()))
-        .cloned()
-        .collect();
-    for name in hop_by_hop {
-        headers.remove(name);
-    }
+    remove_named(headers, |name| HOP_BY_HOP.contains(&name));
 }
 
 /// Removes the headers `Connection` names, then every header whose
 /// [`Rule`] `remove` selects, looking at the names present once.
 fn remove_by_rule(headers: &mut HeaderMap, remove: impl Fn(Rule) -> bool) {
+    remove_named(headers, |name| remove(rule(name)));
+}
+
+/// Removes the headers `Connection` names, then every header whose name
+/// `remove` selects, looking at the names present once.
+fn remove_named(headers: &mut HeaderMap, remove: impl Fn(&str) -> bool) {
     let mut doomed: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -264,12 +262,7 @@ fn remove_by_rule(headers: &mut HeaderMap, remove: impl Fn(Rule) -> bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
         .collect();
-    doomed.extend(
-        headers
-            .keys()
-            .filter(|name| remove(rule(name.as_str())))
-            .cloned(),
-    );
+    doomed.extend(headers.keys().filter(|name| remove(name.as_str())).cloned());
     for name in doomed {
         headers.remove(name);
     }
