@@ -1,5 +1,12 @@
 //! CORS: an exact-origin allow-list, validated at start, enforced by
-//! tower-http's `CorsLayer`.
+//! tower-http's `CorsLayer` on the requests that are CORS requests.
+//!
+//! A request without `Origin` is not a CORS request, so [`CorsService`]
+//! passes it straight to the service inside and only marks the response
+//! `Vary: Origin` (a shared cache must not serve it to a cross-origin
+//! request). With no origin allowed at all, CORS is off: nothing is added.
+//! Both keep CORS headers off the responses that cannot use them, which is
+//! most of a gateway's traffic (server-to-server calls).
 //!
 //! Origins are compared as whole strings (`scheme://host[:port]`, no path),
 //! so suffix and prefix tricks (`https://app.example.com.evil.test`,
@@ -8,10 +15,14 @@
 //! all. Configurations that would let any site make credentialed requests
 //! are refused by [`CorsConfig::layer`] instead of being built.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use http::header::{ORIGIN, VARY};
+use http::{HeaderName, HeaderValue, Method, Request, Response};
+use tower_http::cors::{AllowOrigin, Cors};
 
 /// Why a CORS configuration was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +106,7 @@ impl CorsConfig {
 
     /// Validates the configuration and builds the layer.
     pub fn layer(&self) -> Result<CorsLayer, CorsConfigError> {
+        let enabled = !self.allowed_origins.is_empty();
         let wildcard = self.allowed_origins.iter().any(|o| o == "*");
         if wildcard && self.allow_credentials {
             return Err(CorsConfigError::WildcardWithCredentials);
@@ -117,13 +129,111 @@ impl CorsConfig {
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
-        Ok(CorsLayer::new()
+        let inner = tower_http::cors::CorsLayer::new()
             .allow_origin(origin)
             .allow_methods(self.allowed_methods.clone())
             .allow_headers(headers(&self.allowed_headers)?)
             .expose_headers(headers(&self.exposed_headers)?)
             .allow_credentials(self.allow_credentials)
-            .max_age(self.max_age))
+            .max_age(self.max_age);
+        Ok(CorsLayer { inner, enabled })
+    }
+}
+
+/// The CORS layer built by [`CorsConfig::layer`]: tower-http's
+/// `CorsLayer` for requests that carry `Origin`, `Vary: Origin` alone for
+/// those that do not, and nothing when no origin is allowed.
+#[derive(Debug, Clone)]
+pub struct CorsLayer {
+    inner: tower_http::cors::CorsLayer,
+    enabled: bool,
+}
+
+impl<S> tower::Layer<S> for CorsLayer {
+    type Service = CorsService<S>;
+
+    fn layer(&self, service: S) -> Self::Service {
+        CorsService {
+            inner: self.inner.layer(service),
+            enabled: self.enabled,
+        }
+    }
+}
+
+/// The service of [`CorsLayer`].
+#[derive(Debug, Clone)]
+pub struct CorsService<S> {
+    inner: Cors<S>,
+    enabled: bool,
+}
+
+impl<S, B, ResBody> tower::Service<Request<B>> for CorsService<S>
+where
+    S: tower::Service<Request<B>, Response = Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = CorsFuture<S::Future, <Cors<S> as tower::Service<Request<B>>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // `Cors` is ready exactly when the service inside is.
+        self.inner.get_mut().poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if !self.enabled {
+            return CorsFuture::Plain {
+                future: self.inner.get_mut().call(request),
+                vary: false,
+            };
+        }
+        if !request.headers().contains_key(ORIGIN) {
+            return CorsFuture::Plain {
+                future: self.inner.get_mut().call(request),
+                vary: true,
+            };
+        }
+        CorsFuture::Cors {
+            future: self.inner.call(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`CorsService`]: the inner service's future
+    /// (`Plain`, with whether to add `Vary: Origin`) or tower-http's (`Cors`).
+    #[project = CorsFutureProj]
+    #[derive(Debug)]
+    #[allow(missing_docs)] // pin-project-lite cannot carry docs on variant fields
+    pub enum CorsFuture<Plain, WithCors> {
+        /// Not a CORS request.
+        Plain { #[pin] future: Plain, vary: bool },
+        /// A CORS request, handled by tower-http.
+        Cors { #[pin] future: WithCors },
+    }
+}
+
+impl<Plain, WithCors, ResBody, E> Future for CorsFuture<Plain, WithCors>
+where
+    Plain: Future<Output = Result<Response<ResBody>, E>>,
+    WithCors: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            CorsFutureProj::Cors { future } => future.poll(cx),
+            CorsFutureProj::Plain { future, vary } => {
+                let mut response = ready!(future.poll(cx))?;
+                if *vary {
+                    response
+                        .headers_mut()
+                        .append(VARY, HeaderValue::from_static("origin"));
+                }
+                Poll::Ready(Ok(response))
+            }
+        }
     }
 }
 

@@ -258,6 +258,69 @@ async fn cors_19_exposed_headers_include_the_rate_limit_headers() {
     }
 }
 
+fn cors_header_names(h: &HeaderMap) -> Vec<&str> {
+    h.keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.starts_with("access-control-"))
+        .collect()
+}
+
+#[tokio::test]
+async fn cors_19a_a_request_without_origin_varies_on_origin_and_carries_no_cors_headers() {
+    for method in [Method::GET, Method::POST, Method::OPTIONS] {
+        let (status, h) = cors_request(&config(), method.clone(), None, &[]).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{method}: passed to the service inside"
+        );
+        assert_eq!(cors_header_names(&h), Vec::<&str>::new(), "{method}");
+        let vary: Vec<_> = h.get_all("vary").iter().collect();
+        assert_eq!(vary, ["origin"], "{method}");
+    }
+}
+
+#[tokio::test]
+async fn cors_19b_with_no_origin_allowed_nothing_is_added() {
+    let off = CorsConfig::default();
+    for origin in [None, Some(APP)] {
+        let (status, h) = cors_request(&off, Method::GET, origin, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(cors_header_names(&h), Vec::<&str>::new(), "{origin:?}");
+        assert!(h.get("vary").is_none(), "{origin:?}");
+    }
+    // A preflight reaches the service inside, which answers it as any OPTIONS.
+    let (status, h) = cors_request(
+        &off,
+        Method::OPTIONS,
+        Some(APP),
+        &[("access-control-request-method", "POST")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(cors_header_names(&h), Vec::<&str>::new());
+}
+
+#[tokio::test]
+async fn cors_19c_an_upstream_vary_is_kept_beside_origin() {
+    let upstream = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        response
+            .headers_mut()
+            .insert("vary", http::HeaderValue::from_static("accept-encoding"));
+        Ok::<_, Infallible>(response)
+    });
+    let response = config()
+        .layer()
+        .unwrap()
+        .layer(upstream)
+        .oneshot(Request::new(Full::new(Bytes::new())))
+        .await
+        .unwrap();
+    let vary: Vec<_> = response.headers().get_all("vary").iter().collect();
+    assert_eq!(vary, ["accept-encoding", "origin"]);
+}
+
 #[tokio::test]
 async fn cors_20_wildcard_without_credentials_allows_any_origin() {
     let any = CorsConfig::default().allow_origin("*");
