@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -83,7 +83,7 @@ where
 {
     type Response = Response<GatewayBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, S::Error>> + Send>>;
+    type Future = AuthzFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -97,7 +97,9 @@ where
                 "missing_credentials",
                 "authentication required",
             );
-            return Box::pin(async move { Ok(response) });
+            return AuthzFuture::Decided {
+                response: Some(response),
+            };
         };
         // Normalize before deciding, so the decision is about the spelling
         // the upstream will see (and receive). A front router's `Routed`
@@ -111,7 +113,9 @@ where
                 .audit
                 .record(with_request_context(entry, &request));
             let response = error_response(StatusCode::BAD_REQUEST, "invalid_path", &e.to_string());
-            return Box::pin(async move { Ok(response) });
+            return AuthzFuture::Decided {
+                response: Some(response),
+            };
         }
         // A front router's match (`Routed`) is reused rather than routing again.
         let decision = match request.extensions().get::<Routed>() {
@@ -138,13 +142,10 @@ where
         let response = match decision {
             Decision::Allow { route, .. } => {
                 request.extensions_mut().insert(MatchedRoute(route.clone()));
-                let future = self.inner.call(request);
-                // The route also rides on the response, for the metrics layer outside.
-                return Box::pin(async move {
-                    let mut response = boxed(future.await?);
-                    response.extensions_mut().insert(MatchedRoute(route));
-                    Ok(response)
-                });
+                return AuthzFuture::Allowed {
+                    future: self.inner.call(request),
+                    route: Some(route),
+                };
             }
             Decision::Forbidden { route, permission } => {
                 let mut response = denied(
@@ -165,6 +166,46 @@ where
                 &request,
             ),
         };
-        Box::pin(async move { Ok(response) })
+        AuthzFuture::Decided {
+            response: Some(response),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`AuthzService`]: the request's, when allowed
+    /// (its [`MatchedRoute`] also rides on the response, for the metrics
+    /// layer outside), or the rejection decided at once.
+    #[project = AuthzFutureProj]
+    #[allow(missing_docs)] // pin-project-lite cannot carry docs on variant fields
+    pub enum AuthzFuture<F> {
+        /// Allowed: the service inside answers.
+        Allowed { #[pin] future: F, route: Option<String> },
+        /// Rejected (or an error answered) without calling the service inside.
+        Decided { response: Option<Response<GatewayBody>> },
+    }
+}
+
+impl<F, ResBody, E> Future for AuthzFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Output = Result<Response<GatewayBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AuthzFutureProj::Allowed { future, route } => {
+                let mut response = boxed(ready!(future.poll(cx))?);
+                if let Some(route) = route.take() {
+                    response.extensions_mut().insert(MatchedRoute(route));
+                }
+                Poll::Ready(Ok(response))
+            }
+            AuthzFutureProj::Decided { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("AuthzFuture polled after completion"))),
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, HeaderName, HeaderValue, REFERRER_POLICY, SERVER,
@@ -123,11 +123,10 @@ pub struct SecurityHeadersService<S> {
 impl<S, B, ResBody> tower::Service<Request<B>> for SecurityHeadersService<S>
 where
     S: tower::Service<Request<B>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+    type Future = SecurityHeadersFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -136,12 +135,36 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         // Decided now, so the path need not be kept until the response.
         let no_store = self.headers.no_store(request.uri().path());
-        let headers = Arc::clone(&self.headers);
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let mut response = future.await?;
-            headers.apply_with(no_store, response.headers_mut());
-            Ok(response)
-        })
+        SecurityHeadersFuture {
+            future: self.inner.call(request),
+            headers: Arc::clone(&self.headers),
+            no_store,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`SecurityHeadersService`].
+    #[derive(Debug)]
+    pub struct SecurityHeadersFuture<F> {
+        #[pin]
+        future: F,
+        headers: Arc<SecurityHeaders>,
+        no_store: bool,
+    }
+}
+
+impl<F, ResBody, E> Future for SecurityHeadersFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = ready!(this.future.poll(cx))?;
+        this.headers
+            .apply_with(*this.no_store, response.headers_mut());
+        Poll::Ready(Ok(response))
     }
 }

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use http::{Method, Request, Response};
@@ -284,6 +284,7 @@ pub struct MetricsService<S> {
 
 /// Decrements the in-flight gauge however the request ends (even if the
 /// future is dropped).
+#[derive(Debug)]
 struct InFlight(Arc<GatewayMetrics>);
 
 impl Drop for InFlight {
@@ -295,11 +296,10 @@ impl Drop for InFlight {
 impl<S, B, ResBody> tower::Service<Request<B>> for MetricsService<S>
 where
     S: tower::Service<Request<B>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, S::Error>> + Send>>;
+    type Future = MetricsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -307,26 +307,58 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let method = request.method().clone();
-        let metrics = Arc::clone(&self.metrics);
-        metrics.in_flight.inc();
-        let guard = InFlight(Arc::clone(&metrics));
+        self.metrics.in_flight.inc();
+        let in_flight = InFlight(Arc::clone(&self.metrics));
         let started = Instant::now();
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let result = future.await;
-            let status = match &result {
-                Ok(response) => response.status().as_u16(),
-                Err(_) => 500,
-            };
-            let route = result
-                .as_ref()
-                .ok()
-                .and_then(|r| r.extensions().get::<MatchedRoute>())
-                .map_or("unmatched", |r| r.0.as_str());
-            metrics.observe(&method, route, status, started.elapsed().as_secs_f64());
-            drop(guard);
-            result
-        })
+        MetricsFuture {
+            future: self.inner.call(request),
+            method,
+            started,
+            in_flight,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`MetricsService`]: observes the request when
+    /// the response is ready; a request dropped before that (the client went
+    /// away) leaves only the in-flight gauge, decremented.
+    #[derive(Debug)]
+    pub struct MetricsFuture<F> {
+        #[pin]
+        future: F,
+        method: Method,
+        started: Instant,
+        in_flight: InFlight,
+    }
+}
+
+impl<F, ResBody, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.future.poll(cx));
+        let status = match &result {
+            Ok(response) => response.status().as_u16(),
+            Err(_) => 500,
+        };
+        let route = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.extensions().get::<MatchedRoute>())
+            .map_or("unmatched", |r| r.0.as_str());
+        let metrics = &this.in_flight.0;
+        metrics.observe(
+            this.method,
+            route,
+            status,
+            this.started.elapsed().as_secs_f64(),
+        );
+        Poll::Ready(result)
     }
 }
 

@@ -54,15 +54,17 @@ mod request_id;
 mod validate;
 
 pub use auth::{ApiKeys, AuthLayer, AuthService};
-pub use authz::{AuthzLayer, AuthzService};
+pub use authz::{AuthzFuture, AuthzLayer, AuthzService};
 pub use client::{ClientIp, ClientIpLayer, ClientIpService, PeerAddr};
 pub use cors::{CorsConfig, CorsConfigError, CorsFuture, CorsLayer, CorsService};
 pub use forward::{
     HOP_BY_HOP, OVERRIDES, PeerIsTrustedProxy, prepare_forward, sanitize_forward_headers,
     strip_response_hop_by_hop,
 };
-pub use headers::{SecurityHeaders, SecurityHeadersLayer, SecurityHeadersService};
-pub use metrics::{GatewayMetrics, MetricsLayer, MetricsService};
+pub use headers::{
+    SecurityHeaders, SecurityHeadersFuture, SecurityHeadersLayer, SecurityHeadersService,
+};
+pub use metrics::{GatewayMetrics, MetricsFuture, MetricsLayer, MetricsService};
 #[cfg(feature = "redis")]
 pub use rate::RedisLimits;
 pub use rate::{DEFAULT_AUTH_FAILURES_PER_MINUTE, RateLimitLayer, RateLimitService, RateLimits};
