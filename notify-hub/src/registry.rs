@@ -7,12 +7,13 @@
 //! slot here and reads its queue. Neither the hub nor the subscription
 //! needs the other: both point at this module.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
+use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tokio::sync::mpsc::{self, error::TrySendError};
 
 use crate::broker::Published;
 use crate::notification::Delivery;
@@ -70,32 +71,57 @@ pub(crate) struct Registry {
     next_id: AtomicU64,
 }
 
+/// A queue that grew past this many deliveries (a burst, a replay) is
+/// given back to the allocator once it drains, so that an idle connection
+/// does not keep its high-water mark.
+const KEEP_QUEUE: usize = 16;
+
 /// The registry's handle on one subscription: its bounded queue and the
 /// flags that wake it.
+///
+/// The queue is a `VecDeque` under a lock rather than a tokio channel: a
+/// channel allocates its first block of 32 entries up front (about 1.8 KB
+/// with its shared state), which every idle connection would carry; an
+/// empty `VecDeque` allocates nothing.
 #[derive(Debug)]
 pub(crate) struct Slot {
     id: u64,
-    tx: mpsc::Sender<Delivery>,
+    capacity: usize,
+    queue: Mutex<VecDeque<Delivery>>,
     overflowed: AtomicBool,
     /// Set when broker messages may have been lost: re-read from the store.
     resync: AtomicBool,
-    /// Wakes the subscription for an overflow or a resync.
+    /// Wakes the subscription: a delivery queued, an overflow, a resync.
+    /// `notify_one` keeps a permit when nobody waits, so a wake between a
+    /// subscription's empty `pop` and its wait is not lost.
     wake: Notify,
 }
 
 impl Slot {
     /// Queues `delivery` without waiting; a full queue marks a slow consumer.
     fn push(&self, delivery: Delivery, stats: &HubStats) {
-        match self.tx.try_send(delivery) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                if !self.overflowed.swap(true, Ordering::AcqRel) {
-                    stats.overflowed.fetch_add(1, Ordering::Relaxed);
-                    self.wake.notify_one();
-                }
+        let mut queue = self.queue.lock();
+        if queue.len() >= self.capacity {
+            drop(queue);
+            if !self.overflowed.swap(true, Ordering::AcqRel) {
+                stats.overflowed.fetch_add(1, Ordering::Relaxed);
+                self.wake.notify_one();
             }
-            Err(TrySendError::Closed(_)) => {}
+            return;
         }
+        queue.push_back(delivery);
+        drop(queue);
+        self.wake.notify_one();
+    }
+
+    /// The oldest queued delivery, if any.
+    pub(crate) fn pop(&self) -> Option<Delivery> {
+        let mut queue = self.queue.lock();
+        let delivery = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > KEEP_QUEUE {
+            *queue = VecDeque::new();
+        }
+        delivery
     }
 
     /// Asks the subscription to re-read its stream from the store.
@@ -114,24 +140,20 @@ impl Slot {
         self.resync.swap(false, Ordering::AcqRel)
     }
 
-    /// Resolves on the next overflow or resync request.
+    /// Resolves on the next delivery, overflow or resync request (or at
+    /// once, if one came since the last wake).
     pub(crate) async fn woken(&self) {
         self.wake.notified().await;
     }
 }
 
 impl Registry {
-    /// Adds a slot with a queue of `capacity` for `user`; returns the slot
-    /// and the receiving end of its queue.
-    pub(crate) fn register(
-        &self,
-        user: &str,
-        capacity: usize,
-    ) -> (Arc<Slot>, mpsc::Receiver<Delivery>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+    /// Adds a slot with a queue of `capacity` for `user`.
+    pub(crate) fn register(&self, user: &str, capacity: usize) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            tx,
+            capacity: capacity.max(1),
+            queue: Mutex::new(VecDeque::new()),
             overflowed: AtomicBool::new(false),
             resync: AtomicBool::new(false),
             wake: Notify::new(),
@@ -141,7 +163,7 @@ impl Registry {
             .or_default()
             .push(Arc::clone(&slot));
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        (slot, rx)
+        slot
     }
 
     /// Removes `slot` of `user` (and the user's entry with its last slot).
@@ -192,5 +214,78 @@ impl Registry {
                 slot.resync();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notification::Notification;
+
+    fn delivery(seq: u64) -> Delivery {
+        Delivery::live(seq, Arc::new(Notification::new("t", "a", "b")), None)
+    }
+
+    #[test]
+    fn a_full_queue_marks_the_slot_overflowed_and_keeps_what_it_holds() {
+        let registry = Registry::default();
+        let slot = registry.register("u", 3);
+        for seq in 1..=5 {
+            slot.push(delivery(seq), &registry.stats);
+        }
+        assert!(slot.overflowed());
+        assert_eq!(registry.stats.overflowed.load(Ordering::Relaxed), 1);
+        let held: Vec<u64> = std::iter::from_fn(|| slot.pop()).map(|d| d.seq).collect();
+        assert_eq!(held, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_drained_queue_gives_its_burst_capacity_back() {
+        let registry = Registry::default();
+        let slot = registry.register("u", 1024);
+        for seq in 1..=500 {
+            slot.push(delivery(seq), &registry.stats);
+        }
+        assert!(slot.queue.lock().capacity() >= 500);
+        let mut next = 1;
+        while let Some(d) = slot.pop() {
+            assert_eq!(d.seq, next, "first in, first out");
+            next += 1;
+        }
+        assert_eq!(next, 501);
+        assert_eq!(slot.queue.lock().capacity(), 0);
+        assert!(!slot.overflowed());
+    }
+
+    /// A push from another thread between an empty `pop` and the wait is
+    /// not lost: the wait returns, and the delivery is there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_racing_the_wait_always_wakes_the_reader() {
+        let registry = Arc::new(Registry::default());
+        let total = 20_000u64;
+        let slot = registry.register("u", total as usize);
+        let writer = {
+            let (registry, slot) = (Arc::clone(&registry), Arc::clone(&slot));
+            std::thread::spawn(move || {
+                for seq in 1..=total {
+                    slot.push(delivery(seq), &registry.stats);
+                    if seq % 64 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        };
+        let mut next = 1;
+        while next <= total {
+            match slot.pop() {
+                Some(d) => {
+                    assert_eq!(d.seq, next);
+                    next += 1;
+                }
+                None => slot.woken().await,
+            }
+        }
+        writer.join().unwrap();
+        assert!(!slot.overflowed());
     }
 }

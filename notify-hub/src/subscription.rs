@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::notification::Delivery;
 use crate::registry::{Registry, Slot};
@@ -34,7 +34,6 @@ pub struct Subscription {
     store: Arc<dyn Store>,
     user: String,
     slot: Arc<Slot>,
-    rx: mpsc::Receiver<Delivery>,
     closing: watch::Receiver<bool>,
     page: usize,
     /// The user's latest stored seq when the subscription started.
@@ -68,13 +67,12 @@ impl Subscription {
         page: usize,
         closing: watch::Receiver<bool>,
     ) -> Subscription {
-        let (slot, rx) = registry.register(user, capacity);
+        let slot = registry.register(user, capacity);
         Subscription {
             registry,
             store,
             user: user.to_owned(),
             slot,
-            rx,
             closing,
             page: page.max(1),
             latest_at_start: 0,
@@ -191,19 +189,15 @@ impl Subscription {
                 }
                 continue;
             }
-            let live = if *self.closing.borrow() {
-                // Shutting down: flush what is queued, then end.
-                match self.rx.try_recv() {
-                    Ok(d) => d,
-                    Err(_) => return Err(Closed::ShuttingDown),
-                }
+            let live = if let Some(d) = self.slot.pop() {
+                d
+            } else if *self.closing.borrow() {
+                // Shutting down, and everything queued is flushed.
+                return Err(Closed::ShuttingDown);
             } else {
                 tokio::select! {
                     biased;
-                    d = self.rx.recv() => match d {
-                        Some(d) => d,
-                        None => return Err(Closed::ShuttingDown),
-                    },
+                    // A delivery, an overflow or a resync: look again.
                     () = self.slot.woken() => continue,
                     changed = self.closing.changed() => {
                         if changed.is_err() {

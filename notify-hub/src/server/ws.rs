@@ -43,6 +43,14 @@ pub mod close_codes {
 }
 
 /// The close reason of [`close_codes::TOKEN_EXPIRED`].
+/// tungstenite's read buffer per connection. It is allocated at the
+/// upgrade and kept, zero-filled, for the connection's life, and clients
+/// send only small control frames (`ack`, `resume`: under 100 bytes), so
+/// 512 bytes rather than tungstenite's 128 KiB or the 4 KiB used before:
+/// an idle connection's largest single allocation. A larger frame (up to
+/// `max_client_message`) is still read whole, in more reads.
+const READ_BUFFER: usize = 512;
+
 const TOKEN_EXPIRED_REASON: &str = "token expired: reconnect with a fresh token";
 
 /// The subprotocol a client may offer alongside `bearer.<token>`.
@@ -186,12 +194,16 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
     let drain_guard = request.extensions().get::<Shutdown>().map(Shutdown::guard);
     let slot = request.extensions().get::<ConnectionSlot>().cloned();
     let on_upgrade = hyper::upgrade::on(&mut request);
+    // Only the expiry outlives the upgrade: the task keeps no more of the
+    // identity than it needs, for as long as the socket stays open.
+    let expires_at = identity.expires_at;
+    drop(identity);
     tokio::spawn(async move {
         let _held = (drain_guard, slot);
         match on_upgrade.await {
             Ok(upgraded) => {
                 let config = WebSocketConfig::default()
-                    .read_buffer_size(4 * 1024)
+                    .read_buffer_size(READ_BUFFER)
                     .write_buffer_size(0)
                     .max_message_size(Some(server.inner.config.max_client_message))
                     .max_frame_size(Some(server.inner.config.max_client_message));
@@ -201,7 +213,7 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
                     Some(config),
                 )
                 .await;
-                run(&server, socket, subscription, identity.expires_at).await;
+                run(&server, socket, subscription, expires_at).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
@@ -262,11 +274,14 @@ async fn run<S>(
     let clock = server.inner.hub.config().clock.clone();
     let metrics = Arc::clone(&server.inner.metrics);
     let (mut sink, mut stream) = socket.split();
+    // Serialized at once: a `Value` held here would stay in the task's
+    // state, on the heap, for as long as the connection lives.
     let welcome = serde_json::json!({
         "type": "welcome",
         "user_id": subscription.user_id(),
         "last_seq": subscription.latest_at_start(),
-    });
+    })
+    .to_string();
     // Every write is bounded: a peer that stops reading must not pin the
     // task (and its queue) forever; it is dropped instead.
     let write_timeout = config.write_timeout;
@@ -278,7 +293,7 @@ async fn run<S>(
             )
         };
     }
-    if !send!(Message::text(welcome.to_string())) {
+    if !send!(Message::text(welcome)) {
         return;
     }
     let every = config.heartbeat.max(Duration::from_millis(10));
