@@ -18,6 +18,8 @@
 //! - `NOTIFY_JWT_SECRET` (HS256, at least 32 bytes) or
 //!   `NOTIFY_JWT_PUBLIC_KEY` (path to an RS256 PEM): exactly one;
 //! - `NOTIFY_JWT_ISSUER`, `NOTIFY_JWT_AUDIENCE`: optional;
+//! - `NOTIFY_DEMO`: `0` turns off the browser demo client at `GET /demo`
+//!   (on by default here; `ServerConfig::demo_page`);
 //! - `RUST_LOG`: log filter, default `info`.
 //!
 //! SIGINT/SIGTERM drains gracefully: every acknowledged send is written to
@@ -89,9 +91,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let hub = Hub::start(HubConfig::default().with_clock(clock), store, broker).await?;
-    let server = NotifyServer::new(hub, verifier, ServerConfig::default());
+    let demo = env("NOTIFY_DEMO").is_none_or(|v| v != "0");
+    let server = NotifyServer::new(hub, verifier, ServerConfig::default().with_demo_page(demo));
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    tracing::info!(%addr, "notify_server listening");
+    tracing::info!(%addr, demo, "notify_server listening");
+    if demo {
+        tracing::info!("browser demo: http://{addr}/demo#token=<jwt>");
+    }
     let report = server
         .serve(listener, server_support::shutdown_signal())
         .await;

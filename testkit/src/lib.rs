@@ -68,7 +68,7 @@ fn skip_or_fail<T>(required: bool, service: &str, why: &str) -> Option<T> {
 
 /// A name unique to this process and call, safe as a database name or key
 /// prefix: `{kind}_{pid}_{counter}_{random}`.
-fn unique_name(kind: &str) -> String {
+pub fn unique_name(kind: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!(

@@ -4,6 +4,7 @@
 //! Protocol: `docs/notify-hub/PROTOCOL.md`; HTTP API: `docs/notify-hub/API.md`.
 
 mod api;
+mod demo;
 mod metrics;
 mod ws;
 
@@ -50,6 +51,9 @@ pub struct ServerConfig {
     /// [`NotifyServer::serve`]; more wait in the kernel's backlog.
     /// Default 50,000.
     pub max_connections: usize,
+    /// Whether `GET /demo` serves the browser demo client (and
+    /// `GET /demo.js` its script). Default `false`.
+    pub demo_page: bool,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +68,7 @@ impl Default for ServerConfig {
             service_role: "notify:send".into(),
             shutdown_grace: Duration::from_secs(10),
             max_connections: 50_000,
+            demo_page: false,
         }
     }
 }
@@ -72,6 +77,12 @@ impl ServerConfig {
     /// Sets the heartbeat interval.
     pub fn with_heartbeat(mut self, interval: Duration) -> Self {
         self.heartbeat = interval;
+        self
+    }
+
+    /// Serves (or not) the browser demo client at `GET /demo`.
+    pub fn with_demo_page(mut self, on: bool) -> Self {
+        self.demo_page = on;
         self
     }
 }
@@ -155,6 +166,9 @@ impl NotifyServer {
                 ),
             },
             (&Method::GET, ["metrics"]) => self.inner.metrics.response(),
+            (&Method::GET, [asset @ ("demo" | "demo.js")]) if self.inner.config.demo_page => {
+                demo::asset(asset).unwrap_or_else(|| ApiError::not_found().into_response())
+            }
             (_, ["v1", ..]) => api::handle(self, request, &segments).await,
             _ => ApiError::not_found().into_response(),
         }
