@@ -56,6 +56,7 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+mod header_timer;
 pub mod path;
 pub mod per_thread;
 pub mod prometheus;

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
@@ -284,7 +284,7 @@ pub(crate) fn spawn_connection<S, B>(
         service.clone().oneshot(request)
     });
     let connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(crate::header_timer::HeaderTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .serve_connection(TokioIo::new(stream), hyper_service)
         .with_upgrades();
