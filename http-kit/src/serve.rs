@@ -59,7 +59,11 @@ pub struct ServeConfig {
     /// Most connections open at once (WebSockets that keep their
     /// [`ConnectionSlot`] included). Default 10,000.
     pub max_connections: usize,
-    /// How long a client may take to send a request's headers. Default 30 s.
+    /// How long a client may take to send a request's headers, counted
+    /// from when the server starts waiting for them (on a keep-alive
+    /// connection, from the previous response). Enforced up to 250 ms late,
+    /// never early: the deadlines of a connection are rounded up to 250 ms
+    /// steps so that one timer serves them. Default 30 s.
     pub header_read_timeout: Duration,
     /// How long the drain waits for connections and guards. Default 10 s.
     pub drain_timeout: Duration,
