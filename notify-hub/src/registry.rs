@@ -64,9 +64,15 @@ impl HubStats {
 }
 
 /// The open subscriptions of this node, by user, and the node's counters.
+///
+/// Keyed with foldhash rather than the standard SipHash: a broadcast looks
+/// up every recipient, and SipHash was most of that lookup's cost. The keys
+/// are user ids from verified tokens and from the service API, and
+/// foldhash's per-process random seed keeps them from being chosen to
+/// collide.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    slots: DashMap<String, Vec<Arc<Slot>>>,
+    slots: DashMap<String, Vec<Arc<Slot>>, foldhash::fast::RandomState>,
     pub(crate) stats: HubStats,
     next_id: AtomicU64,
 }
