@@ -8,17 +8,20 @@
 //! case it fails.
 #![cfg(all(feature = "server", feature = "jwt"))]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::http;
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header};
 use jwt_kit::{JwtConfig, JwtVerifier, KeySet, VerifyingKey};
 use notify_hub::server::{NotifyServer, ServerConfig};
 use notify_hub::{Hub, HubConfig};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "browser-test-secret-0123456789abcdef";
@@ -53,30 +56,6 @@ async fn start(demo_page: bool) -> (SocketAddr, Hub) {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(server.serve(listener, std::future::pending()));
     (addr, hub)
-}
-
-/// One raw HTTP/1.1 request; returns (status, head, body).
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token
-        .map(|t| format!("authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    let status = response[9..12].parse().unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
 async fn send(addr: SocketAddr, user: &str, title: &str) {

@@ -1,11 +1,44 @@
-//! Helpers shared by the Redis test binaries.
+//! Helpers shared by the test binaries; each uses some of them.
+#![allow(dead_code)]
 
+#[cfg(feature = "redis")]
 use std::sync::Arc;
 
+#[cfg(feature = "redis")]
 use notify_hub::broker::RedisBroker;
+#[cfg(feature = "redis")]
 use notify_hub::{Hub, HubConfig, MemoryStore};
+#[cfg(feature = "redis")]
 use testkit::TestRedis;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// One raw HTTP/1.1 request (`connection: close`, JSON content type, the
+/// token as a bearer); returns the status, the head in lowercase and the
+/// body.
+pub(crate) async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    let status = response[9..12].parse().unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+#[cfg(feature = "redis")]
 /// Two hubs on one shared store (as two nodes share one PostgreSQL), each
 /// with its own Redis broker connection.
 pub(crate) async fn two_hubs(redis: &TestRedis) -> (Hub, Hub) {
