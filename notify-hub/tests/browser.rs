@@ -115,6 +115,8 @@ struct Browser {
     >,
     session: String,
     next_id: u64,
+    /// Events that arrived while a command waited for its reply.
+    events: std::collections::VecDeque<Value>,
     _profile: TempDir,
 }
 
@@ -194,6 +196,7 @@ impl Browser {
             devtools,
             session: String::new(),
             next_id: 0,
+            events: std::collections::VecDeque::new(),
             _profile: profile,
         };
         let target = browser
@@ -229,6 +232,10 @@ impl Browser {
                 assert!(reply.get("error").is_none(), "{method}: {reply}");
                 return reply["result"].clone();
             }
+            if reply.get("method").is_some() {
+                // An event (it may come before the reply): kept for `open`.
+                self.events.push_back(reply);
+            }
         }
     }
 
@@ -250,11 +257,16 @@ impl Browser {
         }
     }
 
-    /// Navigates the page and waits for its `load` event.
+    /// Navigates the page and waits for its `load` event (which may have
+    /// arrived before the navigation's reply).
     async fn open(&mut self, url: &str) {
+        self.events.clear();
         self.command("Page.navigate", json!({"url": url})).await;
         loop {
-            let event = self.next_message().await;
+            let event = match self.events.pop_front() {
+                Some(event) => event,
+                None => self.next_message().await,
+            };
             if event["method"] == "Page.loadEventFired" && event["sessionId"] == json!(self.session)
             {
                 return;
@@ -308,17 +320,6 @@ impl Drop for Browser {
     }
 }
 
-/// The server notices a closed socket asynchronously.
-async fn connections_drop_to_zero(hub: &Hub) {
-    for _ in 0..250 {
-        if hub.connection_count() == 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the page's WebSocket was still open 5 s after it left");
-}
-
 #[tokio::test]
 async fn a_notification_sent_through_the_api_appears_in_the_page_and_a_reload_resumes() {
     let Some(mut browser) = Browser::launch().await else {
@@ -353,7 +354,7 @@ async fn a_notification_sent_through_the_api_appears_in_the_page_and_a_reload_re
 
     // Away: the page is gone while the second one is sent.
     browser.open("about:blank").await;
-    connections_drop_to_zero(&hub).await;
+    connections_settle_at(&hub, 0).await;
     send(addr, "alice", "Second, sent while away").await;
 
     // Back: the page resumes after seq 1, so it shows the second (from the
@@ -378,7 +379,54 @@ async fn a_notification_sent_through_the_api_appears_in_the_page_and_a_reload_re
             .await,
         "3"
     );
-    // The page acknowledged what it showed.
+    // One page, one connection: the earlier socket is gone, none leaked.
+    assert_eq!(hub.connection_count(), 1);
+}
+
+/// Waits until the hub holds exactly `n` connections: the server notices a
+/// closed socket asynchronously.
+async fn connections_settle_at(hub: &Hub, n: usize) {
+    for _ in 0..250 {
+        if hub.connection_count() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{} connections, not {n}, after 5 s", hub.connection_count());
+}
+
+#[tokio::test]
+async fn submitting_a_token_again_replaces_the_socket_and_leaks_none() {
+    let Some(mut browser) = Browser::launch().await else {
+        return;
+    };
+    let (addr, hub) = start(true).await;
+    let alice = token("alice", &[]);
+    browser
+        .open(&format!("http://{addr}/demo#token={alice}"))
+        .await;
+    browser
+        .until("document.body.dataset.state === 'connected'")
+        .await;
+    for _ in 0..3 {
+        browser
+            .eval(&format!(
+                "document.getElementById('token').value = '{alice}'; \
+                 document.getElementById('login').requestSubmit(); true"
+            ))
+            .await;
+        browser
+            .until("document.body.dataset.state === 'connected'")
+            .await;
+    }
+    connections_settle_at(&hub, 1).await;
+    send(addr, "alice", "Once").await;
+    browser
+        .until("document.querySelectorAll('#notifications li').length === 1")
+        .await;
+    assert_eq!(browser.titles().await, ["Once"]);
+    // The token left the address bar.
+    assert_eq!(browser.eval("location.hash").await, "");
     assert_eq!(hub.connection_count(), 1);
 }
 

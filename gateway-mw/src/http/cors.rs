@@ -11,8 +11,9 @@
 //! Origins are compared as whole strings (`scheme://host[:port]`, no path),
 //! so suffix and prefix tricks (`https://app.example.com.evil.test`,
 //! `https://evil-app.example.com`) and the `null` origin (sandboxed frames,
-//! `file:` pages) never match. A disallowed origin gets no CORS headers at
-//! all. Configurations that would let any site make credentialed requests
+//! `file:` pages) never match. A disallowed origin gets no
+//! `Access-Control-Allow-Origin`, so the browser refuses the response to
+//! its script. Configurations that would let any site make credentialed requests
 //! are refused by [`CorsConfig::layer`] instead of being built.
 
 use std::future::Future;

@@ -8,7 +8,7 @@
 //! | [`AuthLayer`] | verifies `Authorization: Bearer <jwt>` or `X-Api-Key`, inserts a [`Principal`] | 401 + `WWW-Authenticate` |
 //! | [`AuthzLayer`] | checks the principal's roles against the [`Policy`], inserts the [`MatchedRoute`] | 403 (missing permission), 404 (no route: deny by default) |
 //! | [`RateLimitLayer`] | GCRA per user, per API key, and per client IP (IPv6 /64) for anonymous requests, with the IETF `RateLimit-Policy` / `RateLimit` headers | 429 + `Retry-After` |
-//! | [`CorsLayer`] (from [`CorsConfig::layer`]) | exact-origin allow-list on tower-http's `CorsLayer`, validated at start; requests without `Origin` pass with only `Vary: Origin` | no CORS headers for other origins |
+//! | [`CorsLayer`] (from [`CorsConfig::layer`]) | exact-origin allow-list on tower-http's `CorsLayer`, validated at start; requests without `Origin` pass with only `Vary: Origin` | no `Access-Control-Allow-Origin` for other origins |
 //! | [`ValidationLayer`] | header, path, query and body limits, per-route content types, JSON size and depth | 400, 413, 414, 415, 431 |
 //! | [`SecurityHeadersLayer`] | HSTS, CSP, `X-Content-Type-Options`, `X-Frame-Options`, `Referrer-Policy`, `Permissions-Policy`; strips `Server`/`X-Powered-By`; `no-store` on auth paths | — |
 //!

@@ -42,7 +42,6 @@ pub mod close_codes {
     pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
-/// The close reason of [`close_codes::TOKEN_EXPIRED`].
 /// tungstenite's read buffer per connection. It is allocated at the
 /// upgrade and kept, zero-filled, for the connection's life, and clients
 /// send only small control frames (`ack`, `resume`: under 100 bytes), so
@@ -51,6 +50,7 @@ pub mod close_codes {
 /// `max_client_message`) is still read whole, in more reads.
 const READ_BUFFER: usize = 512;
 
+/// The close reason of [`close_codes::TOKEN_EXPIRED`].
 const TOKEN_EXPIRED_REASON: &str = "token expired: reconnect with a fresh token";
 
 /// The subprotocol a client may offer alongside `bearer.<token>`.

@@ -12,6 +12,7 @@
   let user = null;
   let last = 0;
   let retry = 500;
+  let replayUpTo = 0;
 
   const lastKey = (u) => "notify-demo:last:" + u;
   const setState = (state, text) => {
@@ -45,8 +46,22 @@
     list.prepend(item);
   }
 
+  let timer = null;
+  // Whether the current token has ever been accepted: a socket that closes
+  // before opening is a refused token only then (a browser reports a 401
+  // and a server that is down the same way), so a known-good token keeps
+  // retrying with backoff while the server is away.
+  let accepted = false;
+
+  function schedule() {
+    clearTimeout(timer);
+    timer = setTimeout(connect, retry);
+    retry = Math.min(retry * 2, 10000);
+  }
+
   function connect() {
-    if (!token) return;
+    timer = null;
+    if (!token || socket) return;
     user = subject(token);
     last = user ? Number(localStorage.getItem(lastKey(user)) || 0) : 0;
     $("last").textContent = last ? String(last) : "–";
@@ -54,33 +69,56 @@
     const url = scheme + "//" + location.host + "/v1/ws" + (last ? "?since=" + last : "");
     setState("connecting", "connecting…");
     let opened = false;
-    socket = new WebSocket(url, ["notify.v1", "bearer." + token]);
-    socket.onopen = () => { opened = true; retry = 500; };
-    socket.onmessage = (event) => {
+    let ws;
+    try {
+      ws = new WebSocket(url, ["notify.v1", "bearer." + token]);
+    } catch (e) {
+      // A token with characters a subprotocol cannot carry.
+      setState("refused", "refused: not a token");
+      return;
+    }
+    socket = ws;
+    // Every handler ignores a socket that is no longer the current one.
+    ws.onopen = () => {
+      if (ws !== socket) return;
+      opened = true;
+      accepted = true;
+      retry = 500;
+    };
+    ws.onmessage = (event) => {
+      if (ws !== socket) return;
       const frame = JSON.parse(event.data);
       if (frame.type === "welcome") {
         user = frame.user_id;
         $("user").textContent = user;
+        // A server that lost its history (an in-memory store restarted)
+        // numbers from 1 again: follow it down, or nothing would show.
+        if (frame.last_seq < last) {
+          last = frame.last_seq;
+          localStorage.setItem(lastKey(user), String(last));
+          $("last").textContent = String(last);
+        }
         setState("connected", "connected");
         // Deliveries above `last` follow: the replay first, then live ones.
-        window.__replayUpTo = frame.last_seq;
+        replayUpTo = frame.last_seq;
       } else if (frame.type === "notification") {
         if (frame.seq <= last) return; // already shown
-        show(frame.seq, frame.notification, frame.seq > (window.__replayUpTo || 0));
+        show(frame.seq, frame.notification, frame.seq > replayUpTo);
         last = frame.seq;
         localStorage.setItem(lastKey(user), String(last));
         $("last").textContent = String(last);
-        socket.send(JSON.stringify({ type: "ack", seq: last }));
+        ws.send(JSON.stringify({ type: "ack", seq: last }));
       } else if (frame.type === "error") {
         console.warn("notify-hub:", frame.code, frame.message);
       }
     };
-    socket.onclose = (event) => {
+    ws.onclose = (event) => {
+      if (ws !== socket) return;
       socket = null;
       if (leaving) return;
-      if (!opened) {
-        // Refused before the upgrade (401: bad or expired token).
-        setState("refused", "refused: check the token");
+      if (!opened && !accepted) {
+        // Never accepted: a bad or expired token (401), or no server.
+        setState("refused", "refused: check the token (or the server)");
         return;
       }
       if (event.code === 4001) {
@@ -88,16 +126,26 @@
         return;
       }
       setState("closed", "disconnected (" + event.code + "), reconnecting…");
-      setTimeout(connect, retry);
-      retry = Math.min(retry * 2, 10000);
+      schedule();
     };
+  }
+
+  // Stops the current socket and any pending reconnect.
+  function disconnect() {
+    clearTimeout(timer);
+    timer = null;
+    const ws = socket;
+    socket = null;
+    if (ws) ws.close(1000);
   }
 
   $("login").addEventListener("submit", (event) => {
     event.preventDefault();
+    disconnect();
     token = $("token").value.trim();
+    accepted = false;
+    retry = 500;
     sessionStorage.setItem("notify-demo:token", token);
-    if (socket) socket.close(1000);
     list.replaceChildren();
     connect();
   });
@@ -108,14 +156,18 @@
   let leaving = false;
   window.addEventListener("pagehide", () => {
     leaving = true;
-    if (socket) socket.close(1000);
+    disconnect();
   });
   window.addEventListener("pageshow", (event) => {
     leaving = false;
-    if (event.persisted && !socket) connect();
+    if (event.persisted) connect();
   });
 
   const fromFragment = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromFragment) {
+    // Kept for this tab only, and out of the address bar and the history.
+    history.replaceState(null, "", location.pathname + location.search);
+  }
   token = fromFragment || sessionStorage.getItem("notify-demo:token");
   if (token) {
     sessionStorage.setItem("notify-demo:token", token);
