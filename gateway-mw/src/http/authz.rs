@@ -76,8 +76,7 @@ pub struct AuthzService<S> {
 
 impl<S, B, ResBody> tower::Service<Request<B>> for AuthzService<S>
 where
-    S: tower::Service<Request<B>, Response = Response<ResBody>> + Send,
-    S::Future: Send + 'static,
+    S: tower::Service<Request<B>, Response = Response<ResBody>>,
     ResBody: http_body::Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
@@ -177,6 +176,7 @@ pin_project_lite::pin_project! {
     /// (its [`MatchedRoute`] also rides on the response, for the metrics
     /// layer outside), or the rejection decided at once.
     #[project = AuthzFutureProj]
+    #[derive(Debug)]
     #[allow(missing_docs)] // pin-project-lite cannot carry docs on variant fields
     pub enum AuthzFuture<F> {
         /// Allowed: the service inside answers.
