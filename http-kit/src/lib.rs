@@ -70,5 +70,7 @@ pub use body::{BodyError, collect_limited};
 pub use error::{ApiError, ErrorBody};
 pub use query::Query;
 pub use response::{Body, BoxError, boxed, empty, full, json, text};
-pub use serve::{ConnectionSlot, PeerAddr, ServeConfig, ServeReport, serve};
+pub use serve::{
+    ConnectionService, ConnectionSlot, PeerAddr, ResponseBody, ServeConfig, ServeReport, serve,
+};
 pub use shutdown::{DrainGuard, Shutdown};

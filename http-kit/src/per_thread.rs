@@ -30,12 +30,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::serve::{Accepting, spawn_connection};
-use crate::{BoxError, ServeConfig, ServeReport, Shutdown};
+use crate::serve::{Accepting, ConnectionService, ResponseBody, spawn_connection};
+use crate::{ServeConfig, ServeReport, Shutdown};
 
 /// A connection dealt to a thread, with its slot.
 type Dealt = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
@@ -60,12 +58,8 @@ pub async fn serve<S, B>(
     shutdown: Shutdown,
 ) -> ServeReport
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let threads = threads.max(1);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads)
@@ -175,12 +169,8 @@ async fn serve_dealt<S, B>(
     shutdown: &Shutdown,
 ) -> ServeReport
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let mut report = ServeReport::merged([]);
     while let Some((stream, peer, permit)) = dealt.recv().await {

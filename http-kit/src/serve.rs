@@ -143,6 +143,47 @@ impl ServeReport {
 const FIRST_BACKOFF: Duration = Duration::from_millis(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// The services [`serve`] and [`per_thread::serve`](crate::per_thread::serve)
+/// run: a `Clone` tower service from hyper's requests to responses with body
+/// `B`, whose futures may move between threads and whose errors convert to a
+/// [`BoxError`]. Implemented for every such type; it only names those bounds
+/// once.
+pub trait ConnectionService<B>:
+    tower::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> ConnectionService<B> for S where
+    S: tower::Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// The response bodies [`serve`] writes: `Send`, with `Send` chunks and
+/// errors that convert to a [`BoxError`]. Implemented for every such type.
+pub trait ResponseBody:
+    http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static
+{
+}
+
+impl<B> ResponseBody for B where
+    B: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static
+{
+}
+
 /// Serves `service` on `listener` until `shutdown` is triggered, then
 /// drains (see the [module docs](self)).
 ///
@@ -156,12 +197,8 @@ pub async fn serve<S, B>(
     shutdown: Shutdown,
 ) -> ServeReport
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let slots = Arc::new(Semaphore::new(
         config.max_connections.clamp(1, Semaphore::MAX_PERMITS),
@@ -266,12 +303,8 @@ pub(crate) fn spawn_connection<S, B>(
     config: &ServeConfig,
     shutdown: &Shutdown,
 ) where
-    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     if config.nodelay
         && let Err(e) = stream.set_nodelay(true)
