@@ -150,9 +150,18 @@ struct Inner {
     /// Set first: no new sends; the writer drains its queue, then ends,
     /// which ends the dispatcher once it has dispatched everything.
     shutdown: watch::Sender<bool>,
-    /// Set once the dispatcher is done: subscriptions flush their queues, end.
+    /// Set once the dispatcher is done (after the registry ends the
+    /// subscriptions): a second `shutdown` call waits for it.
     ended: watch::Sender<bool>,
     tasks: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
+}
+
+impl Drop for Inner {
+    /// The last handle on the hub is gone: its subscriptions end (after
+    /// flushing what they have queued), as after a shutdown.
+    fn drop(&mut self) {
+        self.registry.end_all();
+    }
 }
 
 impl std::fmt::Debug for Hub {
@@ -371,7 +380,6 @@ impl Hub {
             user,
             self.inner.config.queue_capacity,
             self.inner.config.replay_page,
-            self.inner.ended.subscribe(),
         );
         let latest = self.inner.store.last_seq(user).await?;
         subscription.start(latest, since);
@@ -415,6 +423,7 @@ impl Hub {
             }
         }
         // Only now: every acknowledged send has reached the subscriptions' queues.
+        self.inner.registry.end_all();
         let _ = self.inner.ended.send(true);
         finished
     }

@@ -75,6 +75,13 @@ pub(crate) struct Registry {
     slots: DashMap<String, Vec<Arc<Slot>>, foldhash::fast::RandomState>,
     pub(crate) stats: HubStats,
     next_id: AtomicU64,
+    /// Set once the hub has handed out everything (or is gone): every
+    /// subscription ends after flushing its queue. A flag here, looked at
+    /// with one atomic load, rather than a `watch` channel each
+    /// subscription waits on: registering and dropping a waiter on the
+    /// channel's shared list, twice per delivery, showed in the fan-out's
+    /// profile.
+    ended: AtomicBool,
 }
 
 /// A queue that grew past this many deliveries (a burst, a replay) is
@@ -251,6 +258,25 @@ impl Registry {
                 );
             }
         }
+    }
+
+    /// Ends every subscription once it has handed out what it has queued,
+    /// including any registered later.
+    pub(crate) fn end_all(&self) {
+        // Set before the walk: a slot registered during it either is in the
+        // walk or registered after the flag was set (the map's shard locks
+        // order the two), and its subscription then sees the flag.
+        self.ended.store(true, Ordering::SeqCst);
+        for slots in self.slots.iter() {
+            for slot in slots.iter() {
+                slot.signal();
+            }
+        }
+    }
+
+    /// Whether [`Registry::end_all`] was called.
+    pub(crate) fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
     }
 
     /// Asks every local subscription to re-read its stream from the store.

@@ -4,8 +4,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio::sync::watch;
-
 use crate::notification::Delivery;
 use crate::registry::{Registry, Slot};
 use crate::store::{Store, StoreError};
@@ -34,7 +32,6 @@ pub struct Subscription {
     store: Arc<dyn Store>,
     user: String,
     slot: Arc<Slot>,
-    closing: watch::Receiver<bool>,
     page: usize,
     /// The user's latest stored seq when the subscription started.
     latest_at_start: u64,
@@ -65,7 +62,6 @@ impl Subscription {
         user: &str,
         capacity: usize,
         page: usize,
-        closing: watch::Receiver<bool>,
     ) -> Subscription {
         let slot = registry.register(user, capacity);
         Subscription {
@@ -73,7 +69,6 @@ impl Subscription {
             store,
             user: user.to_owned(),
             slot,
-            closing,
             page: page.max(1),
             latest_at_start: 0,
             last: 0,
@@ -191,22 +186,14 @@ impl Subscription {
             }
             let live = if let Some(d) = self.slot.pop() {
                 d
-            } else if *self.closing.borrow() {
-                // Shutting down, and everything queued is flushed.
+            } else if self.registry.ended() {
+                // Shutting down (or the hub is gone), and everything queued
+                // is flushed.
                 return Err(Closed::ShuttingDown);
             } else {
-                tokio::select! {
-                    biased;
-                    // A delivery, an overflow or a resync: look again.
-                    () = self.slot.woken() => continue,
-                    changed = self.closing.changed() => {
-                        if changed.is_err() {
-                            // The hub is gone.
-                            return Err(Closed::ShuttingDown);
-                        }
-                        continue;
-                    }
-                }
+                // A delivery, an overflow, a resync or the end: look again.
+                self.slot.woken().await;
+                continue;
             };
             if live.seq <= self.last {
                 continue; // Already replayed.

@@ -430,6 +430,95 @@ async fn a_connection_ends_with_4001_when_the_hub_clock_passes_exp() {
     assert_connections_drop_to_zero(&hub).await;
 }
 
+/// The heartbeat and the token's expiry share one timer per connection:
+/// with heartbeats far apart, the expiry still fires on its own.
+#[tokio::test]
+async fn a_connection_ends_with_4001_at_exp_between_heartbeats() {
+    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    let config = ServerConfig::default().with_heartbeat(Duration::from_secs(3600));
+    let server = NotifyServer::new(hub.clone(), verifier(), config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.serve(listener, std::future::pending()));
+
+    let exp = now_secs() + 2;
+    let short = token_with(SECRET, serde_json::json!({"sub": "ivy", "exp": exp}));
+    let mut ws = connect(addr, &format!("access_token={short}"))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["type"], "welcome");
+    let Message::Close(Some(close)) = next_message(&mut ws).await else {
+        panic!("expected a close frame");
+    };
+    assert_eq!(u16::from(close.code), 4001);
+    assert!(now_secs() >= exp, "not before exp");
+    drop(ws);
+    assert_connections_drop_to_zero(&hub).await;
+}
+
+/// A client that answers no pings is closed with 1008 once it has missed
+/// `max_missed_pongs` of them, and not before.
+#[tokio::test]
+async fn a_client_that_answers_no_pings_is_closed_with_1008() {
+    let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+    let mut config = ServerConfig::default().with_heartbeat(Duration::from_millis(20));
+    config.max_missed_pongs = 3;
+    let server = NotifyServer::new(hub.clone(), verifier(), config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server.serve(listener, std::future::pending()));
+
+    // A raw client: it completes the upgrade, then only reads, so it never
+    // answers a ping (a WebSocket library would, and would then fail
+    // writing to the closed socket before showing the close frame).
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /v1/ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nauthorization: Bearer {}\r\n\r\n",
+        token("quiet", &[], &[])
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    let head_end = received
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    assert!(received.starts_with(b"HTTP/1.1 101"));
+    // Server frames are unmasked, and these are small: FIN + opcode, a
+    // 7-bit length (or 126 and 16 bits), the payload.
+    let (mut pings, mut close, mut frames) = (0, None, &received[head_end..]);
+    while frames.len() >= 2 {
+        let opcode = frames[0] & 0x0f;
+        let (len, at) = match frames[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([frames[2], frames[3]])), 4),
+            n => (usize::from(n), 2),
+        };
+        let payload = &frames[at..at + len];
+        match opcode {
+            0x1 => assert!(std::str::from_utf8(payload).unwrap().contains("welcome")),
+            0x9 => pings += 1,
+            0x8 => {
+                close = Some((
+                    u16::from_be_bytes([payload[0], payload[1]]),
+                    payload[2..].to_vec(),
+                ))
+            }
+            other => panic!("unexpected opcode {other}"),
+        }
+        frames = &frames[at + len..];
+    }
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1008);
+    assert_eq!(reason, b"missed pongs");
+    assert_eq!(pings, 3, "three pings unanswered, then the close");
+    drop(stream);
+    assert_connections_drop_to_zero(&hub).await;
+}
+
 #[tokio::test]
 async fn a_token_past_exp_but_inside_the_verifier_leeway_is_refused() {
     let (addr, hub) = start().await;

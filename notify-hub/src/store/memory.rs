@@ -1,7 +1,7 @@
 //! The embedded, in-process store: fine for one node and for tests; it
 //! forgets everything on restart.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -18,10 +18,16 @@ pub struct MemoryStore {
     state: Mutex<State>,
 }
 
+/// Keyed with foldhash, as the registry is (see there): a broadcast looks
+/// up every member's log, and SipHash showed in the fan-out's profile.
+type Hasher = foldhash::fast::RandomState;
+
 #[derive(Debug, Default)]
 struct State {
-    users: HashMap<String, UserLog>,
-    groups: HashMap<String, HashSet<String>>,
+    users: HashMap<String, UserLog, Hasher>,
+    /// Members in order (a broadcast hands out seqs in user order, as
+    /// the PostgreSQL store does), so a send does not sort them.
+    groups: HashMap<String, BTreeSet<String>, Hasher>,
     /// Ids of the most recent sends, for duplicate detection (bounded).
     ids: HashSet<uuid::Uuid>,
     id_order: VecDeque<uuid::Uuid>,
@@ -95,18 +101,21 @@ impl Store for MemoryStore {
                 }
                 let members: Vec<String> = match &append.audience {
                     Audience::Users(list) => list.clone(),
-                    Audience::Group(group) => {
-                        let mut m: Vec<String> = groups
-                            .get(group)
-                            .map(|s| s.iter().cloned().collect())
-                            .unwrap_or_default();
-                        m.sort_unstable();
-                        m
-                    }
+                    Audience::Group(group) => groups
+                        .get(group)
+                        .map(|s| s.iter().cloned().collect())
+                        .unwrap_or_default(),
                 };
                 let mut recipients = Vec::with_capacity(members.len());
                 for user_id in members {
-                    let log = users.entry(user_id.clone()).or_default();
+                    // Looked up by reference: a second copy of the id only
+                    // for a user seen for the first time.
+                    if !users.contains_key(user_id.as_str()) {
+                        users.insert(user_id.clone(), UserLog::default());
+                    }
+                    let Some(log) = users.get_mut(user_id.as_str()) else {
+                        continue; // Inserted just above.
+                    };
                     log.last_seq += 1;
                     log.deliveries
                         .push_back((log.last_seq, Arc::clone(&append.notification)));
