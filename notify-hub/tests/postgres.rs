@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use notify_hub::store::PgStore;
-use notify_hub::{Hub, HubConfig, HubError, LocalBroker, Notification};
+use notify_hub::{Hub, HubConfig, HubError, LocalBroker, Notification, Store};
 use testkit::TestDatabase;
 
 fn note(i: usize) -> Notification {
@@ -20,7 +20,7 @@ async fn hub(db: &TestDatabase) -> Hub {
 
 async fn store(db: &TestDatabase) -> PgStore {
     let store = PgStore::connect(db.url(), 4).await.unwrap();
-    assert_eq!(store.migrate().await.unwrap(), 2);
+    assert_eq!(store.migrate().await.unwrap(), 3);
     assert_eq!(store.migrate().await.unwrap(), 0, "migrations run once");
     store
 }
@@ -326,7 +326,11 @@ async fn a_version_1_database_is_upgraded_in_place_and_keeps_its_sequences() {
         .await
         .unwrap();
     let store = PgStore::connect(db.url(), 4).await.unwrap();
-    assert_eq!(store.migrate().await.unwrap(), 1, "only version 2 runs");
+    assert_eq!(
+        store.migrate().await.unwrap(),
+        2,
+        "only versions 2 and 3 run"
+    );
     let collations: Vec<(String, String, Option<String>)> = client
         .query(
             "SELECT table_name::text, column_name::text, collation_name::text
@@ -340,7 +344,9 @@ async fn a_version_1_database_is_upgraded_in_place_and_keeps_its_sequences() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert_eq!(collations.len(), 4, "{collations:?}");
+    // 0001's four, and 0003's group streams: heads, items (group and
+    // leaver) and past memberships (user and group).
+    assert_eq!(collations.len(), 9, "{collations:?}");
     assert!(
         collations.iter().all(|(_, _, c)| c.as_deref() == Some("C")),
         "{collations:?}"
@@ -357,6 +363,19 @@ async fn a_version_1_database_is_upgraded_in_place_and_keeps_its_sequences() {
         .map(|d| (d.seq, d.notification.title.clone()))
         .collect();
     assert_eq!(seqs, vec![(4, "n1".to_owned()), (3, "before".to_owned())]);
+    // The existing member joined group g's stream at 0 (its head was
+    // created by the upgrade), and the broadcast after it is offset 1.
+    let reopened = PgStore::connect(db.url(), 2).await.unwrap();
+    assert_eq!(
+        reopened.memberships("alice").await.unwrap(),
+        vec![notify_hub::store::Membership {
+            group: "g".to_owned(),
+            joined_after: 0,
+            left_after: None,
+        }]
+    );
+    let items = reopened.group_since("g", 0, 10).await.unwrap();
+    assert_eq!(items.iter().map(|i| i.offset).collect::<Vec<_>>(), vec![1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,15 @@
 //! The embedded, in-process store: fine for one node and for tests; it
 //! forgets everything on restart.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{Append, Appended, Audience, BoxFuture, Recipient, Store, StoreError};
+use super::{
+    Append, Appended, Audience, BoxFuture, GroupEntry, GroupItem, Membership, Recipient, Store,
+    StoreError,
+};
 use crate::notification::{Delivery, Notification};
 
 /// An in-memory [`Store`] that keeps the newest `retention` deliveries per
@@ -25,9 +28,11 @@ type Hasher = foldhash::fast::RandomState;
 #[derive(Debug, Default)]
 struct State {
     users: HashMap<String, UserLog, Hasher>,
-    /// Members in order (a broadcast hands out seqs in user order, as
-    /// the PostgreSQL store does), so a send does not sort them.
-    groups: HashMap<String, BTreeSet<String>, Hasher>,
+    /// Kept once created, even with no members left: a stream's offsets
+    /// never restart.
+    groups: HashMap<String, GroupState, Hasher>,
+    /// Past memberships, by user.
+    closed: HashMap<String, Vec<Membership>, Hasher>,
     /// Ids of the most recent sends, for duplicate detection (bounded).
     ids: HashSet<uuid::Uuid>,
     id_order: VecDeque<uuid::Uuid>,
@@ -36,6 +41,32 @@ struct State {
 /// How many recent notification ids the memory store remembers to refuse
 /// duplicates.
 const ID_WINDOW: usize = 100_000;
+
+/// A group's stream and its current members.
+#[derive(Debug, Default)]
+struct GroupState {
+    last_offset: u64,
+    /// Current members and the offset each joined after, in user order (a
+    /// broadcast hands out seqs in user order, as the PostgreSQL store
+    /// does), so a send does not sort them.
+    members: BTreeMap<String, u64>,
+    /// The newest `retention` items, ascending by offset.
+    items: VecDeque<GroupItem>,
+}
+
+impl GroupState {
+    fn push(&mut self, entry: GroupEntry, retention: usize) -> u64 {
+        self.last_offset += 1;
+        self.items.push_back(GroupItem {
+            offset: self.last_offset,
+            entry,
+        });
+        if self.items.len() > retention {
+            self.items.pop_front();
+        }
+        self.last_offset
+    }
+}
 
 #[derive(Debug, Default)]
 struct UserLog {
@@ -77,13 +108,14 @@ impl Store for MemoryStore {
                 groups,
                 ids,
                 id_order,
+                ..
             } = &mut *state;
             let mut out = Vec::with_capacity(batch.len());
             for append in batch {
                 if let Audience::Group(group) = &append.audience
                     && groups
                         .get(group)
-                        .is_some_and(|m| m.len() > append.max_recipients)
+                        .is_some_and(|g| g.members.len() > append.max_recipients)
                 {
                     out.push(Appended::TooManyRecipients);
                     continue;
@@ -101,10 +133,14 @@ impl Store for MemoryStore {
                 }
                 let members: Vec<String> = match &append.audience {
                     Audience::Users(list) => list.clone(),
-                    Audience::Group(group) => groups
-                        .get(group)
-                        .map(|s| s.iter().cloned().collect())
-                        .unwrap_or_default(),
+                    Audience::Group(group) => {
+                        let stream = groups.entry(group.clone()).or_default();
+                        stream.push(
+                            GroupEntry::Notification(Arc::clone(&append.notification)),
+                            self.retention,
+                        );
+                        stream.members.keys().cloned().collect()
+                    }
                 };
                 let mut recipients = Vec::with_capacity(members.len());
                 for user_id in members {
@@ -183,13 +219,14 @@ impl Store for MemoryStore {
         user: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
-            Ok(self
-                .state
-                .lock()
-                .groups
-                .entry(group.to_owned())
-                .or_default()
-                .insert(user.to_owned()))
+            let mut state = self.state.lock();
+            let stream = state.groups.entry(group.to_owned()).or_default();
+            if stream.members.contains_key(user) {
+                return Ok(false);
+            }
+            let head = stream.last_offset;
+            stream.members.insert(user.to_owned(), head);
+            Ok(true)
         })
     }
 
@@ -200,14 +237,87 @@ impl Store for MemoryStore {
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut state = self.state.lock();
-            let Some(members) = state.groups.get_mut(group) else {
+            let retention = self.retention;
+            let Some(stream) = state.groups.get_mut(group) else {
                 return Ok(false);
             };
-            let removed = members.remove(user);
-            if members.is_empty() {
-                state.groups.remove(group);
-            }
-            Ok(removed)
+            let Some(joined_after) = stream.members.remove(user) else {
+                return Ok(false);
+            };
+            let left_after = stream.push(
+                GroupEntry::Left {
+                    user_id: user.to_owned(),
+                },
+                retention,
+            );
+            state
+                .closed
+                .entry(user.to_owned())
+                .or_default()
+                .push(Membership {
+                    group: group.to_owned(),
+                    joined_after,
+                    left_after: Some(left_after),
+                });
+            Ok(true)
+        })
+    }
+
+    fn group_heads<'a>(
+        &'a self,
+        groups: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<u64>, StoreError>> {
+        Box::pin(async move {
+            let state = self.state.lock();
+            Ok(groups
+                .iter()
+                .map(|g| state.groups.get(g).map_or(0, |s| s.last_offset))
+                .collect())
+        })
+    }
+
+    fn group_since<'a>(
+        &'a self,
+        group: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<GroupItem>, StoreError>> {
+        Box::pin(async move {
+            let state = self.state.lock();
+            let Some(stream) = state.groups.get(group) else {
+                return Ok(Vec::new());
+            };
+            // Offsets are contiguous: the first wanted item's index is
+            // known without a search.
+            let first = stream.items.front().map_or(0, |i| i.offset);
+            let skip = usize::try_from(after.saturating_add(1).saturating_sub(first))
+                .unwrap_or(usize::MAX);
+            Ok(stream
+                .items
+                .iter()
+                .skip(skip)
+                .take(limit)
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn memberships<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Membership>, StoreError>> {
+        Box::pin(async move {
+            let state = self.state.lock();
+            let mut all: Vec<Membership> = state.closed.get(user).cloned().unwrap_or_default();
+            all.extend(state.groups.iter().filter_map(|(group, s)| {
+                s.members.get(user).map(|&joined_after| Membership {
+                    group: group.clone(),
+                    joined_after,
+                    left_after: None,
+                })
+            }));
+            all.sort_by(|a, b| (&a.group, a.joined_after).cmp(&(&b.group, b.joined_after)));
+            Ok(all)
         })
     }
 

@@ -67,6 +67,44 @@ pub enum Appended {
     TooManyRecipients,
 }
 
+/// One item of a group's stream (ADR 0026): a broadcast, or the record of a
+/// member leaving, at the group's own offset. Offsets start at 1 and have
+/// no holes.
+#[derive(Debug, Clone)]
+pub struct GroupItem {
+    /// The item's offset in its group's stream.
+    pub offset: u64,
+    /// What it is.
+    pub entry: GroupEntry,
+}
+
+/// What a [`GroupItem`] holds.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum GroupEntry {
+    /// A broadcast to the group.
+    Notification(Arc<Notification>),
+    /// `user_id` left the group here: the last item they see is the one
+    /// before.
+    Left {
+        /// Who left.
+        user_id: String,
+    },
+}
+
+/// A user's membership of a group as an interval of the group's offsets:
+/// they see the items with `joined_after < offset`, up to `left_after`
+/// inclusive once they have left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// The group.
+    pub group: String,
+    /// The group's offset when the user joined.
+    pub joined_after: u64,
+    /// The offset of the leave record, `None` while a member.
+    pub left_after: Option<u64>,
+}
+
 /// The cause of a [`StoreError`]: the driver's error, shared so the error
 /// stays `Clone` (one failed batch answers every sender in it).
 pub type StoreErrorSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
@@ -174,19 +212,46 @@ pub trait Store: Send + Sync + 'static {
     /// The user's latest sequence number (0 if they have none).
     fn last_seq<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
 
-    /// Adds `user` to `group`; `true` if they were not a member.
+    /// Adds `user` to `group`; `true` if they were not a member. A new
+    /// member joins at the group stream's head: they see the broadcasts
+    /// after it.
     fn join_group<'a>(
         &'a self,
         group: &'a str,
         user: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
-    /// Removes `user` from `group`; `true` if they were a member.
+    /// Removes `user` from `group`; `true` if they were a member. The leave
+    /// is recorded in the group's stream (a [`GroupEntry::Left`] item) and
+    /// the membership kept as a closed interval.
     fn leave_group<'a>(
         &'a self,
         group: &'a str,
         user: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// The head (last offset) of each group's stream, in the order asked;
+    /// 0 for a group with no stream yet.
+    fn group_heads<'a>(
+        &'a self,
+        groups: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<u64>, StoreError>>;
+
+    /// Up to `limit` items of `group`'s stream with `offset > after`,
+    /// oldest first.
+    fn group_since<'a>(
+        &'a self,
+        group: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<GroupItem>, StoreError>>;
+
+    /// Every membership of `user`, current and past, by group and then
+    /// by `joined_after`.
+    fn memberships<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Membership>, StoreError>>;
 
     /// Checks that the store answers (for readiness probes).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
@@ -230,6 +295,26 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         user: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         (**self).leave_group(group, user)
+    }
+    fn group_heads<'a>(
+        &'a self,
+        groups: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<u64>, StoreError>> {
+        (**self).group_heads(groups)
+    }
+    fn group_since<'a>(
+        &'a self,
+        group: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<GroupItem>, StoreError>> {
+        (**self).group_since(group, after, limit)
+    }
+    fn memberships<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Membership>, StoreError>> {
+        (**self).memberships(user)
     }
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         (**self).ping()

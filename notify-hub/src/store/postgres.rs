@@ -13,7 +13,10 @@ use tokio_postgres::types::{FromSql, Json};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
-use super::{Append, Appended, Audience, BoxFuture, Recipient, Store, StoreError};
+use super::{
+    Append, Appended, Audience, BoxFuture, GroupEntry, GroupItem, Membership, Recipient, Store,
+    StoreError,
+};
 use crate::notification::{Delivery, Notification};
 
 /// The migrations, in order. Each runs once, in a transaction, under an
@@ -21,6 +24,7 @@ use crate::notification::{Delivery, Notification};
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/0001_init.sql")),
     (2, include_str!("../../migrations/0002_c_collation.sql")),
+    (3, include_str!("../../migrations/0003_group_streams.sql")),
 ];
 
 /// Advisory-lock key for migrations (`notify-hub` in ASCII, truncated).
@@ -158,17 +162,25 @@ impl PgStore {
     async fn append_once(&self, batch: &[Append]) -> Result<Vec<Appended>, WriteError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
-        // Group members as of this transaction, read first so an oversized
-        // group's send writes nothing at all.
-        let groups: Vec<&str> = batch
+        // The batch's groups' stream heads, created if new and locked in
+        // group order (a stable lock order across nodes, taken before any
+        // user's seq row), before the members are read: a leave or a join
+        // holds the same row, so the members read here are exactly those
+        // whose interval covers the offset this send gets.
+        let mut groups: Vec<&str> = batch
             .iter()
             .filter_map(|a| match &a.audience {
                 Audience::Group(g) => Some(g.as_str()),
                 Audience::Users(_) => None,
             })
             .collect();
+        groups.sort_unstable();
+        groups.dedup();
         let mut members: HashMap<String, Vec<String>> = HashMap::new();
         if !groups.is_empty() {
+            lock_heads(&tx, &groups).await?;
+            // Group members as of this transaction, read first so an
+            // oversized group's send writes nothing at all.
             // One row per group: decoding one array is far cheaper than
             // 10,000 rows for a large group.
             for row in tx
@@ -240,6 +252,31 @@ impl PgStore {
                 Audience::Group(g) => members.get(g).map_or(&[][..], Vec::as_slice),
             })
             .collect();
+
+        // One item per stored broadcast in its group's stream, at the next
+        // offsets of the heads locked above.
+        let (mut item_groups, mut item_ids) = (Vec::new(), Vec::new());
+        for ((append, id), stored) in batch.iter().zip(&ids).zip(&stored) {
+            if let (Audience::Group(g), true) = (&append.audience, *stored) {
+                item_groups.push(g.as_str());
+                item_ids.push(*id);
+            }
+        }
+        if !item_groups.is_empty() {
+            tx.execute(
+                "WITH t AS (
+                     SELECT g, id, row_number() OVER (PARTITION BY g ORDER BY i) AS k
+                     FROM unnest($1::text[], $2::uuid[]) WITH ORDINALITY AS t(g, id, i)),
+                 n AS (SELECT g, count(*) AS n FROM t GROUP BY g),
+                 h AS (UPDATE notify_group_heads h SET last_offset = h.last_offset + n.n
+                       FROM n WHERE h.group_id = n.g
+                       RETURNING h.group_id, h.last_offset - n.n AS before)
+                 INSERT INTO notify_group_items (group_id, group_offset, notification_id)
+                 SELECT t.g, h.before + t.k, t.id FROM t JOIN h ON h.group_id = t.g",
+                &[&item_groups, &item_ids],
+            )
+            .await?;
+        }
 
         // Reserve each user's new seqs with one upsert, in user order (a
         // stable lock order across concurrent writers on other nodes).
@@ -317,14 +354,47 @@ impl PgStore {
         Ok(out)
     }
 
-    /// Runs a membership statement; `true` if it changed a row.
-    async fn membership(&self, sql: &str, group: &str, user: &str) -> Result<bool, StoreError> {
-        let conn = self.pool.get().await.map_err(unavailable("leave_group"))?;
-        let n = conn
-            .execute(sql, &[&group, &user])
-            .await
-            .map_err(unavailable("leave_group"))?;
-        Ok(n == 1)
+    /// Removes `user` from `group` in one transaction: under the group's
+    /// head lock, the membership row goes, the head moves on by one for the
+    /// leave record, and the interval is kept. `false` if not a member.
+    async fn leave_once(&self, group: &str, user: &str) -> Result<bool, WriteError> {
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        if tx
+            .query_opt(
+                "SELECT 1 FROM notify_group_heads WHERE group_id = $1 FOR UPDATE",
+                &[&group],
+            )
+            .await?
+            .is_none()
+        {
+            return Ok(false); // No stream: nobody ever joined.
+        }
+        let Some(member) = tx
+            .query_opt(
+                "DELETE FROM notify_group_members WHERE group_id = $1 AND user_id = $2
+                 RETURNING joined_after, joined_at",
+                &[&group, &user],
+            )
+            .await?
+        else {
+            return Ok(false);
+        };
+        let joined_after: i64 = column(&member, 0, "notify_group_members.joined_after")?;
+        let joined_at: DateTime<Utc> = column(&member, 1, "notify_group_members.joined_at")?;
+        tx.execute(
+            "WITH h AS (UPDATE notify_group_heads SET last_offset = last_offset + 1
+                        WHERE group_id = $1 RETURNING last_offset),
+             i AS (INSERT INTO notify_group_items (group_id, group_offset, left_user)
+                   SELECT $1, last_offset, $2 FROM h)
+             INSERT INTO notify_group_member_intervals
+                 (user_id, group_id, joined_after, left_after, joined_at, left_at)
+             SELECT $2, $1, $3, last_offset, $4, now() FROM h",
+            &[&group, &user, &joined_after, &joined_at],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn read(
@@ -412,17 +482,31 @@ async fn insert_joins(
     let groups: Vec<&str> = pairs.iter().map(|p| p.0).collect();
     let users: Vec<&str> = pairs.iter().map(|p| p.1).collect();
     let (groups, users) = (&groups, &users);
+    let mut heads: Vec<&str> = groups.clone();
+    heads.sort_unstable();
+    heads.dedup();
+    let heads = &heads;
     retrying("group joins", || async move {
-        let conn = pool.get().await?;
-        let rows = conn
+        let mut conn = pool.get().await?;
+        let tx = conn.transaction().await?;
+        // A new member joins at its group's head, read under a share lock:
+        // a broadcast or a leave in progress on the group finishes first,
+        // so the interval starts exactly after what that member missed.
+        ensure_heads(&tx, heads).await?;
+        let rows = tx
             .query(
-                "INSERT INTO notify_group_members (group_id, user_id)
-                 SELECT g, u FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(g, u, i)
-                 ORDER BY i
+                "WITH h AS (SELECT group_id, last_offset FROM notify_group_heads
+                            WHERE group_id = ANY($3) ORDER BY group_id FOR SHARE)
+                 INSERT INTO notify_group_members (group_id, user_id, joined_after)
+                 SELECT t.g, t.u, h.last_offset
+                 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(g, u, i)
+                 JOIN h ON h.group_id = t.g
+                 ORDER BY t.i
                  ON CONFLICT DO NOTHING RETURNING group_id, user_id",
-                &[groups, users],
+                &[groups, users, heads],
             )
             .await?;
+        tx.commit().await?;
         rows.iter()
             .map(|r| {
                 Ok((
@@ -433,6 +517,38 @@ async fn insert_joins(
             .collect()
     })
     .await
+}
+
+/// Creates the stream heads of `groups` (sorted, distinct) that do not
+/// exist yet, at offset 0.
+async fn ensure_heads(
+    tx: &tokio_postgres::Transaction<'_>,
+    groups: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO notify_group_heads (group_id, last_offset)
+         SELECT g, 0 FROM unnest($1::text[]) AS g ORDER BY g
+         ON CONFLICT DO NOTHING",
+        &[&groups],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Creates (if new) and locks the stream heads of `groups` (sorted,
+/// distinct), in that order, until the transaction ends.
+async fn lock_heads(
+    tx: &tokio_postgres::Transaction<'_>,
+    groups: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    ensure_heads(tx, groups).await?;
+    tx.execute(
+        "SELECT 1 FROM notify_group_heads WHERE group_id = ANY($1)
+         ORDER BY group_id FOR UPDATE",
+        &[&groups],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Why a write (a batch of sends or of joins) failed.
@@ -604,11 +720,120 @@ impl Store for PgStore {
         group: &'a str,
         user: &'a str,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.membership(
-            "DELETE FROM notify_group_members WHERE group_id = $1 AND user_id = $2",
-            group,
-            user,
-        ))
+        Box::pin(retrying("leave_group", move || {
+            self.leave_once(group, user)
+        }))
+    }
+
+    fn group_heads<'a>(
+        &'a self,
+        groups: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<u64>, StoreError>> {
+        Box::pin(async move {
+            let conn = self.pool.get().await.map_err(unavailable("group_heads"))?;
+            let rows = conn
+                .query(
+                    "SELECT group_id, last_offset FROM notify_group_heads WHERE group_id = ANY($1)",
+                    &[&groups],
+                )
+                .await
+                .map_err(unavailable("group_heads"))?;
+            let mut heads: HashMap<String, u64> = HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let last: i64 = column(row, 1, "notify_group_heads.last_offset")?;
+                heads.insert(
+                    column(row, 0, "notify_group_heads.group_id")?,
+                    seq_of(last, "notify_group_heads.last_offset is negative")?,
+                );
+            }
+            Ok(groups
+                .iter()
+                .map(|g| heads.get(g).copied().unwrap_or(0))
+                .collect())
+        })
+    }
+
+    fn group_since<'a>(
+        &'a self,
+        group: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<GroupItem>, StoreError>> {
+        Box::pin(async move {
+            let conn = self.pool.get().await.map_err(unavailable("group_since"))?;
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            // The LIMIT inside, on the key range, before the bodies' join.
+            let rows = conn
+                .query(
+                    "SELECT i.group_offset, i.left_user, n.body
+                     FROM (SELECT group_offset, notification_id, left_user
+                           FROM notify_group_items
+                           WHERE group_id = $1 AND group_offset > $2
+                           ORDER BY group_offset LIMIT $3) i
+                     LEFT JOIN notify_notifications n ON n.id = i.notification_id
+                     ORDER BY i.group_offset",
+                    &[&group, &after, &limit],
+                )
+                .await
+                .map_err(unavailable("group_since"))?;
+            rows.iter()
+                .map(|row| {
+                    let offset: i64 = column(row, 0, "notify_group_items.group_offset")?;
+                    let left: Option<String> = column(row, 1, "notify_group_items.left_user")?;
+                    let body: Option<Json<Notification>> =
+                        column(row, 2, "notify_notifications.body")?;
+                    let entry = match (left, body) {
+                        (Some(user_id), _) => GroupEntry::Left { user_id },
+                        (None, Some(Json(n))) => GroupEntry::Notification(Arc::new(n)),
+                        (None, None) => {
+                            return Err(StoreError::corrupt(
+                                "a group item's notification is missing",
+                                None,
+                            ));
+                        }
+                    };
+                    Ok(GroupItem {
+                        offset: seq_of(offset, "notify_group_items.group_offset is negative")?,
+                        entry,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn memberships<'a>(
+        &'a self,
+        user: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Membership>, StoreError>> {
+        Box::pin(async move {
+            let conn = self.pool.get().await.map_err(unavailable("memberships"))?;
+            let rows = conn
+                .query(
+                    "SELECT group_id, joined_after, NULL::int8 FROM notify_group_members
+                     WHERE user_id = $1
+                     UNION ALL
+                     SELECT group_id, joined_after, left_after FROM notify_group_member_intervals
+                     WHERE user_id = $1
+                     ORDER BY 1, 2",
+                    &[&user],
+                )
+                .await
+                .map_err(unavailable("memberships"))?;
+            rows.iter()
+                .map(|row| {
+                    let joined_after: i64 = column(row, 1, "joined_after")?;
+                    let left_after: Option<i64> = column(row, 2, "left_after")?;
+                    Ok(Membership {
+                        group: column(row, 0, "group_id")?,
+                        joined_after: seq_of(joined_after, "joined_after is negative")?,
+                        left_after: left_after
+                            .map(|l| seq_of(l, "left_after is negative"))
+                            .transpose()?,
+                    })
+                })
+                .collect()
+        })
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {

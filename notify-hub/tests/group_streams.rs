@@ -1,0 +1,272 @@
+//! Group streams in the store (ADR 0026, schema 0003): every broadcast gets
+//! the next offset of its group, joins start at the head, leaves are
+//! recorded in the stream and kept as intervals. The same checks run on the
+//! memory store and on PostgreSQL (a fresh database per test, skipped
+//! without a server unless REQUIRE_SERVICES=1).
+
+use std::sync::Arc;
+
+use notify_hub::store::{Append, Audience, GroupEntry, GroupItem, Membership};
+use notify_hub::{Appended, MemoryStore, Notification, Store};
+use uuid::Uuid;
+
+fn broadcast(group: &str, title: &str) -> Append {
+    let mut n = Notification::new("test.event", title, "body");
+    n.id = Some(Uuid::now_v7());
+    n.timestamp = Some(chrono::Utc::now());
+    Append {
+        audience: Audience::Group(group.to_owned()),
+        notification: Arc::new(n),
+        max_recipients: 10_000,
+    }
+}
+
+/// What a stream holds, readably: the broadcast's title or `-user` for a
+/// leave record, with its offset.
+fn shown(items: &[GroupItem]) -> Vec<(u64, String)> {
+    items
+        .iter()
+        .map(|i| {
+            let what = match &i.entry {
+                GroupEntry::Notification(n) => n.title.clone(),
+                GroupEntry::Left { user_id } => format!("-{user_id}"),
+                other => panic!("unexpected {other:?}"),
+            };
+            (i.offset, what)
+        })
+        .collect()
+}
+
+fn membership(group: &str, joined_after: u64, left_after: Option<u64>) -> Membership {
+    Membership {
+        group: group.to_owned(),
+        joined_after,
+        left_after,
+    }
+}
+
+/// The life of one group: joins at the head, broadcasts numbered 1, 2, …
+/// with no hole, a leave recorded at its own offset, a second interval
+/// after re-joining, v1's fan-out unchanged beside it.
+async fn one_group_over_its_life(store: &dyn Store) {
+    let g = "team".to_owned();
+    assert_eq!(
+        store.group_heads(std::slice::from_ref(&g)).await.unwrap(),
+        vec![0]
+    );
+    assert!(store.join_group("team", "ann").await.unwrap());
+    assert!(
+        !store.join_group("team", "ann").await.unwrap(),
+        "joined once"
+    );
+    assert!(store.join_group("team", "bob").await.unwrap());
+
+    let out = store
+        .append(&[broadcast("team", "b1"), broadcast("team", "b2")])
+        .await
+        .unwrap();
+    // v1's per-member delivery rows are still written.
+    for appended in &out {
+        let Appended::Stored(recipients) = appended else {
+            panic!("{appended:?}");
+        };
+        assert_eq!(recipients.len(), 2);
+    }
+    assert!(store.leave_group("team", "bob").await.unwrap());
+    assert!(
+        !store.leave_group("team", "bob").await.unwrap(),
+        "left once"
+    );
+    store.append(&[broadcast("team", "b4")]).await.unwrap();
+    assert!(store.join_group("team", "bob").await.unwrap());
+    store.append(&[broadcast("team", "b5")]).await.unwrap();
+
+    assert_eq!(
+        store.group_heads(std::slice::from_ref(&g)).await.unwrap(),
+        vec![5]
+    );
+    let all = store.group_since("team", 0, 100).await.unwrap();
+    assert_eq!(
+        shown(&all),
+        vec![
+            (1, "b1".to_owned()),
+            (2, "b2".to_owned()),
+            (3, "-bob".to_owned()),
+            (4, "b4".to_owned()),
+            (5, "b5".to_owned()),
+        ]
+    );
+    // Paging: after an offset, at most `limit`, oldest first.
+    assert_eq!(
+        shown(&store.group_since("team", 1, 2).await.unwrap()),
+        vec![(2, "b2".to_owned()), (3, "-bob".to_owned())]
+    );
+    assert!(store.group_since("team", 5, 10).await.unwrap().is_empty());
+    assert!(store.group_since("nobody", 0, 10).await.unwrap().is_empty());
+
+    // Bob: (0, 3] and then after 4; Ann: after 0.
+    assert_eq!(
+        store.memberships("bob").await.unwrap(),
+        vec![membership("team", 0, Some(3)), membership("team", 4, None)]
+    );
+    assert_eq!(
+        store.memberships("ann").await.unwrap(),
+        vec![membership("team", 0, None)]
+    );
+    assert!(store.memberships("zed").await.unwrap().is_empty());
+
+    // v1: bob's deliveries are b1, b2 and b5 (not b4, sent while out).
+    let bob: Vec<String> = store
+        .since("bob", 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.notification.title.clone())
+        .collect();
+    assert_eq!(bob, ["b1", "b2", "b5"]);
+
+    // Heads of several groups, in the order asked; unknown ones at 0.
+    store.append(&[broadcast("other", "o1")]).await.unwrap();
+    let asked = ["other".to_owned(), "none".to_owned(), "team".to_owned()];
+    assert_eq!(store.group_heads(&asked).await.unwrap(), vec![1, 0, 5]);
+}
+
+/// A duplicate send takes no offset: the stream stays without holes.
+async fn a_duplicate_takes_no_offset(store: &dyn Store) {
+    store.join_group("dup", "ann").await.unwrap();
+    let first = broadcast("dup", "d1");
+    let again = first.clone();
+    let out = store.append(&[first, again]).await.unwrap();
+    assert!(matches!(out[1], Appended::DuplicateId), "{out:?}");
+    store.append(&[broadcast("dup", "d2")]).await.unwrap();
+    assert_eq!(
+        shown(&store.group_since("dup", 0, 10).await.unwrap()),
+        vec![(1, "d1".to_owned()), (2, "d2".to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn memory_store_group_streams() {
+    let store = MemoryStore::new();
+    one_group_over_its_life(&store).await;
+    a_duplicate_takes_no_offset(&store).await;
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::collections::BTreeSet;
+
+    use notify_hub::store::PgStore;
+    use testkit::TestDatabase;
+
+    use super::*;
+
+    async fn store(db: &TestDatabase) -> PgStore {
+        let store = PgStore::connect(db.url(), 8).await.unwrap();
+        assert_eq!(store.migrate().await.unwrap(), 3);
+        store
+    }
+
+    #[tokio::test]
+    async fn postgres_group_streams() {
+        let Some(db) = TestDatabase::create().await else {
+            return;
+        };
+        let store = store(&db).await;
+        one_group_over_its_life(&store).await;
+        a_duplicate_takes_no_offset(&store).await;
+    }
+
+    /// Many writers at once on one group (broadcasts in batches, joins and
+    /// leaves of other users): the offsets are exactly 1..=n with no hole
+    /// and no duplicate, each broadcast has one, and every interval is
+    /// consistent with the leave records.
+    #[tokio::test]
+    async fn concurrent_writers_keep_a_groups_offsets_contiguous() {
+        let Some(db) = TestDatabase::create().await else {
+            return;
+        };
+        let store = Arc::new(store(&db).await);
+        store.join_group("busy", "anchor").await.unwrap();
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                let mut titles = Vec::new();
+                for i in 0..15 {
+                    let batch: Vec<Append> = (0..3)
+                        .map(|j| broadcast("busy", &format!("w{w}-{i}-{j}")))
+                        .collect();
+                    titles.extend(batch.iter().map(|a| a.notification.title.clone()));
+                    store.append(&batch).await.unwrap();
+                    let user = format!("u{w}");
+                    if i % 2 == 0 {
+                        store.join_group("busy", &user).await.unwrap();
+                    } else {
+                        store.leave_group("busy", &user).await.unwrap();
+                    }
+                }
+                titles
+            }));
+        }
+        let mut sent = BTreeSet::new();
+        for t in tasks {
+            sent.extend(t.await.unwrap());
+        }
+        let items = store.group_since("busy", 0, 10_000).await.unwrap();
+        let offsets: Vec<u64> = items.iter().map(|i| i.offset).collect();
+        let n = items.len() as u64;
+        assert_eq!(offsets, (1..=n).collect::<Vec<_>>(), "contiguous");
+        let heads = store.group_heads(&["busy".to_owned()]).await.unwrap();
+        assert_eq!(heads, vec![n]);
+        let mut broadcasts = BTreeSet::new();
+        let mut leaves = Vec::new();
+        for item in &items {
+            match &item.entry {
+                GroupEntry::Notification(note) => {
+                    assert!(broadcasts.insert(note.title.clone()), "once");
+                }
+                GroupEntry::Left { user_id } => leaves.push((user_id.clone(), item.offset)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(broadcasts, sent, "every broadcast, once");
+        // 8 writers × 7 leaves (i = 1, 3, …, 13), each after a join.
+        assert_eq!(leaves.len(), 8 * 7);
+        for w in 0..8 {
+            let user = format!("u{w}");
+            let intervals = store.memberships(&user).await.unwrap();
+            let closed: Vec<&Membership> = intervals
+                .iter()
+                .filter(|m| m.left_after.is_some())
+                .collect();
+            let recorded: Vec<u64> = leaves
+                .iter()
+                .filter(|(u, _)| *u == user)
+                .map(|(_, o)| *o)
+                .collect();
+            assert_eq!(
+                closed
+                    .iter()
+                    .filter_map(|m| m.left_after)
+                    .collect::<Vec<_>>(),
+                recorded,
+                "{user}: each closed interval ends at its leave record"
+            );
+            // Intervals do not overlap, and each starts before its end.
+            let mut end = 0;
+            for m in &intervals {
+                assert!(m.joined_after >= end, "{user}: {intervals:?}");
+                if let Some(left) = m.left_after {
+                    assert!(left > m.joined_after);
+                    end = left;
+                }
+            }
+            assert_eq!(
+                intervals.last().map(|m| m.left_after.is_none()),
+                Some(true),
+                "{user} joined last (i = 14)"
+            );
+        }
+    }
+}
