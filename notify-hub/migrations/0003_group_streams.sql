@@ -49,3 +49,9 @@ CREATE TABLE notify_group_member_intervals (
     PRIMARY KEY (user_id, group_id, joined_after),
     CHECK (left_after > joined_after)
 );
+
+-- v1's per-member delivery rows of a broadcast, told apart from direct
+-- sends: a client reading the group streams skips them in its own sequence
+-- (it gets the broadcast from the stream). NULL on rows written before this
+-- version, which are read as direct.
+ALTER TABLE notify_deliveries ADD COLUMN via_group boolean;

@@ -146,6 +146,9 @@ pub struct Delivery {
     /// Whether it arrived live (from the broker) rather than from the store.
     #[serde(skip)]
     live: bool,
+    /// Whether it is a member's copy of a group broadcast (ADR 0026).
+    #[serde(skip)]
+    via_group: bool,
 }
 
 impl PartialEq for Delivery {
@@ -162,7 +165,14 @@ impl Delivery {
             notification,
             json: None,
             live: false,
+            via_group: false,
         }
+    }
+
+    /// Marks it as a member's copy of a group broadcast.
+    pub(crate) fn via_group(mut self, via_group: bool) -> Delivery {
+        self.via_group = via_group;
+        self
     }
 
     /// A delivery that arrived live, with the notification's JSON shared by
@@ -177,6 +187,7 @@ impl Delivery {
             notification,
             json,
             live: true,
+            via_group: false,
         }
     }
 
@@ -184,6 +195,13 @@ impl Delivery {
     /// read back from the store (a replay after `since` or a gap).
     pub fn is_live(&self) -> bool {
         self.live
+    }
+
+    /// `true` for a member's copy of a group broadcast (a client reading
+    /// the group's stream gets the broadcast there), `false` for a direct
+    /// send or a delivery written before group streams existed.
+    pub fn is_via_group(&self) -> bool {
+        self.via_group
     }
 
     /// The notification as JSON. Live deliveries carry it serialized once

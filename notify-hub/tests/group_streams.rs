@@ -115,15 +115,29 @@ async fn one_group_over_its_life(store: &dyn Store) {
     );
     assert!(store.memberships("zed").await.unwrap().is_empty());
 
-    // v1: bob's deliveries are b1, b2 and b5 (not b4, sent while out).
-    let bob: Vec<String> = store
+    // v1: bob's deliveries are b1, b2 and b5 (not b4, sent while out),
+    // each marked as a group's copy; a direct send is not.
+    let mut direct = Notification::new("test.event", "d1", "body");
+    direct.id = Some(Uuid::now_v7());
+    store
+        .append(&[Append {
+            audience: Audience::Users(vec!["bob".to_owned()]),
+            notification: Arc::new(direct),
+            max_recipients: 10_000,
+        }])
+        .await
+        .unwrap();
+    let bob: Vec<(String, bool)> = store
         .since("bob", 0, 100)
         .await
         .unwrap()
         .iter()
-        .map(|d| d.notification.title.clone())
+        .map(|d| (d.notification.title.clone(), d.is_via_group()))
         .collect();
-    assert_eq!(bob, ["b1", "b2", "b5"]);
+    let expected = [("b1", true), ("b2", true), ("b5", true), ("d1", false)];
+    assert_eq!(bob, expected.map(|(t, v)| (t.to_owned(), v)));
+    let newest = store.history("bob", 1).await.unwrap();
+    assert!(!newest[0].is_via_group(), "history reads the mark too");
 
     // Heads of several groups, in the order asked; unknown ones at 0.
     store.append(&[broadcast("other", "o1")]).await.unwrap();

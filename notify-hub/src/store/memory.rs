@@ -71,8 +71,8 @@ impl GroupState {
 #[derive(Debug, Default)]
 struct UserLog {
     last_seq: u64,
-    /// Ascending by seq.
-    deliveries: VecDeque<(u64, Arc<Notification>)>,
+    /// Ascending by seq; `true` for a member's copy of a group broadcast.
+    deliveries: VecDeque<(u64, Arc<Notification>, bool)>,
 }
 
 impl Default for MemoryStore {
@@ -142,6 +142,7 @@ impl Store for MemoryStore {
                         stream.members.keys().cloned().collect()
                     }
                 };
+                let via_group = matches!(append.audience, Audience::Group(_));
                 let mut recipients = Vec::with_capacity(members.len());
                 for user_id in members {
                     // Looked up by reference: a second copy of the id only
@@ -153,8 +154,11 @@ impl Store for MemoryStore {
                         continue; // Inserted just above.
                     };
                     log.last_seq += 1;
-                    log.deliveries
-                        .push_back((log.last_seq, Arc::clone(&append.notification)));
+                    log.deliveries.push_back((
+                        log.last_seq,
+                        Arc::clone(&append.notification),
+                        via_group,
+                    ));
                     if log.deliveries.len() > self.retention {
                         log.deliveries.pop_front();
                     }
@@ -181,7 +185,7 @@ impl Store for MemoryStore {
                     .iter()
                     .rev()
                     .take(limit)
-                    .map(|(seq, n)| Delivery::new(*seq, Arc::clone(n)))
+                    .map(|(seq, n, via)| Delivery::new(*seq, Arc::clone(n)).via_group(*via))
                     .collect()
             }))
         })
@@ -197,13 +201,13 @@ impl Store for MemoryStore {
             let state = self.state.lock();
             Ok(state.users.get(user).map_or_else(Vec::new, |log| {
                 // Ascending and contiguous: find the start by position.
-                let first = log.deliveries.front().map_or(0, |(s, _)| *s);
+                let first = log.deliveries.front().map_or(0, |(s, _, _)| *s);
                 let skip = after.saturating_add(1).saturating_sub(first);
                 log.deliveries
                     .iter()
                     .skip(usize::try_from(skip).unwrap_or(usize::MAX))
                     .take(limit)
-                    .map(|(seq, n)| Delivery::new(*seq, Arc::clone(n)))
+                    .map(|(seq, n, via)| Delivery::new(*seq, Arc::clone(n)).via_group(*via))
                     .collect()
             }))
         })

@@ -316,7 +316,14 @@ impl PgStore {
         // Hand the reserved seqs out in batch order.
         let mut out = Vec::with_capacity(batch.len());
         let (mut d_users, mut d_seqs, mut d_ids) = (Vec::new(), Vec::new(), Vec::new());
-        for (((users, id), stored), big) in audiences.iter().zip(&ids).zip(&stored).zip(&too_big) {
+        let mut d_via = Vec::new();
+        for ((((users, id), stored), big), append) in audiences
+            .iter()
+            .zip(&ids)
+            .zip(&stored)
+            .zip(&too_big)
+            .zip(batch)
+        {
             if *big {
                 out.push(Appended::TooManyRecipients);
                 continue;
@@ -335,6 +342,7 @@ impl PgStore {
                 d_users.push(u.as_str());
                 d_seqs.push(seq);
                 d_ids.push(*id);
+                d_via.push(matches!(append.audience, Audience::Group(_)));
                 recipients.push(Recipient {
                     user_id: u.clone(),
                     seq: u64::try_from(seq).unwrap_or(0),
@@ -344,9 +352,9 @@ impl PgStore {
         }
         if !d_users.is_empty() {
             tx.execute(
-                "INSERT INTO notify_deliveries (user_id, seq, notification_id)
-                 SELECT * FROM unnest($1::text[], $2::int8[], $3::uuid[])",
-                &[&d_users, &d_seqs, &d_ids],
+                "INSERT INTO notify_deliveries (user_id, seq, notification_id, via_group)
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::uuid[], $4::bool[])",
+                &[&d_users, &d_seqs, &d_ids, &d_via],
             )
             .await?;
         }
@@ -417,10 +425,12 @@ impl PgStore {
                 let seq: i64 = column(row, 0, "notify_deliveries.seq")?;
                 let Json(notification): Json<Notification> =
                     column(row, 1, "notify_notifications.body")?;
+                let via_group: Option<bool> = column(row, 2, "notify_deliveries.via_group")?;
                 Ok(Delivery::new(
                     seq_of(seq, "notify_deliveries.seq is negative")?,
                     Arc::new(notification),
-                ))
+                )
+                .via_group(via_group.unwrap_or(false)))
             })
             .collect()
     }
@@ -644,7 +654,7 @@ impl Store for PgStore {
     ) -> BoxFuture<'a, Result<Vec<Delivery>, StoreError>> {
         Box::pin(self.read(
             "history",
-            "SELECT d.seq, n.body FROM notify_deliveries d
+            "SELECT d.seq, n.body, d.via_group FROM notify_deliveries d
              JOIN notify_notifications n ON n.id = d.notification_id
              WHERE d.user_id = $1 ORDER BY d.seq DESC LIMIT $2",
             user,
@@ -663,8 +673,8 @@ impl Store for PgStore {
             "since",
             // LIMIT inside, join outside: with a long history the planner
             // otherwise joins every remaining row before sorting (ADR 0010).
-            "SELECT d.seq, n.body FROM (
-                 SELECT seq, notification_id FROM notify_deliveries
+            "SELECT d.seq, n.body, d.via_group FROM (
+                 SELECT seq, notification_id, via_group FROM notify_deliveries
                  WHERE user_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT $3) d
              JOIN notify_notifications n ON n.id = d.notification_id
              ORDER BY d.seq ASC",
