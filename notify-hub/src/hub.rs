@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::broker::{Broker, BrokerError, BrokerEvent, LocalBroker, Published};
+use crate::broker::{Broker, BrokerError, BrokerEvent, GroupOffset, LocalBroker, Published};
 use crate::error::Error;
 use crate::notification::{Delivery, Limits, Notification, valid_id};
 use crate::registry::{HubStats, Registry};
@@ -501,8 +501,18 @@ async fn write_loop(
             Ok(results) => {
                 let mut broker_down = false;
                 for ((append, reply), result) in appends.into_iter().zip(replies).zip(results) {
-                    let recipients = match result {
-                        Appended::Stored(recipients) => recipients,
+                    let (recipients, group) = match result {
+                        Appended::Stored(recipients) => (recipients, None),
+                        Appended::Broadcast { recipients, offset } => {
+                            let group = match &append.audience {
+                                Audience::Group(group) => Some(GroupOffset {
+                                    group: group.clone(),
+                                    offset,
+                                }),
+                                Audience::Users(_) => None,
+                            };
+                            (recipients, group)
+                        }
                         Appended::DuplicateId => {
                             let id = append.notification.id.unwrap_or_default();
                             let _ = reply.send(Err(Error::DuplicateId(id)));
@@ -525,6 +535,7 @@ async fn write_loop(
                             notification: append.notification,
                             recipients,
                             origin: node,
+                            group,
                         });
                         // This node's connections get it from here, not from
                         // the broker's echo: that round trip may not be back

@@ -65,11 +65,13 @@ async fn one_group_over_its_life(store: &dyn Store) {
         .append(&[broadcast("team", "b1"), broadcast("team", "b2")])
         .await
         .unwrap();
-    // v1's per-member delivery rows are still written.
-    for appended in &out {
-        let Appended::Stored(recipients) = appended else {
+    // Each broadcast gets its offset, and v1's per-member delivery rows are
+    // still written.
+    for (appended, expected) in out.iter().zip([1, 2]) {
+        let Appended::Broadcast { recipients, offset } = appended else {
             panic!("{appended:?}");
         };
+        assert_eq!(*offset, expected);
         assert_eq!(recipients.len(), 2);
     }
     assert!(store.leave_group("team", "bob").await.unwrap());
@@ -283,4 +285,72 @@ mod postgres {
             );
         }
     }
+}
+
+/// The broker message of a group send carries its stream position; a
+/// direct send's does not; and a message from a node that does not know
+/// the key (no `"g"`) still reads, as a send with no group.
+#[tokio::test]
+async fn a_hub_publishes_each_group_sends_offset() {
+    use notify_hub::store::BoxFuture;
+    use notify_hub::{Broker, BrokerError, BrokerEvent, GroupOffset, Hub, HubConfig, Published};
+
+    #[derive(Default)]
+    struct Capture(parking_lot::Mutex<Vec<Arc<Published>>>);
+    impl Broker for Capture {
+        fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
+            self.0.lock().push(message);
+            Box::pin(async { Ok(()) })
+        }
+        fn subscribe(
+            &self,
+            _sink: tokio::sync::mpsc::Sender<BrokerEvent>,
+        ) -> BoxFuture<'_, Result<(), BrokerError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    let capture = Arc::new(Capture::default());
+    let hub = Hub::start(
+        HubConfig::default(),
+        MemoryStore::new(),
+        Arc::clone(&capture),
+    )
+    .await
+    .unwrap();
+    hub.join_group("team", "ann").await.unwrap();
+    for i in 0..3 {
+        hub.broadcast_to_group("team", Notification::new("t", format!("b{i}"), "m"))
+            .await
+            .unwrap();
+    }
+    hub.send_to_users(&["ann"], Notification::new("t", "direct", "m"))
+        .await
+        .unwrap();
+    let published = capture.0.lock().clone();
+    let groups: Vec<Option<GroupOffset>> = published.iter().map(|p| p.group.clone()).collect();
+    let at = |offset| {
+        Some(GroupOffset {
+            group: "team".to_owned(),
+            offset,
+        })
+    };
+    assert_eq!(groups, vec![at(1), at(2), at(3), None]);
+
+    let json = serde_json::to_value(&*published[0]).unwrap();
+    assert_eq!(json["g"], serde_json::json!({"g": "team", "k": 1}));
+    assert!(
+        serde_json::to_value(&*published[3])
+            .unwrap()
+            .get("g")
+            .is_none()
+    );
+    let mut old = json.clone();
+    old.as_object_mut().unwrap().remove("g");
+    let read: Published = serde_json::from_value(old).unwrap();
+    assert_eq!(read.group, None);
+    assert_eq!(read.recipients, published[0].recipients);
 }

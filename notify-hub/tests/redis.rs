@@ -73,3 +73,50 @@ async fn group_broadcast_through_one_hub_reaches_members_on_both() {
             .is_err()
     );
 }
+
+/// A group send's stream position (`"g"`) crosses nodes in the broker
+/// message unchanged, beside the v1 recipients.
+#[tokio::test]
+async fn a_group_sends_stream_offset_crosses_the_broker() {
+    use notify_hub::broker::RedisBroker;
+    use notify_hub::store::Recipient;
+    use notify_hub::{Broker, BrokerEvent, GroupOffset, Published};
+
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let a = RedisBroker::connect(redis.url(), redis.prefix())
+        .await
+        .unwrap();
+    let b = RedisBroker::connect(redis.url(), redis.prefix())
+        .await
+        .unwrap();
+    let (sink, mut events) = tokio::sync::mpsc::channel(16);
+    b.subscribe(sink).await.unwrap();
+    let mut n = note(1);
+    n.id = Some(uuid::Uuid::now_v7());
+    let message = Published {
+        notification: std::sync::Arc::new(n),
+        recipients: vec![Recipient {
+            user_id: "ann".to_owned(),
+            seq: 7,
+        }],
+        origin: uuid::Uuid::now_v7(),
+        group: Some(GroupOffset {
+            group: "team".to_owned(),
+            offset: 42,
+        }),
+    };
+    // `subscribe` returns once Redis has confirmed the subscription.
+    a.publish(std::sync::Arc::new(message.clone()))
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("the message crossed")
+        .expect("the subscription is open");
+    let BrokerEvent::Published(received) = event else {
+        panic!("{event:?}");
+    };
+    assert_eq!(*received, message);
+}

@@ -27,7 +27,9 @@ use crate::store::{BoxFuture, Recipient};
 /// A committed send, on its way to the nodes that hold its recipients.
 ///
 /// A broker carries it unchanged (including [`origin`](Published::origin)):
-/// its JSON is `{"n": notification, "r": [{"user_id", "seq"}, …], "o": origin}`.
+/// its JSON is `{"n": notification, "r": [{"user_id", "seq"}, …], "o": origin}`,
+/// with `"g": {"g": group, "k": offset}` added for a group send (ADR 0026;
+/// a node that does not know the key ignores it).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Published {
     /// The stored notification.
@@ -41,6 +43,20 @@ pub struct Published {
     /// the copy the broker brings back. Nil when absent from the message.
     #[serde(rename = "o", default)]
     pub origin: Uuid,
+    /// For a group send: its group and its offset in the group's stream.
+    #[serde(rename = "g", default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupOffset>,
+}
+
+/// Where a group send sits in its group's stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupOffset {
+    /// The group.
+    #[serde(rename = "g")]
+    pub group: String,
+    /// The send's offset in the group's stream.
+    #[serde(rename = "k")]
+    pub offset: u64,
 }
 
 /// What a broker hands to its hub.

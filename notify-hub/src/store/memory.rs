@@ -131,14 +131,15 @@ impl Store for MemoryStore {
                 {
                     ids.remove(&old);
                 }
+                let mut offset = None;
                 let members: Vec<String> = match &append.audience {
                     Audience::Users(list) => list.clone(),
                     Audience::Group(group) => {
                         let stream = groups.entry(group.clone()).or_default();
-                        stream.push(
+                        offset = Some(stream.push(
                             GroupEntry::Notification(Arc::clone(&append.notification)),
                             self.retention,
-                        );
+                        ));
                         stream.members.keys().cloned().collect()
                     }
                 };
@@ -167,7 +168,10 @@ impl Store for MemoryStore {
                         seq: log.last_seq,
                     });
                 }
-                out.push(Appended::Stored(recipients));
+                out.push(match offset {
+                    Some(offset) => Appended::Broadcast { recipients, offset },
+                    None => Appended::Stored(recipients),
+                });
             }
             Ok(out)
         })

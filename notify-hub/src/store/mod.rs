@@ -58,6 +58,15 @@ pub struct Recipient {
 pub enum Appended {
     /// Stored for these recipients, with their new sequence numbers.
     Stored(Vec<Recipient>),
+    /// A group send, stored: its item in the group's stream got `offset`,
+    /// and v1's per-member copies went to `recipients` (the members whose
+    /// interval covers that offset).
+    Broadcast {
+        /// The members, with their new sequence numbers.
+        recipients: Vec<Recipient>,
+        /// The item's offset in the group's stream.
+        offset: u64,
+    },
     /// A notification with this send's `id` is already stored: nothing was
     /// written for it (a retried send is not delivered twice). The rest of
     /// the batch is unaffected.

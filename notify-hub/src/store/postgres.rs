@@ -262,9 +262,11 @@ impl PgStore {
                 item_ids.push(*id);
             }
         }
+        let mut offsets: HashMap<Uuid, i64> = HashMap::with_capacity(item_ids.len());
         if !item_groups.is_empty() {
-            tx.execute(
-                "WITH t AS (
+            for row in tx
+                .query(
+                    "WITH t AS (
                      SELECT g, id, row_number() OVER (PARTITION BY g ORDER BY i) AS k
                      FROM unnest($1::text[], $2::uuid[]) WITH ORDINALITY AS t(g, id, i)),
                  n AS (SELECT g, count(*) AS n FROM t GROUP BY g),
@@ -272,10 +274,17 @@ impl PgStore {
                        FROM n WHERE h.group_id = n.g
                        RETURNING h.group_id, h.last_offset - n.n AS before)
                  INSERT INTO notify_group_items (group_id, group_offset, notification_id)
-                 SELECT t.g, h.before + t.k, t.id FROM t JOIN h ON h.group_id = t.g",
-                &[&item_groups, &item_ids],
-            )
-            .await?;
+                 SELECT t.g, h.before + t.k, t.id FROM t JOIN h ON h.group_id = t.g
+                 RETURNING notification_id, group_offset",
+                    &[&item_groups, &item_ids],
+                )
+                .await?
+            {
+                offsets.insert(
+                    column(&row, 0, "notify_group_items.notification_id")?,
+                    column(&row, 1, "notify_group_items.group_offset")?,
+                );
+            }
         }
 
         // Reserve each user's new seqs with one upsert, in user order (a
@@ -348,7 +357,13 @@ impl PgStore {
                     seq: u64::try_from(seq).unwrap_or(0),
                 });
             }
-            out.push(Appended::Stored(recipients));
+            out.push(match (&append.audience, offsets.get(id)) {
+                (Audience::Group(_), Some(&offset)) => Appended::Broadcast {
+                    recipients,
+                    offset: u64::try_from(offset).unwrap_or(0),
+                },
+                _ => Appended::Stored(recipients),
+            });
         }
         if !d_users.is_empty() {
             tx.execute(
