@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::notification::{Delivery, Limits, Notification, valid_id};
 use crate::registry::{HubStats, Registry};
 use crate::store::{Append, Appended, Audience, MemoryStore, Store};
-use crate::subscription::Subscription;
+use crate::subscription::{Closed, Position, StreamSubscription, Subscription};
 
 /// Hub settings.
 #[derive(Debug, Clone)]
@@ -325,16 +325,27 @@ impl Hub {
         receipt.await.map_err(|_| Error::ShutDown)?
     }
 
-    /// Adds `user` to `group`; `true` if they were not a member yet.
+    /// Adds `user` to `group`; `true` if they were not a member yet. The
+    /// user's stream subscriptions on this node start receiving the group.
     pub async fn join_group(&self, group: &str, user: &str) -> Result<bool, Error> {
         check_ids(group, user)?;
-        Ok(self.inner.store.join_group(group, user).await?)
+        let joined = self.inner.store.join_group(group, user).await?;
+        if let Some(joined_after) = joined {
+            self.inner.registry.joined(group, user, joined_after);
+        }
+        Ok(joined.is_some())
     }
 
-    /// Removes `user` from `group`; `true` if they were a member.
+    /// Removes `user` from `group`; `true` if they were a member. Stream
+    /// subscriptions on this node see the leave at its place in the group's
+    /// stream.
     pub async fn leave_group(&self, group: &str, user: &str) -> Result<bool, Error> {
         check_ids(group, user)?;
-        Ok(self.inner.store.leave_group(group, user).await?)
+        let left = self.inner.store.leave_group(group, user).await?;
+        if let Some(offset) = left {
+            self.inner.registry.left(group, user, offset);
+        }
+        Ok(left.is_some())
     }
 
     /// The newest `limit` notifications of `user`, newest first.
@@ -384,6 +395,45 @@ impl Hub {
         let latest = self.inner.store.last_seq(user).await?;
         subscription.start(latest, since);
         Ok(subscription)
+    }
+
+    /// Subscribes to `user`'s streams (ADR 0026): their inbox (direct
+    /// sends) and one stream per group they are a member of, each numbered
+    /// on its own. With `from`, every stream it names continues after it
+    /// (a past membership is read to its leave record); the others, and
+    /// everything without `from`, start at their current end. Either way
+    /// each stream continues live with no gap and no duplicate, and joins
+    /// and leaves made through this hub arrive as
+    /// [`StreamEvent::Joined`](crate::StreamEvent::Joined) and
+    /// [`StreamEvent::Left`](crate::StreamEvent::Left).
+    ///
+    /// Joins and leaves made through *another* node are not yet carried
+    /// between nodes: a subscription learns of those when it is started
+    /// again.
+    pub async fn subscribe_streams(
+        &self,
+        user: &str,
+        from: Option<&Position>,
+    ) -> Result<StreamSubscription, Error> {
+        if !valid_id(user) {
+            return Err(Error::InvalidId("user"));
+        }
+        if *self.inner.shutdown.borrow() {
+            return Err(Error::ShutDown);
+        }
+        StreamSubscription::start(
+            Arc::clone(&self.inner.registry),
+            Arc::clone(&self.inner.store),
+            user,
+            self.inner.config.queue_capacity,
+            self.inner.config.replay_page,
+            from,
+        )
+        .await
+        .map_err(|closed| match closed {
+            Closed::Store(e) => Error::Store(e),
+            _ => Error::ShutDown,
+        })
     }
 
     /// Checks the store and the broker (for readiness probes).
@@ -530,7 +580,11 @@ async fn write_loop(
                         timestamp: append.notification.timestamp.unwrap_or_default(),
                         recipients: recipients.len(),
                     };
-                    if !recipients.is_empty() {
+                    // A group send goes out even with no v1 recipient: the
+                    // stream subscriptions that still index its group (a
+                    // leave through another node) take it as their place in
+                    // the stream.
+                    if !recipients.is_empty() || group.is_some() {
                         let message = Arc::new(Published {
                             notification: append.notification,
                             recipients,

@@ -56,7 +56,7 @@ pub use hub::{Hub, HubConfig, Receipt};
 pub use notification::{Delivery, InvalidNotification, Limits, Notification};
 pub use registry::HubStats;
 pub use store::{Appended, MemoryStore, Store, StoreError};
-pub use subscription::{Closed, Subscription};
+pub use subscription::{Closed, Position, StreamEvent, StreamSubscription, Subscription};
 
 /// The former name of [`Error`], kept so existing code compiles.
 pub type HubError = Error;

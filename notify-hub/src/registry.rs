@@ -16,7 +16,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::broker::Published;
-use crate::notification::Delivery;
+use crate::notification::{Delivery, Notification};
 
 /// Counters of a hub, for metrics.
 #[derive(Debug, Default)]
@@ -73,6 +73,9 @@ impl HubStats {
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     slots: DashMap<String, Vec<Arc<Slot>>, foldhash::fast::RandomState>,
+    /// Stream subscriptions (ADR 0026) by group they are a member of: a
+    /// group send reaches them through here, whoever its v1 recipients.
+    groups: DashMap<String, Vec<Arc<Slot>>, foldhash::fast::RandomState>,
     pub(crate) stats: HubStats,
     next_id: AtomicU64,
     /// Set once the hub has handed out everything (or is gone): every
@@ -106,6 +109,9 @@ const KEEP_QUEUE: usize = 16;
 #[derive(Debug)]
 pub(crate) struct Slot {
     id: u64,
+    /// A stream subscription's (ADR 0026): it also takes group items and
+    /// membership changes.
+    streams: bool,
     capacity: usize,
     queue: Mutex<Queue>,
     overflowed: AtomicBool,
@@ -113,10 +119,33 @@ pub(crate) struct Slot {
     resync: AtomicBool,
 }
 
+/// What a stream subscription (ADR 0026) gets besides its inbox.
+#[derive(Debug, Clone)]
+pub(crate) enum StreamPush {
+    /// A group send at its offset.
+    Item {
+        group: Arc<str>,
+        offset: u64,
+        notification: Arc<Notification>,
+        json: Option<Arc<str>>,
+    },
+    /// `user` left `group`: the group's record at `offset`.
+    Left {
+        group: Arc<str>,
+        user: Arc<str>,
+        offset: u64,
+    },
+    /// The subscription's user joined `group` after `joined_after`.
+    Joined { group: Arc<str>, joined_after: u64 },
+}
+
 /// A slot's deliveries and what wakes its subscription.
 #[derive(Debug, Default)]
 struct Queue {
     deliveries: VecDeque<Delivery>,
+    /// Stream subscriptions only: group items and membership changes, in
+    /// the order they were dispatched.
+    streams: VecDeque<StreamPush>,
     /// Something happened since the subscription last looked.
     signalled: bool,
     /// The subscription's task, while it waits in [`Slot::woken`].
@@ -126,8 +155,17 @@ struct Queue {
 impl Slot {
     /// Queues `delivery` without waiting; a full queue marks a slow consumer.
     fn push(&self, delivery: Delivery, stats: &HubStats) {
+        self.enqueue(stats, |queue| queue.deliveries.push_back(delivery));
+    }
+
+    /// Queues a stream push, as [`Slot::push`].
+    fn push_stream(&self, push: StreamPush, stats: &HubStats) {
+        self.enqueue(stats, |queue| queue.streams.push_back(push));
+    }
+
+    fn enqueue(&self, stats: &HubStats, add: impl FnOnce(&mut Queue)) {
         let mut queue = self.queue.lock();
-        if queue.deliveries.len() >= self.capacity {
+        if queue.deliveries.len() + queue.streams.len() >= self.capacity {
             drop(queue);
             if !self.overflowed.swap(true, Ordering::AcqRel) {
                 stats.overflowed.fetch_add(1, Ordering::Relaxed);
@@ -135,7 +173,7 @@ impl Slot {
             }
             return;
         }
-        queue.deliveries.push_back(delivery);
+        add(&mut queue);
         queue.signalled = true;
         let waker = queue.waker.take();
         drop(queue);
@@ -164,6 +202,16 @@ impl Slot {
             queue.deliveries = VecDeque::new();
         }
         delivery
+    }
+
+    /// The oldest queued stream push, if any.
+    pub(crate) fn pop_stream(&self) -> Option<StreamPush> {
+        let mut queue = self.queue.lock();
+        let push = queue.streams.pop_front();
+        if queue.streams.is_empty() && queue.streams.capacity() > KEEP_QUEUE {
+            queue.streams = VecDeque::new();
+        }
+        push
     }
 
     /// Asks the subscription to re-read its stream from the store.
@@ -204,8 +252,19 @@ impl Slot {
 impl Registry {
     /// Adds a slot with a queue of `capacity` for `user`.
     pub(crate) fn register(&self, user: &str, capacity: usize) -> Arc<Slot> {
+        self.register_slot(user, capacity, false)
+    }
+
+    /// Adds a stream subscription's slot (ADR 0026) for `user`; it enters
+    /// the index of each of its groups with [`Registry::index_group`].
+    pub(crate) fn register_streams(&self, user: &str, capacity: usize) -> Arc<Slot> {
+        self.register_slot(user, capacity, true)
+    }
+
+    fn register_slot(&self, user: &str, capacity: usize, streams: bool) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            streams,
             capacity: capacity.max(1),
             queue: Mutex::new(Queue::default()),
             overflowed: AtomicBool::new(false),
@@ -217,6 +276,70 @@ impl Registry {
             .push(Arc::clone(&slot));
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         slot
+    }
+
+    /// Puts `slot` (a stream subscription's) in `group`'s index: the
+    /// group's sends reach it from now on.
+    pub(crate) fn index_group(&self, group: &str, slot: &Arc<Slot>) {
+        let mut slots = self.groups.entry(group.to_owned()).or_default();
+        if !slots.iter().any(|s| s.id == slot.id) {
+            slots.push(Arc::clone(slot));
+        }
+    }
+
+    /// Takes `slot` out of `group`'s index.
+    pub(crate) fn unindex_group(&self, group: &str, slot: &Slot) {
+        if let dashmap::Entry::Occupied(mut entry) = self.groups.entry(group.to_owned()) {
+            entry.get_mut().retain(|s| s.id != slot.id);
+            if entry.get().is_empty() {
+                entry.remove();
+            }
+        }
+    }
+
+    /// `user` joined `group` after `joined_after`: their stream
+    /// subscriptions on this node enter the group's index and are told.
+    pub(crate) fn joined(&self, group: &str, user: &str, joined_after: u64) {
+        let Some(slots) = self.slots.get(user).map(|s| s.clone()) else {
+            return;
+        };
+        let group_name: Arc<str> = Arc::from(group);
+        for slot in slots.iter().filter(|s| s.streams) {
+            self.index_group(group, slot);
+            slot.push_stream(
+                StreamPush::Joined {
+                    group: Arc::clone(&group_name),
+                    joined_after,
+                },
+                &self.stats,
+            );
+        }
+    }
+
+    /// `user` left `group` at the record `offset`: every stream
+    /// subscription in the group's index, and the user's own (which may not
+    /// be indexed yet), gets the record in its place in the stream.
+    pub(crate) fn left(&self, group: &str, user: &str, offset: u64) {
+        let push = StreamPush::Left {
+            group: Arc::from(group),
+            user: Arc::from(user),
+            offset,
+        };
+        let mut reached: Vec<u64> = Vec::new();
+        if let Some(slots) = self.groups.get(group).map(|s| s.clone()) {
+            for slot in &slots {
+                reached.push(slot.id);
+                slot.push_stream(push.clone(), &self.stats);
+            }
+        }
+        if let Some(slots) = self.slots.get(user).map(|s| s.clone()) {
+            for slot in slots
+                .iter()
+                .filter(|s| s.streams && !reached.contains(&s.id))
+            {
+                slot.push_stream(push.clone(), &self.stats);
+            }
+        }
     }
 
     /// Removes `slot` of `user` (and the user's entry with its last slot).
@@ -253,10 +376,35 @@ impl Registry {
                         recipient.seq,
                         Arc::clone(&message.notification),
                         json.clone(),
-                    ),
+                    )
+                    .via_group(message.group.is_some()),
                     &self.stats,
                 );
             }
+        }
+        // Stream subscriptions get a group send as its group's item.
+        let Some(at) = &message.group else {
+            return;
+        };
+        let Some(slots) = self.groups.get(&at.group).map(|s| s.clone()) else {
+            return;
+        };
+        let json = json.unwrap_or_else(|| {
+            serde_json::to_string(&*message.notification)
+                .ok()
+                .map(Arc::from)
+        });
+        let group: Arc<str> = Arc::from(at.group.as_str());
+        for slot in &slots {
+            slot.push_stream(
+                StreamPush::Item {
+                    group: Arc::clone(&group),
+                    offset: at.offset,
+                    notification: Arc::clone(&message.notification),
+                    json: json.clone(),
+                },
+                &self.stats,
+            );
         }
     }
 

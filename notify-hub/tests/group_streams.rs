@@ -37,11 +37,12 @@ fn shown(items: &[GroupItem]) -> Vec<(u64, String)> {
         .collect()
 }
 
-fn membership(group: &str, joined_after: u64, left_after: Option<u64>) -> Membership {
+fn membership(group: &str, joined_after: u64, left_after: Option<u64>, head: u64) -> Membership {
     Membership {
         group: group.to_owned(),
         joined_after,
         left_after,
+        head,
     }
 }
 
@@ -54,12 +55,12 @@ async fn one_group_over_its_life(store: &dyn Store) {
         store.group_heads(std::slice::from_ref(&g)).await.unwrap(),
         vec![0]
     );
-    assert!(store.join_group("team", "ann").await.unwrap());
+    assert_eq!(store.join_group("team", "ann").await.unwrap(), Some(0));
     assert!(
-        !store.join_group("team", "ann").await.unwrap(),
+        store.join_group("team", "ann").await.unwrap().is_none(),
         "joined once"
     );
-    assert!(store.join_group("team", "bob").await.unwrap());
+    assert_eq!(store.join_group("team", "bob").await.unwrap(), Some(0));
 
     let out = store
         .append(&[broadcast("team", "b1"), broadcast("team", "b2")])
@@ -74,13 +75,13 @@ async fn one_group_over_its_life(store: &dyn Store) {
         assert_eq!(*offset, expected);
         assert_eq!(recipients.len(), 2);
     }
-    assert!(store.leave_group("team", "bob").await.unwrap());
+    assert_eq!(store.leave_group("team", "bob").await.unwrap(), Some(3));
     assert!(
-        !store.leave_group("team", "bob").await.unwrap(),
+        store.leave_group("team", "bob").await.unwrap().is_none(),
         "left once"
     );
     store.append(&[broadcast("team", "b4")]).await.unwrap();
-    assert!(store.join_group("team", "bob").await.unwrap());
+    assert_eq!(store.join_group("team", "bob").await.unwrap(), Some(4));
     store.append(&[broadcast("team", "b5")]).await.unwrap();
 
     assert_eq!(
@@ -106,14 +107,17 @@ async fn one_group_over_its_life(store: &dyn Store) {
     assert!(store.group_since("team", 5, 10).await.unwrap().is_empty());
     assert!(store.group_since("nobody", 0, 10).await.unwrap().is_empty());
 
-    // Bob: (0, 3] and then after 4; Ann: after 0.
+    // Bob: (0, 3] and then after 4; Ann: after 0; the head read with them.
     assert_eq!(
         store.memberships("bob").await.unwrap(),
-        vec![membership("team", 0, Some(3)), membership("team", 4, None)]
+        vec![
+            membership("team", 0, Some(3), 5),
+            membership("team", 4, None, 5)
+        ]
     );
     assert_eq!(
         store.memberships("ann").await.unwrap(),
-        vec![membership("team", 0, None)]
+        vec![membership("team", 0, None, 5)]
     );
     assert!(store.memberships("zed").await.unwrap().is_empty());
 
@@ -161,11 +165,78 @@ async fn a_duplicate_takes_no_offset(store: &dyn Store) {
     );
 }
 
+/// One batch with broadcasts to several groups, interleaved: each group
+/// numbers its own in batch order. A group too big for its send stores
+/// nothing and takes no offset.
+async fn mixed_batches_and_refused_sends(store: &dyn Store) {
+    store.join_group("g1", "ann").await.unwrap();
+    store.join_group("g2", "ann").await.unwrap();
+    let out = store
+        .append(&[
+            broadcast("g1", "x1"),
+            broadcast("g2", "y1"),
+            broadcast("g1", "x2"),
+        ])
+        .await
+        .unwrap();
+    let offsets: Vec<u64> = out
+        .iter()
+        .map(|a| match a {
+            Appended::Broadcast { offset, .. } => *offset,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(offsets, [1, 1, 2]);
+    let mut too_big = broadcast("g1", "big");
+    too_big.max_recipients = 0;
+    let out = store
+        .append(&[too_big, broadcast("g1", "x3")])
+        .await
+        .unwrap();
+    assert!(matches!(out[0], Appended::TooManyRecipients), "{out:?}");
+    assert!(
+        matches!(out[1], Appended::Broadcast { offset: 3, .. }),
+        "{out:?}"
+    );
+    assert_eq!(
+        shown(&store.group_since("g1", 0, 10).await.unwrap()),
+        vec![
+            (1, "x1".to_owned()),
+            (2, "x2".to_owned()),
+            (3, "x3".to_owned())
+        ]
+    );
+}
+
 #[tokio::test]
 async fn memory_store_group_streams() {
     let store = MemoryStore::new();
     one_group_over_its_life(&store).await;
     a_duplicate_takes_no_offset(&store).await;
+    mixed_batches_and_refused_sends(&store).await;
+}
+
+/// The memory store keeps its retention per group: older items are gone,
+/// and a read after a trimmed offset starts at the oldest kept.
+#[tokio::test]
+async fn the_memory_store_trims_a_stream_to_its_retention() {
+    let store = MemoryStore::with_retention(2);
+    store.join_group("g", "ann").await.unwrap();
+    for i in 1..=4 {
+        store
+            .append(&[broadcast("g", &format!("t{i}"))])
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        shown(&store.group_since("g", 0, 10).await.unwrap()),
+        vec![(3, "t3".to_owned()), (4, "t4".to_owned())]
+    );
+    assert_eq!(
+        shown(&store.group_since("g", 3, 10).await.unwrap()),
+        vec![(4, "t4".to_owned())]
+    );
+    assert_eq!(store.group_heads(&["g".to_owned()]).await.unwrap(), vec![4]);
 }
 
 #[cfg(feature = "postgres")]
@@ -191,6 +262,7 @@ mod postgres {
         let store = store(&db).await;
         one_group_over_its_life(&store).await;
         a_duplicate_takes_no_offset(&store).await;
+        mixed_batches_and_refused_sends(&store).await;
     }
 
     /// Many writers at once on one group (broadcasts in batches, joins and
@@ -208,27 +280,60 @@ mod postgres {
         for w in 0..8 {
             let store = Arc::clone(&store);
             tasks.push(tokio::spawn(async move {
-                let mut titles = Vec::new();
+                let mut sends = Vec::new();
                 for i in 0..15 {
                     let batch: Vec<Append> = (0..3)
                         .map(|j| broadcast("busy", &format!("w{w}-{i}-{j}")))
                         .collect();
-                    titles.extend(batch.iter().map(|a| a.notification.title.clone()));
-                    store.append(&batch).await.unwrap();
-                    let user = format!("u{w}");
-                    if i % 2 == 0 {
-                        store.join_group("busy", &user).await.unwrap();
-                    } else {
-                        store.leave_group("busy", &user).await.unwrap();
+                    let titles: Vec<String> =
+                        batch.iter().map(|a| a.notification.title.clone()).collect();
+                    let out = store.append(&batch).await.unwrap();
+                    for (title, appended) in titles.into_iter().zip(out) {
+                        let Appended::Broadcast { recipients, offset } = appended else {
+                            panic!("{appended:?}");
+                        };
+                        let users: BTreeSet<String> =
+                            recipients.into_iter().map(|r| r.user_id).collect();
+                        sends.push((title, offset, users));
+                    }
+                    // Its own user, and one shared by every writer: a join
+                    // and a leave of the same pair race each other.
+                    for user in [format!("u{w}"), "shared".to_owned()] {
+                        if (i + w) % 2 == 0 {
+                            store.join_group("busy", &user).await.unwrap();
+                        } else {
+                            store.leave_group("busy", &user).await.unwrap();
+                        }
                     }
                 }
-                titles
+                sends
             }));
         }
-        let mut sent = BTreeSet::new();
+        let mut sends = Vec::new();
         for t in tasks {
-            sent.extend(t.await.unwrap());
+            sends.extend(t.await.unwrap());
         }
+        // v1's fan-out and the intervals agree: each broadcast went to
+        // exactly the users whose interval covers its offset.
+        let mut users: Vec<String> = (0..8).map(|w| format!("u{w}")).collect();
+        users.extend(["shared".to_owned(), "anchor".to_owned()]);
+        let mut intervals = Vec::new();
+        for user in &users {
+            for m in store.memberships(user).await.unwrap() {
+                intervals.push((user.clone(), m));
+            }
+        }
+        for (title, offset, recipients) in &sends {
+            let covering: BTreeSet<String> = intervals
+                .iter()
+                .filter(|(_, m)| {
+                    m.joined_after < *offset && m.left_after.is_none_or(|l| *offset <= l)
+                })
+                .map(|(u, _)| u.clone())
+                .collect();
+            assert_eq!(recipients, &covering, "{title} at {offset}");
+        }
+        let sent: BTreeSet<String> = sends.iter().map(|(t, _, _)| t.clone()).collect();
         let items = store.group_since("busy", 0, 10_000).await.unwrap();
         let offsets: Vec<u64> = items.iter().map(|i| i.offset).collect();
         let n = items.len() as u64;
@@ -247,10 +352,9 @@ mod postgres {
             }
         }
         assert_eq!(broadcasts, sent, "every broadcast, once");
-        // 8 writers × 7 leaves (i = 1, 3, …, 13), each after a join.
-        assert_eq!(leaves.len(), 8 * 7);
-        for w in 0..8 {
-            let user = format!("u{w}");
+        // Every leave that found a member is a record.
+        for user in &users {
+            let user = user.clone();
             let intervals = store.memberships(&user).await.unwrap();
             let closed: Vec<&Membership> = intervals
                 .iter()
@@ -278,11 +382,6 @@ mod postgres {
                     end = left;
                 }
             }
-            assert_eq!(
-                intervals.last().map(|m| m.left_after.is_none()),
-                Some(true),
-                "{user} joined last (i = 14)"
-            );
         }
     }
 }

@@ -331,6 +331,18 @@ async fn a_version_1_database_is_upgraded_in_place_and_keeps_its_sequences() {
         2,
         "only versions 2 and 3 run"
     );
+    // The existing member joined group g's stream at 0, whose head the
+    // upgrade created (before any broadcast could).
+    assert_eq!(store.group_heads(&["g".to_owned()]).await.unwrap(), vec![0]);
+    assert_eq!(
+        store.memberships("alice").await.unwrap(),
+        vec![notify_hub::store::Membership {
+            group: "g".to_owned(),
+            joined_after: 0,
+            left_after: None,
+            head: 0,
+        }]
+    );
     let collations: Vec<(String, String, Option<String>)> = client
         .query(
             "SELECT table_name::text, column_name::text, collation_name::text
@@ -363,17 +375,8 @@ async fn a_version_1_database_is_upgraded_in_place_and_keeps_its_sequences() {
         .map(|d| (d.seq, d.notification.title.clone()))
         .collect();
     assert_eq!(seqs, vec![(4, "n1".to_owned()), (3, "before".to_owned())]);
-    // The existing member joined group g's stream at 0 (its head was
-    // created by the upgrade), and the broadcast after it is offset 1.
+    // The broadcast after the upgrade is the stream's offset 1.
     let reopened = PgStore::connect(db.url(), 2).await.unwrap();
-    assert_eq!(
-        reopened.memberships("alice").await.unwrap(),
-        vec![notify_hub::store::Membership {
-            group: "g".to_owned(),
-            joined_after: 0,
-            left_after: None,
-        }]
-    );
     let items = reopened.group_since("g", 0, 10).await.unwrap();
     assert_eq!(items.iter().map(|i| i.offset).collect::<Vec<_>>(), vec![1]);
 }

@@ -225,16 +225,16 @@ impl Store for MemoryStore {
         &'a self,
         group: &'a str,
         user: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
             let mut state = self.state.lock();
             let stream = state.groups.entry(group.to_owned()).or_default();
             if stream.members.contains_key(user) {
-                return Ok(false);
+                return Ok(None);
             }
             let head = stream.last_offset;
             stream.members.insert(user.to_owned(), head);
-            Ok(true)
+            Ok(Some(head))
         })
     }
 
@@ -242,15 +242,15 @@ impl Store for MemoryStore {
         &'a self,
         group: &'a str,
         user: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
             let mut state = self.state.lock();
             let retention = self.retention;
             let Some(stream) = state.groups.get_mut(group) else {
-                return Ok(false);
+                return Ok(None);
             };
             let Some(joined_after) = stream.members.remove(user) else {
-                return Ok(false);
+                return Ok(None);
             };
             let left_after = stream.push(
                 GroupEntry::Left {
@@ -266,8 +266,9 @@ impl Store for MemoryStore {
                     group: group.to_owned(),
                     joined_after,
                     left_after: Some(left_after),
+                    head: left_after,
                 });
-            Ok(true)
+            Ok(Some(left_after))
         })
     }
 
@@ -317,11 +318,15 @@ impl Store for MemoryStore {
         Box::pin(async move {
             let state = self.state.lock();
             let mut all: Vec<Membership> = state.closed.get(user).cloned().unwrap_or_default();
+            for m in &mut all {
+                m.head = state.groups.get(&m.group).map_or(0, |g| g.last_offset);
+            }
             all.extend(state.groups.iter().filter_map(|(group, s)| {
                 s.members.get(user).map(|&joined_after| Membership {
                     group: group.clone(),
                     joined_after,
                     left_after: None,
+                    head: s.last_offset,
                 })
             }));
             all.sort_by(|a, b| (&a.group, a.joined_after).cmp(&(&b.group, b.joined_after)));

@@ -93,8 +93,8 @@ pub struct GroupItem {
 pub enum GroupEntry {
     /// A broadcast to the group.
     Notification(Arc<Notification>),
-    /// `user_id` left the group here: the last item they see is the one
-    /// before.
+    /// `user_id` left the group here: their interval ends with this record,
+    /// so the last notification they see is before it.
     Left {
         /// Who left.
         user_id: String,
@@ -112,6 +112,9 @@ pub struct Membership {
     pub joined_after: u64,
     /// The offset of the leave record, `None` while a member.
     pub left_after: Option<u64>,
+    /// The group stream's head when this was read, in the same snapshot as
+    /// the membership (a leave after it has a larger offset).
+    pub head: u64,
 }
 
 /// The cause of a [`StoreError`]: the driver's error, shared so the error
@@ -221,23 +224,24 @@ pub trait Store: Send + Sync + 'static {
     /// The user's latest sequence number (0 if they have none).
     fn last_seq<'a>(&'a self, user: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
 
-    /// Adds `user` to `group`; `true` if they were not a member. A new
-    /// member joins at the group stream's head: they see the broadcasts
-    /// after it.
+    /// Adds `user` to `group`. A new member joins at the group stream's
+    /// head: the answer is `Some(joined_after)`, that head (they see the
+    /// broadcasts after it); `None` if they were a member already.
     fn join_group<'a>(
         &'a self,
         group: &'a str,
         user: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
 
-    /// Removes `user` from `group`; `true` if they were a member. The leave
-    /// is recorded in the group's stream (a [`GroupEntry::Left`] item) and
-    /// the membership kept as a closed interval.
+    /// Removes `user` from `group`. The leave is recorded in the group's
+    /// stream (a [`GroupEntry::Left`] item) and the membership kept as a
+    /// closed interval: the answer is `Some(left_after)`, the record's
+    /// offset; `None` if they were not a member.
     fn leave_group<'a>(
         &'a self,
         group: &'a str,
         user: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>>;
 
     /// The head (last offset) of each group's stream, in the order asked;
     /// 0 for a group with no stream yet.
@@ -247,7 +251,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<u64>, StoreError>>;
 
     /// Up to `limit` items of `group`'s stream with `offset > after`,
-    /// oldest first.
+    /// oldest first. A store that trims old items (the memory store keeps
+    /// its retention per group) starts at the oldest it kept: a first offset
+    /// above `after + 1` means the items between are gone.
     fn group_since<'a>(
         &'a self,
         group: &'a str,
@@ -256,7 +262,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<GroupItem>, StoreError>>;
 
     /// Every membership of `user`, current and past, by group and then
-    /// by `joined_after`.
+    /// by `joined_after`, each with its group stream's head, all read at one
+    /// moment.
     fn memberships<'a>(
         &'a self,
         user: &'a str,
@@ -295,14 +302,14 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         &'a self,
         group: &'a str,
         user: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         (**self).join_group(group, user)
     }
     fn leave_group<'a>(
         &'a self,
         group: &'a str,
         user: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         (**self).leave_group(group, user)
     }
     fn group_heads<'a>(

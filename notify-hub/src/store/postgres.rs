@@ -47,7 +47,7 @@ pub struct PgStore {
 struct JoinJob {
     group: String,
     user: String,
-    reply: oneshot::Sender<Result<bool, StoreError>>,
+    reply: oneshot::Sender<Result<Option<u64>, StoreError>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -379,20 +379,14 @@ impl PgStore {
 
     /// Removes `user` from `group` in one transaction: under the group's
     /// head lock, the membership row goes, the head moves on by one for the
-    /// leave record, and the interval is kept. `false` if not a member.
-    async fn leave_once(&self, group: &str, user: &str) -> Result<bool, WriteError> {
+    /// leave record, and the interval is kept. `None` if not a member, else
+    /// the record's offset.
+    async fn leave_once(&self, group: &str, user: &str) -> Result<Option<u64>, WriteError> {
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
-        if tx
-            .query_opt(
-                "SELECT 1 FROM notify_group_heads WHERE group_id = $1 FOR UPDATE",
-                &[&group],
-            )
-            .await?
-            .is_none()
-        {
-            return Ok(false); // No stream: nobody ever joined.
-        }
+        // Every member's group has a head (the upgrade and joins create
+        // them); created here too, so a member can always leave.
+        lock_heads(&tx, &[group]).await?;
         let Some(member) = tx
             .query_opt(
                 "DELETE FROM notify_group_members WHERE group_id = $1 AND user_id = $2
@@ -401,23 +395,26 @@ impl PgStore {
             )
             .await?
         else {
-            return Ok(false);
+            return Ok(None);
         };
         let joined_after: i64 = column(&member, 0, "notify_group_members.joined_after")?;
         let joined_at: DateTime<Utc> = column(&member, 1, "notify_group_members.joined_at")?;
-        tx.execute(
-            "WITH h AS (UPDATE notify_group_heads SET last_offset = last_offset + 1
-                        WHERE group_id = $1 RETURNING last_offset),
-             i AS (INSERT INTO notify_group_items (group_id, group_offset, left_user)
-                   SELECT $1, last_offset, $2 FROM h)
-             INSERT INTO notify_group_member_intervals
-                 (user_id, group_id, joined_after, left_after, joined_at, left_at)
-             SELECT $2, $1, $3, last_offset, $4, now() FROM h",
-            &[&group, &user, &joined_after, &joined_at],
-        )
-        .await?;
+        let left = tx
+            .query_one(
+                "WITH h AS (UPDATE notify_group_heads SET last_offset = last_offset + 1
+                            WHERE group_id = $1 RETURNING last_offset),
+                 i AS (INSERT INTO notify_group_items (group_id, group_offset, left_user)
+                       SELECT $1, last_offset, $2 FROM h)
+                 INSERT INTO notify_group_member_intervals
+                     (user_id, group_id, joined_after, left_after, joined_at, left_at)
+                 SELECT $2, $1, $3, last_offset, $4, now() FROM h
+                 RETURNING left_after",
+                &[&group, &user, &joined_after, &joined_at],
+            )
+            .await?;
+        let left_after: i64 = column(&left, 0, "notify_group_member_intervals.left_after")?;
         tx.commit().await?;
-        Ok(true)
+        Ok(u64::try_from(left_after).ok())
     }
 
     async fn read(
@@ -503,21 +500,40 @@ async fn join_loop(
 async fn insert_joins(
     pool: &Pool<PostgresConnectionManager<NoTls>>,
     pairs: &[(&str, &str)],
-) -> Result<HashSet<(String, String)>, StoreError> {
+) -> Result<HashMap<(String, String), u64>, StoreError> {
     let groups: Vec<&str> = pairs.iter().map(|p| p.0).collect();
     let users: Vec<&str> = pairs.iter().map(|p| p.1).collect();
     let (groups, users) = (&groups, &users);
-    let mut heads: Vec<&str> = groups.clone();
-    heads.sort_unstable();
-    heads.dedup();
-    let heads = &heads;
     retrying("group joins", || async move {
         let mut conn = pool.get().await?;
         let tx = conn.transaction().await?;
+        // Most joins are reconnects of current members: those are found by
+        // a plain read and lock nothing, so such a batch writes nothing and
+        // commits without a flush.
+        let new: Vec<(String, String)> = tx
+            .query(
+                "SELECT t.g, t.u FROM unnest($1::text[], $2::text[]) AS t(g, u)
+                 WHERE NOT EXISTS (SELECT 1 FROM notify_group_members m
+                                   WHERE m.group_id = t.g AND m.user_id = t.u)",
+                &[groups, users],
+            )
+            .await?
+            .iter()
+            .map(|r| Ok((column(r, 0, "group")?, column(r, 1, "user")?)))
+            .collect::<Result<_, Decode>>()?;
+        if new.is_empty() {
+            tx.commit().await?;
+            return Ok(HashMap::new());
+        }
+        let new_groups: Vec<&str> = new.iter().map(|p| p.0.as_str()).collect();
+        let new_users: Vec<&str> = new.iter().map(|p| p.1.as_str()).collect();
+        let mut heads: Vec<&str> = new_groups.clone();
+        heads.sort_unstable();
+        heads.dedup();
         // A new member joins at its group's head, read under a share lock:
         // a broadcast or a leave in progress on the group finishes first,
         // so the interval starts exactly after what that member missed.
-        ensure_heads(&tx, heads).await?;
+        ensure_heads(&tx, &heads).await?;
         let rows = tx
             .query(
                 "WITH h AS (SELECT group_id, last_offset FROM notify_group_heads
@@ -527,16 +543,20 @@ async fn insert_joins(
                  FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(g, u, i)
                  JOIN h ON h.group_id = t.g
                  ORDER BY t.i
-                 ON CONFLICT DO NOTHING RETURNING group_id, user_id",
-                &[groups, users, heads],
+                 ON CONFLICT DO NOTHING RETURNING group_id, user_id, joined_after",
+                &[&new_groups, &new_users, &heads],
             )
             .await?;
         tx.commit().await?;
         rows.iter()
             .map(|r| {
+                let joined_after: i64 = column(r, 2, "notify_group_members.joined_after")?;
                 Ok((
-                    column(r, 0, "notify_group_members.group_id")?,
-                    column(r, 1, "notify_group_members.user_id")?,
+                    (
+                        column(r, 0, "notify_group_members.group_id")?,
+                        column(r, 1, "notify_group_members.user_id")?,
+                    ),
+                    u64::try_from(joined_after).unwrap_or(0),
                 ))
             })
             .collect()
@@ -552,7 +572,7 @@ async fn ensure_heads(
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "INSERT INTO notify_group_heads (group_id, last_offset)
-         SELECT g, 0 FROM unnest($1::text[]) AS g ORDER BY g
+         SELECT g, 0 FROM unnest($1::text[]) AS g ORDER BY g COLLATE \"C\"
          ON CONFLICT DO NOTHING",
         &[&groups],
     )
@@ -723,7 +743,7 @@ impl Store for PgStore {
         &'a self,
         group: &'a str,
         user: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(async move {
             let (reply, joined) = oneshot::channel();
             let job = JoinJob {
@@ -744,7 +764,7 @@ impl Store for PgStore {
         &'a self,
         group: &'a str,
         user: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, StoreError>> {
         Box::pin(retrying("leave_group", move || {
             self.leave_once(group, user)
         }))
@@ -835,11 +855,15 @@ impl Store for PgStore {
             let conn = self.pool.get().await.map_err(unavailable("memberships"))?;
             let rows = conn
                 .query(
-                    "SELECT group_id, joined_after, NULL::int8 FROM notify_group_members
-                     WHERE user_id = $1
-                     UNION ALL
-                     SELECT group_id, joined_after, left_after FROM notify_group_member_intervals
-                     WHERE user_id = $1
+                    // One statement, one snapshot: a membership and its
+                    // head agree (a leave is either in both or in neither).
+                    "SELECT m.group_id, m.joined_after, m.left_after, h.last_offset
+                     FROM (SELECT group_id, joined_after, NULL::int8 AS left_after
+                           FROM notify_group_members WHERE user_id = $1
+                           UNION ALL
+                           SELECT group_id, joined_after, left_after
+                           FROM notify_group_member_intervals WHERE user_id = $1) m
+                     JOIN notify_group_heads h ON h.group_id = m.group_id
                      ORDER BY 1, 2",
                     &[&user],
                 )
@@ -849,7 +873,9 @@ impl Store for PgStore {
                 .map(|row| {
                     let joined_after: i64 = column(row, 1, "joined_after")?;
                     let left_after: Option<i64> = column(row, 2, "left_after")?;
+                    let head: i64 = column(row, 3, "notify_group_heads.last_offset")?;
                     Ok(Membership {
+                        head: seq_of(head, "notify_group_heads.last_offset is negative")?,
                         group: column(row, 0, "group_id")?,
                         joined_after: seq_of(joined_after, "joined_after is negative")?,
                         left_after: left_after

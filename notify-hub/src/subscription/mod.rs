@@ -8,6 +8,10 @@ use crate::notification::Delivery;
 use crate::registry::{Registry, Slot};
 use crate::store::{Store, StoreError};
 
+mod streams;
+
+pub use streams::{Position, StreamEvent, StreamSubscription};
+
 /// Why a [`Subscription`] ended.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -1,0 +1,479 @@
+//! One live connection's view of a user's streams (ADR 0026): the inbox
+//! (direct sends, in the user's sequence) and one stream per group the
+//! user is a member of, each numbered on its own, each replayed from the
+//! store and then live with no gap and no duplicate.
+//!
+//! Per stream the argument is v1's (DESIGN.md, "Gap-free recovery"): the
+//! store hands out a stream's numbers in commit order under one row lock
+//! (the user's seq row, the group's head row), so an item numbered `k + 1`
+//! seen live means `k` is committed and can be read. A group's items are
+//! handed out strictly in offset order, the member's own leave record
+//! included, so nothing after a leave reaches the leaver, whatever order
+//! the nodes' messages arrive in.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use crate::notification::{Delivery, Notification};
+use crate::registry::{Registry, Slot, StreamPush};
+use crate::store::{GroupEntry, GroupItem, Store};
+
+use super::Closed;
+
+/// Where a client is in each of its streams: the last inbox seq and the
+/// last offset of each group it has read. A new subscription given one
+/// continues after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The last inbox seq read (direct sends; a group's copies in the same
+    /// sequence are skipped, so it is increasing, not contiguous).
+    pub inbox: u64,
+    /// The last offset read per group.
+    pub groups: BTreeMap<String, u64>,
+}
+
+/// What a [`StreamSubscription`] hands out.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StreamEvent {
+    /// A direct send, at its inbox seq.
+    Inbox(Delivery),
+    /// A group send, at its offset in the group's stream.
+    Group {
+        /// The group.
+        group: Arc<str>,
+        /// Its offset in the group's stream.
+        offset: u64,
+        /// The notification.
+        notification: Arc<Notification>,
+        /// Its JSON, when it came live (serialized once for every member).
+        json: Option<Arc<str>>,
+    },
+    /// The user joined `group`: its items after `joined_after` follow.
+    Joined {
+        /// The group.
+        group: Arc<str>,
+        /// The group's offset at the join.
+        joined_after: u64,
+    },
+    /// The user left `group`: nothing after `left_after` follows.
+    Left {
+        /// The group.
+        group: Arc<str>,
+        /// The offset of the leave record.
+        left_after: u64,
+    },
+}
+
+/// One stream's reading position: what was handed out, and what waits
+/// behind a gap until the store fills it.
+#[derive(Debug)]
+struct Cursor<T> {
+    last: u64,
+    /// Read from the store, in order, not yet handed out.
+    replay: VecDeque<T>,
+    /// More may be in the store after `last`: read before going live.
+    need_replay: bool,
+    /// A live item that came ahead of a gap.
+    ahead: Option<(u64, T)>,
+}
+
+impl<T> Cursor<T> {
+    fn new(last: u64, need_replay: bool) -> Cursor<T> {
+        Cursor {
+            last,
+            replay: VecDeque::new(),
+            need_replay,
+            ahead: None,
+        }
+    }
+
+    /// Takes a live item numbered `at`: the next one is returned to hand
+    /// out; one already handed out is dropped; one past a gap waits in
+    /// `ahead` while the gap is read from the store.
+    fn offer(&mut self, at: u64, item: T) -> Option<T> {
+        if at <= self.last {
+            return None;
+        }
+        if at == self.last + 1 && !self.need_replay && self.replay.is_empty() {
+            self.last = at;
+            return Some(item);
+        }
+        self.ahead = Some((at, item));
+        self.need_replay = true;
+        None
+    }
+
+    /// The next item to hand out from what was read, with its number.
+    fn next_buffered(&mut self, number: impl Fn(&T) -> u64) -> Option<T> {
+        while let Some(item) = self.replay.pop_front() {
+            let at = number(&item);
+            if at > self.last {
+                self.last = at;
+                return Some(item);
+            }
+        }
+        if self.need_replay {
+            return None;
+        }
+        match self.ahead.take() {
+            // The store had nothing before it (trimmed by retention): hand
+            // it out rather than lose it.
+            Some((at, item)) if at > self.last => {
+                self.last = at;
+                Some(item)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A group the subscription reads.
+#[derive(Debug)]
+struct GroupCursor {
+    name: Arc<str>,
+    cursor: Cursor<GroupItem>,
+    /// Set once the user's leave record is known: nothing after it is
+    /// handed out, and the stream ends when it is reached.
+    left_after: Option<u64>,
+    /// In the registry's index for this group.
+    indexed: bool,
+}
+
+/// A live subscription to a user's inbox and group streams, from
+/// [`Hub::subscribe_streams`](crate::Hub::subscribe_streams). Dropping it
+/// unregisters it.
+pub struct StreamSubscription {
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+    user: String,
+    slot: Arc<Slot>,
+    page: usize,
+    inbox: Cursor<Delivery>,
+    groups: BTreeMap<Arc<str>, GroupCursor>,
+}
+
+impl std::fmt::Debug for StreamSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSubscription")
+            .field("user", &self.user)
+            .field("position", &self.position())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamSubscription {
+    /// Registers the subscription's slot (before anything is read, so that
+    /// whatever commits afterwards arrives live) and reads where every
+    /// stream starts: after `from` where it names the stream, else at the
+    /// stream's head.
+    pub(crate) async fn start(
+        registry: Arc<Registry>,
+        store: Arc<dyn Store>,
+        user: &str,
+        capacity: usize,
+        page: usize,
+        from: Option<&Position>,
+    ) -> Result<StreamSubscription, Closed> {
+        let slot = registry.register_streams(user, capacity);
+        let mut subscription = StreamSubscription {
+            registry,
+            store,
+            user: user.to_owned(),
+            slot,
+            page: page.max(1),
+            inbox: Cursor::new(0, false),
+            groups: BTreeMap::new(),
+        };
+        // Memberships and their heads in one snapshot: a leave after it
+        // has a higher offset than the head read here, so the cursor meets
+        // its record.
+        let memberships = subscription.store.memberships(user).await?;
+        let current: Vec<String> = memberships
+            .iter()
+            .filter(|m| m.left_after.is_none())
+            .map(|m| m.group.clone())
+            .collect();
+        for m in &memberships {
+            let given = from.and_then(|p| p.groups.get(&m.group)).copied();
+            let start = match (m.left_after, given) {
+                (None, Some(at)) => at.clamp(m.joined_after, m.head),
+                (None, None) => m.head,
+                // A past membership the client had not read to its end:
+                // the rest of it, up to the leave record.
+                (Some(left), Some(at)) if at >= m.joined_after && at < left => at,
+                (Some(_), _) => continue,
+            };
+            let name: Arc<str> = Arc::from(m.group.as_str());
+            subscription.groups.insert(
+                Arc::clone(&name),
+                GroupCursor {
+                    name,
+                    cursor: Cursor::new(start, start < m.head),
+                    left_after: m.left_after,
+                    indexed: false,
+                },
+            );
+        }
+        for group in &current {
+            subscription.registry.index_group(group, &subscription.slot);
+            if let Some(g) = subscription.groups.get_mut(group.as_str()) {
+                g.indexed = true;
+            }
+        }
+        // Read after the index holds the slot: an item committed between
+        // the snapshot and the indexing is in the store by now.
+        let heads = subscription.store.group_heads(&current).await?;
+        for (group, head) in current.iter().zip(heads) {
+            if let Some(g) = subscription.groups.get_mut(group.as_str())
+                && head > g.cursor.last
+            {
+                g.cursor.need_replay = true;
+            }
+        }
+        let latest = subscription.store.last_seq(user).await?;
+        subscription.inbox = match from {
+            Some(p) => Cursor::new(p.inbox.min(latest), p.inbox < latest),
+            None => Cursor::new(latest, false),
+        };
+        Ok(subscription)
+    }
+
+    /// The user this subscription belongs to.
+    pub fn user_id(&self) -> &str {
+        &self.user
+    }
+
+    /// Where the subscription is in each stream: what a client stores to
+    /// continue later. Groups the user has left and read to the end are
+    /// not in it.
+    pub fn position(&self) -> Position {
+        Position {
+            inbox: self.inbox.last,
+            groups: self
+                .groups
+                .iter()
+                .map(|(name, g)| (name.to_string(), g.cursor.last))
+                .collect(),
+        }
+    }
+
+    /// The next event: a direct send, a group send, or a change of
+    /// membership. Per stream in order, with no gap and no duplicate;
+    /// across streams in no particular order.
+    ///
+    /// Cancel-safe at the await points that wait for live traffic; a
+    /// cancelled replay read is simply repeated.
+    pub async fn next(&mut self) -> Result<StreamEvent, Closed> {
+        loop {
+            if self.slot.overflowed() {
+                return Err(Closed::Overflow);
+            }
+            if self.slot.take_resync() {
+                self.inbox.need_replay = true;
+                for g in self.groups.values_mut() {
+                    g.cursor.need_replay = true;
+                }
+            }
+            if let Some(event) = self.next_buffered() {
+                return Ok(event);
+            }
+            if self.inbox.need_replay {
+                let page = self
+                    .store
+                    .since(&self.user, self.inbox.last, self.page)
+                    .await?;
+                self.inbox.need_replay = page.len() >= self.page;
+                self.inbox.replay.extend(page);
+                continue;
+            }
+            if let Some(name) = self
+                .groups
+                .values()
+                .find(|g| g.cursor.need_replay)
+                .map(|g| Arc::clone(&g.name))
+            {
+                let Some(g) = self.groups.get_mut(&name) else {
+                    continue;
+                };
+                let page = self
+                    .store
+                    .group_since(&name, g.cursor.last, self.page)
+                    .await?;
+                g.cursor.need_replay = page.len() >= self.page;
+                g.cursor.replay.extend(page);
+                continue;
+            }
+            if let Some(push) = self.slot.pop_stream() {
+                if let Some(event) = self.take_push(push) {
+                    return Ok(event);
+                }
+                continue;
+            }
+            if let Some(delivery) = self.slot.pop() {
+                if let Some(event) = self.take_inbox(delivery) {
+                    return Ok(event);
+                }
+                continue;
+            }
+            if self.registry.ended() {
+                return Err(Closed::ShuttingDown);
+            }
+            self.slot.woken().await;
+        }
+    }
+
+    /// The next event from what was read from the store or held ahead.
+    fn next_buffered(&mut self) -> Option<StreamEvent> {
+        while let Some(d) = self.inbox.next_buffered(|d| d.seq) {
+            if let Some(event) = self.hand_out_inbox(d) {
+                return Some(event);
+            }
+        }
+        let names: Vec<Arc<str>> = self.groups.keys().cloned().collect();
+        for name in names {
+            while let Some(g) = self.groups.get_mut(&name) {
+                let Some(item) = g.cursor.next_buffered(|i| i.offset) else {
+                    break;
+                };
+                if let Some(event) = self.hand_out_item(&name, item, None) {
+                    return Some(event);
+                }
+            }
+        }
+        None
+    }
+
+    fn take_inbox(&mut self, delivery: Delivery) -> Option<StreamEvent> {
+        let seq = delivery.seq;
+        let d = self.inbox.offer(seq, delivery)?;
+        self.hand_out_inbox(d)
+    }
+
+    /// A group's copy in the inbox sequence is skipped (the group's stream
+    /// brings it); a direct send is handed out.
+    fn hand_out_inbox(&mut self, d: Delivery) -> Option<StreamEvent> {
+        if d.is_via_group() {
+            return None;
+        }
+        self.count_delivered();
+        Some(StreamEvent::Inbox(d))
+    }
+
+    fn take_push(&mut self, push: StreamPush) -> Option<StreamEvent> {
+        match push {
+            StreamPush::Item {
+                group,
+                offset,
+                notification,
+                json,
+            } => {
+                let item = GroupItem {
+                    offset,
+                    entry: GroupEntry::Notification(notification),
+                };
+                let g = self.groups.get_mut(&group)?;
+                let item = g.cursor.offer(offset, item)?;
+                self.hand_out_item(&group, item, json)
+            }
+            StreamPush::Left {
+                group,
+                user,
+                offset,
+            } => {
+                let item = GroupItem {
+                    offset,
+                    entry: GroupEntry::Left {
+                        user_id: user.to_string(),
+                    },
+                };
+                let g = self.groups.get_mut(&group)?;
+                let item = g.cursor.offer(offset, item)?;
+                self.hand_out_item(&group, item, None)
+            }
+            StreamPush::Joined {
+                group,
+                joined_after,
+            } => {
+                if self
+                    .groups
+                    .get(&group)
+                    .is_some_and(|g| g.left_after.is_none())
+                {
+                    return None; // A member already.
+                }
+                // Items committed after the join but dispatched before the
+                // slot was in the group's index are in the store: read
+                // from the join on.
+                self.groups.insert(
+                    Arc::clone(&group),
+                    GroupCursor {
+                        name: Arc::clone(&group),
+                        cursor: Cursor::new(joined_after, true),
+                        left_after: None,
+                        indexed: true,
+                    },
+                );
+                Some(StreamEvent::Joined {
+                    group,
+                    joined_after,
+                })
+            }
+        }
+    }
+
+    /// Hands out the group item that is next in its stream (the cursor has
+    /// moved past it): a notification inside the user's interval, or the
+    /// end of the interval at the user's own leave record.
+    fn hand_out_item(
+        &mut self,
+        group: &Arc<str>,
+        item: GroupItem,
+        json: Option<Arc<str>>,
+    ) -> Option<StreamEvent> {
+        let g = self.groups.get_mut(group)?;
+        if g.left_after.is_some_and(|left| item.offset > left) {
+            return None;
+        }
+        match item.entry {
+            GroupEntry::Notification(notification) => {
+                self.count_delivered();
+                Some(StreamEvent::Group {
+                    group: Arc::clone(group),
+                    offset: item.offset,
+                    notification,
+                    json,
+                })
+            }
+            GroupEntry::Left { user_id } if user_id == self.user => {
+                // The interval is complete: the group's stream ends here.
+                if g.indexed {
+                    self.registry.unindex_group(group, &self.slot);
+                }
+                self.groups.remove(group);
+                Some(StreamEvent::Left {
+                    group: Arc::clone(group),
+                    left_after: item.offset,
+                })
+            }
+            // Another member's leave: only a place in the stream.
+            _ => None,
+        }
+    }
+
+    fn count_delivered(&self) {
+        self.registry
+            .stats
+            .delivered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for StreamSubscription {
+    fn drop(&mut self) {
+        for g in self.groups.values().filter(|g| g.indexed) {
+            self.registry.unindex_group(&g.name, &self.slot);
+        }
+        self.registry.unregister(&self.user, &self.slot);
+    }
+}
