@@ -12,7 +12,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::broker::{Broker, BrokerError, BrokerEvent, GroupOffset, LocalBroker, Published};
+use crate::broker::{
+    Broker, BrokerError, BrokerEvent, ChangeKind, GroupOffset, LocalBroker, MembershipChange,
+    Published,
+};
 use crate::error::Error;
 use crate::notification::{Delivery, Limits, Notification, valid_id};
 use crate::registry::{HubStats, Registry};
@@ -332,6 +335,8 @@ impl Hub {
         let joined = self.inner.store.join_group(group, user).await?;
         if let Some(joined_after) = joined {
             self.inner.registry.joined(group, user, joined_after);
+            self.publish_change(ChangeKind::Join, group, user, joined_after)
+                .await;
         }
         Ok(joined.is_some())
     }
@@ -344,8 +349,32 @@ impl Hub {
         let left = self.inner.store.leave_group(group, user).await?;
         if let Some(offset) = left {
             self.inner.registry.left(group, user, offset);
+            self.publish_change(ChangeKind::Leave, group, user, offset)
+                .await;
         }
         Ok(left.is_some())
+    }
+
+    /// Tells the other nodes' stream subscriptions of a committed change of
+    /// membership. A failure is counted, not returned: the change is
+    /// stored, a leave still reaches them in order through the group's
+    /// items, and a join when the subscription restarts or resyncs.
+    async fn publish_change(&self, kind: ChangeKind, group: &str, user: &str, offset: u64) {
+        let change = Arc::new(MembershipChange {
+            kind,
+            group: group.to_owned(),
+            user: user.to_owned(),
+            offset,
+            origin: self.inner.node,
+        });
+        if let Err(e) = self.inner.broker.publish_change(change).await {
+            self.inner
+                .registry
+                .stats
+                .broker_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %crate::error::report(&e), "publishing a membership change failed");
+        }
     }
 
     /// The newest `limit` notifications of `user`, newest first.
@@ -675,6 +704,11 @@ fn handle(registry: &Registry, node: Uuid, event: &BrokerEvent) {
         // Our own send, echoed: already dispatched from the writer.
         BrokerEvent::Published(message) if message.origin == node => {}
         BrokerEvent::Published(message) => registry.dispatch(message),
+        BrokerEvent::Changed(change) if change.origin == node => {}
+        BrokerEvent::Changed(change) => match change.kind {
+            ChangeKind::Join => registry.joined(&change.group, &change.user, change.offset),
+            ChangeKind::Leave => registry.left(&change.group, &change.user, change.offset),
+        },
         BrokerEvent::Resync => registry.resync_all(),
     }
 }

@@ -50,7 +50,10 @@ pub mod server;
 pub mod store;
 mod subscription;
 
-pub use broker::{Broker, BrokerError, BrokerEvent, GroupOffset, LocalBroker, Published};
+pub use broker::{
+    Broker, BrokerError, BrokerEvent, ChangeKind, GroupOffset, LocalBroker, MembershipChange,
+    Published,
+};
 pub use error::{Error, ErrorKind};
 pub use hub::{Hub, HubConfig, Receipt};
 pub use notification::{Delivery, InvalidNotification, Limits, Notification};

@@ -120,3 +120,60 @@ async fn a_group_sends_stream_offset_crosses_the_broker() {
     };
     assert_eq!(*received, message);
 }
+
+/// A stream subscription on hub B follows what is done through hub A: the
+/// join (announced over the broker), the group's sends, and the leave,
+/// after which nothing of the group reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_subscriptions_follow_joins_sends_and_leaves_made_on_another_node() {
+    use notify_hub::StreamEvent;
+
+    let Some(redis) = TestRedis::create().await else {
+        return;
+    };
+    let (a, b) = two_hubs(&redis).await;
+    let mut sub = b.subscribe_streams("ann", None).await.unwrap();
+    a.join_group("team", "ann").await.unwrap();
+    let StreamEvent::Joined {
+        group,
+        joined_after,
+    } = next_event(&mut sub).await
+    else {
+        panic!("expected the join first");
+    };
+    assert_eq!((&*group, joined_after), ("team", 0));
+    for i in 1..=3 {
+        a.broadcast_to_group("team", note(i)).await.unwrap();
+    }
+    for i in 1..=3u64 {
+        let StreamEvent::Group {
+            offset,
+            notification,
+            ..
+        } = next_event(&mut sub).await
+        else {
+            panic!("expected the group's sends");
+        };
+        assert_eq!(offset, i);
+        assert_eq!(notification.title, format!("n{i}"));
+    }
+    a.leave_group("team", "ann").await.unwrap();
+    let StreamEvent::Left { left_after, .. } = next_event(&mut sub).await else {
+        panic!("expected the leave");
+    };
+    assert_eq!(left_after, 4);
+    a.broadcast_to_group("team", note(5)).await.unwrap();
+    a.send_to_users(&["ann"], note(6)).await.unwrap();
+    let StreamEvent::Inbox(d) = next_event(&mut sub).await else {
+        panic!("nothing of the group after the leave");
+    };
+    assert_eq!(d.notification.title, "n6");
+}
+
+/// The next stream event, or a panic after 5 s.
+async fn next_event(sub: &mut notify_hub::StreamSubscription) -> notify_hub::StreamEvent {
+    tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("an event within 5 s")
+        .expect("open")
+}

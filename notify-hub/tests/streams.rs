@@ -244,3 +244,58 @@ async fn a_bad_user_id_is_refused_and_shutdown_ends_subscriptions() {
         Err(notify_hub::Closed::ShuttingDown)
     ));
 }
+
+/// A join whose broker message was lost (made through another node, here
+/// one whose broker never reaches this one) is found when the broker asks
+/// for a resync: the subscription reads the memberships again and starts
+/// the group from the join.
+#[tokio::test]
+async fn a_resync_finds_a_join_whose_message_was_lost() {
+    use notify_hub::store::BoxFuture;
+    use notify_hub::{Broker, BrokerError, BrokerEvent, Published};
+    use tokio::sync::mpsc;
+
+    /// A broker whose subscriber the test holds, to send it a resync.
+    #[derive(Default)]
+    struct Manual(parking_lot::Mutex<Option<mpsc::Sender<BrokerEvent>>>);
+    impl Broker for Manual {
+        fn publish(&self, _m: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn subscribe(
+            &self,
+            sink: mpsc::Sender<BrokerEvent>,
+        ) -> BoxFuture<'_, Result<(), BrokerError>> {
+            *self.0.lock() = Some(sink);
+            Box::pin(async { Ok(()) })
+        }
+        fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    let store = Arc::new(MemoryStore::new());
+    let manual = Arc::new(Manual::default());
+    let here = Hub::start(
+        HubConfig::default(),
+        Arc::clone(&store),
+        Arc::clone(&manual),
+    )
+    .await
+    .unwrap();
+    let elsewhere = Hub::start(HubConfig::default(), Arc::clone(&store), LocalBroker::new())
+        .await
+        .unwrap();
+    let mut sub = here.subscribe_streams("ann", None).await.unwrap();
+    elsewhere.join_group("team", "ann").await.unwrap();
+    elsewhere
+        .broadcast_to_group("team", note("missed"))
+        .await
+        .unwrap();
+    let sink = manual.0.lock().clone().unwrap();
+    sink.send(BrokerEvent::Resync).await.unwrap();
+    assert_eq!(next_n(&mut sub, 2).await, ["+team@0", "team:1:missed"]);
+    // And it is in the group's index now: a send through this node is live.
+    here.broadcast_to_group("team", note("live")).await.unwrap();
+    assert_eq!(show(&next(&mut sub).await), "team:2:live");
+}

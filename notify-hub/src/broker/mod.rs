@@ -59,11 +59,47 @@ pub struct GroupOffset {
     pub offset: u64,
 }
 
+/// A committed change of membership, on its way to the nodes that hold
+/// the user's stream subscriptions (ADR 0026). JSON:
+/// `{"c": "join" | "leave", "g": group, "u": user, "k": offset, "o": origin}`,
+/// where `k` is the join's `joined_after` or the leave record's offset.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MembershipChange {
+    /// Joined or left.
+    #[serde(rename = "c")]
+    pub kind: ChangeKind,
+    /// The group.
+    #[serde(rename = "g")]
+    pub group: String,
+    /// The user.
+    #[serde(rename = "u")]
+    pub user: String,
+    /// `joined_after` for a join, the leave record's offset for a leave.
+    #[serde(rename = "k")]
+    pub offset: u64,
+    /// The hub node that committed it; it skips its own.
+    #[serde(rename = "o", default)]
+    pub origin: Uuid,
+}
+
+/// What a [`MembershipChange`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// The user joined the group.
+    Join,
+    /// The user left the group.
+    Leave,
+}
+
 /// What a broker hands to its hub.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum BrokerEvent {
     /// A committed send, from any node.
     Published(Arc<Published>),
+    /// A committed change of membership, from any node.
+    Changed(Arc<MembershipChange>),
     /// Messages may have been lost (the subscriber lagged or reconnected):
     /// every local connection re-reads its stream from the store.
     Resync,
@@ -116,11 +152,29 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Checks that the broker answers (for readiness probes).
     fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// Sends a membership change to every subscribed node, for their
+    /// stream subscriptions. The default does nothing: right for a broker
+    /// with no other node to reach. A broker that connects nodes forwards
+    /// them to the subscribed sinks as [`BrokerEvent::Changed`].
+    fn publish_change(
+        &self,
+        change: Arc<MembershipChange>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let _ = change;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 impl<B: Broker + ?Sized> Broker for Arc<B> {
     fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
         (**self).publish(message)
+    }
+    fn publish_change(
+        &self,
+        change: Arc<MembershipChange>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        (**self).publish_change(change)
     }
     fn subscribe(&self, sink: mpsc::Sender<BrokerEvent>) -> BoxFuture<'_, Result<(), BrokerError>> {
         (**self).subscribe(sink)

@@ -6,14 +6,16 @@ use std::time::Duration;
 use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, BrokerEvent, Published};
+use super::{Broker, BrokerError, BrokerEvent, MembershipChange, Published};
 use crate::store::BoxFuture;
 
 /// How long a publish (or ping) may take before it counts as failed.
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A [`Broker`] over Redis pub/sub: every node publishes to and subscribes
-/// to one channel, `{prefix}notify:deliveries`.
+/// to one channel for sends, `{prefix}notify:deliveries`, and one for
+/// membership changes, `{prefix}notify:memberships` (a node that predates
+/// stream subscriptions never subscribes to it).
 ///
 /// Pub/sub is fire-and-forget: a node that is disconnected from Redis misses
 /// what is published meanwhile. Nothing is lost for the user: the
@@ -21,6 +23,7 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_millis(500);
 /// the next message (or the client resumes with `since` after reconnecting).
 pub struct RedisBroker {
     channel: String,
+    changes: String,
     publisher: fred::clients::Client,
     subscriber: fred::clients::SubscriberClient,
     subscribed: parking_lot::Mutex<bool>,
@@ -30,6 +33,7 @@ impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
             .field("channel", &self.channel)
+            .field("changes", &self.changes)
             .finish_non_exhaustive()
     }
 }
@@ -48,10 +52,30 @@ impl RedisBroker {
         let subscriber = setup.connect_subscriber().await.map_err(unavailable)?;
         Ok(RedisBroker {
             channel: format!("{prefix}notify:deliveries"),
+            changes: format!("{prefix}notify:memberships"),
             publisher,
             subscriber,
             subscribed: parking_lot::Mutex::new(false),
         })
+    }
+}
+
+impl RedisBroker {
+    /// Publishes `payload` on `channel`, bounded: during an outage fred
+    /// would hold the command until it reconnects, and the writer (and
+    /// every send behind it) with it.
+    async fn send(&self, channel: &str, payload: String) -> Result<(), BrokerError> {
+        match tokio::time::timeout(
+            PUBLISH_TIMEOUT,
+            self.publisher.publish::<i64, _, _>(channel, payload),
+        )
+        .await
+        {
+            Ok(result) => result
+                .map(drop)
+                .map_err(|e| BrokerError::unavailable("publish", e)),
+            Err(elapsed) => Err(BrokerError::unavailable("publish timed out", elapsed)),
+        }
     }
 }
 
@@ -60,20 +84,18 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             let payload = serde_json::to_string(&*message)
                 .map_err(|e| BrokerError::unavailable("publish: encoding the message", e))?;
-            // Bounded: during an outage fred would hold the command until it
-            // reconnects, and the writer (and every send behind it) with it.
-            match tokio::time::timeout(
-                PUBLISH_TIMEOUT,
-                self.publisher
-                    .publish::<i64, _, _>(self.channel.as_str(), payload),
-            )
-            .await
-            {
-                Ok(result) => result
-                    .map(drop)
-                    .map_err(|e| BrokerError::unavailable("publish", e)),
-                Err(elapsed) => Err(BrokerError::unavailable("publish timed out", elapsed)),
-            }
+            self.send(&self.channel, payload).await
+        })
+    }
+
+    fn publish_change(
+        &self,
+        change: Arc<MembershipChange>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let payload = serde_json::to_string(&*change)
+                .map_err(|e| BrokerError::unavailable("publish: encoding the change", e))?;
+            self.send(&self.changes, payload).await
         })
     }
 
@@ -90,20 +112,27 @@ impl Broker for RedisBroker {
             // After a reconnect, whatever was published meanwhile is gone.
             let mut reconnects = self.subscriber.reconnect_rx();
             let channel = self.channel.clone();
+            let changes = self.changes.clone();
             tokio::spawn(async move {
                 use tokio::sync::broadcast::error::RecvError;
                 loop {
                     let event = tokio::select! {
                         received = messages.recv() => match received {
                             Ok(message) => {
-                                if *message.channel != *channel {
-                                    continue;
-                                }
                                 let Some(bytes) = message.value.as_bytes() else {
                                     continue;
                                 };
-                                match serde_json::from_slice::<Published>(bytes) {
-                                    Ok(published) => BrokerEvent::Published(Arc::new(published)),
+                                let decoded = if *message.channel == *channel {
+                                    serde_json::from_slice::<Published>(bytes)
+                                        .map(|p| BrokerEvent::Published(Arc::new(p)))
+                                } else if *message.channel == *changes {
+                                    serde_json::from_slice::<MembershipChange>(bytes)
+                                        .map(|c| BrokerEvent::Changed(Arc::new(c)))
+                                } else {
+                                    continue;
+                                };
+                                match decoded {
+                                    Ok(event) => event,
                                     Err(e) => {
                                         tracing::warn!(error = %e, "undecodable broker message");
                                         continue;
@@ -130,7 +159,7 @@ impl Broker for RedisBroker {
                 }
             });
             self.subscriber
-                .subscribe(self.channel.as_str())
+                .subscribe(vec![self.channel.as_str(), self.changes.as_str()])
                 .await
                 .map_err(|e| BrokerError::unavailable("subscribe", e))
         })

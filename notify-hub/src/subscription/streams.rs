@@ -151,6 +151,9 @@ pub struct StreamSubscription {
     page: usize,
     inbox: Cursor<Delivery>,
     groups: BTreeMap<Arc<str>, GroupCursor>,
+    /// Membership changes from other nodes may have been lost (a broker
+    /// resync): read the memberships again.
+    reread_memberships: bool,
 }
 
 impl std::fmt::Debug for StreamSubscription {
@@ -184,6 +187,7 @@ impl StreamSubscription {
             page: page.max(1),
             inbox: Cursor::new(0, false),
             groups: BTreeMap::new(),
+            reread_memberships: false,
         };
         // Memberships and their heads in one snapshot: a leave after it
         // has a higher offset than the head read here, so the cursor meets
@@ -274,6 +278,16 @@ impl StreamSubscription {
                 for g in self.groups.values_mut() {
                     g.cursor.need_replay = true;
                 }
+                self.reread_memberships = true;
+            }
+            if self.reread_memberships {
+                let joined = self.catch_up_joins().await?;
+                self.reread_memberships = false;
+                if let Some(event) = joined {
+                    // More may follow: look again before going live.
+                    self.reread_memberships = true;
+                    return Ok(event);
+                }
             }
             if let Some(event) = self.next_buffered() {
                 return Ok(event);
@@ -321,6 +335,35 @@ impl StreamSubscription {
             }
             self.slot.woken().await;
         }
+    }
+
+    /// Reads the memberships again and starts the first current group this
+    /// subscription does not read (a join whose message was lost), from its
+    /// join on. A leave needs nothing here: every group is replayed after a
+    /// resync, and its record is met there.
+    async fn catch_up_joins(&mut self) -> Result<Option<StreamEvent>, Closed> {
+        let memberships = self.store.memberships(&self.user).await?;
+        let Some(m) = memberships
+            .into_iter()
+            .find(|m| m.left_after.is_none() && !self.groups.contains_key(m.group.as_str()))
+        else {
+            return Ok(None);
+        };
+        self.registry.index_group(&m.group, &self.slot);
+        let group: Arc<str> = Arc::from(m.group.as_str());
+        self.groups.insert(
+            Arc::clone(&group),
+            GroupCursor {
+                name: Arc::clone(&group),
+                cursor: Cursor::new(m.joined_after, true),
+                left_after: None,
+                indexed: true,
+            },
+        );
+        Ok(Some(StreamEvent::Joined {
+            group,
+            joined_after: m.joined_after,
+        }))
     }
 
     /// The next event from what was read from the store or held ahead.
