@@ -951,3 +951,192 @@ async fn an_upgrade_without_hypers_upgrade_handle_is_refused_before_subscribing(
     assert_eq!(response.status(), 500);
     assert_eq!(hub.connection_count(), 0);
 }
+
+/// Connects with the `notify.v2` subprotocol (and `query`, e.g. a
+/// position); the token goes in the subprotocol list.
+async fn connect_v2(addr: SocketAddr, user: &str, groups: &[&str], query: &str) -> Ws {
+    let mut request = format!("ws://{addr}/v1/ws?{query}")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("notify.v2, notify.v1, bearer.{}", token(user, groups, &[]))
+            .parse()
+            .unwrap(),
+    );
+    let (ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "notify.v2");
+    ws
+}
+
+/// notify.v2: the welcome's position, an inbox and a group stream each
+/// numbered on its own, joins and leaves as frames, acks checked against
+/// what was delivered, a resume from a position, and a connect with one.
+#[tokio::test]
+async fn notify_v2_streams_frames_acks_and_resume() {
+    let (addr, hub) = start().await;
+    hub.broadcast_to_group("team", Notification::new("t", "before", "m"))
+        .await
+        .unwrap();
+    // The token's `groups` claim joins `team` at connect: after offset 1.
+    let mut ws = connect_v2(addr, "vic", &["team"], "").await;
+    let welcome = frame(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome["protocol"], "notify.v2");
+    assert_eq!(
+        welcome["position"],
+        serde_json::json!({"inbox": 0, "groups": {"team": 1}})
+    );
+
+    hub.broadcast_to_group("team", Notification::new("t", "b2", "m"))
+        .await
+        .unwrap();
+    let group = frame(&mut ws).await;
+    assert_eq!(
+        (
+            &group["type"],
+            &group["stream"],
+            &group["group"],
+            &group["offset"]
+        ),
+        (
+            &"notification".into(),
+            &"group".into(),
+            &"team".into(),
+            &2.into()
+        )
+    );
+    assert_eq!(group["notification"]["title"], "b2");
+    hub.send_to_users(&["vic"], Notification::new("t", "d1", "m"))
+        .await
+        .unwrap();
+    let inbox = frame(&mut ws).await;
+    // Seq 1 was the broadcast's v1 copy: the inbox skips it.
+    assert_eq!(
+        (&inbox["stream"], &inbox["seq"]),
+        (&"inbox".into(), &2.into())
+    );
+    assert_eq!(inbox["notification"]["title"], "d1");
+
+    hub.join_group("ops", "vic").await.unwrap();
+    let joined = frame(&mut ws).await;
+    assert_eq!(
+        joined,
+        serde_json::json!({"type": "joined", "group": "ops", "joined_after": 0})
+    );
+    hub.leave_group("team", "vic").await.unwrap();
+    let left = frame(&mut ws).await;
+    assert_eq!(
+        left,
+        serde_json::json!({"type": "left", "group": "team", "left_after": 3})
+    );
+
+    // Acks: within what was delivered, fine; beyond it, refused.
+    let ack = |p: serde_json::Value| {
+        Message::text(serde_json::json!({"type": "ack", "position": p}).to_string())
+    };
+    ws.send(ack(serde_json::json!({"inbox": 2}))).await.unwrap();
+    ws.send(ack(serde_json::json!({"inbox": 9}))).await.unwrap();
+    let refused = frame(&mut ws).await;
+    assert_eq!(
+        (&refused["type"], &refused["code"]),
+        (&"error".into(), &"invalid_ack".into())
+    );
+    ws.send(ack(serde_json::json!({"groups": {"nope": 1}})))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["code"], "invalid_ack");
+    // A v1 frame is not a v2 frame.
+    ws.send(Message::text(r#"{"type":"ack","seq":1}"#))
+        .await
+        .unwrap();
+    assert_eq!(frame(&mut ws).await["code"], "invalid_frame");
+
+    // Resume from an earlier position: the group is replayed up to the
+    // leave, and the inbox after seq 0.
+    ws.send(Message::text(
+        r#"{"type":"resume","position":{"inbox":0,"groups":{"team":1}}}"#,
+    ))
+    .await
+    .unwrap();
+    let mut replayed = Vec::new();
+    for _ in 0..3 {
+        let f = frame(&mut ws).await;
+        replayed.push(format!(
+            "{}:{}",
+            f["type"].as_str().unwrap(),
+            f["notification"]["title"]
+                .as_str()
+                .or(f["group"].as_str())
+                .unwrap()
+        ));
+    }
+    replayed.sort();
+    assert_eq!(
+        replayed,
+        ["left:team", "notification:b2", "notification:d1"]
+    );
+    drop(ws);
+
+    // Connecting with a position: the same replay, from the start.
+    let position = r#"{"inbox":2,"groups":{"ops":0}}"#;
+    hub.broadcast_to_group("ops", Notification::new("t", "o1", "m"))
+        .await
+        .unwrap();
+    let query = format!("position={}", urlencode(position));
+    let mut ws = connect_v2(addr, "vic", &[], &query).await;
+    let welcome = frame(&mut ws).await;
+    assert_eq!(
+        welcome["position"],
+        serde_json::json!({"inbox": 2, "groups": {"ops": 0}})
+    );
+    let o1 = frame(&mut ws).await;
+    assert_eq!((&o1["group"], &o1["offset"]), (&"ops".into(), &1.into()));
+    drop(ws);
+    assert_connections_drop_to_zero(&hub).await;
+}
+
+#[tokio::test]
+async fn a_position_belongs_to_v2_and_since_to_v1() {
+    let (addr, _hub) = start().await;
+    let user = token("wes", &[], &[]);
+    let upgrade = |query: &str, protocols: &str| {
+        format!(
+            "GET /v1/ws?{query} HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-protocol: {protocols}\r\nauthorization: Bearer {user}\r\n\r\n"
+        )
+    };
+    for (query, protocols, code) in [
+        ("since=1", "notify.v2", "invalid_since"),
+        ("position=%7B%7D", "notify.v1", "invalid_position"),
+        (
+            "position=%7B%22inbox%22%3A-1%7D",
+            "notify.v2",
+            "invalid_position",
+        ),
+        (
+            "position=%7B%22bad%22%3A1%7D",
+            "notify.v2",
+            "invalid_position",
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(upgrade(query, protocols).as_bytes())
+            .await
+            .unwrap();
+        let mut response = vec![0u8; 4096];
+        let n = stream.read(&mut response).await.unwrap();
+        let response = String::from_utf8_lossy(&response[..n]).to_string();
+        assert!(response.starts_with("HTTP/1.1 400"), "{query}: {response}");
+        assert!(response.contains(code), "{query}: {response}");
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

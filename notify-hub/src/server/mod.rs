@@ -6,6 +6,7 @@
 mod api;
 mod demo;
 mod metrics;
+mod session;
 mod ws;
 
 pub use metrics::ServerMetrics;

@@ -10,7 +10,6 @@ use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_kit::{ConnectionSlot, Query, Shutdown, bearer_token};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -20,10 +19,11 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use time_kit::SharedClock;
 
+use super::session::{Reply, SUBPROTOCOL_V1, SUBPROTOCOL_V2, Session, parse_position};
 use super::{Body, NotifyServer, error};
 use crate::auth::AuthError;
 use crate::error::report;
-use crate::subscription::{Closed, Subscription};
+use crate::subscription::Closed;
 
 /// The WebSocket close codes the server sends.
 pub mod close_codes {
@@ -54,16 +54,6 @@ const READ_BUFFER: usize = 512;
 
 /// The close reason of [`close_codes::TOKEN_EXPIRED`].
 const TOKEN_EXPIRED_REASON: &str = "token expired: reconnect with a fresh token";
-
-/// The subprotocol a client may offer alongside `bearer.<token>`.
-pub(crate) const SUBPROTOCOL: &str = "notify.v1";
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum ClientFrame {
-    Ack { seq: u64 },
-    Resume { since: u64 },
-}
 
 pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -> Response<Body> {
     let headers = request.headers();
@@ -144,8 +134,17 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
         Ok(identity) => identity,
         Err(e) => return refused(&e),
     };
+    // `notify.v2` when offered (the stream protocol), else `notify.v1`.
+    let v2 = offered.iter().any(|p| p == SUBPROTOCOL_V2);
     let since = match query.get("since") {
         None => None,
+        Some(_) if v2 => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_since",
+                "`since` is notify.v1's: with notify.v2, give `position`",
+            );
+        }
         Some(s) => match s.parse::<u64>() {
             Ok(n) => Some(n),
             Err(_) => {
@@ -153,6 +152,28 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
                     StatusCode::BAD_REQUEST,
                     "invalid_since",
                     "`since` must be a non-negative integer",
+                );
+            }
+        },
+    };
+    let position = match query.get("position") {
+        None => None,
+        Some(_) if !v2 => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_position",
+                "`position` is notify.v2's: offer that subprotocol",
+            );
+        }
+        Some(text) => match parse_position(text) {
+            Ok(position) => Some(position),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_position",
+                    &format!(
+                        "`position` must be JSON {{\"inbox\": n, \"groups\": {{group: offset}}}}: {e}"
+                    ),
                 );
             }
         },
@@ -174,9 +195,22 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
             return hub_error(&e);
         }
     }
-    let subscription = match hub.subscribe(&identity.user_id, since).await {
-        Ok(s) => s,
-        Err(e) => return hub_error(&e),
+    let session = if v2 {
+        match hub
+            .subscribe_streams(&identity.user_id, position.as_ref())
+            .await
+        {
+            Ok(subscription) => Session::V2 {
+                acked: position.unwrap_or_default(),
+                subscription,
+            },
+            Err(e) => return hub_error(&e),
+        }
+    } else {
+        match hub.subscribe(&identity.user_id, since).await {
+            Ok(s) => Session::V1(s),
+            Err(e) => return hub_error(&e),
+        }
     };
 
     let mut response = Response::builder()
@@ -187,8 +221,10 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
             header::SEC_WEBSOCKET_ACCEPT,
             derive_accept_key(key.as_bytes()),
         );
-    if offered.iter().any(|p| p == SUBPROTOCOL) {
-        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    if v2 {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL_V2);
+    } else if offered.iter().any(|p| p == SUBPROTOCOL_V1) {
+        response = response.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL_V1);
     }
     let server = server.clone();
     // The socket outlives this request: it keeps the server's drain waiting
@@ -215,7 +251,7 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
                     Some(config),
                 )
                 .await;
-                run(&server, socket, subscription, expires_at).await;
+                run(&server, socket, session, expires_at).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
@@ -251,24 +287,6 @@ fn until(exp: i64, clock: &SharedClock) -> Option<tokio::time::Instant> {
         .checked_add(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0)))
 }
 
-/// `{"type":"notification","seq":…,"notification":…}`, written into one
-/// allocation of the right size (`format!` grew its string two or three
-/// times per frame).
-fn notification_frame(seq: u64, notification_json: &str) -> String {
-    use std::fmt::Write as _;
-    const HEAD: &str = r#"{"type":"notification","seq":"#;
-    const MIDDLE: &str = r#","notification":"#;
-    // 20 digits: the longest u64.
-    let mut frame =
-        String::with_capacity(HEAD.len() + 20 + MIDDLE.len() + notification_json.len() + 1);
-    frame.push_str(HEAD);
-    let _ = write!(frame, "{seq}"); // Writing to a String cannot fail.
-    frame.push_str(MIDDLE);
-    frame.push_str(notification_json);
-    frame.push('}');
-    frame
-}
-
 /// Sends `message`, giving up after `timeout`. The timer is armed only
 /// when the write cannot complete at once (the socket's buffer is full):
 /// almost every write completes in its first poll, and a tokio timer armed
@@ -301,7 +319,7 @@ fn error_frame(code: &str, message: &str) -> Message {
 async fn run<S>(
     server: &NotifyServer,
     socket: WebSocketStream<S>,
-    mut subscription: Subscription,
+    mut session: Session,
     expires_at: Option<i64>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -312,12 +330,7 @@ async fn run<S>(
     let (mut sink, mut stream) = socket.split();
     // Serialized at once: a `Value` held here would stay in the task's
     // state, on the heap, for as long as the connection lives.
-    let welcome = serde_json::json!({
-        "type": "welcome",
-        "user_id": subscription.user_id(),
-        "last_seq": subscription.latest_at_start(),
-    })
-    .to_string();
+    let welcome = session.welcome();
     // Every write is bounded: a peer that stops reading must not pin the
     // task (and its queue) forever; it is dropped instead.
     let write_timeout = config.write_timeout;
@@ -349,16 +362,15 @@ async fn run<S>(
     let mut invalid = 0u32;
     let end: Option<Message> = loop {
         tokio::select! {
-            delivery = subscription.next() => match delivery {
-                Ok(d) => {
-                    let frame = notification_frame(d.seq, &d.notification_json());
-                    if !send!(Message::text(frame)) {
+            outgoing = session.next() => match outgoing {
+                Ok(frame) => {
+                    if !send!(Message::text(frame.text)) {
                         break None;
                     }
                     // Live deliveries only: a replay's age is not a latency.
                     // In integer nanoseconds: chrono's duration arithmetic
                     // showed in the fan-out's profile.
-                    if let Some(sent_ns) = d.notification.timestamp.filter(|_| d.is_live()).and_then(|ts| ts.timestamp_nanos_opt()) {
+                    if let Some(sent_ns) = frame.live_since.and_then(|ts| ts.timestamp_nanos_opt()) {
                         let latency_ns = time_kit::unix_nanos(clock.now()).saturating_sub(sent_ns).max(0);
                         metrics.latency.observe(latency_ns as f64 / 1e9);
                     }
@@ -371,28 +383,25 @@ async fn run<S>(
                 }
             },
             message = stream.next() => match message {
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
-                    Ok(ClientFrame::Ack { seq }) => {
-                        if !subscription.ack(seq)
-                            && !send!(error_frame("invalid_ack", "ack beyond the last delivered seq"))
-                        {
+                Some(Ok(Message::Text(text))) => match session.client_frame(&text, &server.inner.hub).await {
+                    Ok(Reply::Done) => {}
+                    Ok(Reply::Refused(code, message)) => {
+                        if !send!(error_frame(code, message)) {
                             break None;
                         }
                     }
-                    Ok(ClientFrame::Resume { since }) => {
-                        if let Err(e) = subscription.resume(since).await {
-                            tracing::warn!(error = %report(&e), "resume failed");
-                            break Some(close(close_codes::INTERNAL, "replay failed: resume with since"));
-                        }
-                    }
-                    Err(e) => {
+                    Ok(Reply::Invalid(message)) => {
                         invalid += 1;
                         if invalid > config.max_invalid_frames {
                             break Some(close(close_codes::POLICY, "too many invalid frames"));
                         }
-                        if !send!(error_frame("invalid_frame", &e.to_string())) {
+                        if !send!(error_frame("invalid_frame", &message)) {
                             break None;
                         }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %report(&e), "resume failed");
+                        break Some(close(close_codes::INTERNAL, "replay failed: resume with since"));
                     }
                 },
                 Some(Ok(Message::Binary(_))) => {

@@ -1,0 +1,248 @@
+//! What a WebSocket connection speaks: protocol `notify.v1` (one sequence
+//! per user) or `notify.v2` (an inbox and a stream per group, ADR 0026).
+//! The connection loop in `ws` is the same for both; a [`Session`] turns
+//! the subscription's output into frames and the client's frames into
+//! acks and resumes. docs/notify-hub/PROTOCOL.md describes both.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::Hub;
+use crate::notification::Notification;
+use crate::subscription::{Closed, Position, StreamEvent, StreamSubscription, Subscription};
+
+/// The subprotocol of the one-sequence protocol.
+pub(crate) const SUBPROTOCOL_V1: &str = "notify.v1";
+
+/// The subprotocol of the stream protocol.
+pub(crate) const SUBPROTOCOL_V2: &str = "notify.v2";
+
+/// A frame for the client, and the notification's timestamp when it was
+/// delivered live (for the latency metric).
+pub(crate) struct Outgoing {
+    pub(crate) text: String,
+    pub(crate) live_since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// What a client frame asks for, once handled.
+pub(crate) enum Reply {
+    /// Done; nothing to answer.
+    Done,
+    /// Answer with an `error` frame of this code and message (the frame was
+    /// understood but refused, e.g. an ack beyond what was delivered).
+    Refused(&'static str, &'static str),
+    /// Not a frame of this protocol: counts towards the invalid-frame limit.
+    Invalid(String),
+}
+
+/// A position as the client writes it: `{"inbox": n, "groups": {g: k}}`,
+/// both optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PositionFrame {
+    #[serde(default)]
+    inbox: u64,
+    #[serde(default)]
+    groups: BTreeMap<String, u64>,
+}
+
+impl From<PositionFrame> for Position {
+    fn from(p: PositionFrame) -> Position {
+        Position {
+            inbox: p.inbox,
+            groups: p.groups,
+        }
+    }
+}
+
+/// Parses a position (the `position` query parameter of a v2 connect).
+pub(crate) fn parse_position(text: &str) -> Result<Position, serde_json::Error> {
+    serde_json::from_str::<PositionFrame>(text).map(Position::from)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientFrameV1 {
+    Ack { seq: u64 },
+    Resume { since: u64 },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientFrameV2 {
+    Ack { position: PositionFrame },
+    Resume { position: PositionFrame },
+}
+
+/// One connection's subscription, in the protocol it negotiated.
+pub(crate) enum Session {
+    V1(Subscription),
+    V2 {
+        subscription: StreamSubscription,
+        acked: Position,
+    },
+}
+
+fn position_json(p: &Position) -> serde_json::Value {
+    serde_json::json!({"inbox": p.inbox, "groups": p.groups})
+}
+
+fn json_of(notification: &Notification, json: Option<&Arc<str>>) -> String {
+    match json {
+        Some(json) => json.to_string(),
+        None => serde_json::to_string(notification).unwrap_or_default(),
+    }
+}
+
+impl Session {
+    /// The first frame: who the connection is for and where it starts.
+    pub(crate) fn welcome(&self) -> String {
+        match self {
+            Session::V1(s) => serde_json::json!({
+                "type": "welcome",
+                "user_id": s.user_id(),
+                "last_seq": s.latest_at_start(),
+            })
+            .to_string(),
+            Session::V2 { subscription, .. } => serde_json::json!({
+                "type": "welcome",
+                "user_id": subscription.user_id(),
+                "protocol": SUBPROTOCOL_V2,
+                "position": position_json(&subscription.position()),
+            })
+            .to_string(),
+        }
+    }
+
+    /// The next frame to send.
+    pub(crate) async fn next(&mut self) -> Result<Outgoing, Closed> {
+        match self {
+            Session::V1(s) => {
+                let d = s.next().await?;
+                Ok(Outgoing {
+                    text: notification_frame(d.seq, &d.notification_json()),
+                    live_since: d.notification.timestamp.filter(|_| d.is_live()),
+                })
+            }
+            Session::V2 { subscription, .. } => {
+                let event = subscription.next().await?;
+                Ok(match event {
+                    StreamEvent::Inbox(d) => Outgoing {
+                        text: format!(
+                            r#"{{"type":"notification","stream":"inbox","seq":{},"notification":{}}}"#,
+                            d.seq,
+                            d.notification_json()
+                        ),
+                        live_since: d.notification.timestamp.filter(|_| d.is_live()),
+                    },
+                    StreamEvent::Group {
+                        group,
+                        offset,
+                        notification,
+                        json,
+                    } => Outgoing {
+                        text: format!(
+                            r#"{{"type":"notification","stream":"group","group":{},"offset":{offset},"notification":{}}}"#,
+                            serde_json::Value::from(&*group),
+                            json_of(&notification, json.as_ref())
+                        ),
+                        live_since: notification.timestamp.filter(|_| json.is_some()),
+                    },
+                    StreamEvent::Joined {
+                        group,
+                        joined_after,
+                    } => Outgoing {
+                        text: serde_json::json!({
+                            "type": "joined", "group": &*group, "joined_after": joined_after,
+                        })
+                        .to_string(),
+                        live_since: None,
+                    },
+                    StreamEvent::Left { group, left_after } => Outgoing {
+                        text: serde_json::json!({
+                            "type": "left", "group": &*group, "left_after": left_after,
+                        })
+                        .to_string(),
+                        live_since: None,
+                    },
+                })
+            }
+        }
+    }
+
+    /// Handles a text frame from the client.
+    pub(crate) async fn client_frame(&mut self, text: &str, hub: &Hub) -> Result<Reply, Closed> {
+        match self {
+            Session::V1(s) => match serde_json::from_str::<ClientFrameV1>(text) {
+                Ok(ClientFrameV1::Ack { seq }) => Ok(if s.ack(seq) {
+                    Reply::Done
+                } else {
+                    Reply::Refused("invalid_ack", "ack beyond the last delivered seq")
+                }),
+                Ok(ClientFrameV1::Resume { since }) => {
+                    s.resume(since).await?;
+                    Ok(Reply::Done)
+                }
+                Err(e) => Ok(Reply::Invalid(e.to_string())),
+            },
+            Session::V2 {
+                subscription,
+                acked,
+            } => match serde_json::from_str::<ClientFrameV2>(text) {
+                Ok(ClientFrameV2::Ack { position }) => {
+                    let delivered = subscription.position();
+                    let within = position.inbox <= delivered.inbox
+                        && position
+                            .groups
+                            .iter()
+                            .all(|(g, k)| delivered.groups.get(g).is_some_and(|d| k <= d));
+                    if !within {
+                        return Ok(Reply::Refused(
+                            "invalid_ack",
+                            "ack beyond what was delivered, or of a group not read",
+                        ));
+                    }
+                    acked.inbox = acked.inbox.max(position.inbox);
+                    for (g, k) in position.groups {
+                        let at = acked.groups.entry(g).or_default();
+                        *at = (*at).max(k);
+                    }
+                    Ok(Reply::Done)
+                }
+                Ok(ClientFrameV2::Resume { position }) => {
+                    let position = Position::from(position);
+                    *subscription = hub
+                        .subscribe_streams(subscription.user_id(), Some(&position))
+                        .await
+                        .map_err(|e| match e {
+                            crate::Error::Store(e) => Closed::Store(e),
+                            _ => Closed::ShuttingDown,
+                        })?;
+                    *acked = position;
+                    Ok(Reply::Done)
+                }
+                Err(e) => Ok(Reply::Invalid(e.to_string())),
+            },
+        }
+    }
+}
+
+/// `{"type":"notification","seq":…,"notification":…}`, written into one
+/// allocation of the right size (`format!` grew its string two or three
+/// times per frame).
+fn notification_frame(seq: u64, notification_json: &str) -> String {
+    use std::fmt::Write as _;
+    const HEAD: &str = r#"{"type":"notification","seq":"#;
+    const MIDDLE: &str = r#","notification":"#;
+    // 20 digits: the longest u64.
+    let mut frame =
+        String::with_capacity(HEAD.len() + 20 + MIDDLE.len() + notification_json.len() + 1);
+    frame.push_str(HEAD);
+    let _ = write!(frame, "{seq}"); // Writing to a String cannot fail.
+    frame.push_str(MIDDLE);
+    frame.push_str(notification_json);
+    frame.push('}');
+    frame
+}
