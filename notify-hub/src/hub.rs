@@ -332,13 +332,21 @@ impl Hub {
     /// user's stream subscriptions on this node start receiving the group.
     pub async fn join_group(&self, group: &str, user: &str) -> Result<bool, Error> {
         check_ids(group, user)?;
-        let joined = self.inner.store.join_group(group, user).await?;
-        if let Some(joined_after) = joined {
-            self.inner.registry.joined(group, user, joined_after);
-            self.publish_change(ChangeKind::Join, group, user, joined_after)
-                .await;
-        }
-        Ok(joined.is_some())
+        // In a task of its own: once the store has committed, the local
+        // subscriptions and the other nodes must hear of it even if the
+        // caller stops waiting.
+        let hub = self.clone();
+        let (group, user) = (group.to_owned(), user.to_owned());
+        let joined = tokio::spawn(async move {
+            let joined = hub.inner.store.join_group(&group, &user).await?;
+            if let Some(joined_after) = joined {
+                hub.inner.registry.joined(&group, &user, joined_after);
+                hub.publish_change(ChangeKind::Join, &group, &user, joined_after)
+                    .await;
+            }
+            Ok::<_, Error>(joined.is_some())
+        });
+        joined.await.map_err(|_| Error::ShutDown)?
     }
 
     /// Removes `user` from `group`; `true` if they were a member. Stream
@@ -346,13 +354,19 @@ impl Hub {
     /// stream.
     pub async fn leave_group(&self, group: &str, user: &str) -> Result<bool, Error> {
         check_ids(group, user)?;
-        let left = self.inner.store.leave_group(group, user).await?;
-        if let Some(offset) = left {
-            self.inner.registry.left(group, user, offset);
-            self.publish_change(ChangeKind::Leave, group, user, offset)
-                .await;
-        }
-        Ok(left.is_some())
+        // In a task of its own, as a join.
+        let hub = self.clone();
+        let (group, user) = (group.to_owned(), user.to_owned());
+        let left = tokio::spawn(async move {
+            let left = hub.inner.store.leave_group(&group, &user).await?;
+            if let Some(offset) = left {
+                hub.inner.registry.left(&group, &user, offset);
+                hub.publish_change(ChangeKind::Leave, &group, &user, offset)
+                    .await;
+            }
+            Ok::<_, Error>(left.is_some())
+        });
+        left.await.map_err(|_| Error::ShutDown)?
     }
 
     /// Tells the other nodes' stream subscriptions of a committed change of
@@ -429,16 +443,16 @@ impl Hub {
     /// Subscribes to `user`'s streams (ADR 0026): their inbox (direct
     /// sends) and one stream per group they are a member of, each numbered
     /// on its own. With `from`, every stream it names continues after it
-    /// (a past membership is read to its leave record); the others, and
-    /// everything without `from`, start at their current end. Either way
-    /// each stream continues live with no gap and no duplicate, and joins
-    /// and leaves made through this hub arrive as
+    /// (a past membership is read to its leave record, then a current one
+    /// of the same group from its start), and a current group it does not
+    /// name is announced and read from the join on; without `from`, every
+    /// stream starts at its current end. Either way each stream continues
+    /// live with no gap and no duplicate, and joins and leaves arrive as
     /// [`StreamEvent::Joined`](crate::StreamEvent::Joined) and
-    /// [`StreamEvent::Left`](crate::StreamEvent::Left).
-    ///
-    /// Joins and leaves made through *another* node are not yet carried
-    /// between nodes: a subscription learns of those when it is started
-    /// again.
+    /// [`StreamEvent::Left`](crate::StreamEvent::Left): through this hub at
+    /// once, through another node by the broker's membership messages (one
+    /// that was lost: a leave at the group's next item here, a join at the
+    /// next resync).
     pub async fn subscribe_streams(
         &self,
         user: &str,
@@ -454,7 +468,11 @@ impl Hub {
             Arc::clone(&self.inner.registry),
             Arc::clone(&self.inner.store),
             user,
-            self.inner.config.queue_capacity,
+            // While v1's copies are written, a group send takes two places
+            // in a stream subscription's queue (the copy in its inbox
+            // sequence, skipped, and the group's item): twice the places,
+            // so that it overflows at the same burst as a v1 one.
+            self.inner.config.queue_capacity.saturating_mul(2),
             self.inner.config.replay_page,
             from,
         )

@@ -298,14 +298,16 @@ impl Registry {
     }
 
     /// `user` joined `group` after `joined_after`: their stream
-    /// subscriptions on this node enter the group's index and are told.
+    /// subscriptions on this node are told. Each enters the group's index
+    /// itself when it takes the news (only a subscription changes its own
+    /// index entries, in the order of its stream), and reads what was
+    /// dispatched before from the store.
     pub(crate) fn joined(&self, group: &str, user: &str, joined_after: u64) {
-        let Some(slots) = self.slots.get(user).map(|s| s.clone()) else {
+        let Some(slots) = self.slots.get(user) else {
             return;
         };
         let group_name: Arc<str> = Arc::from(group);
         for slot in slots.iter().filter(|s| s.streams) {
-            self.index_group(group, slot);
             slot.push_stream(
                 StreamPush::Joined {
                     group: Arc::clone(&group_name),
@@ -325,14 +327,16 @@ impl Registry {
             user: Arc::from(user),
             offset,
         };
+        // Pushing takes only each slot's own lock, so the map's read guard
+        // may be held meanwhile (no copy of the list per change).
         let mut reached: Vec<u64> = Vec::new();
-        if let Some(slots) = self.groups.get(group).map(|s| s.clone()) {
-            for slot in &slots {
+        if let Some(slots) = self.groups.get(group) {
+            for slot in slots.iter() {
                 reached.push(slot.id);
                 slot.push_stream(push.clone(), &self.stats);
             }
         }
-        if let Some(slots) = self.slots.get(user).map(|s| s.clone()) {
+        if let Some(slots) = self.slots.get(user) {
             for slot in slots
                 .iter()
                 .filter(|s| s.streams && !reached.contains(&s.id))
@@ -386,7 +390,8 @@ impl Registry {
         let Some(at) = &message.group else {
             return;
         };
-        let Some(slots) = self.groups.get(&at.group).map(|s| s.clone()) else {
+        // Under the map's read guard, as in `left`: no copy per send.
+        let Some(slots) = self.groups.get(&at.group) else {
             return;
         };
         let json = json.unwrap_or_else(|| {
@@ -395,7 +400,7 @@ impl Registry {
                 .map(Arc::from)
         });
         let group: Arc<str> = Arc::from(at.group.as_str());
-        for slot in &slots {
+        for slot in slots.iter() {
             slot.push_stream(
                 StreamPush::Item {
                     group: Arc::clone(&group),

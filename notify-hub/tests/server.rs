@@ -1053,14 +1053,15 @@ async fn notify_v2_streams_frames_acks_and_resume() {
     assert_eq!(frame(&mut ws).await["code"], "invalid_frame");
 
     // Resume from an earlier position: the group is replayed up to the
-    // leave, and the inbox after seq 0.
+    // leave, the inbox after seq 0, and `ops`, which the position does not
+    // name, is announced and read from the join on (nothing in it yet).
     ws.send(Message::text(
         r#"{"type":"resume","position":{"inbox":0,"groups":{"team":1}}}"#,
     ))
     .await
     .unwrap();
     let mut replayed = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let f = frame(&mut ws).await;
         replayed.push(format!(
             "{}:{}",
@@ -1074,7 +1075,12 @@ async fn notify_v2_streams_frames_acks_and_resume() {
     replayed.sort();
     assert_eq!(
         replayed,
-        ["left:team", "notification:b2", "notification:d1"]
+        [
+            "joined:ops",
+            "left:team",
+            "notification:b2",
+            "notification:d1"
+        ]
     );
     drop(ws);
 

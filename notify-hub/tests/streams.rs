@@ -43,14 +43,22 @@ fn show(event: &StreamEvent) -> String {
     }
 }
 
-/// The next `n` events, sorted (streams are ordered each on their own, not
-/// against each other).
+/// The next `n` events, grouped by stream (streams are ordered each on
+/// their own, not against each other) and in arrival order within each.
 async fn next_n(sub: &mut StreamSubscription, n: usize) -> Vec<String> {
     let mut events = Vec::new();
     for _ in 0..n {
         events.push(show(&next(sub).await));
     }
-    events.sort();
+    let stream = |e: &String| {
+        e.trim_start_matches(['+', '-'])
+            .split([':', '@'])
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // A stable sort: arrival order is kept within a stream.
+    events.sort_by_key(stream);
     events
 }
 
@@ -132,10 +140,18 @@ async fn a_position_continues_every_stream_after_it() {
 
     let mut sub = hub.subscribe_streams("ann", Some(&position)).await.unwrap();
     // g1 and g2 continue after the position (g2 up to the leave); g3, not
-    // in the position, starts at its end; the inbox skips g-copies.
+    // in the position, is announced and read from the join on; the inbox
+    // skips the groups' copies.
     assert_eq!(
-        next_n(&mut sub, 4).await,
-        ["-g2@2", "g1:2:a2", "g2:1:c1", "inbox:5:d2"]
+        next_n(&mut sub, 6).await,
+        [
+            "g1:2:a2",
+            "g2:1:c1",
+            "-g2@2",
+            "+g3@0",
+            "g3:1:e1",
+            "inbox:5:d2"
+        ]
     );
     hub.broadcast_to_group("g3", note("e2")).await.unwrap();
     assert_eq!(show(&next(&mut sub).await), "g3:2:e2");
@@ -152,7 +168,9 @@ async fn gaps_in_a_group_stream_are_read_from_the_store_leave_records_included()
     let a = Hub::start(HubConfig::default(), Arc::clone(&store), LocalBroker::new())
         .await
         .unwrap();
-    let b = Hub::start(HubConfig::default(), Arc::clone(&store), LocalBroker::new())
+    // Replays one item per read: the pages' ends are exercised too.
+    let config = HubConfig::default().with_replay_page(1);
+    let b = Hub::start(config, Arc::clone(&store), LocalBroker::new())
         .await
         .unwrap();
     b.join_group("team", "ann").await.unwrap();
@@ -298,4 +316,50 @@ async fn a_resync_finds_a_join_whose_message_was_lost() {
     // And it is in the group's index now: a send through this node is live.
     here.broadcast_to_group("team", note("live")).await.unwrap();
     assert_eq!(show(&next(&mut sub).await), "team:2:live");
+}
+
+/// A leave and a re-join while the subscription has not read either yet:
+/// it meets the leave at its place, then reads the new membership from its
+/// start, and stays in the group's index (later sends arrive live).
+#[tokio::test]
+async fn a_leave_and_a_rejoin_read_late_keep_the_new_membership() {
+    let hub = hub().await;
+    hub.join_group("team", "ann").await.unwrap();
+    let mut sub = hub.subscribe_streams("ann", None).await.unwrap();
+    hub.broadcast_to_group("team", note("b1")).await.unwrap();
+    hub.leave_group("team", "ann").await.unwrap();
+    hub.broadcast_to_group("team", note("away")).await.unwrap();
+    hub.join_group("team", "ann").await.unwrap();
+    hub.broadcast_to_group("team", note("b4")).await.unwrap();
+    assert_eq!(
+        next_n(&mut sub, 4).await,
+        ["team:1:b1", "-team@2", "+team@3", "team:4:b4"]
+    );
+    hub.broadcast_to_group("team", note("b5")).await.unwrap();
+    assert_eq!(show(&next(&mut sub).await), "team:5:b5");
+}
+
+/// A position inside a past membership of a group the user is a member of
+/// again: the rest of the past membership up to its leave record, then the
+/// current one from its start.
+#[tokio::test]
+async fn a_position_inside_a_past_membership_reads_it_then_the_current_one() {
+    let hub = hub().await;
+    hub.join_group("team", "ann").await.unwrap();
+    let mut sub = hub.subscribe_streams("ann", None).await.unwrap();
+    hub.broadcast_to_group("team", note("b1")).await.unwrap();
+    assert_eq!(show(&next(&mut sub).await), "team:1:b1");
+    let position = sub.position();
+    drop(sub);
+    hub.broadcast_to_group("team", note("b2")).await.unwrap();
+    hub.leave_group("team", "ann").await.unwrap();
+    hub.join_group("team", "ann").await.unwrap();
+    hub.broadcast_to_group("team", note("b4")).await.unwrap();
+    let mut sub = hub.subscribe_streams("ann", Some(&position)).await.unwrap();
+    assert_eq!(
+        next_n(&mut sub, 4).await,
+        ["team:2:b2", "-team@3", "+team@3", "team:4:b4"]
+    );
+    hub.broadcast_to_group("team", note("b5")).await.unwrap();
+    assert_eq!(show(&next(&mut sub).await), "team:5:b5");
 }

@@ -128,10 +128,16 @@ impl<T> Cursor<T> {
     }
 }
 
-/// A group the subscription reads.
+/// A group the subscription reads: one membership of it at a time.
 #[derive(Debug)]
 struct GroupCursor {
     name: Arc<str>,
+    /// The membership's start.
+    joined_after: u64,
+    /// A later membership of the same group, learned before this one's
+    /// leave record was met (a leave and a join through another node, or a
+    /// position inside a past membership): read once this one ends.
+    rejoin_after: Option<u64>,
     cursor: Cursor<GroupItem>,
     /// Set once the user's leave record is known: nothing after it is
     /// handed out, and the stream ends when it is reached.
@@ -151,6 +157,9 @@ pub struct StreamSubscription {
     page: usize,
     inbox: Cursor<Delivery>,
     groups: BTreeMap<Arc<str>, GroupCursor>,
+    /// Events decided but not handed out yet (a re-join announced right
+    /// after the leave it follows).
+    pending: VecDeque<StreamEvent>,
     /// Membership changes from other nodes may have been lost (a broker
     /// resync): read the memberships again.
     reread_memberships: bool,
@@ -187,6 +196,7 @@ impl StreamSubscription {
             page: page.max(1),
             inbox: Cursor::new(0, false),
             groups: BTreeMap::new(),
+            pending: VecDeque::new(),
             reread_memberships: false,
         };
         // Memberships and their heads in one snapshot: a leave after it
@@ -198,21 +208,39 @@ impl StreamSubscription {
             .filter(|m| m.left_after.is_none())
             .map(|m| m.group.clone())
             .collect();
+        // By group, then by `joined_after`: a past membership of a group
+        // comes before its current one.
         for m in &memberships {
             let given = from.and_then(|p| p.groups.get(&m.group)).copied();
             let start = match (m.left_after, given) {
                 (None, Some(at)) => at.clamp(m.joined_after, m.head),
+                // A position that does not name a current group (joined
+                // while the client was away): from the join on, announced.
+                (None, None) if from.is_some() => {
+                    subscription.pending.push_back(StreamEvent::Joined {
+                        group: Arc::from(m.group.as_str()),
+                        joined_after: m.joined_after,
+                    });
+                    m.joined_after
+                }
                 (None, None) => m.head,
                 // A past membership the client had not read to its end:
                 // the rest of it, up to the leave record.
                 (Some(left), Some(at)) if at >= m.joined_after && at < left => at,
                 (Some(_), _) => continue,
             };
+            if let Some(past) = subscription.groups.get_mut(m.group.as_str()) {
+                // The current membership follows the past one being read.
+                past.rejoin_after = Some(m.joined_after);
+                continue;
+            }
             let name: Arc<str> = Arc::from(m.group.as_str());
             subscription.groups.insert(
                 Arc::clone(&name),
                 GroupCursor {
                     name,
+                    joined_after: m.joined_after,
+                    rejoin_after: None,
                     cursor: Cursor::new(start, start < m.head),
                     left_after: m.left_after,
                     indexed: false,
@@ -280,6 +308,9 @@ impl StreamSubscription {
                 }
                 self.reread_memberships = true;
             }
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
             if self.reread_memberships {
                 let joined = self.catch_up_joins().await?;
                 self.reread_memberships = false;
@@ -343,6 +374,17 @@ impl StreamSubscription {
     /// resync, and its record is met there.
     async fn catch_up_joins(&mut self) -> Result<Option<StreamEvent>, Closed> {
         let memberships = self.store.memberships(&self.user).await?;
+        // A current membership this subscription does not read: a later one
+        // of a group it reads (its leave and re-join both missed) is read
+        // after the leave record is met.
+        for m in memberships.iter().filter(|m| m.left_after.is_none()) {
+            if let Some(g) = self.groups.get_mut(m.group.as_str())
+                && g.joined_after < m.joined_after
+            {
+                g.rejoin_after = Some(m.joined_after);
+                g.cursor.need_replay = true;
+            }
+        }
         let Some(m) = memberships
             .into_iter()
             .find(|m| m.left_after.is_none() && !self.groups.contains_key(m.group.as_str()))
@@ -355,6 +397,8 @@ impl StreamSubscription {
             Arc::clone(&group),
             GroupCursor {
                 name: Arc::clone(&group),
+                joined_after: m.joined_after,
+                rejoin_after: None,
                 cursor: Cursor::new(m.joined_after, true),
                 left_after: None,
                 indexed: true,
@@ -438,20 +482,25 @@ impl StreamSubscription {
                 group,
                 joined_after,
             } => {
-                if self
-                    .groups
-                    .get(&group)
-                    .is_some_and(|g| g.left_after.is_none())
-                {
-                    return None; // A member already.
+                if let Some(g) = self.groups.get_mut(&group) {
+                    if joined_after > g.joined_after {
+                        // A later membership: the one being read has ended,
+                        // its leave record not met yet. Read on to it.
+                        g.rejoin_after =
+                            Some(g.rejoin_after.map_or(joined_after, |j| j.max(joined_after)));
+                        g.cursor.need_replay = true;
+                    }
+                    return None; // Otherwise known already.
                 }
-                // Items committed after the join but dispatched before the
-                // slot was in the group's index are in the store: read
-                // from the join on.
+                self.registry.index_group(&group, &self.slot);
+                // Indexed first, read second: what was dispatched before
+                // the slot was in the index is in the store.
                 self.groups.insert(
                     Arc::clone(&group),
                     GroupCursor {
                         name: Arc::clone(&group),
+                        joined_after,
+                        rejoin_after: None,
                         cursor: Cursor::new(joined_after, true),
                         left_after: None,
                         indexed: true,
@@ -489,11 +538,33 @@ impl StreamSubscription {
                 })
             }
             GroupEntry::Left { user_id } if user_id == self.user => {
-                // The interval is complete: the group's stream ends here.
-                if g.indexed {
-                    self.registry.unindex_group(group, &self.slot);
+                // The interval is complete: the group's stream ends here,
+                // unless a later membership of it is known.
+                match g.rejoin_after.take() {
+                    Some(joined_after) => {
+                        if !g.indexed {
+                            self.registry.index_group(group, &self.slot);
+                        }
+                        *g = GroupCursor {
+                            name: Arc::clone(group),
+                            joined_after,
+                            rejoin_after: None,
+                            cursor: Cursor::new(joined_after, true),
+                            left_after: None,
+                            indexed: true,
+                        };
+                        self.pending.push_back(StreamEvent::Joined {
+                            group: Arc::clone(group),
+                            joined_after,
+                        });
+                    }
+                    None => {
+                        if g.indexed {
+                            self.registry.unindex_group(group, &self.slot);
+                        }
+                        self.groups.remove(group);
+                    }
                 }
-                self.groups.remove(group);
                 Some(StreamEvent::Left {
                     group: Arc::clone(group),
                     left_after: item.offset,
