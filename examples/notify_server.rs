@@ -20,6 +20,10 @@
 //! - `NOTIFY_JWT_ISSUER`, `NOTIFY_JWT_AUDIENCE`: optional;
 //! - `NOTIFY_DEMO`: `0` turns off the browser demo client at `GET /demo`
 //!   (on by default here; `ServerConfig::demo_page`);
+//! - `NOTIFY_V1_GROUP_FANOUT`: `0` stops writing protocol v1's per-member
+//!   copies of group sends (`HubConfig::v1_group_fanout`): a broadcast
+//!   writes one stream item whatever the group's size and reaches only
+//!   `notify.v2` connections; every node must agree;
 //! - `RUST_LOG`: log filter, default `info`.
 //!
 //! SIGINT/SIGTERM drains gracefully: every acknowledged send is written to
@@ -90,7 +94,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Arc::new(LocalBroker::new())
         }
     };
-    let hub = Hub::start(HubConfig::default().with_clock(clock), store, broker).await?;
+    let fanout = env("NOTIFY_V1_GROUP_FANOUT").is_none_or(|v| v != "0");
+    let config = HubConfig::default()
+        .with_clock(clock)
+        .with_v1_group_fanout(fanout);
+    let hub = Hub::start(config, store, broker).await?;
+    tracing::info!(v1_group_fanout = fanout, "hub started");
     let demo = env("NOTIFY_DEMO").is_none_or(|v| v != "0");
     let server = NotifyServer::new(hub, verifier, ServerConfig::default().with_demo_page(demo));
     let listener = tokio::net::TcpListener::bind(&addr).await?;

@@ -5,8 +5,12 @@
 //! ```text
 //! cargo run --release --features notify-server --example ws_load -- \
 //!   --server http://127.0.0.1:8080 --connections 10000 --groups 1 --seconds 30 \
-//!   --rate 1 --mode broadcast --jwt-secret "$NOTIFY_JWT_SECRET"
+//!   --rate 1 --mode broadcast --jwt-secret "$NOTIFY_JWT_SECRET" [--protocol v2]
 //! ```
+//!
+//! `--protocol v2` offers the subprotocol `notify.v2` (streams); the default
+//! is `notify.v1`. The exactly-once check keys on the notification's own
+//! counter, so it holds for either.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 #[path = "support/fd_limit.rs"]
@@ -29,6 +33,7 @@ use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::{EncodingKey, Header};
 use parking_lot::Mutex;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// The parts of a server frame the loader reads.
@@ -59,6 +64,7 @@ struct Args {
     mode: String,
     secret: String,
     server_pid: Option<u32>,
+    protocol: String,
 }
 
 fn parse_args() -> Args {
@@ -71,6 +77,7 @@ fn parse_args() -> Args {
         mode: "mixed".into(),
         secret: std::env::var("NOTIFY_JWT_SECRET").unwrap_or_default(),
         server_pid: None,
+        protocol: "v1".into(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -84,12 +91,17 @@ fn parse_args() -> Args {
             "--mode" => a.mode = v,
             "--jwt-secret" => a.secret = v,
             "--server-pid" => a.server_pid = Some(v.parse().expect("--server-pid PID")),
+            "--protocol" => a.protocol = v,
             other => panic!("unknown argument {other}"),
         }
     }
     assert!(
         ["broadcast", "direct", "mixed"].contains(&a.mode.as_str()),
         "--mode broadcast|direct|mixed"
+    );
+    assert!(
+        ["v1", "v2"].contains(&a.protocol.as_str()),
+        "--protocol v1|v2"
     );
     assert!(
         !a.secret.is_empty(),
@@ -180,6 +192,11 @@ async fn main() {
             "ws://{host}:{port}/v1/ws?access_token={}",
             token(&args.secret, &user, &groups, &[])
         );
+        let subprotocol = if args.protocol == "v2" {
+            "notify.v2"
+        } else {
+            "notify.v1"
+        };
         let (seen, errors, semaphore, ready) = (
             Arc::clone(&seen[i]),
             Arc::clone(&connect_errors),
@@ -205,20 +222,22 @@ async fn main() {
             // (128 KiB) is zeroed on every read, which made the loader, not
             // the server, the bottleneck of a 10,000-connection broadcast.
             let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
-            let mut ws = match tokio_tungstenite::client_async_with_config(
-                url.as_str(),
-                stream,
-                Some(config),
-            )
-            .await
-            {
-                Ok((ws, _)) => ws,
-                Err(_) => {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    let _ = ready.send(false);
-                    return;
-                }
-            };
+            let mut request = url.as_str().into_client_request().expect("a WebSocket URL");
+            request.headers_mut().insert(
+                "sec-websocket-protocol",
+                http::HeaderValue::from_static(subprotocol),
+            );
+            let mut ws =
+                match tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+                    .await
+                {
+                    Ok((ws, _)) => ws,
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        let _ = ready.send(false);
+                        return;
+                    }
+                };
             // Wait for the welcome frame: then the subscription is live.
             let welcomed = match ws.next().await {
                 Some(Ok(Message::Text(text))) => {
@@ -380,7 +399,7 @@ async fn main() {
         "{}",
         serde_json::json!({
             "connections": connected, "connect_errors": connect_errors.load(Ordering::Relaxed),
-            "connect_seconds": (connect_secs * 10.0).round() / 10.0, "mode": args.mode,
+            "connect_seconds": (connect_secs * 10.0).round() / 10.0, "mode": args.mode, "protocol": args.protocol,
             "sent": total - send_errors.load(Ordering::Relaxed), "send_errors": send_errors.load(Ordering::Relaxed),
             "expected_deliveries": expected_total, "delivered": delivered, "lost": lost, "duplicates": duplicates,
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0),

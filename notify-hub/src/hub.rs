@@ -39,8 +39,17 @@ pub struct HubConfig {
     /// Most recipients of one `send_to_users`. Default 10,000.
     pub max_recipients: usize,
     /// Most members a group may have for `broadcast_to_group` (checked when
-    /// the batch commits). Default 100,000.
+    /// the batch commits, and only while `v1_group_fanout` is on). Default
+    /// 100,000.
     pub max_group_recipients: usize,
+    /// Whether a group send also writes protocol v1's per-member copies
+    /// (a seq in each member's sequence and its delivery row), so that
+    /// `notify.v1` connections and [`Hub::history`] see group sends. Off,
+    /// a group send writes one item in the group's stream whatever the
+    /// group's size (ADR 0026), and reaches only `notify.v2` connections
+    /// (stream subscriptions); v1 connections then get direct sends only.
+    /// Give every node the same setting. Default on.
+    pub v1_group_fanout: bool,
     /// Largest `limit` accepted by [`Hub::history`]. Default 1,000.
     pub max_history: usize,
     /// Size limits on notifications.
@@ -61,6 +70,7 @@ impl Default for HubConfig {
             replay_page: 500,
             max_recipients: 10_000,
             max_group_recipients: 100_000,
+            v1_group_fanout: true,
             max_history: 1000,
             limits: Limits::default(),
             clock: time_kit::system(),
@@ -87,6 +97,12 @@ impl HubConfig {
         self
     }
 
+    /// Sets [`v1_group_fanout`](HubConfig::v1_group_fanout).
+    pub fn with_v1_group_fanout(mut self, on: bool) -> Self {
+        self.v1_group_fanout = on;
+        self
+    }
+
     /// Sets [`clock`](HubConfig::clock).
     pub fn with_clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
@@ -107,7 +123,8 @@ pub struct Receipt {
     pub id: Uuid,
     /// Its timestamp.
     pub timestamp: DateTime<Utc>,
-    /// How many users it was stored for.
+    /// How many users it was stored for; for a group send, how many
+    /// members the group had (whether or not v1 copies were written).
     pub recipients: usize,
 }
 
@@ -311,6 +328,7 @@ impl Hub {
         let (reply, receipt) = oneshot::channel();
         let job = WriteJob {
             append: Append {
+                fan_out: self.inner.config.v1_group_fanout,
                 max_recipients: match audience {
                     Audience::Users(_) => usize::MAX,
                     Audience::Group(_) => self.inner.config.max_group_recipients,
@@ -598,9 +616,16 @@ async fn write_loop(
             Ok(results) => {
                 let mut broker_down = false;
                 for ((append, reply), result) in appends.into_iter().zip(replies).zip(results) {
-                    let (recipients, group) = match result {
-                        Appended::Stored(recipients) => (recipients, None),
-                        Appended::Broadcast { recipients, offset } => {
+                    let (recipients, group, reached) = match result {
+                        Appended::Stored(recipients) => {
+                            let reached = recipients.len();
+                            (recipients, None, reached)
+                        }
+                        Appended::Broadcast {
+                            recipients,
+                            offset,
+                            members,
+                        } => {
                             let group = match &append.audience {
                                 Audience::Group(group) => Some(GroupOffset {
                                     group: group.clone(),
@@ -608,7 +633,7 @@ async fn write_loop(
                                 }),
                                 Audience::Users(_) => None,
                             };
-                            (recipients, group)
+                            (recipients, group, members)
                         }
                         Appended::DuplicateId => {
                             let id = append.notification.id.unwrap_or_default();
@@ -625,7 +650,7 @@ async fn write_loop(
                     let receipt = Receipt {
                         id: append.notification.id.unwrap_or_default(),
                         timestamp: append.notification.timestamp.unwrap_or_default(),
-                        recipients: recipients.len(),
+                        recipients: reached,
                     };
                     // A group send goes out even with no v1 recipient: the
                     // stream subscriptions that still index its group (a

@@ -18,6 +18,7 @@ fn broadcast(group: &str, title: &str) -> Append {
         audience: Audience::Group(group.to_owned()),
         notification: Arc::new(n),
         max_recipients: 10_000,
+        fan_out: true,
     }
 }
 
@@ -69,7 +70,10 @@ async fn one_group_over_its_life(store: &dyn Store) {
     // Each broadcast gets its offset, and v1's per-member delivery rows are
     // still written.
     for (appended, expected) in out.iter().zip([1, 2]) {
-        let Appended::Broadcast { recipients, offset } = appended else {
+        let Appended::Broadcast {
+            recipients, offset, ..
+        } = appended
+        else {
             panic!("{appended:?}");
         };
         assert_eq!(*offset, expected);
@@ -130,6 +134,7 @@ async fn one_group_over_its_life(store: &dyn Store) {
             audience: Audience::Users(vec!["bob".to_owned()]),
             notification: Arc::new(direct),
             max_recipients: 10_000,
+            fan_out: true,
         }])
         .await
         .unwrap();
@@ -208,12 +213,42 @@ async fn mixed_batches_and_refused_sends(store: &dyn Store) {
     );
 }
 
+/// A group send without v1's copies: one stream item, no seq and no
+/// delivery row for anyone, the member count still answered, and the size
+/// limit (a v1 fan-out's) not applied.
+async fn a_send_without_fan_out_writes_only_its_item(store: &dyn Store) {
+    for u in ["qa", "qb", "qc"] {
+        store.join_group("quiet", u).await.unwrap();
+    }
+    let mut send = broadcast("quiet", "q1");
+    send.fan_out = false;
+    send.max_recipients = 1;
+    let out = store.append(&[send]).await.unwrap();
+    let Appended::Broadcast {
+        recipients,
+        offset,
+        members,
+    } = &out[0]
+    else {
+        panic!("{out:?}");
+    };
+    assert!(recipients.is_empty());
+    assert_eq!((*offset, *members), (1, 3));
+    assert_eq!(store.last_seq("qa").await.unwrap(), 0, "no seq taken");
+    assert!(store.since("qa", 0, 10).await.unwrap().is_empty());
+    assert_eq!(
+        shown(&store.group_since("quiet", 0, 10).await.unwrap()),
+        vec![(1, "q1".to_owned())]
+    );
+}
+
 #[tokio::test]
 async fn memory_store_group_streams() {
     let store = MemoryStore::new();
     one_group_over_its_life(&store).await;
     a_duplicate_takes_no_offset(&store).await;
     mixed_batches_and_refused_sends(&store).await;
+    a_send_without_fan_out_writes_only_its_item(&store).await;
 }
 
 /// The memory store keeps its retention per group: older items are gone,
@@ -263,6 +298,7 @@ mod postgres {
         one_group_over_its_life(&store).await;
         a_duplicate_takes_no_offset(&store).await;
         mixed_batches_and_refused_sends(&store).await;
+        a_send_without_fan_out_writes_only_its_item(&store).await;
     }
 
     /// Many writers at once on one group (broadcasts in batches, joins and
@@ -289,7 +325,10 @@ mod postgres {
                         batch.iter().map(|a| a.notification.title.clone()).collect();
                     let out = store.append(&batch).await.unwrap();
                     for (title, appended) in titles.into_iter().zip(out) {
-                        let Appended::Broadcast { recipients, offset } = appended else {
+                        let Appended::Broadcast {
+                            recipients, offset, ..
+                        } = appended
+                        else {
                             panic!("{appended:?}");
                         };
                         let users: BTreeSet<String> =

@@ -363,3 +363,28 @@ async fn a_position_inside_a_past_membership_reads_it_then_the_current_one() {
     hub.broadcast_to_group("team", note("b5")).await.unwrap();
     assert_eq!(show(&next(&mut sub).await), "team:5:b5");
 }
+
+/// With v1's copies off, a group send reaches stream subscriptions only:
+/// the inbox is then gap-free, v1 connections get direct sends only, and
+/// the receipt still counts the group's members.
+#[tokio::test]
+async fn without_v1_copies_group_sends_reach_stream_subscriptions_only() {
+    let hub = Hub::in_memory(HubConfig::default().with_v1_group_fanout(false))
+        .await
+        .unwrap();
+    for u in ["ann", "bob"] {
+        hub.join_group("team", u).await.unwrap();
+    }
+    let mut streams = hub.subscribe_streams("ann", None).await.unwrap();
+    let mut v1 = hub.subscribe("ann", None).await.unwrap();
+    let receipt = hub.broadcast_to_group("team", note("b1")).await.unwrap();
+    assert_eq!(receipt.recipients, 2);
+    hub.send_to_users(&["ann"], note("d1")).await.unwrap();
+    assert_eq!(next_n(&mut streams, 2).await, ["inbox:1:d1", "team:1:b1"]);
+    let only = tokio::time::timeout(Duration::from_secs(5), v1.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((only.seq, only.notification.title.as_str()), (1, "d1"));
+    assert_eq!(hub.history("ann", 10).await.unwrap().len(), 1);
+}

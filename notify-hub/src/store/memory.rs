@@ -113,6 +113,7 @@ impl Store for MemoryStore {
             let mut out = Vec::with_capacity(batch.len());
             for append in batch {
                 if let Audience::Group(group) = &append.audience
+                    && append.fan_out
                     && groups
                         .get(group)
                         .is_some_and(|g| g.members.len() > append.max_recipients)
@@ -132,6 +133,7 @@ impl Store for MemoryStore {
                     ids.remove(&old);
                 }
                 let mut offset = None;
+                let mut group_size = 0;
                 let members: Vec<String> = match &append.audience {
                     Audience::Users(list) => list.clone(),
                     Audience::Group(group) => {
@@ -140,7 +142,12 @@ impl Store for MemoryStore {
                             GroupEntry::Notification(Arc::clone(&append.notification)),
                             self.retention,
                         ));
-                        stream.members.keys().cloned().collect()
+                        group_size = stream.members.len();
+                        if append.fan_out {
+                            stream.members.keys().cloned().collect()
+                        } else {
+                            Vec::new()
+                        }
                     }
                 };
                 let via_group = matches!(append.audience, Audience::Group(_));
@@ -169,7 +176,11 @@ impl Store for MemoryStore {
                     });
                 }
                 out.push(match offset {
-                    Some(offset) => Appended::Broadcast { recipients, offset },
+                    Some(offset) => Appended::Broadcast {
+                        recipients,
+                        offset,
+                        members: group_size,
+                    },
                     None => Appended::Stored(recipients),
                 });
             }

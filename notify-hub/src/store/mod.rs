@@ -40,8 +40,13 @@ pub struct Append {
     /// The stamped notification (with `id` and `timestamp`).
     pub notification: Arc<Notification>,
     /// The most recipients a group send may have; a larger group stores
-    /// nothing ([`Appended::TooManyRecipients`]).
+    /// nothing ([`Appended::TooManyRecipients`]). Checked only when
+    /// `fan_out` is set.
     pub max_recipients: usize,
+    /// For a group send: also write v1's per-member copy (a seq in each
+    /// member's sequence, and its delivery row). Without it, a group send
+    /// writes its stream item only, whatever the group's size (ADR 0026).
+    pub fan_out: bool,
 }
 
 /// A recipient of one send and the sequence number it got.
@@ -62,10 +67,13 @@ pub enum Appended {
     /// and v1's per-member copies went to `recipients` (the members whose
     /// interval covers that offset).
     Broadcast {
-        /// The members, with their new sequence numbers.
+        /// The members, with their new sequence numbers; empty when the
+        /// send was not fanned out ([`Append::fan_out`]).
         recipients: Vec<Recipient>,
         /// The item's offset in the group's stream.
         offset: u64,
+        /// How many members the group had.
+        members: usize,
     },
     /// A notification with this send's `id` is already stored: nothing was
     /// written for it (a retried send is not delivered twice). The rest of

@@ -177,32 +177,67 @@ impl PgStore {
         groups.sort_unstable();
         groups.dedup();
         let mut members: HashMap<String, Vec<String>> = HashMap::new();
+        let mut sizes: HashMap<String, i64> = HashMap::new();
         if !groups.is_empty() {
             lock_heads(&tx, &groups).await?;
             // Group members as of this transaction, read first so an
-            // oversized group's send writes nothing at all.
+            // oversized group's send writes nothing at all; only the count
+            // for a group whose sends are not fanned out.
+            let mut fanned: Vec<&str> = batch
+                .iter()
+                .filter_map(|a| match &a.audience {
+                    Audience::Group(g) if a.fan_out => Some(g.as_str()),
+                    _ => None,
+                })
+                .collect();
+            fanned.sort_unstable();
+            fanned.dedup();
+            let counted: Vec<&str> = groups
+                .iter()
+                .copied()
+                .filter(|g| fanned.binary_search(g).is_err())
+                .collect();
             // One row per group: decoding one array is far cheaper than
             // 10,000 rows for a large group.
-            for row in tx
-                .query(
-                    "SELECT group_id, array_agg(user_id ORDER BY user_id)
-                     FROM notify_group_members
-                     WHERE group_id = ANY($1) GROUP BY group_id",
-                    &[&groups],
-                )
-                .await?
-            {
-                members.insert(
-                    column(&row, 0, "notify_group_members.group_id")?,
-                    column(&row, 1, "notify_group_members.user_id array")?,
-                );
+            if !fanned.is_empty() {
+                for row in tx
+                    .query(
+                        "SELECT group_id, array_agg(user_id ORDER BY user_id)
+                         FROM notify_group_members
+                         WHERE group_id = ANY($1) GROUP BY group_id",
+                        &[&fanned],
+                    )
+                    .await?
+                {
+                    let list: Vec<String> = column(&row, 1, "notify_group_members.user_id array")?;
+                    let group: String = column(&row, 0, "notify_group_members.group_id")?;
+                    sizes.insert(group.clone(), i64::try_from(list.len()).unwrap_or(i64::MAX));
+                    members.insert(group, list);
+                }
+            }
+            if !counted.is_empty() {
+                for row in tx
+                    .query(
+                        "SELECT group_id, count(*) FROM notify_group_members
+                         WHERE group_id = ANY($1) GROUP BY group_id",
+                        &[&counted],
+                    )
+                    .await?
+                {
+                    sizes.insert(
+                        column(&row, 0, "notify_group_members.group_id")?,
+                        column(&row, 1, "notify_group_members count")?,
+                    );
+                }
             }
         }
         let too_big: Vec<bool> = batch
             .iter()
             .map(|a| match &a.audience {
-                Audience::Group(g) => members.get(g).is_some_and(|m| m.len() > a.max_recipients),
-                Audience::Users(_) => false,
+                Audience::Group(g) if a.fan_out => {
+                    members.get(g).is_some_and(|m| m.len() > a.max_recipients)
+                }
+                _ => false,
             })
             .collect();
 
@@ -249,6 +284,7 @@ impl PgStore {
             .map(|(a, stored)| match &a.audience {
                 _ if !stored => &[][..],
                 Audience::Users(users) => users.as_slice(),
+                Audience::Group(_) if !a.fan_out => &[][..],
                 Audience::Group(g) => members.get(g).map_or(&[][..], Vec::as_slice),
             })
             .collect();
@@ -358,9 +394,12 @@ impl PgStore {
                 });
             }
             out.push(match (&append.audience, offsets.get(id)) {
-                (Audience::Group(_), Some(&offset)) => Appended::Broadcast {
+                (Audience::Group(g), Some(&offset)) => Appended::Broadcast {
                     recipients,
                     offset: u64::try_from(offset).unwrap_or(0),
+                    members: sizes
+                        .get(g)
+                        .map_or(0, |n| usize::try_from(*n).unwrap_or(usize::MAX)),
                 },
                 _ => Appended::Stored(recipients),
             });
