@@ -19,7 +19,7 @@ use crate::broker::{
 use crate::error::Error;
 use crate::notification::{Delivery, Limits, Notification, valid_id};
 use crate::registry::{HubStats, Registry};
-use crate::store::{Append, Appended, Audience, MemoryStore, Store};
+use crate::store::{Append, Appended, Audience, HistoryItem, MemoryStore, Store};
 use crate::subscription::{Closed, Position, StreamSubscription, Subscription};
 
 /// Hub settings.
@@ -429,6 +429,25 @@ impl Hub {
             return Err(Error::InvalidLimit { max });
         }
         Ok(self.inner.store.history(user, limit).await?)
+    }
+
+    /// The newest `limit` notifications of `user` across their streams
+    /// (ADR 0026): direct sends, and the sends of each group inside the
+    /// time they were a member, newest first. What a `notify.v2` connection
+    /// delivered, whether or not v1's copies of group sends are written.
+    pub async fn stream_history(
+        &self,
+        user: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryItem>, Error> {
+        if !valid_id(user) {
+            return Err(Error::InvalidId("user"));
+        }
+        let max = self.inner.config.max_history;
+        if limit == 0 || limit > max {
+            return Err(Error::InvalidLimit { max });
+        }
+        Ok(self.inner.store.stream_history(user, limit).await?)
     }
 
     /// Opens a live subscription for `user`. With `since = Some(n)` it first

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use notify_hub::store::{Append, Audience, GroupEntry, GroupItem, Membership};
+use notify_hub::store::{Append, Audience, GroupEntry, GroupItem, HistoryItem, Membership};
 use notify_hub::{Appended, MemoryStore, Notification, Store};
 use uuid::Uuid;
 
@@ -149,6 +149,31 @@ async fn one_group_over_its_life(store: &dyn Store) {
     assert_eq!(bob, expected.map(|(t, v)| (t.to_owned(), v)));
     let newest = store.history("bob", 1).await.unwrap();
     assert!(!newest[0].is_via_group(), "history reads the mark too");
+
+    // Bob's history across his streams: his direct send and the group's
+    // sends inside his two intervals (not b4, nor the leave record), newest
+    // first; a limit keeps the newest.
+    let history: Vec<String> = store
+        .stream_history("bob", 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|item| match item {
+            HistoryItem::Inbox(d) => format!("inbox:{}:{}", d.seq, d.notification.title),
+            HistoryItem::Group {
+                group,
+                offset,
+                notification,
+            } => format!("{group}:{offset}:{}", notification.title),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        history,
+        ["inbox:4:d1", "team:5:b5", "team:2:b2", "team:1:b1"]
+    );
+    assert_eq!(store.stream_history("bob", 2).await.unwrap().len(), 2);
+    assert!(store.stream_history("zed", 10).await.unwrap().is_empty());
 
     // Heads of several groups, in the order asked; unknown ones at 0.
     store.append(&[broadcast("other", "o1")]).await.unwrap();

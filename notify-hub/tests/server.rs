@@ -1100,6 +1100,35 @@ async fn notify_v2_streams_frames_acks_and_resume() {
     assert_eq!((&o1["group"], &o1["offset"]), (&"ops".into(), &1.into()));
     drop(ws);
     assert_connections_drop_to_zero(&hub).await;
+
+    // The history across the streams: the group's sends while a member,
+    // the direct send; newest first.
+    let service = token("svc", &[], &["notify:send"]);
+    let (status, body) = http(
+        addr,
+        "GET",
+        "/v1/users/vic/streams?limit=10",
+        Some(&service),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let listed: Vec<String> = body["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            format!(
+                "{}:{}",
+                n["group"].as_str().unwrap_or("inbox"),
+                n["notification"]["title"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(listed, ["ops:o1", "inbox:d1", "team:b2"]);
+    assert_eq!(body["notifications"][0]["offset"], 1);
+    assert_eq!(body["notifications"][1]["seq"], 2);
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::{Body, NotifyServer, error, json};
 use crate::error::report;
+use crate::store::HistoryItem;
 use crate::{Error, Notification};
 
 #[derive(Debug, Deserialize)]
@@ -91,7 +92,8 @@ where
         (&Method::POST, ["v1", "groups", g, "notifications"]) => Route::SendGroup(g),
         (&Method::PUT, ["v1", "groups", g, "members", u]) => Route::Join(g, u),
         (&Method::DELETE, ["v1", "groups", g, "members", u]) => Route::Leave(g, u),
-        (&Method::GET, ["v1", "users", u, "notifications"]) => Route::History(u),
+        (&Method::GET, ["v1", "users", u, "notifications"]) => Route::History(u, false),
+        (&Method::GET, ["v1", "users", u, "streams"]) => Route::History(u, true),
         _ => return error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     };
     let Some(token) = bearer_token(request.headers()) else {
@@ -162,7 +164,7 @@ where
                 Err(e) => hub_error(&e),
             }
         }
-        Route::History(u) => {
+        Route::History(u, streams) => {
             let Ok(user) = decode(u) else {
                 return bad_path();
             };
@@ -179,6 +181,33 @@ where
                     }
                 },
             };
+            if streams {
+                return match hub.stream_history(&user, limit).await {
+                    Ok(list) => {
+                        let list: Vec<serde_json::Value> = list
+                            .iter()
+                            .map(|item| match item {
+                                HistoryItem::Inbox(d) => serde_json::json!({
+                                    "stream": "inbox", "seq": d.seq, "notification": d.notification,
+                                }),
+                                HistoryItem::Group {
+                                    group,
+                                    offset,
+                                    notification,
+                                } => serde_json::json!({
+                                    "stream": "group", "group": group, "offset": offset,
+                                    "notification": notification,
+                                }),
+                            })
+                            .collect();
+                        json(
+                            StatusCode::OK,
+                            &serde_json::json!({"user_id": user, "notifications": list}),
+                        )
+                    }
+                    Err(e) => hub_error(&e),
+                };
+            }
             match hub.deliveries(&user, limit).await {
                 Ok(list) => json(
                     StatusCode::OK,
@@ -195,7 +224,8 @@ enum Route<'a> {
     SendGroup(&'a str),
     Join(&'a str, &'a str),
     Leave(&'a str, &'a str),
-    History(&'a str),
+    /// A user's history: v1's sequence, or (`true`) across their streams.
+    History(&'a str, bool),
 }
 
 fn bad_path() -> Response<Body> {

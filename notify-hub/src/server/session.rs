@@ -79,10 +79,16 @@ enum ClientFrameV2 {
 /// One connection's subscription, in the protocol it negotiated.
 pub(crate) enum Session {
     V1(Subscription),
-    V2 {
-        subscription: StreamSubscription,
-        acked: Position,
-    },
+    /// Boxed: the session lives in every connection's task for the
+    /// connection's life, and a v1 connection should not carry the size of
+    /// a v2 one.
+    V2(Box<StreamSession>),
+}
+
+/// A `notify.v2` connection's subscription and what its client acked.
+pub(crate) struct StreamSession {
+    pub(crate) subscription: StreamSubscription,
+    pub(crate) acked: Position,
 }
 
 fn position_json(p: &Position) -> serde_json::Value {
@@ -106,11 +112,11 @@ impl Session {
                 "last_seq": s.latest_at_start(),
             })
             .to_string(),
-            Session::V2 { subscription, .. } => serde_json::json!({
+            Session::V2(v2) => serde_json::json!({
                 "type": "welcome",
-                "user_id": subscription.user_id(),
+                "user_id": v2.subscription.user_id(),
                 "protocol": SUBPROTOCOL_V2,
-                "position": position_json(&subscription.position()),
+                "position": position_json(&v2.subscription.position()),
             })
             .to_string(),
         }
@@ -126,8 +132,8 @@ impl Session {
                     live_since: d.notification.timestamp.filter(|_| d.is_live()),
                 })
             }
-            Session::V2 { subscription, .. } => {
-                let event = subscription.next().await?;
+            Session::V2(v2) => {
+                let event = v2.subscription.next().await?;
                 Ok(match event {
                     StreamEvent::Inbox(d) => Outgoing {
                         text: format!(
@@ -187,12 +193,9 @@ impl Session {
                 }
                 Err(e) => Ok(Reply::Invalid(e.to_string())),
             },
-            Session::V2 {
-                subscription,
-                acked,
-            } => match serde_json::from_str::<ClientFrameV2>(text) {
+            Session::V2(v2) => match serde_json::from_str::<ClientFrameV2>(text) {
                 Ok(ClientFrameV2::Ack { position }) => {
-                    let delivered = subscription.position();
+                    let delivered = v2.subscription.position();
                     let within = position.inbox <= delivered.inbox
                         && position
                             .groups
@@ -204,23 +207,23 @@ impl Session {
                             "ack beyond what was delivered, or of a group not read",
                         ));
                     }
-                    acked.inbox = acked.inbox.max(position.inbox);
+                    v2.acked.inbox = v2.acked.inbox.max(position.inbox);
                     for (g, k) in position.groups {
-                        let at = acked.groups.entry(g).or_default();
+                        let at = v2.acked.groups.entry(g).or_default();
                         *at = (*at).max(k);
                     }
                     Ok(Reply::Done)
                 }
                 Ok(ClientFrameV2::Resume { position }) => {
                     let position = Position::from(position);
-                    *subscription = hub
-                        .subscribe_streams(subscription.user_id(), Some(&position))
+                    v2.subscription = hub
+                        .subscribe_streams(v2.subscription.user_id(), Some(&position))
                         .await
                         .map_err(|e| match e {
                             crate::Error::Store(e) => Closed::Store(e),
                             _ => Closed::ShuttingDown,
                         })?;
-                    *acked = position;
+                    v2.acked = position;
                     Ok(Reply::Done)
                 }
                 Err(e) => Ok(Reply::Invalid(e.to_string())),

@@ -19,7 +19,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use time_kit::SharedClock;
 
-use super::session::{Reply, SUBPROTOCOL_V1, SUBPROTOCOL_V2, Session, parse_position};
+use super::session::{
+    Reply, SUBPROTOCOL_V1, SUBPROTOCOL_V2, Session, StreamSession, parse_position,
+};
 use super::{Body, NotifyServer, error};
 use crate::auth::AuthError;
 use crate::error::report;
@@ -200,10 +202,10 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
             .subscribe_streams(&identity.user_id, position.as_ref())
             .await
         {
-            Ok(subscription) => Session::V2 {
+            Ok(subscription) => Session::V2(Box::new(StreamSession {
                 acked: position.unwrap_or_default(),
                 subscription,
-            },
+            })),
             Err(e) => return hub_error(&e),
         }
     } else {

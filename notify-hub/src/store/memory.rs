@@ -7,8 +7,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::{
-    Append, Appended, Audience, BoxFuture, GroupEntry, GroupItem, Membership, Recipient, Store,
-    StoreError,
+    Append, Appended, Audience, BoxFuture, GroupEntry, GroupItem, HistoryItem, Membership,
+    Recipient, Store, StoreError,
 };
 use crate::notification::{Delivery, Notification};
 
@@ -342,6 +342,64 @@ impl Store for MemoryStore {
             }));
             all.sort_by(|a, b| (&a.group, a.joined_after).cmp(&(&b.group, b.joined_after)));
             Ok(all)
+        })
+    }
+
+    fn stream_history<'a>(
+        &'a self,
+        user: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<HistoryItem>, StoreError>> {
+        Box::pin(async move {
+            let state = self.state.lock();
+            let mut items: Vec<HistoryItem> = Vec::new();
+            if let Some(log) = state.users.get(user) {
+                items.extend(
+                    log.deliveries
+                        .iter()
+                        .rev()
+                        .filter(|(_, _, via)| !via)
+                        .take(limit)
+                        .map(|(seq, n, _)| HistoryItem::Inbox(Delivery::new(*seq, Arc::clone(n)))),
+                );
+            }
+            let mut intervals: Vec<Membership> =
+                state.closed.get(user).cloned().unwrap_or_default();
+            intervals.extend(state.groups.iter().filter_map(|(group, s)| {
+                s.members.get(user).map(|&joined_after| Membership {
+                    group: group.clone(),
+                    joined_after,
+                    left_after: None,
+                    head: s.last_offset,
+                })
+            }));
+            for m in intervals {
+                let Some(stream) = state.groups.get(&m.group) else {
+                    continue;
+                };
+                items.extend(
+                    stream
+                        .items
+                        .iter()
+                        .rev()
+                        .filter(|i| {
+                            i.offset > m.joined_after
+                                && m.left_after.is_none_or(|left| i.offset <= left)
+                        })
+                        .filter_map(|i| match &i.entry {
+                            GroupEntry::Notification(n) => Some(HistoryItem::Group {
+                                group: m.group.clone(),
+                                offset: i.offset,
+                                notification: Arc::clone(n),
+                            }),
+                            GroupEntry::Left { .. } => None,
+                        })
+                        .take(limit),
+                );
+            }
+            items.sort_by_key(|item| std::cmp::Reverse(item.notification().id));
+            items.truncate(limit);
+            Ok(items)
         })
     }
 

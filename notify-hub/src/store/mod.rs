@@ -109,6 +109,34 @@ pub enum GroupEntry {
     },
 }
 
+/// One entry of a user's history across their streams
+/// ([`Store::stream_history`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum HistoryItem {
+    /// A direct send, at its seq in the user's sequence.
+    Inbox(Delivery),
+    /// A group send, at its offset in the group's stream.
+    Group {
+        /// The group.
+        group: String,
+        /// Its offset in the group's stream.
+        offset: u64,
+        /// The notification.
+        notification: Arc<Notification>,
+    },
+}
+
+impl HistoryItem {
+    /// The notification.
+    pub fn notification(&self) -> &Arc<Notification> {
+        match self {
+            HistoryItem::Inbox(d) => &d.notification,
+            HistoryItem::Group { notification, .. } => notification,
+        }
+    }
+}
+
 /// A user's membership of a group as an interval of the group's offsets:
 /// they see the items with `joined_after < offset`, up to `left_after`
 /// inclusive once they have left.
@@ -277,6 +305,16 @@ pub trait Store: Send + Sync + 'static {
         user: &'a str,
     ) -> BoxFuture<'a, Result<Vec<Membership>, StoreError>>;
 
+    /// The newest `limit` notifications of `user` across their streams:
+    /// direct sends (not v1's copies of group sends) and each group's sends
+    /// inside the user's membership intervals, newest first by notification
+    /// id (UUIDv7: time order).
+    fn stream_history<'a>(
+        &'a self,
+        user: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<HistoryItem>, StoreError>>;
+
     /// Checks that the store answers (for readiness probes).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
@@ -339,6 +377,13 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         user: &'a str,
     ) -> BoxFuture<'a, Result<Vec<Membership>, StoreError>> {
         (**self).memberships(user)
+    }
+    fn stream_history<'a>(
+        &'a self,
+        user: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<HistoryItem>, StoreError>> {
+        (**self).stream_history(user, limit)
     }
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         (**self).ping()

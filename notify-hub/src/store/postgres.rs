@@ -14,8 +14,8 @@ use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use super::{
-    Append, Appended, Audience, BoxFuture, GroupEntry, GroupItem, Membership, Recipient, Store,
-    StoreError,
+    Append, Appended, Audience, BoxFuture, GroupEntry, GroupItem, HistoryItem, Membership,
+    Recipient, Store, StoreError,
 };
 use crate::notification::{Delivery, Notification};
 
@@ -920,6 +920,72 @@ impl Store for PgStore {
                         left_after: left_after
                             .map(|l| seq_of(l, "left_after is negative"))
                             .transpose()?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn stream_history<'a>(
+        &'a self,
+        user: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<HistoryItem>, StoreError>> {
+        Box::pin(async move {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(unavailable("stream_history"))?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            // The newest `limit` of each stream, each by its own index range
+            // (the inbox's per user, each group's inside each interval),
+            // then merged by notification id.
+            let rows = conn
+                .query(
+                    "WITH iv AS (
+                         SELECT group_id, joined_after, NULL::int8 AS left_after
+                         FROM notify_group_members WHERE user_id = $1
+                         UNION ALL
+                         SELECT group_id, joined_after, left_after
+                         FROM notify_group_member_intervals WHERE user_id = $1),
+                     picked AS (
+                         SELECT i.group_id, i.group_offset AS number, i.notification_id
+                         FROM iv CROSS JOIN LATERAL (
+                             SELECT group_id, group_offset, notification_id
+                             FROM notify_group_items it
+                             WHERE it.group_id = iv.group_id
+                               AND it.group_offset > iv.joined_after
+                               AND (iv.left_after IS NULL OR it.group_offset <= iv.left_after)
+                               AND it.notification_id IS NOT NULL
+                             ORDER BY it.group_offset DESC LIMIT $2) i
+                         UNION ALL
+                         SELECT NULL, d.seq, d.notification_id FROM (
+                             SELECT seq, notification_id FROM notify_deliveries
+                             WHERE user_id = $1 AND via_group IS NOT TRUE
+                             ORDER BY seq DESC LIMIT $2) d)
+                     SELECT p.group_id, p.number, n.body
+                     FROM picked p JOIN notify_notifications n ON n.id = p.notification_id
+                     ORDER BY n.id DESC LIMIT $2",
+                    &[&user, &limit],
+                )
+                .await
+                .map_err(unavailable("stream_history"))?;
+            rows.iter()
+                .map(|row| {
+                    let group: Option<String> = column(row, 0, "stream_history group")?;
+                    let number: i64 = column(row, 1, "stream_history number")?;
+                    let Json(notification): Json<Notification> =
+                        column(row, 2, "notify_notifications.body")?;
+                    let number = seq_of(number, "stream_history number is negative")?;
+                    let notification = Arc::new(notification);
+                    Ok(match group {
+                        Some(group) => HistoryItem::Group {
+                            group,
+                            offset: number,
+                            notification,
+                        },
+                        None => HistoryItem::Inbox(Delivery::new(number, notification)),
                     })
                 })
                 .collect()

@@ -146,6 +146,44 @@ struct GroupCursor {
     indexed: bool,
 }
 
+/// The groups a subscription reads, by name. A list: a user is in a few
+/// groups, and a map's node (a B-tree leaf holds eleven entries inline)
+/// was most of an idle v2 connection's memory.
+#[derive(Debug, Default)]
+struct Groups(Vec<GroupCursor>);
+
+impl Groups {
+    fn get_mut(&mut self, name: &str) -> Option<&mut GroupCursor> {
+        self.0.iter_mut().find(|g| &*g.name == name)
+    }
+
+    fn get(&self, name: &str) -> Option<&GroupCursor> {
+        self.0.iter().find(|g| &*g.name == name)
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Adds or replaces the cursor of `name`.
+    fn insert(&mut self, name: Arc<str>, cursor: GroupCursor) {
+        self.remove(&name);
+        self.0.push(cursor);
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.0.retain(|g| &*g.name != name);
+    }
+
+    fn values(&self) -> impl Iterator<Item = &GroupCursor> {
+        self.0.iter()
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut GroupCursor> {
+        self.0.iter_mut()
+    }
+}
+
 /// A live subscription to a user's inbox and group streams, from
 /// [`Hub::subscribe_streams`](crate::Hub::subscribe_streams). Dropping it
 /// unregisters it.
@@ -156,7 +194,7 @@ pub struct StreamSubscription {
     slot: Arc<Slot>,
     page: usize,
     inbox: Cursor<Delivery>,
-    groups: BTreeMap<Arc<str>, GroupCursor>,
+    groups: Groups,
     /// Events decided but not handed out yet (a re-join announced right
     /// after the leave it follows).
     pending: VecDeque<StreamEvent>,
@@ -195,7 +233,7 @@ impl StreamSubscription {
             slot,
             page: page.max(1),
             inbox: Cursor::new(0, false),
-            groups: BTreeMap::new(),
+            groups: Groups::default(),
             pending: VecDeque::new(),
             reread_memberships: false,
         };
@@ -284,8 +322,8 @@ impl StreamSubscription {
             inbox: self.inbox.last,
             groups: self
                 .groups
-                .iter()
-                .map(|(name, g)| (name.to_string(), g.cursor.last))
+                .values()
+                .map(|g| (g.name.to_string(), g.cursor.last))
                 .collect(),
         }
     }
@@ -332,12 +370,12 @@ impl StreamSubscription {
                 self.inbox.replay.extend(page);
                 continue;
             }
-            if let Some(name) = self
+            let replaying = self
                 .groups
                 .values()
                 .find(|g| g.cursor.need_replay)
-                .map(|g| Arc::clone(&g.name))
-            {
+                .map(|g| Arc::clone(&g.name));
+            if let Some(name) = replaying {
                 let Some(g) = self.groups.get_mut(&name) else {
                     continue;
                 };
@@ -417,7 +455,7 @@ impl StreamSubscription {
                 return Some(event);
             }
         }
-        let names: Vec<Arc<str>> = self.groups.keys().cloned().collect();
+        let names: Vec<Arc<str>> = self.groups.values().map(|g| Arc::clone(&g.name)).collect();
         for name in names {
             while let Some(g) = self.groups.get_mut(&name) {
                 let Some(item) = g.cursor.next_buffered(|i| i.offset) else {
