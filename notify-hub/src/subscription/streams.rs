@@ -128,22 +128,32 @@ impl<T> Cursor<T> {
     }
 }
 
-/// A group the subscription reads: one membership of it at a time.
+/// A group the subscription reads: one membership of it at a time. Its
+/// slot is in the group's index for as long as the cursor exists.
 #[derive(Debug)]
 struct GroupCursor {
     name: Arc<str>,
-    /// The membership's start.
-    joined_after: u64,
-    /// A later membership of the same group, learned before this one's
-    /// leave record was met (a leave and a join through another node, or a
-    /// position inside a past membership): read once this one ends.
-    rejoin_after: Option<u64>,
+    /// Later memberships of the same group, `(joined_after, left_after)`,
+    /// learned before this one's leave record was met: read one after the
+    /// other once it ends.
+    later: VecDeque<(u64, Option<u64>)>,
     cursor: Cursor<GroupItem>,
     /// Set once the user's leave record is known: nothing after it is
     /// handed out, and the stream ends when it is reached.
     left_after: Option<u64>,
-    /// In the registry's index for this group.
-    indexed: bool,
+}
+
+impl GroupCursor {
+    /// A cursor for the membership `(joined_after, left_after)`, starting
+    /// after `start`, with a read of the store first when `replay`.
+    fn new(name: Arc<str>, start: u64, left_after: Option<u64>, replay: bool) -> GroupCursor {
+        GroupCursor {
+            name,
+            later: VecDeque::new(),
+            cursor: Cursor::new(start, replay),
+            left_after,
+        }
+    }
 }
 
 /// The groups a subscription reads, by name. A list: a user is in a few
@@ -155,14 +165,6 @@ struct Groups(Vec<GroupCursor>);
 impl Groups {
     fn get_mut(&mut self, name: &str) -> Option<&mut GroupCursor> {
         self.0.iter_mut().find(|g| &*g.name == name)
-    }
-
-    fn get(&self, name: &str) -> Option<&GroupCursor> {
-        self.0.iter().find(|g| &*g.name == name)
-    }
-
-    fn contains_key(&self, name: &str) -> bool {
-        self.get(name).is_some()
     }
 
     /// Adds or replaces the cursor of `name`.
@@ -198,8 +200,11 @@ pub struct StreamSubscription {
     /// Events decided but not handed out yet (a re-join announced right
     /// after the leave it follows).
     pending: VecDeque<StreamEvent>,
-    /// Membership changes from other nodes may have been lost (a broker
-    /// resync): read the memberships again.
+    /// Memberships `(group, joined_after)` read or deliberately skipped:
+    /// any other one is newer than the subscription and must be read.
+    seen: Vec<(Arc<str>, u64)>,
+    /// A membership may be unknown to the subscription (a join or a leave
+    /// it has not read, a broker resync): read the memberships again.
     reread_memberships: bool,
 }
 
@@ -235,6 +240,7 @@ impl StreamSubscription {
             inbox: Cursor::new(0, false),
             groups: Groups::default(),
             pending: VecDeque::new(),
+            seen: Vec::new(),
             reread_memberships: false,
         };
         // Memberships and their heads in one snapshot: a leave after it
@@ -249,6 +255,8 @@ impl StreamSubscription {
         // By group, then by `joined_after`: a past membership of a group
         // comes before its current one.
         for m in &memberships {
+            let name: Arc<str> = Arc::from(m.group.as_str());
+            subscription.seen.push((Arc::clone(&name), m.joined_after));
             let given = from.and_then(|p| p.groups.get(&m.group)).copied();
             let start = match (m.left_after, given) {
                 (None, Some(at)) => at.clamp(m.joined_after, m.head),
@@ -256,7 +264,7 @@ impl StreamSubscription {
                 // while the client was away): from the join on, announced.
                 (None, None) if from.is_some() => {
                     subscription.pending.push_back(StreamEvent::Joined {
-                        group: Arc::from(m.group.as_str()),
+                        group: Arc::clone(&name),
                         joined_after: m.joined_after,
                     });
                     m.joined_after
@@ -267,29 +275,16 @@ impl StreamSubscription {
                 (Some(left), Some(at)) if at >= m.joined_after && at < left => at,
                 (Some(_), _) => continue,
             };
-            if let Some(past) = subscription.groups.get_mut(m.group.as_str()) {
-                // The current membership follows the past one being read.
-                past.rejoin_after = Some(m.joined_after);
+            if let Some(earlier) = subscription.groups.get_mut(&name) {
+                // Follows the past membership being read.
+                earlier.later.push_back((m.joined_after, m.left_after));
                 continue;
             }
-            let name: Arc<str> = Arc::from(m.group.as_str());
+            subscription.registry.index_group(&name, &subscription.slot);
             subscription.groups.insert(
                 Arc::clone(&name),
-                GroupCursor {
-                    name,
-                    joined_after: m.joined_after,
-                    rejoin_after: None,
-                    cursor: Cursor::new(start, start < m.head),
-                    left_after: m.left_after,
-                    indexed: false,
-                },
+                GroupCursor::new(name, start, m.left_after, start < m.head),
             );
-        }
-        for group in &current {
-            subscription.registry.index_group(group, &subscription.slot);
-            if let Some(g) = subscription.groups.get_mut(group.as_str()) {
-                g.indexed = true;
-            }
         }
         // Read after the index holds the slot: an item committed between
         // the snapshot and the indexing is in the store by now.
@@ -350,13 +345,9 @@ impl StreamSubscription {
                 return Ok(event);
             }
             if self.reread_memberships {
-                let joined = self.catch_up_joins().await?;
+                self.read_memberships().await?;
                 self.reread_memberships = false;
-                if let Some(event) = joined {
-                    // More may follow: look again before going live.
-                    self.reread_memberships = true;
-                    return Ok(event);
-                }
+                continue;
             }
             if let Some(event) = self.next_buffered() {
                 return Ok(event);
@@ -406,46 +397,42 @@ impl StreamSubscription {
         }
     }
 
-    /// Reads the memberships again and starts the first current group this
-    /// subscription does not read (a join whose message was lost), from its
-    /// join on. A leave needs nothing here: every group is replayed after a
-    /// resync, and its record is met there.
-    async fn catch_up_joins(&mut self) -> Result<Option<StreamEvent>, Closed> {
+    /// Reads the memberships again and reads every one it had not seen
+    /// (their join or leave message lost, or not read yet), each group's in
+    /// order: a group not being read starts at that membership's join,
+    /// announced; one being read continues with it after its current
+    /// membership's leave record.
+    async fn read_memberships(&mut self) -> Result<(), Closed> {
         let memberships = self.store.memberships(&self.user).await?;
-        // A current membership this subscription does not read: a later one
-        // of a group it reads (its leave and re-join both missed) is read
-        // after the leave record is met.
-        for m in memberships.iter().filter(|m| m.left_after.is_none()) {
-            if let Some(g) = self.groups.get_mut(m.group.as_str())
-                && g.joined_after < m.joined_after
+        for m in memberships {
+            if self
+                .seen
+                .iter()
+                .any(|(g, j)| **g == *m.group && *j == m.joined_after)
             {
-                g.rejoin_after = Some(m.joined_after);
-                g.cursor.need_replay = true;
+                continue;
             }
-        }
-        let Some(m) = memberships
-            .into_iter()
-            .find(|m| m.left_after.is_none() && !self.groups.contains_key(m.group.as_str()))
-        else {
-            return Ok(None);
-        };
-        self.registry.index_group(&m.group, &self.slot);
-        let group: Arc<str> = Arc::from(m.group.as_str());
-        self.groups.insert(
-            Arc::clone(&group),
-            GroupCursor {
-                name: Arc::clone(&group),
+            let name: Arc<str> = Arc::from(m.group.as_str());
+            self.seen.push((Arc::clone(&name), m.joined_after));
+            if let Some(g) = self.groups.get_mut(&name) {
+                g.later.push_back((m.joined_after, m.left_after));
+                // Its leave record is in the store: read on to it.
+                g.cursor.need_replay = true;
+                continue;
+            }
+            // Indexed first, read second: what was dispatched before the
+            // slot was in the index is in the store.
+            self.registry.index_group(&name, &self.slot);
+            self.groups.insert(
+                Arc::clone(&name),
+                GroupCursor::new(Arc::clone(&name), m.joined_after, m.left_after, true),
+            );
+            self.pending.push_back(StreamEvent::Joined {
+                group: name,
                 joined_after: m.joined_after,
-                rejoin_after: None,
-                cursor: Cursor::new(m.joined_after, true),
-                left_after: None,
-                indexed: true,
-            },
-        );
-        Ok(Some(StreamEvent::Joined {
-            group,
-            joined_after: m.joined_after,
-        }))
+            });
+        }
+        Ok(())
     }
 
     /// The next event from what was read from the store or held ahead.
@@ -506,13 +493,20 @@ impl StreamSubscription {
                 user,
                 offset,
             } => {
+                let Some(g) = self.groups.get_mut(&group) else {
+                    // The end of a membership of the user's this
+                    // subscription did not know of: read it.
+                    if *user == *self.user {
+                        self.reread_memberships = true;
+                    }
+                    return None;
+                };
                 let item = GroupItem {
                     offset,
                     entry: GroupEntry::Left {
                         user_id: user.to_string(),
                     },
                 };
-                let g = self.groups.get_mut(&group)?;
                 let item = g.cursor.offer(offset, item)?;
                 self.hand_out_item(&group, item, None)
             }
@@ -520,34 +514,16 @@ impl StreamSubscription {
                 group,
                 joined_after,
             } => {
-                if let Some(g) = self.groups.get_mut(&group) {
-                    if joined_after > g.joined_after {
-                        // A later membership: the one being read has ended,
-                        // its leave record not met yet. Read on to it.
-                        g.rejoin_after =
-                            Some(g.rejoin_after.map_or(joined_after, |j| j.max(joined_after)));
-                        g.cursor.need_replay = true;
-                    }
-                    return None; // Otherwise known already.
+                // A membership not seen yet: read the memberships (earlier
+                // ones of the group, whose messages may be lost, come first).
+                if !self
+                    .seen
+                    .iter()
+                    .any(|(g, j)| *g == group && *j == joined_after)
+                {
+                    self.reread_memberships = true;
                 }
-                self.registry.index_group(&group, &self.slot);
-                // Indexed first, read second: what was dispatched before
-                // the slot was in the index is in the store.
-                self.groups.insert(
-                    Arc::clone(&group),
-                    GroupCursor {
-                        name: Arc::clone(&group),
-                        joined_after,
-                        rejoin_after: None,
-                        cursor: Cursor::new(joined_after, true),
-                        left_after: None,
-                        indexed: true,
-                    },
-                );
-                Some(StreamEvent::Joined {
-                    group,
-                    joined_after,
-                })
+                None
             }
         }
     }
@@ -578,28 +554,18 @@ impl StreamSubscription {
             GroupEntry::Left { user_id } if user_id == self.user => {
                 // The interval is complete: the group's stream ends here,
                 // unless a later membership of it is known.
-                match g.rejoin_after.take() {
-                    Some(joined_after) => {
-                        if !g.indexed {
-                            self.registry.index_group(group, &self.slot);
-                        }
-                        *g = GroupCursor {
-                            name: Arc::clone(group),
-                            joined_after,
-                            rejoin_after: None,
-                            cursor: Cursor::new(joined_after, true),
-                            left_after: None,
-                            indexed: true,
-                        };
+                match g.later.pop_front() {
+                    Some((joined_after, left_after)) => {
+                        let later = std::mem::take(&mut g.later);
+                        *g = GroupCursor::new(Arc::clone(group), joined_after, left_after, true);
+                        g.later = later;
                         self.pending.push_back(StreamEvent::Joined {
                             group: Arc::clone(group),
                             joined_after,
                         });
                     }
                     None => {
-                        if g.indexed {
-                            self.registry.unindex_group(group, &self.slot);
-                        }
+                        self.registry.unindex_group(group, &self.slot);
                         self.groups.remove(group);
                     }
                 }
@@ -623,7 +589,7 @@ impl StreamSubscription {
 
 impl Drop for StreamSubscription {
     fn drop(&mut self) {
-        for g in self.groups.values().filter(|g| g.indexed) {
+        for g in self.groups.values() {
             self.registry.unindex_group(&g.name, &self.slot);
         }
         self.registry.unregister(&self.user, &self.slot);
