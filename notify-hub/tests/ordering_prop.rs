@@ -8,38 +8,15 @@
 //! in its own order. A node's own sends never go through the broker, so the
 //! reordering can only come from another node.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify_hub::store::BoxFuture;
-use notify_hub::{
-    Broker, BrokerError, BrokerEvent, Hub, HubConfig, MemoryStore, Notification, Published,
-};
-use parking_lot::Mutex;
+use common::ChaosBroker;
+
+use notify_hub::{BrokerEvent, Hub, HubConfig, MemoryStore, Notification, Published};
 use proptest::prelude::*;
-use tokio::sync::mpsc;
-
-/// A broker that holds every message until the test releases it, in any
-/// order, or never; and hands the hub whatever the test sends its sink.
-#[derive(Default)]
-struct ChaosBroker {
-    sink: Mutex<Option<mpsc::Sender<BrokerEvent>>>,
-    held: Mutex<Vec<Arc<Published>>>,
-}
-
-impl Broker for ChaosBroker {
-    fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
-        self.held.lock().push(message);
-        Box::pin(async { Ok(()) })
-    }
-    fn subscribe(&self, sink: mpsc::Sender<BrokerEvent>) -> BoxFuture<'_, Result<(), BrokerError>> {
-        *self.sink.lock() = Some(sink);
-        Box::pin(async { Ok(()) })
-    }
-    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Fate {
@@ -95,7 +72,7 @@ proptest! {
                 if step < n {
                     sender.send_to_users(&["u"], Notification::new("t", format!("n{}", step + 1), "m")).await.unwrap();
                     let (key, fate) = plan[step as usize].clone();
-                    let message = broker.held.lock().pop().unwrap();
+                    let message = broker.pop_published().unwrap();
                     if matches!(fate, Fate::Deliver) {
                         // Delayed by 0..3 steps: later sends may overtake it.
                         waiting.push((step + u64::from(key % 4), message));
@@ -186,7 +163,7 @@ async fn a_node_skips_its_own_sends_when_the_broker_brings_them_back() {
         .unwrap();
     // Delivered from the writer, not from the broker.
     assert_eq!(sub.next().await.unwrap().seq, 1);
-    let echo = broker.held.lock().pop().unwrap();
+    let echo = broker.pop_published().unwrap();
     assert_eq!(echo.origin, hub.node_id());
     // Echoed many times: none of it lands in the 2-deep queue (it would
     // overflow), and nothing is handed out twice.

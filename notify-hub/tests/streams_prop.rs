@@ -9,47 +9,16 @@
 //! holds every message (sends and membership changes); the test hands them
 //! to hub B, where the subscription is, delayed, reordered or dropped.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify_hub::store::BoxFuture;
-use notify_hub::{
-    Broker, BrokerError, BrokerEvent, Hub, HubConfig, MembershipChange, MemoryStore, Notification,
-    Published, StreamEvent,
-};
-use parking_lot::Mutex;
+use common::ChaosBroker;
+
+use notify_hub::{BrokerEvent, Hub, HubConfig, MemoryStore, Notification, StreamEvent};
 use proptest::prelude::*;
-use tokio::sync::mpsc;
-
-/// A broker that holds every message until the test releases it, and
-/// hands the hub whatever the test sends its sink.
-#[derive(Default)]
-struct ChaosBroker {
-    sink: Mutex<Option<mpsc::Sender<BrokerEvent>>>,
-    held: Mutex<Vec<BrokerEvent>>,
-}
-
-impl Broker for ChaosBroker {
-    fn publish(&self, message: Arc<Published>) -> BoxFuture<'_, Result<(), BrokerError>> {
-        self.held.lock().push(BrokerEvent::Published(message));
-        Box::pin(async { Ok(()) })
-    }
-    fn publish_change(
-        &self,
-        change: Arc<MembershipChange>,
-    ) -> BoxFuture<'_, Result<(), BrokerError>> {
-        self.held.lock().push(BrokerEvent::Changed(change));
-        Box::pin(async { Ok(()) })
-    }
-    fn subscribe(&self, sink: mpsc::Sender<BrokerEvent>) -> BoxFuture<'_, Result<(), BrokerError>> {
-        *self.sink.lock() = Some(sink);
-        Box::pin(async { Ok(()) })
-    }
-    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
-        Box::pin(async { Ok(()) })
-    }
-}
 
 /// One operation through hub A.
 #[derive(Debug, Clone)]

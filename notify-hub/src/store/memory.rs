@@ -42,6 +42,26 @@ struct State {
 /// duplicates.
 const ID_WINDOW: usize = 100_000;
 
+impl State {
+    /// Every membership of `user`, past and current, each with its group's
+    /// head, in no particular order.
+    fn memberships_of(&self, user: &str) -> Vec<Membership> {
+        let mut all: Vec<Membership> = self.closed.get(user).cloned().unwrap_or_default();
+        for m in &mut all {
+            m.head = self.groups.get(&m.group).map_or(0, |g| g.last_offset);
+        }
+        all.extend(self.groups.iter().filter_map(|(group, s)| {
+            s.members.get(user).map(|&joined_after| Membership {
+                group: group.clone(),
+                joined_after,
+                left_after: None,
+                head: s.last_offset,
+            })
+        }));
+        all
+    }
+}
+
 /// A group's stream and its current members.
 #[derive(Debug, Default)]
 struct GroupState {
@@ -328,18 +348,7 @@ impl Store for MemoryStore {
     ) -> BoxFuture<'a, Result<Vec<Membership>, StoreError>> {
         Box::pin(async move {
             let state = self.state.lock();
-            let mut all: Vec<Membership> = state.closed.get(user).cloned().unwrap_or_default();
-            for m in &mut all {
-                m.head = state.groups.get(&m.group).map_or(0, |g| g.last_offset);
-            }
-            all.extend(state.groups.iter().filter_map(|(group, s)| {
-                s.members.get(user).map(|&joined_after| Membership {
-                    group: group.clone(),
-                    joined_after,
-                    left_after: None,
-                    head: s.last_offset,
-                })
-            }));
+            let mut all = state.memberships_of(user);
             all.sort_by(|a, b| (&a.group, a.joined_after).cmp(&(&b.group, b.joined_after)));
             Ok(all)
         })
@@ -363,16 +372,7 @@ impl Store for MemoryStore {
                         .map(|(seq, n, _)| HistoryItem::Inbox(Delivery::new(*seq, Arc::clone(n)))),
                 );
             }
-            let mut intervals: Vec<Membership> =
-                state.closed.get(user).cloned().unwrap_or_default();
-            intervals.extend(state.groups.iter().filter_map(|(group, s)| {
-                s.members.get(user).map(|&joined_after| Membership {
-                    group: group.clone(),
-                    joined_after,
-                    left_after: None,
-                    head: s.last_offset,
-                })
-            }));
+            let intervals = state.memberships_of(user);
             for m in intervals {
                 let Some(stream) = state.groups.get(&m.group) else {
                     continue;

@@ -57,3 +57,53 @@ pub(crate) async fn two_hubs(redis: &TestRedis) -> (Hub, Hub) {
     let b = hubs.pop().unwrap();
     (hubs.pop().unwrap(), b)
 }
+
+/// A broker that holds every message a hub publishes (sends and membership
+/// changes) until the test releases it, in any order, or never; and hands
+/// the hub whatever the test sends its sink.
+#[derive(Default)]
+pub(crate) struct ChaosBroker {
+    pub(crate) sink: parking_lot::Mutex<Option<tokio::sync::mpsc::Sender<notify_hub::BrokerEvent>>>,
+    pub(crate) held: parking_lot::Mutex<Vec<notify_hub::BrokerEvent>>,
+}
+
+impl ChaosBroker {
+    /// The newest held send, if the newest held message is one.
+    pub(crate) fn pop_published(&self) -> Option<std::sync::Arc<notify_hub::Published>> {
+        match self.held.lock().pop()? {
+            notify_hub::BrokerEvent::Published(message) => Some(message),
+            _ => None,
+        }
+    }
+}
+
+impl notify_hub::Broker for ChaosBroker {
+    fn publish(
+        &self,
+        message: std::sync::Arc<notify_hub::Published>,
+    ) -> notify_hub::store::BoxFuture<'_, Result<(), notify_hub::BrokerError>> {
+        self.held
+            .lock()
+            .push(notify_hub::BrokerEvent::Published(message));
+        Box::pin(async { Ok(()) })
+    }
+    fn publish_change(
+        &self,
+        change: std::sync::Arc<notify_hub::MembershipChange>,
+    ) -> notify_hub::store::BoxFuture<'_, Result<(), notify_hub::BrokerError>> {
+        self.held
+            .lock()
+            .push(notify_hub::BrokerEvent::Changed(change));
+        Box::pin(async { Ok(()) })
+    }
+    fn subscribe(
+        &self,
+        sink: tokio::sync::mpsc::Sender<notify_hub::BrokerEvent>,
+    ) -> notify_hub::store::BoxFuture<'_, Result<(), notify_hub::BrokerError>> {
+        *self.sink.lock() = Some(sink);
+        Box::pin(async { Ok(()) })
+    }
+    fn ping(&self) -> notify_hub::store::BoxFuture<'_, Result<(), notify_hub::BrokerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
