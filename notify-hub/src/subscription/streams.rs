@@ -286,6 +286,10 @@ impl StreamSubscription {
                 GroupCursor::new(name, start, m.left_after, start < m.head),
             );
         }
+        // Kept for the connection's life: no spare room (a `Vec` starts at
+        // four entries, and an idle connection's every byte counts).
+        subscription.groups.0.shrink_to_fit();
+        subscription.seen.shrink_to_fit();
         // Read after the index holds the slot: an item committed between
         // the snapshot and the indexing is in the store by now.
         let heads = subscription.store.group_heads(&current).await?;
