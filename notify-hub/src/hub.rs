@@ -349,42 +349,42 @@ impl Hub {
     /// Adds `user` to `group`; `true` if they were not a member yet. The
     /// user's stream subscriptions on this node start receiving the group.
     pub async fn join_group(&self, group: &str, user: &str) -> Result<bool, Error> {
-        check_ids(group, user)?;
-        // In a task of its own: once the store has committed, the local
-        // subscriptions and the other nodes must hear of it even if the
-        // caller stops waiting.
-        let hub = self.clone();
-        let (group, user) = (group.to_owned(), user.to_owned());
-        let joined = tokio::spawn(async move {
-            let joined = hub.inner.store.join_group(&group, &user).await?;
-            if let Some(joined_after) = joined {
-                hub.inner.registry.joined(&group, &user, joined_after);
-                hub.publish_change(ChangeKind::Join, &group, &user, joined_after)
-                    .await;
-            }
-            Ok::<_, Error>(joined.is_some())
-        });
-        joined.await.map_err(|_| Error::ShutDown)?
+        self.change_membership(ChangeKind::Join, group, user).await
     }
 
     /// Removes `user` from `group`; `true` if they were a member. Stream
     /// subscriptions on this node see the leave at its place in the group's
     /// stream.
     pub async fn leave_group(&self, group: &str, user: &str) -> Result<bool, Error> {
+        self.change_membership(ChangeKind::Leave, group, user).await
+    }
+
+    /// Stores a join or a leave, then tells this node's stream
+    /// subscriptions and the other nodes. In a task of its own: once the
+    /// store has committed, they must hear of it even if the caller stops
+    /// waiting.
+    async fn change_membership(
+        &self,
+        kind: ChangeKind,
+        group: &str,
+        user: &str,
+    ) -> Result<bool, Error> {
         check_ids(group, user)?;
-        // In a task of its own, as a join.
         let hub = self.clone();
         let (group, user) = (group.to_owned(), user.to_owned());
-        let left = tokio::spawn(async move {
-            let left = hub.inner.store.leave_group(&group, &user).await?;
-            if let Some(offset) = left {
-                hub.inner.registry.left(&group, &user, offset);
-                hub.publish_change(ChangeKind::Leave, &group, &user, offset)
-                    .await;
+        let changed = tokio::spawn(async move {
+            let store = &hub.inner.store;
+            let offset = match kind {
+                ChangeKind::Join => store.join_group(&group, &user).await?,
+                ChangeKind::Leave => store.leave_group(&group, &user).await?,
+            };
+            if let Some(offset) = offset {
+                hub.inner.registry.changed(kind, &group, &user, offset);
+                hub.publish_change(kind, &group, &user, offset).await;
             }
-            Ok::<_, Error>(left.is_some())
+            Ok::<_, Error>(offset.is_some())
         });
-        left.await.map_err(|_| Error::ShutDown)?
+        changed.await.map_err(|_| Error::ShutDown)?
     }
 
     /// Tells the other nodes' stream subscriptions of a committed change of
@@ -767,10 +767,9 @@ fn handle(registry: &Registry, node: Uuid, event: &BrokerEvent) {
         BrokerEvent::Published(message) if message.origin == node => {}
         BrokerEvent::Published(message) => registry.dispatch(message),
         BrokerEvent::Changed(change) if change.origin == node => {}
-        BrokerEvent::Changed(change) => match change.kind {
-            ChangeKind::Join => registry.joined(&change.group, &change.user, change.offset),
-            ChangeKind::Leave => registry.left(&change.group, &change.user, change.offset),
-        },
+        BrokerEvent::Changed(change) => {
+            registry.changed(change.kind, &change.group, &change.user, change.offset);
+        }
         BrokerEvent::Resync => registry.resync_all(),
     }
 }

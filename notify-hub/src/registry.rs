@@ -15,7 +15,7 @@ use std::task::{Poll, Waker};
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use crate::broker::Published;
+use crate::broker::{ChangeKind, Published};
 use crate::notification::{Delivery, Notification};
 
 /// Counters of a hub, for metrics.
@@ -297,12 +297,21 @@ impl Registry {
         }
     }
 
+    /// A committed join (`offset` = `joined_after`) or leave (`offset` =
+    /// the leave record's), from this node or another.
+    pub(crate) fn changed(&self, kind: ChangeKind, group: &str, user: &str, offset: u64) {
+        match kind {
+            ChangeKind::Join => self.joined(group, user, offset),
+            ChangeKind::Leave => self.left(group, user, offset),
+        }
+    }
+
     /// `user` joined `group` after `joined_after`: their stream
     /// subscriptions on this node are told. Each enters the group's index
     /// itself when it takes the news (only a subscription changes its own
     /// index entries, in the order of its stream), and reads what was
     /// dispatched before from the store.
-    pub(crate) fn joined(&self, group: &str, user: &str, joined_after: u64) {
+    fn joined(&self, group: &str, user: &str, joined_after: u64) {
         let Some(slots) = self.slots.get(user) else {
             return;
         };
@@ -321,7 +330,7 @@ impl Registry {
     /// `user` left `group` at the record `offset`: every stream
     /// subscription in the group's index, and the user's own (which may not
     /// be indexed yet), gets the record in its place in the stream.
-    pub(crate) fn left(&self, group: &str, user: &str, offset: u64) {
+    fn left(&self, group: &str, user: &str, offset: u64) {
         let push = StreamPush::Left {
             group: Arc::from(group),
             user: Arc::from(user),
