@@ -56,7 +56,7 @@
 pub mod auth;
 pub mod body;
 pub mod error;
-mod header_timer;
+mod head_deadline;
 pub mod path;
 pub mod per_thread;
 pub mod prometheus;

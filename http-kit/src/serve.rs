@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
+use crate::head_deadline::{HeadDeadline, Tracked};
 use crate::response::BoxError;
 use crate::shutdown::Shutdown;
 
@@ -60,10 +61,11 @@ pub struct ServeConfig {
     /// [`ConnectionSlot`] included). Default 10,000.
     pub max_connections: usize,
     /// How long a client may take to send a request's headers, counted
-    /// from when the server starts waiting for them (on a keep-alive
-    /// connection, from the previous response). Enforced up to 250 ms late,
-    /// never early: the deadlines of a connection are rounded up to 250 ms
-    /// steps so that one timer serves them. Default 30 s.
+    /// from when the server starts waiting for them: from the connection's
+    /// start, and on a keep-alive connection from when the previous
+    /// response's body was handed over (so a client that does not read a
+    /// response's end within this time is cut off too). The connection is
+    /// then closed without a response. Default 30 s.
     pub header_read_timeout: Duration,
     /// How long the drain waits for connections and guards. Default 10 s.
     pub drain_timeout: Duration,
@@ -313,28 +315,44 @@ pub(crate) fn spawn_connection<S, B>(
     }
     let slot = ConnectionSlot(Arc::new(permit));
     let per_request = shutdown.clone();
+    // The header-read timeout is kept outside hyper (see `head_deadline`).
+    let head_deadline = HeadDeadline::new();
+    let requests = head_deadline.clone();
     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let in_flight = requests.begin();
         let extensions = request.extensions_mut();
         extensions.insert(PeerAddr(peer));
         extensions.insert(per_request.clone());
         extensions.insert(slot.clone());
-        service.clone().oneshot(request)
+        Tracked::new(service.clone().oneshot(request), in_flight)
     });
     let connection = hyper::server::conn::http1::Builder::new()
-        .timer(crate::header_timer::HeaderTimer::new())
-        .header_read_timeout(config.header_read_timeout)
+        .header_read_timeout(None)
         .serve_connection(TokioIo::new(stream), hyper_service)
         .with_upgrades();
     let guard = shutdown.guard();
     let draining = shutdown.clone();
+    let header_read_timeout = config.header_read_timeout;
     tokio::spawn(async move {
         let _guard = guard;
         tokio::pin!(connection);
+        let expired = head_deadline.expired(header_read_timeout);
+        tokio::pin!(expired);
         let result = tokio::select! {
             result = connection.as_mut() => result,
+            () = expired.as_mut() => {
+                tracing::debug!(%peer, "no request head within the header-read timeout; closing");
+                return;
+            }
             () = draining.triggered() => {
                 connection.as_mut().graceful_shutdown();
-                connection.await
+                tokio::select! {
+                    result = connection.as_mut() => result,
+                    () = expired.as_mut() => {
+                        tracing::debug!(%peer, "no request head within the header-read timeout while draining; closing");
+                        return;
+                    }
+                }
             }
         };
         if let Err(e) = result {

@@ -275,3 +275,44 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     shutdown.trigger();
     assert!(server.await.unwrap().drained);
 }
+
+#[tokio::test]
+async fn a_keep_alive_connection_that_stalls_in_its_next_head_is_cut_off() {
+    let config = ServeConfig::default().with_header_read_timeout(Duration::from_millis(200));
+    let (addr, shutdown, server) = start(echo_peer(), config).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let (status, _) = get(&mut stream, "/first").await;
+    assert_eq!(status, 200);
+    stream
+        .write_all(b"GET /second HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the stalled second head was never cut off");
+    assert!(rest.is_empty(), "closed without a response: {rest:?}");
+    shutdown.trigger();
+    assert!(server.await.unwrap().drained);
+}
+
+#[tokio::test]
+async fn a_request_slower_than_the_header_timeout_still_gets_its_response() {
+    let config = ServeConfig::default().with_header_read_timeout(Duration::from_millis(100));
+    let slow = tower::service_fn(|_request: Request<Incoming>| async move {
+        // The handler's own work outlasts the header-read timeout threefold:
+        // the timeout is about heads, not about the server's answer.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok::<_, Infallible>(json(StatusCode::OK, &serde_json::json!({"slow": true})))
+    });
+    let (addr, shutdown, server) = start(slow, config).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let (status, body) = get(&mut stream, "/slow").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, r#"{"slow":true}"#);
+    // And the connection, now idle, is closed once the timeout passes.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the idle connection was never closed");
+    shutdown.trigger();
+    assert!(server.await.unwrap().drained);
+}
