@@ -23,6 +23,9 @@ mod fd_limit;
 #[path = "support/loopback.rs"]
 mod loopback;
 
+#[path = "support/process_cpu.rs"]
+mod process_cpu;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -173,10 +176,12 @@ async fn read_side(args: &Args) {
         }));
     }
     let started = Instant::now();
+    let cpu_before = process_cpu::cpu_seconds();
     let mut streams = Vec::with_capacity(readers.len());
     for r in readers {
         streams.extend(r.await);
     }
+    let reader_cpu = process_cpu::cpu_seconds() - cpu_before;
     drop(streams);
     let status = tokio::task::spawn_blocking(move || writer.0.wait())
         .await
@@ -200,6 +205,8 @@ async fn read_side(args: &Args) {
             "writers": args.writers, "expected": expected, "received": latencies.len(),
             "lost": expected - latencies.len() as u64, "seconds": started.elapsed().as_secs_f64().round(),
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+            // The reading side's own CPU per frame (the loader's, in ws_load).
+            "reader_cpu_us_per_frame": if latencies.is_empty() { -1.0 } else { (reader_cpu * 1e7 / latencies.len() as f64).round() / 10.0 },
         })
     );
 }

@@ -19,6 +19,9 @@ mod fd_limit;
 #[path = "support/loopback.rs"]
 mod loopback;
 
+#[path = "support/process_cpu.rs"]
+mod process_cpu;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -299,6 +302,7 @@ async fn main() {
     let expected: Arc<Mutex<Vec<Vec<u64>>>> =
         Arc::new(Mutex::new(vec![Vec::new(); args.connections]));
     let send_errors = Arc::new(AtomicU64::new(0));
+    let cpu_before = process_cpu::cpu_seconds();
     let mut ticker = tokio::time::interval(interval);
     let mut sends = Vec::new();
     for k in 0..total {
@@ -369,6 +373,7 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let loader_cpu = process_cpu::cpu_seconds() - cpu_before;
     let rss_end = server_rss_mib(args.server_pid);
     let (mut delivered, mut lost, mut duplicates) = (0u64, 0u64, 0u64);
     let mut latencies: Vec<u64> = Vec::new();
@@ -405,6 +410,9 @@ async fn main() {
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": pct(1.0),
             "server_rss_mib": rss_end, "server_rss_idle_mib": rss_idle,
             "idle_bytes_per_connection": idle_per_conn.round(),
+            // This loader's own CPU while sending and receiving, per
+            // delivery: it shares the machine with the server.
+            "loader_cpu_us_per_delivery": if delivered > 0 { (loader_cpu * 1e7 / delivered as f64).round() / 10.0 } else { -1.0 },
         })
     );
 }
