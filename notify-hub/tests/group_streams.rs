@@ -310,7 +310,7 @@ mod postgres {
 
     async fn store(db: &TestDatabase) -> PgStore {
         let store = PgStore::connect(db.url(), 8).await.unwrap();
-        assert_eq!(store.migrate().await.unwrap(), 3);
+        assert_eq!(store.migrate().await.unwrap(), 4);
         store
     }
 
@@ -324,6 +324,67 @@ mod postgres {
         a_duplicate_takes_no_offset(&store).await;
         mixed_batches_and_refused_sends(&store).await;
         a_send_without_fan_out_writes_only_its_item(&store).await;
+    }
+
+    /// Two nodes (two stores, each with its own membership writer) join
+    /// and leave overlapping users of one group at once: no batch deadlocks
+    /// on the group's head, and the member count a broadcast reports is
+    /// the number of members left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_changing_one_group_keep_its_member_count() {
+        let Some(db) = TestDatabase::create().await else {
+            return;
+        };
+        let first = Arc::new(store(&db).await);
+        let second = Arc::new(PgStore::connect(db.url(), 8).await.unwrap());
+        let mut tasks = Vec::new();
+        for (node, store) in [(0, &first), (1, &second)] {
+            for part in 0..4 {
+                let store = Arc::clone(store);
+                tasks.push(tokio::spawn(async move {
+                    // Users 0..300 from both nodes (half of them twice),
+                    // then every tenth left again by its node.
+                    for i in (part * 75 + node * 40)..(part * 75 + node * 40 + 75) {
+                        store.join_group("crowd", &format!("u{i}")).await.unwrap();
+                    }
+                    for i in (part * 75 + node * 40)..(part * 75 + node * 40 + 75) {
+                        if i % 10 == 0 {
+                            store.leave_group("crowd", &format!("u{i}")).await.unwrap();
+                        }
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let joined: BTreeSet<usize> = (0..2)
+            .flat_map(|node| {
+                (0..4).flat_map(move |part| (part * 75 + node * 40)..(part * 75 + node * 40 + 75))
+            })
+            .collect();
+        let expected = joined.iter().filter(|i| *i % 10 != 0).count();
+        let mut send = broadcast("crowd", "count");
+        send.fan_out = false;
+        let out = first.append(&[send]).await.unwrap();
+        let Appended::Broadcast { members, .. } = &out[0] else {
+            panic!("{out:?}");
+        };
+        assert_eq!(*members, expected);
+        // And the fan-out's own read agrees.
+        let out = second
+            .append(&[broadcast("crowd", "fanned")])
+            .await
+            .unwrap();
+        let Appended::Broadcast {
+            recipients,
+            members,
+            ..
+        } = &out[0]
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!((recipients.len(), *members), (expected, expected));
     }
 
     /// Many writers at once on one group (broadcasts in batches, joins and
@@ -351,13 +412,18 @@ mod postgres {
                     let out = store.append(&batch).await.unwrap();
                     for (title, appended) in titles.into_iter().zip(out) {
                         let Appended::Broadcast {
-                            recipients, offset, ..
+                            recipients,
+                            offset,
+                            members,
                         } = appended
                         else {
                             panic!("{appended:?}");
                         };
                         let users: BTreeSet<String> =
                             recipients.into_iter().map(|r| r.user_id).collect();
+                        // The count kept by schema 4's triggers, read under
+                        // the head lock, is the fan-out's size.
+                        assert_eq!(members, users.len(), "{title} at {offset}");
                         sends.push((title, offset, users));
                     }
                     // Its own user, and one shared by every writer: a join

@@ -20,7 +20,7 @@ async fn hub(db: &TestDatabase) -> Hub {
 
 async fn store(db: &TestDatabase) -> PgStore {
     let store = PgStore::connect(db.url(), 4).await.unwrap();
-    assert_eq!(store.migrate().await.unwrap(), 3);
+    assert_eq!(store.migrate().await.unwrap(), 4);
     assert_eq!(store.migrate().await.unwrap(), 0, "migrations run once");
     store
 }
@@ -328,8 +328,8 @@ async fn a_version_1_database_is_upgraded_in_place_and_keeps_its_sequences() {
     let store = PgStore::connect(db.url(), 4).await.unwrap();
     assert_eq!(
         store.migrate().await.unwrap(),
-        2,
-        "only versions 2 and 3 run"
+        3,
+        "only versions 2, 3 and 4 run"
     );
     // The existing member joined group g's stream at 0, whose head the
     // upgrade created (before any broadcast could).
@@ -366,7 +366,11 @@ async fn a_version_1_database_is_upgraded_in_place_and_keeps_its_sequences() {
     let hub = Hub::start(HubConfig::default(), store, LocalBroker::new())
         .await
         .unwrap();
-    hub.broadcast_to_group("g", note(1)).await.unwrap();
+    let receipt = hub.broadcast_to_group("g", note(1)).await.unwrap();
+    assert_eq!(
+        receipt.recipients, 1,
+        "the member before the upgrade is in its group's count (schema 4)"
+    );
     let seqs: Vec<(u64, String)> = hub
         .deliveries("alice", 10)
         .await

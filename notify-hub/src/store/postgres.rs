@@ -1,16 +1,18 @@
-//! The PostgreSQL store (tokio-postgres + bb8): plain-SQL migrations, one
-//! transaction per batch, per-user sequence numbers under row locks.
+//! The PostgreSQL store (tokio-postgres, on the suite's `pg_kit` pool):
+//! plain-SQL migrations, one transaction per batch, per-user sequence
+//! numbers under row locks. The statements of the send path run prepared,
+//! from each connection's cache (`pg_kit::Prepared`): parsed and planned
+//! once per connection instead of for every batch.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bb8::Pool;
-use bb8_postgres::PostgresConnectionManager;
 use chrono::{DateTime, Utc};
+use pg_kit::{PgPool, PgTransaction, PoolConfig, Prepared};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::types::{FromSql, Json};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+use tokio_postgres::types::{FromSql, Json, Type};
 use uuid::Uuid;
 
 use super::{
@@ -25,6 +27,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/0001_init.sql")),
     (2, include_str!("../../migrations/0002_c_collation.sql")),
     (3, include_str!("../../migrations/0003_group_streams.sql")),
+    (
+        4,
+        include_str!("../../migrations/0004_group_member_counts.sql"),
+    ),
 ];
 
 /// Advisory-lock key for migrations (`notify-hub` in ASCII, truncated).
@@ -36,7 +42,7 @@ const MAX_JOIN_BATCH: usize = 512;
 /// A [`Store`] on PostgreSQL.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: Pool<PostgresConnectionManager<NoTls>>,
+    pool: PgPool,
     /// Group joins go through one writer that puts every join waiting at the
     /// time into one statement (group commit), so a reconnect storm of
     /// thousands of clients with a `groups` claim costs a few commits, not
@@ -104,14 +110,12 @@ impl PgStore {
     /// [`join_group`](Store::join_group)) on the current tokio runtime; it
     /// ends when the last clone of the store is dropped.
     pub async fn connect(url: &str, pool_size: u32) -> Result<PgStore, StoreError> {
-        let manager = PostgresConnectionManager::new_from_stringlike(url, NoTls)
-            .map_err(unavailable("connect"))?;
-        let pool = Pool::builder()
-            .max_size(pool_size.max(1))
-            .connection_timeout(Duration::from_secs(2))
-            .build(manager)
-            .await
-            .map_err(unavailable("connect"))?;
+        let config = PoolConfig {
+            max_size: pool_size.max(1),
+            connection_timeout: Duration::from_secs(2),
+            ..PoolConfig::default()
+        };
+        let pool = pg_kit::pool(url, &config).map_err(unavailable("connect"))?;
         let (joins, jobs) = mpsc::channel(4 * MAX_JOIN_BATCH);
         tokio::spawn(join_loop(pool.clone(), jobs));
         Ok(PgStore { pool, joins })
@@ -161,7 +165,7 @@ impl PgStore {
 
     async fn append_once(&self, batch: &[Append]) -> Result<Vec<Appended>, WriteError> {
         let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await?;
+        let tx = conn.begin().await?;
         // The batch's groups' stream heads, created if new and locked in
         // group order (a stable lock order across nodes, taken before any
         // user's seq row), before the members are read: a leave or a join
@@ -179,10 +183,11 @@ impl PgStore {
         let mut members: HashMap<String, Vec<String>> = HashMap::new();
         let mut sizes: HashMap<String, i64> = HashMap::new();
         if !groups.is_empty() {
-            lock_heads(&tx, &groups).await?;
-            // Group members as of this transaction, read first so an
-            // oversized group's send writes nothing at all; only the count
-            // for a group whose sends are not fanned out.
+            // The member counts come with the locks: a group whose sends
+            // are not fanned out needs nothing else.
+            sizes = lock_heads(&tx, &groups).await?;
+            // The members of a group whose sends are fanned out, read first
+            // so an oversized group's send writes nothing at all.
             let mut fanned: Vec<&str> = batch
                 .iter()
                 .filter_map(|a| match &a.audience {
@@ -192,42 +197,21 @@ impl PgStore {
                 .collect();
             fanned.sort_unstable();
             fanned.dedup();
-            let counted: Vec<&str> = groups
-                .iter()
-                .copied()
-                .filter(|g| fanned.binary_search(g).is_err())
-                .collect();
             // One row per group: decoding one array is far cheaper than
             // 10,000 rows for a large group.
             if !fanned.is_empty() {
                 for row in tx
-                    .query(
+                    .query_prepared(
                         "SELECT group_id, array_agg(user_id ORDER BY user_id)
                          FROM notify_group_members
                          WHERE group_id = ANY($1) GROUP BY group_id",
-                        &[&fanned],
+                        &[(&fanned, Type::TEXT_ARRAY)],
                     )
                     .await?
                 {
                     let list: Vec<String> = column(&row, 1, "notify_group_members.user_id array")?;
                     let group: String = column(&row, 0, "notify_group_members.group_id")?;
-                    sizes.insert(group.clone(), i64::try_from(list.len()).unwrap_or(i64::MAX));
                     members.insert(group, list);
-                }
-            }
-            if !counted.is_empty() {
-                for row in tx
-                    .query(
-                        "SELECT group_id, count(*) FROM notify_group_members
-                         WHERE group_id = ANY($1) GROUP BY group_id",
-                        &[&counted],
-                    )
-                    .await?
-                {
-                    sizes.insert(
-                        column(&row, 0, "notify_group_members.group_id")?,
-                        column(&row, 1, "notify_group_members count")?,
-                    );
                 }
             }
         }
@@ -258,11 +242,15 @@ impl PgStore {
         // An id that is already stored (a retried send) is skipped, not an
         // error for the whole batch; within a batch the first one wins.
         let mut inserted: HashSet<Uuid> = tx
-            .query(
+            .query_prepared(
                 "INSERT INTO notify_notifications (id, body, created_at)
                  SELECT * FROM unnest($1::uuid[], $2::jsonb[], $3::timestamptz[])
                  ON CONFLICT (id) DO NOTHING RETURNING id",
-                &[&ids, &bodies, &times],
+                &[
+                    (&ids, Type::UUID_ARRAY),
+                    (&bodies, Type::JSONB_ARRAY),
+                    (&times, Type::TIMESTAMPTZ_ARRAY),
+                ],
             )
             .await?
             .iter()
@@ -301,7 +289,7 @@ impl PgStore {
         let mut offsets: HashMap<Uuid, i64> = HashMap::with_capacity(item_ids.len());
         if !item_groups.is_empty() {
             for row in tx
-                .query(
+                .query_prepared(
                     "WITH t AS (
                      SELECT g, id, row_number() OVER (PARTITION BY g ORDER BY i) AS k
                      FROM unnest($1::text[], $2::uuid[]) WITH ORDINALITY AS t(g, id, i)),
@@ -312,7 +300,10 @@ impl PgStore {
                  INSERT INTO notify_group_items (group_id, group_offset, notification_id)
                  SELECT t.g, h.before + t.k, t.id FROM t JOIN h ON h.group_id = t.g
                  RETURNING notification_id, group_offset",
-                    &[&item_groups, &item_ids],
+                    &[
+                        (&item_groups, Type::TEXT_ARRAY),
+                        (&item_ids, Type::UUID_ARRAY),
+                    ],
                 )
                 .await?
             {
@@ -337,12 +328,15 @@ impl PgStore {
         let mut next: HashMap<&str, i64> = HashMap::with_capacity(count_users.len());
         if !count_users.is_empty() {
             for row in tx
-                .query(
+                .query_prepared(
                     "INSERT INTO notify_user_seqs AS s (user_id, last_seq)
                      SELECT * FROM unnest($1::text[], $2::int8[]) AS t(user_id, n) ORDER BY user_id COLLATE \"C\"
                      ON CONFLICT (user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq
                      RETURNING user_id, last_seq",
-                    &[&count_users, &count_values],
+                    &[
+                        (&count_users, Type::TEXT_ARRAY),
+                        (&count_values, Type::INT8_ARRAY),
+                    ],
                 )
                 .await?
             {
@@ -405,10 +399,15 @@ impl PgStore {
             });
         }
         if !d_users.is_empty() {
-            tx.execute(
+            tx.execute_prepared(
                 "INSERT INTO notify_deliveries (user_id, seq, notification_id, via_group)
                  SELECT * FROM unnest($1::text[], $2::int8[], $3::uuid[], $4::bool[])",
-                &[&d_users, &d_seqs, &d_ids, &d_via],
+                &[
+                    (&d_users, Type::TEXT_ARRAY),
+                    (&d_seqs, Type::INT8_ARRAY),
+                    (&d_ids, Type::UUID_ARRAY),
+                    (&d_via, Type::BOOL_ARRAY),
+                ],
             )
             .await?;
         }
@@ -422,7 +421,7 @@ impl PgStore {
     /// the record's offset.
     async fn leave_once(&self, group: &str, user: &str) -> Result<Option<u64>, WriteError> {
         let mut conn = self.pool.get().await?;
-        let tx = conn.transaction().await?;
+        let tx = conn.begin().await?;
         // Every member's group has a head (the upgrade and joins create
         // them); created here too, so a member can always leave.
         lock_heads(&tx, &[group]).await?;
@@ -495,10 +494,7 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`MAX_JOIN_BATCH`]) and inserts them with one statement, a single commit.
 /// A pair already present, or repeated within the batch, reports `false`
 /// to all but the call that inserted it.
-async fn join_loop(
-    pool: Pool<PostgresConnectionManager<NoTls>>,
-    mut jobs: mpsc::Receiver<JoinJob>,
-) {
+async fn join_loop(pool: PgPool, mut jobs: mpsc::Receiver<JoinJob>) {
     let mut batch: Vec<JoinJob> = Vec::with_capacity(MAX_JOIN_BATCH);
     while jobs.recv_many(&mut batch, MAX_JOIN_BATCH).await > 0 {
         // Sorted and deduplicated: every node inserts (and so locks) pairs
@@ -537,7 +533,7 @@ async fn join_loop(
 /// Inserts `pairs` (sorted, distinct) in one statement; returns those that
 /// were new.
 async fn insert_joins(
-    pool: &Pool<PostgresConnectionManager<NoTls>>,
+    pool: &PgPool,
     pairs: &[(&str, &str)],
 ) -> Result<HashMap<(String, String), u64>, StoreError> {
     let groups: Vec<&str> = pairs.iter().map(|p| p.0).collect();
@@ -545,7 +541,7 @@ async fn insert_joins(
     let (groups, users) = (&groups, &users);
     retrying("group joins", || async move {
         let mut conn = pool.get().await?;
-        let tx = conn.transaction().await?;
+        let tx = conn.begin().await?;
         // Most joins are reconnects of current members: those are found by
         // a plain read and lock nothing, so such a batch writes nothing and
         // commits without a flush.
@@ -569,14 +565,17 @@ async fn insert_joins(
         let mut heads: Vec<&str> = new_groups.clone();
         heads.sort_unstable();
         heads.dedup();
-        // A new member joins at its group's head, read under a share lock:
-        // a broadcast or a leave in progress on the group finishes first,
-        // so the interval starts exactly after what that member missed.
+        // A new member joins at its group's head, read under the head's row
+        // lock: a broadcast or a leave in progress on the group finishes
+        // first, so the interval starts exactly after what that member
+        // missed. Not a share lock: schema 4's trigger updates the head's
+        // member count in this statement, and two batches holding share
+        // locks on one head would deadlock upgrading them.
         ensure_heads(&tx, &heads).await?;
         let rows = tx
             .query(
                 "WITH h AS (SELECT group_id, last_offset FROM notify_group_heads
-                            WHERE group_id = ANY($3) ORDER BY group_id FOR SHARE)
+                            WHERE group_id = ANY($3) ORDER BY group_id FOR NO KEY UPDATE)
                  INSERT INTO notify_group_members (group_id, user_id, joined_after)
                  SELECT t.g, t.u, h.last_offset
                  FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(g, u, i)
@@ -606,33 +605,43 @@ async fn insert_joins(
 /// Creates the stream heads of `groups` (sorted, distinct) that do not
 /// exist yet, at offset 0.
 async fn ensure_heads(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &PgTransaction<'_>,
     groups: &[&str],
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
+    tx.execute_prepared(
         "INSERT INTO notify_group_heads (group_id, last_offset)
          SELECT g, 0 FROM unnest($1::text[]) AS g ORDER BY g COLLATE \"C\"
          ON CONFLICT DO NOTHING",
-        &[&groups],
+        &[(&groups, Type::TEXT_ARRAY)],
     )
     .await?;
     Ok(())
 }
 
 /// Creates (if new) and locks the stream heads of `groups` (sorted,
-/// distinct), in that order, until the transaction ends.
+/// distinct), in that order, until the transaction ends. Returns each
+/// group's member count, which the lock holds still (schema 4's triggers
+/// update it in the transactions that insert or delete members, and those
+/// lock the head first).
 async fn lock_heads(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &PgTransaction<'_>,
     groups: &[&str],
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<HashMap<String, i64>, WriteError> {
     ensure_heads(tx, groups).await?;
-    tx.execute(
-        "SELECT 1 FROM notify_group_heads WHERE group_id = ANY($1)
+    tx.query_prepared(
+        "SELECT group_id, members FROM notify_group_heads WHERE group_id = ANY($1)
          ORDER BY group_id FOR UPDATE",
-        &[&groups],
+        &[(&groups, Type::TEXT_ARRAY)],
     )
-    .await?;
-    Ok(())
+    .await?
+    .iter()
+    .map(|row| {
+        Ok((
+            column(row, 0, "notify_group_heads.group_id")?,
+            column(row, 1, "notify_group_heads.members")?,
+        ))
+    })
+    .collect()
 }
 
 /// Why a write (a batch of sends or of joins) failed.
