@@ -70,12 +70,20 @@ impl HubStats {
 /// are user ids from verified tokens and from the service API, and
 /// foldhash's per-process random seed keeps them from being chosen to
 /// collide.
+/// The stream subscriptions indexed under one group, by slot id.
+type GroupSlots = indexmap::IndexMap<u64, Arc<Slot>, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     slots: DashMap<String, Vec<Arc<Slot>>, foldhash::fast::RandomState>,
     /// Stream subscriptions (ADR 0026) by group they are a member of: a
     /// group send reaches them through here, whoever its v1 recipients.
-    groups: DashMap<String, Vec<Arc<Slot>>, foldhash::fast::RandomState>,
+    /// Keyed by slot id, so that a connection entering or leaving a group of
+    /// 10,000 is one hash operation, not a scan of the group (a Vec made a
+    /// reconnect storm or a mass disconnect quadratic, under the shard's
+    /// write lock that every send to the group waits for); iterated in a
+    /// dense array like a Vec.
+    groups: DashMap<String, GroupSlots, foldhash::fast::RandomState>,
     pub(crate) stats: HubStats,
     next_id: AtomicU64,
     /// Set once the hub has handed out everything (or is gone): every
@@ -281,16 +289,17 @@ impl Registry {
     /// Puts `slot` (a stream subscription's) in `group`'s index: the
     /// group's sends reach it from now on.
     pub(crate) fn index_group(&self, group: &str, slot: &Arc<Slot>) {
-        let mut slots = self.groups.entry(group.to_owned()).or_default();
-        if !slots.iter().any(|s| s.id == slot.id) {
-            slots.push(Arc::clone(slot));
-        }
+        self.groups
+            .entry(group.to_owned())
+            .or_default()
+            .entry(slot.id)
+            .or_insert_with(|| Arc::clone(slot));
     }
 
     /// Takes `slot` out of `group`'s index.
     pub(crate) fn unindex_group(&self, group: &str, slot: &Slot) {
         if let dashmap::Entry::Occupied(mut entry) = self.groups.entry(group.to_owned()) {
-            entry.get_mut().retain(|s| s.id != slot.id);
+            entry.get_mut().swap_remove(&slot.id);
             if entry.get().is_empty() {
                 entry.remove();
             }
@@ -340,7 +349,7 @@ impl Registry {
         // may be held meanwhile (no copy of the list per change).
         let mut reached: Vec<u64> = Vec::new();
         if let Some(slots) = self.groups.get(group) {
-            for slot in slots.iter() {
+            for slot in slots.values() {
                 reached.push(slot.id);
                 slot.push_stream(push.clone(), &self.stats);
             }
@@ -409,7 +418,7 @@ impl Registry {
                 .map(Arc::from)
         });
         let group: Arc<str> = Arc::from(at.group.as_str());
-        for slot in slots.iter() {
+        for slot in slots.values() {
             slot.push_stream(
                 StreamPush::Item {
                     group: Arc::clone(&group),
@@ -489,6 +498,53 @@ mod tests {
         assert_eq!(next, 501);
         assert_eq!(slot.queue.lock().deliveries.capacity(), 0);
         assert!(!slot.overflowed());
+    }
+
+    /// A group's index holds each slot once however often it is indexed,
+    /// and taking slots out, in any order, leaves exactly the others.
+    #[test]
+    fn a_groups_index_holds_each_slot_once_and_loses_only_what_is_taken_out() {
+        let registry = Registry::default();
+        let slots: Vec<Arc<Slot>> = (0..2_000)
+            .map(|i| registry.register_streams(&format!("u{i}"), 4))
+            .collect();
+        for slot in slots.iter().chain(&slots) {
+            registry.index_group("g", slot);
+        }
+        let indexed = |registry: &Registry| -> Vec<u64> {
+            let mut ids: Vec<u64> = registry
+                .groups
+                .get("g")
+                .map(|slots| slots.keys().copied().collect())
+                .unwrap_or_default();
+            ids.sort_unstable();
+            ids
+        };
+        let mut all: Vec<u64> = slots.iter().map(|s| s.id).collect();
+        all.sort_unstable();
+        assert_eq!(indexed(&registry), all, "each slot once");
+        // Every third slot out, from the back (a removal moves the last
+        // entry into the hole; the rest must stay).
+        for slot in slots.iter().rev().step_by(3) {
+            registry.unindex_group("g", slot);
+        }
+        let kept: Vec<u64> = slots
+            .iter()
+            .rev()
+            .enumerate()
+            .filter(|(i, _)| i % 3 != 0)
+            .map(|(_, s)| s.id)
+            .collect::<std::collections::BTreeSet<u64>>()
+            .into_iter()
+            .collect();
+        assert_eq!(indexed(&registry), kept);
+        for slot in &slots {
+            registry.unindex_group("g", slot);
+        }
+        assert!(
+            registry.groups.get("g").is_none(),
+            "an empty group is dropped"
+        );
     }
 
     /// A push from another thread between an empty `pop` and the wait is
