@@ -62,10 +62,12 @@ pub struct ServeConfig {
     pub max_connections: usize,
     /// How long a client may take to send a request's headers, counted
     /// from when the server starts waiting for them: from the connection's
-    /// start, and on a keep-alive connection from when the previous
-    /// response's body was handed over (so a client that does not read a
-    /// response's end within this time is cut off too). The connection is
-    /// then closed without a response. Default 30 s.
+    /// start, and on a keep-alive connection from when hyper took the
+    /// previous response body's last frame. The connection is then closed
+    /// without a response. A request body still arriving after its response
+    /// has ended (a handler that answers early and keeps reading the
+    /// upload) counts against this time too: give such handlers a timeout
+    /// longer than their uploads. Default 30 s.
     pub header_read_timeout: Duration,
     /// How long the drain waits for connections and guards. Default 10 s.
     pub drain_timeout: Duration,

@@ -316,3 +316,60 @@ async fn a_request_slower_than_the_header_timeout_still_gets_its_response() {
     shutdown.trigger();
     assert!(server.await.unwrap().drained);
 }
+
+/// A response body that yields what a channel sends, ending when the
+/// channel closes.
+struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+#[tokio::test]
+async fn a_response_streamed_longer_than_the_header_timeout_is_not_cut() {
+    let config = ServeConfig::default().with_header_read_timeout(Duration::from_millis(100));
+    let streaming = tower::service_fn(|_request: Request<Incoming>| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            tx.send(bytes::Bytes::from_static(b"first ")).await.unwrap();
+            // The body outlasts the header-read timeout threefold between
+            // its two chunks: the response is in flight all along.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.send(bytes::Bytes::from_static(b"last")).await.unwrap();
+        });
+        Ok::<_, Infallible>(Response::new(http_kit::boxed(ChannelBody(rx))))
+    });
+    let (addr, shutdown, server) = start(streaming, config).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    // Chunked: read until the terminating chunk.
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !got.ends_with(b"0\r\n\r\n") {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("first ") && text.contains("last"), "{text}");
+    shutdown.trigger();
+    assert!(server.await.unwrap().drained);
+}

@@ -9,14 +9,20 @@
 -- a join batch of 512 members is one update of each head, not 512.
 --
 -- Rows are only ever inserted and deleted (a membership is never updated).
--- TRUNCATE of notify_group_members is not counted: set the counts again with
--- the UPDATE below after one.
+-- Not counted: a TRUNCATE of notify_group_members, and rows written with
+-- triggers off (session_replication_role = replica): set the counts again
+-- with the UPDATE below after either. No CHECK on the count: a count gone
+-- wrong should not stop a member from leaving.
 
--- No membership changes while the counts are taken and the triggers made.
+-- Locks in the order every writer takes them, heads then members (a
+-- broadcast, a leave and a join lock the group's head before they touch its
+-- members), so that the migration cannot deadlock with a node still
+-- running: the ALTER holds the heads, then no membership changes while the
+-- counts are taken and the triggers made. Until the migration commits,
+-- every statement on the heads waits (sends to groups, joins, leaves).
+ALTER TABLE notify_group_heads ADD COLUMN members bigint NOT NULL DEFAULT 0;
+
 LOCK TABLE notify_group_members IN SHARE MODE;
-
-ALTER TABLE notify_group_heads ADD COLUMN members bigint NOT NULL DEFAULT 0
-    CHECK (members >= 0);
 
 UPDATE notify_group_heads h SET members = c.n
 FROM (SELECT group_id, count(*) AS n FROM notify_group_members GROUP BY group_id) c

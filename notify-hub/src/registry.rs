@@ -63,6 +63,9 @@ impl HubStats {
     }
 }
 
+/// The stream subscriptions indexed under one group, by slot id.
+type GroupSlots = indexmap::IndexMap<u64, Arc<Slot>, foldhash::fast::RandomState>;
+
 /// The open subscriptions of this node, by user, and the node's counters.
 ///
 /// Keyed with foldhash rather than the standard SipHash: a broadcast looks
@@ -70,9 +73,6 @@ impl HubStats {
 /// are user ids from verified tokens and from the service API, and
 /// foldhash's per-process random seed keeps them from being chosen to
 /// collide.
-/// The stream subscriptions indexed under one group, by slot id.
-type GroupSlots = indexmap::IndexMap<u64, Arc<Slot>, foldhash::fast::RandomState>;
-
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     slots: DashMap<String, Vec<Arc<Slot>>, foldhash::fast::RandomState>,

@@ -401,6 +401,12 @@ pub struct PoolConfig {
     pub connection_timeout: Duration,
     /// TCP connect timeout. Default 2 s.
     pub connect_timeout: Duration,
+    /// Check each connection with an empty query when it is checked out,
+    /// replacing it if the server has ended its session (a restart, a
+    /// failover, an idle timeout), at one round trip per checkout. Default
+    /// false: a dead connection then fails the first query made on it, and
+    /// the pool drops it afterwards ([`ends_session`]).
+    pub test_on_check_out: bool,
 }
 
 impl Default for PoolConfig {
@@ -409,6 +415,7 @@ impl Default for PoolConfig {
             max_size: 16,
             connection_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            test_on_check_out: false,
         }
     }
 }
@@ -422,10 +429,10 @@ pub fn pool(url: &str, config: &PoolConfig) -> Result<PgPool, PgError> {
     Ok(bb8::Pool::builder()
         .max_size(config.max_size)
         .connection_timeout(config.connection_timeout)
-        // A broken connection fails its query, which the caller reports as
-        // unavailable; testing every checkout would cost a round trip per
-        // transaction.
-        .test_on_check_out(false)
+        // By default a broken connection fails its query, which the caller
+        // reports as unavailable; testing every checkout costs a round trip
+        // per transaction.
+        .test_on_check_out(config.test_on_check_out)
         .build_unchecked(manager))
 }
 

@@ -113,6 +113,11 @@ impl PgStore {
         let config = PoolConfig {
             max_size: pool_size.max(1),
             connection_timeout: Duration::from_secs(2),
+            // A connection the server has closed (a restart, a failover) is
+            // replaced at checkout rather than failing a batch of sends:
+            // an append is not retried after a lost session, since its
+            // commit may have happened.
+            test_on_check_out: true,
             ..PoolConfig::default()
         };
         let pool = pg_kit::pool(url, &config).map_err(unavailable("connect"))?;
