@@ -259,6 +259,15 @@ async fn the_connection_cap_holds_new_connections_until_a_slot_frees() {
     assert!(server.await.unwrap().drained);
 }
 
+/// Reads what the server sends until it closes the connection, failing if
+/// it has not closed it within 20 s (`what` names the connection).
+async fn read_until_closed(stream: &mut TcpStream, what: &str) -> Vec<u8> {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "{what} was never cut off");
+    rest
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let config = ServeConfig::default().with_header_read_timeout(Duration::from_millis(200));
@@ -267,11 +276,9 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     slow.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
         .await
         .unwrap();
-    let mut rest = Vec::new();
     // The server answers 408 or just closes; either way the read ends
     // (this read would hang forever without the timeout).
-    let read = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the half-sent request was never cut off");
+    read_until_closed(&mut slow, "the half-sent request").await;
     shutdown.trigger();
     assert!(server.await.unwrap().drained);
 }
@@ -287,9 +294,7 @@ async fn a_keep_alive_connection_that_stalls_in_its_next_head_is_cut_off() {
         .write_all(b"GET /second HTTP/1.1\r\nHost: t\r\nX-Slow: ")
         .await
         .unwrap();
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the stalled second head was never cut off");
+    let rest = read_until_closed(&mut stream, "the stalled second head").await;
     assert!(rest.is_empty(), "closed without a response: {rest:?}");
     shutdown.trigger();
     assert!(server.await.unwrap().drained);
@@ -310,9 +315,7 @@ async fn a_request_slower_than_the_header_timeout_still_gets_its_response() {
     assert_eq!(status, 200);
     assert_eq!(body, r#"{"slow":true}"#);
     // And the connection, now idle, is closed once the timeout passes.
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the idle connection was never closed");
+    read_until_closed(&mut stream, "the idle connection").await;
     shutdown.trigger();
     assert!(server.await.unwrap().drained);
 }
