@@ -166,6 +166,7 @@ pub(crate) mod pg {
                 max_size: 16,
                 connection_timeout: Duration::from_secs(20),
                 connect_timeout: Duration::from_secs(5),
+                ..PoolConfig::default()
             },
         )
         .unwrap()
@@ -194,6 +195,7 @@ pub(crate) mod pg {
                 max_size: 2,
                 connection_timeout: Duration::from_millis(300),
                 connect_timeout: Duration::from_millis(300),
+                ..PoolConfig::default()
             },
         )
         .unwrap();
