@@ -56,7 +56,7 @@ pub use broker::{
 };
 pub use error::{Error, ErrorKind};
 pub use hub::{Hub, HubConfig, Receipt};
-pub use notification::{Delivery, InvalidNotification, Limits, Notification};
+pub use notification::{Delivery, InvalidNotification, Limits, Notification, SharedRender};
 pub use registry::HubStats;
 pub use store::{Appended, MemoryStore, Store, StoreError};
 pub use subscription::{Closed, Position, StreamEvent, StreamSubscription, Subscription};

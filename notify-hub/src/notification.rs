@@ -1,6 +1,6 @@
 //! The notification payload, the per-user delivery record, and their checks.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
@@ -235,6 +235,30 @@ fn uuid_v7_at(now: SystemTime) -> Uuid {
 /// Checks a user or group id: 1 to 128 bytes, no control characters.
 pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && !id.chars().any(char::is_control)
+}
+
+/// One live group item's rendering for the wire, shared by every
+/// subscription the item reached on this node: the first connection that
+/// needs it renders it, the others reuse it. A group's item is the same for
+/// every member (group, offset, notification), so a WebSocket server
+/// formats a broadcast's frame once instead of once per connection.
+#[derive(Clone, Default)]
+pub struct SharedRender(Arc<OnceLock<Arc<str>>>);
+
+impl SharedRender {
+    /// The rendering, made by `render` if no subscription has made it yet.
+    /// Every caller of one item must render the same text.
+    pub fn get_or_render(&self, render: impl FnOnce() -> String) -> Arc<str> {
+        Arc::clone(self.0.get_or_init(|| Arc::from(render())))
+    }
+}
+
+impl std::fmt::Debug for SharedRender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRender")
+            .field("rendered", &self.0.get().is_some())
+            .finish()
+    }
 }
 
 #[cfg(test)]

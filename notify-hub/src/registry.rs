@@ -16,7 +16,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::broker::{ChangeKind, Published};
-use crate::notification::{Delivery, Notification};
+use crate::notification::{Delivery, Notification, SharedRender};
 
 /// Counters of a hub, for metrics.
 #[derive(Debug, Default)]
@@ -136,6 +136,8 @@ pub(crate) enum StreamPush {
         offset: u64,
         notification: Arc<Notification>,
         json: Option<Arc<str>>,
+        /// Shared by every subscription the send reaches here.
+        rendered: SharedRender,
     },
     /// `user` left `group`: the group's record at `offset`.
     Left {
@@ -418,6 +420,7 @@ impl Registry {
                 .map(Arc::from)
         });
         let group: Arc<str> = Arc::from(at.group.as_str());
+        let rendered = SharedRender::default();
         for slot in slots.values() {
             slot.push_stream(
                 StreamPush::Item {
@@ -425,6 +428,7 @@ impl Registry {
                     offset: at.offset,
                     notification: Arc::clone(&message.notification),
                     json: json.clone(),
+                    rendered: rendered.clone(),
                 },
                 &self.stats,
             );

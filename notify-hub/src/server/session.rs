@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
+use tokio_tungstenite::tungstenite::{Bytes, Utf8Bytes};
 
 use crate::Hub;
 use crate::notification::Notification;
@@ -22,7 +23,7 @@ pub(crate) const SUBPROTOCOL_V2: &str = "notify.v2";
 /// A frame for the client, and the notification's timestamp when it was
 /// delivered live (for the latency metric).
 pub(crate) struct Outgoing {
-    pub(crate) text: String,
+    pub(crate) text: Utf8Bytes,
     pub(crate) live_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -128,7 +129,7 @@ impl Session {
             Session::V1(s) => {
                 let d = s.next().await?;
                 Ok(Outgoing {
-                    text: notification_frame(d.seq, &d.notification_json()),
+                    text: notification_frame(d.seq, &d.notification_json()).into(),
                     live_since: d.notification.timestamp.filter(|_| d.is_live()),
                 })
             }
@@ -140,7 +141,8 @@ impl Session {
                             r#"{{"type":"notification","stream":"inbox","seq":{},"notification":{}}}"#,
                             d.seq,
                             d.notification_json()
-                        ),
+                        )
+                        .into(),
                         live_since: d.notification.timestamp.filter(|_| d.is_live()),
                     },
                     StreamEvent::Group {
@@ -148,14 +150,20 @@ impl Session {
                         offset,
                         notification,
                         json,
-                    } => Outgoing {
-                        text: format!(
-                            r#"{{"type":"notification","stream":"group","group":{},"offset":{offset},"notification":{}}}"#,
-                            serde_json::Value::from(&*group),
-                            json_of(&notification, json.as_ref())
-                        ),
-                        live_since: notification.timestamp.filter(|_| json.is_some()),
-                    },
+                        rendered,
+                    } => {
+                        let render = || group_frame(&group, offset, &json_of(&notification, json.as_ref()));
+                        Outgoing {
+                            // A live item's frame is the same for every
+                            // member: rendered by the first connection,
+                            // shared by the rest.
+                            text: match &rendered {
+                                Some(shared) => shared_text(shared.get_or_render(render)),
+                                None => render().into(),
+                            },
+                            live_since: notification.timestamp.filter(|_| json.is_some()),
+                        }
+                    }
                     StreamEvent::Joined {
                         group,
                         joined_after,
@@ -163,14 +171,16 @@ impl Session {
                         text: serde_json::json!({
                             "type": "joined", "group": &*group, "joined_after": joined_after,
                         })
-                        .to_string(),
+                        .to_string()
+                        .into(),
                         live_since: None,
                     },
                     StreamEvent::Left { group, left_after } => Outgoing {
                         text: serde_json::json!({
                             "type": "left", "group": &*group, "left_after": left_after,
                         })
-                        .to_string(),
+                        .to_string()
+                        .into(),
                         live_since: None,
                     },
                 })
@@ -232,6 +242,49 @@ impl Session {
     }
 }
 
+/// `{"type":"notification","stream":"group","group":…,"offset":…,"notification":…}`,
+/// written into one allocation of the right size.
+fn group_frame(group: &str, offset: u64, notification_json: &str) -> String {
+    use std::fmt::Write as _;
+    const HEAD: &str = r#"{"type":"notification","stream":"group","group":"#;
+    const OFFSET: &str = r#","offset":"#;
+    const MIDDLE: &str = r#","notification":"#;
+    // The group escaped as a JSON string; 20 digits: the longest u64.
+    let group_json = serde_json::to_string(group).unwrap_or_else(|_| "\"\"".to_owned());
+    let mut frame = String::with_capacity(
+        HEAD.len()
+            + group_json.len()
+            + OFFSET.len()
+            + 20
+            + MIDDLE.len()
+            + notification_json.len()
+            + 1,
+    );
+    frame.push_str(HEAD);
+    frame.push_str(&group_json);
+    frame.push_str(OFFSET);
+    let _ = write!(frame, "{offset}"); // Writing to a String cannot fail.
+    frame.push_str(MIDDLE);
+    frame.push_str(notification_json);
+    frame.push('}');
+    frame
+}
+
+/// A shared rendering as a frame's text, without copying it.
+fn shared_text(text: Arc<str>) -> Utf8Bytes {
+    /// The owner `Bytes` keeps alive: the shared text.
+    struct Owner(Arc<str>);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            self.0.as_bytes()
+        }
+    }
+    // Valid UTF-8 by construction (a `str`); the check cannot fail, and a
+    // copy is the answer if it ever did.
+    Utf8Bytes::try_from(Bytes::from_owner(Owner(Arc::clone(&text))))
+        .unwrap_or_else(|_| Utf8Bytes::from(text.to_string()))
+}
+
 /// `{"type":"notification","seq":…,"notification":…}`, written into one
 /// allocation of the right size (`format!` grew its string two or three
 /// times per frame).
@@ -248,4 +301,49 @@ fn notification_frame(seq: u64, notification_json: &str) -> String {
     frame.push_str(notification_json);
     frame.push('}');
     frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SharedRender;
+
+    #[test]
+    fn a_group_frame_is_the_protocols_json_whatever_the_group_name() {
+        for group in ["team", "a\"b", "tab\there", "ünï", "back\\slash", ""] {
+            let frame = group_frame(group, 42, r#"{"title":"t"}"#);
+            let parsed: serde_json::Value = serde_json::from_str(&frame).unwrap();
+            assert_eq!(
+                parsed,
+                serde_json::json!({
+                    "type": "notification", "stream": "group", "group": group,
+                    "offset": 42, "notification": {"title": "t"},
+                }),
+                "{frame}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shared_rendering_is_made_once_and_sent_without_a_copy() {
+        let shared = SharedRender::default();
+        let mut made = 0;
+        let first = shared.get_or_render(|| {
+            made += 1;
+            group_frame("g", 1, "{}")
+        });
+        let second = shared.get_or_render(|| {
+            made += 1;
+            String::from("never used")
+        });
+        assert_eq!(made, 1);
+        assert!(Arc::ptr_eq(&first, &second));
+        let text = shared_text(Arc::clone(&first));
+        assert_eq!(text.as_str(), &*first);
+        assert_eq!(
+            text.as_str().as_ptr(),
+            first.as_ptr(),
+            "the frame's text is the shared rendering itself"
+        );
+    }
 }

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use crate::notification::{Delivery, Notification};
+use crate::notification::{Delivery, Notification, SharedRender};
 use crate::registry::{Registry, Slot, StreamPush};
 use crate::store::{GroupEntry, GroupItem, Store};
 
@@ -48,6 +48,9 @@ pub enum StreamEvent {
         notification: Arc<Notification>,
         /// Its JSON, when it came live (serialized once for every member).
         json: Option<Arc<str>>,
+        /// When it came live: one rendering of the item shared by every
+        /// subscription it reached on this node (see [`SharedRender`]).
+        rendered: Option<SharedRender>,
     },
     /// The user joined `group`: its items after `joined_after` follow.
     Joined {
@@ -483,14 +486,18 @@ impl StreamSubscription {
                 offset,
                 notification,
                 json,
+                rendered,
             } => {
                 let item = GroupItem {
                     offset,
                     entry: GroupEntry::Notification(notification),
                 };
                 let g = self.groups.get_mut(&group)?;
+                // Handed out now only when it is next; an item held behind
+                // a gap comes out later with the buffered ones, rendered on
+                // its own.
                 let item = g.cursor.offer(offset, item)?;
-                self.hand_out_item(&group, item, json)
+                self.hand_out_item(&group, item, json.map(|json| (json, rendered)))
             }
             StreamPush::Left {
                 group,
@@ -539,7 +546,7 @@ impl StreamSubscription {
         &mut self,
         group: &Arc<str>,
         item: GroupItem,
-        json: Option<Arc<str>>,
+        live: Option<(Arc<str>, SharedRender)>,
     ) -> Option<StreamEvent> {
         let g = self.groups.get_mut(group)?;
         if g.left_after.is_some_and(|left| item.offset > left) {
@@ -548,11 +555,13 @@ impl StreamSubscription {
         match item.entry {
             GroupEntry::Notification(notification) => {
                 self.count_delivered();
+                let (json, rendered) = live.unzip();
                 Some(StreamEvent::Group {
                     group: Arc::clone(group),
                     offset: item.offset,
                     notification,
                     json,
+                    rendered,
                 })
             }
             GroupEntry::Left { user_id } if user_id == self.user => {
