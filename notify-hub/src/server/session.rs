@@ -4,6 +4,7 @@
 //! the subscription's output into frames and the client's frames into
 //! acks and resumes. docs/notify-hub/PROTOCOL.md describes both.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -96,10 +97,10 @@ fn position_json(p: &Position) -> serde_json::Value {
     serde_json::json!({"inbox": p.inbox, "groups": p.groups})
 }
 
-fn json_of(notification: &Notification, json: Option<&Arc<str>>) -> String {
+fn json_of<'a>(notification: &Notification, json: Option<&'a Arc<str>>) -> Cow<'a, str> {
     match json {
-        Some(json) => json.to_string(),
-        None => serde_json::to_string(notification).unwrap_or_default(),
+        Some(json) => Cow::Borrowed(json),
+        None => Cow::Owned(serde_json::to_string(notification).unwrap_or_default()),
     }
 }
 
