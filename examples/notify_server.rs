@@ -18,6 +18,8 @@
 //! - `NOTIFY_JWT_SECRET` (HS256, at least 32 bytes) or
 //!   `NOTIFY_JWT_PUBLIC_KEY` (path to an RS256 PEM): exactly one;
 //! - `NOTIFY_JWT_ISSUER`, `NOTIFY_JWT_AUDIENCE`: optional;
+//! - `NOTIFY_WRITE_THROUGH`: `0` queues live group items for each
+//!   `notify.v2` connection's task instead of writing them through (ADR 0027);
 //! - `NOTIFY_DEMO`: `0` turns off the browser demo client at `GET /demo`
 //!   (on by default here; `ServerConfig::demo_page`);
 //! - `NOTIFY_V1_GROUP_FANOUT`: `0` stops writing protocol v1's per-member
@@ -101,7 +103,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hub = Hub::start(config, store, broker).await?;
     tracing::info!(v1_group_fanout = fanout, "hub started");
     let demo = env("NOTIFY_DEMO").is_none_or(|v| v != "0");
-    let server = NotifyServer::new(hub, verifier, ServerConfig::default().with_demo_page(demo));
+    let write_through = env("NOTIFY_WRITE_THROUGH").is_none_or(|v| v != "0");
+    let config = ServerConfig::default()
+        .with_demo_page(demo)
+        .with_write_through(write_through);
+    let server = NotifyServer::new(hub, verifier, config);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!(%addr, demo, "notify_server listening");
     if demo {

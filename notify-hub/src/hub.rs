@@ -745,27 +745,35 @@ async fn dispatch_loop(
     loop {
         tokio::select! {
             message = local.recv() => match message {
-                Some(message) => registry.dispatch(&message),
+                Some(message) => {
+                    if let Some(fanout) = registry.dispatch(&message) {
+                        fanout.deliver(&registry).await;
+                    }
+                }
                 // The writer is done: everything it acknowledged is dispatched.
                 None => break,
             },
             event = broker.recv(), if broker_open => match event {
-                Some(event) => handle(&registry, node, &event),
+                Some(event) => handle(&registry, node, &event).await,
                 None => broker_open = false,
             },
         }
     }
     // What other nodes published and has already arrived, best effort.
     while let Ok(event) = broker.try_recv() {
-        handle(&registry, node, &event);
+        handle(&registry, node, &event).await;
     }
 }
 
-fn handle(registry: &Registry, node: Uuid, event: &BrokerEvent) {
+async fn handle(registry: &Arc<Registry>, node: Uuid, event: &BrokerEvent) {
     match event {
         // Our own send, echoed: already dispatched from the writer.
         BrokerEvent::Published(message) if message.origin == node => {}
-        BrokerEvent::Published(message) => registry.dispatch(message),
+        BrokerEvent::Published(message) => {
+            if let Some(fanout) = registry.dispatch(message) {
+                fanout.deliver(registry).await;
+            }
+        }
         BrokerEvent::Changed(change) if change.origin == node => {}
         BrokerEvent::Changed(change) => {
             registry.changed(change.kind, &change.group, &change.user, change.offset);

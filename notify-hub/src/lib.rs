@@ -18,6 +18,10 @@
 //!   driver's error as its source and has a `kind()` ([`ErrorKind`]).
 //! - Time: the hub reads one injectable clock, [`HubConfig::clock`]
 //!   (`time_kit`), for timestamps and token expiry.
+//! - Write-through ([`LiveWriter`], ADR 0027): a transport may give a
+//!   [`StreamSubscription`] a writer, and a live group item is then written
+//!   to the connection by the task that dispatches it, without waking the
+//!   connection's task, while the subscription waits with nothing queued.
 //! - Feature `server`: the hyper 1.x WebSocket adapter and HTTP API
 //!   ([`server`]); feature `jwt`: token verification with the suite's JWT
 //!   verifier, ferrokeel-jwt ([`auth`]).
@@ -38,11 +42,13 @@
 #![forbid(unsafe_code)]
 
 // Modules point one way: notification (the domain) → store → broker →
-// registry → subscription → hub → server; error and auth sit beside them.
+// live → registry → subscription → hub → server; error and auth sit
+// beside them.
 pub mod auth;
 pub mod broker;
 mod error;
 mod hub;
+mod live;
 mod notification;
 mod registry;
 #[cfg(feature = "server")]
@@ -56,6 +62,7 @@ pub use broker::{
 };
 pub use error::{Error, ErrorKind};
 pub use hub::{Hub, HubConfig, Receipt};
+pub use live::{LiveItem, LiveWriter};
 pub use notification::{Delivery, InvalidNotification, Limits, Notification, SharedRender};
 pub use registry::HubStats;
 pub use store::{Appended, MemoryStore, Store, StoreError};

@@ -16,6 +16,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::broker::{ChangeKind, Published};
+use crate::live::{LiveItem, Writer};
 use crate::notification::{Delivery, Notification, SharedRender};
 
 /// Counters of a hub, for metrics.
@@ -160,6 +161,20 @@ struct Queue {
     signalled: bool,
     /// The subscription's task, while it waits in [`Slot::woken`].
     waker: Option<Waker>,
+    /// Write-through (ADR 0027), for a subscription that has a writer.
+    live: Live,
+}
+
+/// A subscription's write-through state (ADR 0027).
+#[derive(Debug, Default)]
+struct Live {
+    writer: Option<Writer>,
+    /// The subscription waits with nothing buffered: items of `groups` may
+    /// be written through.
+    parked: bool,
+    /// Per group read live: the last offset handed out, moved on by every
+    /// item written through, until the subscription takes it back.
+    groups: Vec<(Arc<str>, u64)>,
 }
 
 impl Slot {
@@ -222,6 +237,96 @@ impl Slot {
             queue.streams = VecDeque::new();
         }
         push
+    }
+
+    /// Gives the subscription a writer for write-through (ADR 0027), or
+    /// takes it away.
+    pub(crate) fn set_writer(&self, writer: Option<Writer>) {
+        let mut queue = self.queue.lock();
+        queue.live.writer = writer;
+        queue.live.parked = false;
+        queue.live.groups.clear();
+    }
+
+    /// Lets the next item of each of `groups` (name, last offset handed
+    /// out) be written through while the subscription waits. Not parked
+    /// (false) without a writer, or with anything queued or signalled: the
+    /// wait returns at once then anyway.
+    pub(crate) fn park(&self, groups: impl Iterator<Item = (Arc<str>, u64)>) -> bool {
+        let mut queue = self.queue.lock();
+        if queue.live.writer.is_none()
+            || queue.signalled
+            || !queue.deliveries.is_empty()
+            || !queue.streams.is_empty()
+        {
+            return false;
+        }
+        queue.live.groups.clear();
+        queue.live.groups.extend(groups);
+        queue.live.parked = !queue.live.groups.is_empty();
+        queue.live.parked
+    }
+
+    /// Ends the write-through of [`Slot::park`]: nothing is written through
+    /// after this returns (a write in progress holds the lock it takes).
+    pub(crate) fn unpark(&self) {
+        self.queue.lock().live.parked = false;
+    }
+
+    /// Takes what was written through since the last park, per group: the
+    /// last offset handed out. Only once unparked.
+    pub(crate) fn take_written(&self, mut each: impl FnMut(&str, u64)) {
+        let mut queue = self.queue.lock();
+        if queue.live.parked {
+            return;
+        }
+        for (group, last) in queue.live.groups.drain(..) {
+            each(&group, last);
+        }
+    }
+
+    /// The last offset of `group` written through and not taken back yet.
+    pub(crate) fn written_last(&self, group: &str) -> Option<u64> {
+        let queue = self.queue.lock();
+        queue
+            .live
+            .groups
+            .iter()
+            .find(|(g, _)| &**g == group)
+            .map(|(_, last)| *last)
+    }
+
+    /// Writes `item` through if the subscription is parked, nothing of its
+    /// group streams is queued ahead of it and it is the next item of its
+    /// group: `true` when the writer took it.
+    ///
+    /// The inbox queue does not matter: its deliveries are another stream
+    /// (a group send's v1 copy, queued just before, is one the subscription
+    /// skips), and streams are ordered each on its own. A signal does not
+    /// either: until the subscription's wait returns it stays parked, so
+    /// the transport is not writing.
+    fn write_through(&self, item: &LiveItem<'_>, stats: &HubStats) -> bool {
+        let mut queue = self.queue.lock();
+        if !queue.live.parked || !queue.streams.is_empty() {
+            return false;
+        }
+        let Queue { live, .. } = &mut *queue;
+        let Some(writer) = &live.writer else {
+            return false;
+        };
+        let Some((_, last)) = live
+            .groups
+            .iter_mut()
+            .find(|(g, last)| **g == *item.group && *last + 1 == item.offset)
+        else {
+            return false;
+        };
+        if !writer.0.try_write(item) {
+            return false;
+        }
+        *last = item.offset;
+        stats.delivered.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Asks the subscription to re-read its stream from the store.
@@ -380,7 +485,11 @@ impl Registry {
     /// Hands a committed send to the local subscriptions of its recipients,
     /// without ever waiting on a connection: a full queue marks that
     /// connection as a slow consumer instead.
-    pub(crate) fn dispatch(&self, message: &Published) {
+    ///
+    /// A group send's items for the stream subscriptions of the group are
+    /// returned, to be handed out with [`GroupFanout::deliver`] before the
+    /// next send is dispatched.
+    pub(crate) fn dispatch(&self, message: &Published) -> Option<GroupFanout> {
         // Serialized once per send, on the first local recipient.
         let mut json: Option<Option<Arc<str>>> = None;
         for recipient in &message.recipients {
@@ -407,32 +516,24 @@ impl Registry {
             }
         }
         // Stream subscriptions get a group send as its group's item.
-        let Some(at) = &message.group else {
-            return;
-        };
-        // Under the map's read guard, as in `left`: no copy per send.
-        let Some(slots) = self.groups.get(&at.group) else {
-            return;
-        };
+        let at = message.group.as_ref()?;
+        // Copied out of the index (a reference count each): writing through
+        // to thousands of sockets must not hold the shard's read guard, which
+        // every join and leave of the group waits for.
+        let slots: Vec<Arc<Slot>> = self.groups.get(&at.group)?.values().cloned().collect();
         let json = json.unwrap_or_else(|| {
             serde_json::to_string(&*message.notification)
                 .ok()
                 .map(Arc::from)
         });
-        let group: Arc<str> = Arc::from(at.group.as_str());
-        let rendered = SharedRender::default();
-        for slot in slots.values() {
-            slot.push_stream(
-                StreamPush::Item {
-                    group: Arc::clone(&group),
-                    offset: at.offset,
-                    notification: Arc::clone(&message.notification),
-                    json: json.clone(),
-                    rendered: rendered.clone(),
-                },
-                &self.stats,
-            );
-        }
+        Some(GroupFanout {
+            slots,
+            group: Arc::from(at.group.as_str()),
+            offset: at.offset,
+            notification: Arc::clone(&message.notification),
+            json,
+            rendered: SharedRender::default(),
+        })
     }
 
     /// Ends every subscription once it has handed out what it has queued,
@@ -460,6 +561,88 @@ impl Registry {
             for slot in slots.iter() {
                 slot.resync();
             }
+        }
+    }
+}
+
+/// A group send's item for every stream subscription in the group's index
+/// on this node, from [`Registry::dispatch`].
+#[derive(Debug)]
+pub(crate) struct GroupFanout {
+    slots: Vec<Arc<Slot>>,
+    group: Arc<str>,
+    offset: u64,
+    notification: Arc<Notification>,
+    json: Option<Arc<str>>,
+    rendered: SharedRender,
+}
+
+/// A fan-out to fewer subscriptions than this is handed out by one task:
+/// below it, starting a helper costs more than it saves.
+const FANOUT_CHUNK: usize = 512;
+
+impl GroupFanout {
+    /// Hands the item to every subscription: written through where the
+    /// subscription allows (ADR 0027), queued otherwise. A large group is
+    /// split among up to one task per runtime worker, as the bare TCP
+    /// fan-out it is measured against writes from one task per core; all of
+    /// them finish before this returns, so the next send of the group
+    /// cannot overtake this one.
+    pub(crate) async fn deliver(self, registry: &Arc<Registry>) {
+        let workers = tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.metrics().num_workers())
+            .unwrap_or(1);
+        let chunks = (self.slots.len() / FANOUT_CHUNK).clamp(1, workers.max(1));
+        if chunks == 1 {
+            self.deliver_range(0..self.slots.len(), &registry.stats);
+            return;
+        }
+        let size = self.slots.len().div_ceil(chunks);
+        let fanout = Arc::new(self);
+        // Every chunk on a task of its own, this one only waiting: tokio
+        // runs a task spawned from a worker in that worker's LIFO slot,
+        // which no other worker steals from, so a chunk written here while
+        // one helper waited there would run one after the other.
+        let helpers: Vec<_> = (0..chunks)
+            .map(|i| {
+                let (fanout, registry) = (Arc::clone(&fanout), Arc::clone(registry));
+                tokio::spawn(async move {
+                    let end = ((i + 1) * size).min(fanout.slots.len());
+                    fanout.deliver_range(i * size..end, &registry.stats);
+                })
+            })
+            .collect();
+        for helper in helpers {
+            // A helper only fails if the runtime is shutting down: its
+            // subscriptions end and their clients resume from the store.
+            let _ = helper.await;
+        }
+    }
+
+    fn deliver_range(&self, range: std::ops::Range<usize>, stats: &HubStats) {
+        for slot in &self.slots[range] {
+            if let Some(json) = &self.json {
+                let item = LiveItem {
+                    group: &self.group,
+                    offset: self.offset,
+                    notification: &self.notification,
+                    json,
+                    rendered: &self.rendered,
+                };
+                if slot.write_through(&item, stats) {
+                    continue;
+                }
+            }
+            slot.push_stream(
+                StreamPush::Item {
+                    group: Arc::clone(&self.group),
+                    offset: self.offset,
+                    notification: Arc::clone(&self.notification),
+                    json: self.json.clone(),
+                    rendered: self.rendered.clone(),
+                },
+                stats,
+            );
         }
     }
 }

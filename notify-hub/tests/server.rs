@@ -1175,3 +1175,61 @@ fn urlencode(text: &str) -> String {
         })
         .collect()
 }
+
+/// Write-through (ADR 0027) against a client that stops reading: the
+/// broadcasts written through fill the socket, some only partly (their
+/// tails sent by the connection's task), the rest queue behind them; once
+/// the client reads again every frame arrives whole, in offset order, once.
+/// Then the same with write-through off, for the same result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_socket_keeps_frames_written_through_whole_and_in_order() {
+    for write_through in [true, false] {
+        let hub = Hub::in_memory(HubConfig::default()).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ServerConfig::default().with_write_through(write_through);
+        tokio::spawn(
+            NotifyServer::new(hub.clone(), verifier(), config)
+                .serve(listener, std::future::pending()),
+        );
+        // A small receive buffer, so that the server's socket fills soon.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let mut request = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("notify.v2, bearer.{}", token("fay", &["big"], &[]))
+                .parse()
+                .unwrap(),
+        );
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+            .await
+            .unwrap();
+        assert_eq!(frame(&mut ws).await["type"], "welcome");
+
+        // 150 broadcasts of ~60 KB: about 9 MB, past what loopback buffers.
+        let filler = "x".repeat(60_000);
+        let total = 150u64;
+        for i in 1..=total {
+            let note = Notification::new("t", format!("n{i}"), "m").with_data("fill", &*filler);
+            hub.broadcast_to_group("big", note).await.unwrap();
+        }
+        for i in 1..=total {
+            let f = frame(&mut ws).await;
+            assert_eq!(
+                (&f["stream"], &f["group"], &f["offset"]),
+                (&"group".into(), &"big".into(), &i.into()),
+                "write_through: {write_through}"
+            );
+            assert_eq!(f["notification"]["title"], format!("n{i}"));
+            assert_eq!(
+                f["notification"]["data"]["fill"].as_str().map(str::len),
+                Some(60_000)
+            );
+        }
+        assert_eq!(hub.stats().overflowed(), 0);
+        assert_eq!(hub.stats().delivered(), total);
+    }
+}

@@ -87,6 +87,22 @@ impl ServerMetrics {
         Arc::new(ServerMetrics { registry, latency })
     }
 
+    /// Observes a live delivery's latency: from the notification's
+    /// timestamp to now, by `clock`, in integer nanoseconds (chrono's
+    /// duration arithmetic showed in the fan-out's profile).
+    pub(crate) fn observe_delivery(
+        &self,
+        clock: &time_kit::SharedClock,
+        timestamp: Option<chrono::DateTime<chrono::Utc>>,
+    ) {
+        if let Some(sent_ns) = timestamp.and_then(|ts| ts.timestamp_nanos_opt()) {
+            let latency_ns = time_kit::unix_nanos(clock.now())
+                .saturating_sub(sent_ns)
+                .max(0);
+            self.latency.observe(latency_ns as f64 / 1e9);
+        }
+    }
+
     /// The OpenMetrics text exposition (empty if a collector fails, logged).
     pub fn encode(&self) -> String {
         http_kit::prometheus::encode(&self.registry).unwrap_or_else(|e| {

@@ -5,6 +5,7 @@
 
 mod api;
 mod demo;
+mod live_socket;
 mod metrics;
 mod session;
 mod ws;
@@ -55,6 +56,10 @@ pub struct ServerConfig {
     /// Whether `GET /demo` serves the browser demo client (and
     /// `GET /demo.js` its script). Default `false`.
     pub demo_page: bool,
+    /// Whether live group items are written through to `notify.v2`
+    /// connections by the hub's dispatch tasks (ADR 0027) rather than
+    /// queued for each connection's task. Default `true`.
+    pub write_through: bool,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +75,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             max_connections: 50_000,
             demo_page: false,
+            write_through: true,
         }
     }
 }
@@ -84,6 +90,14 @@ impl ServerConfig {
     /// Serves (or not) the browser demo client at `GET /demo`.
     pub fn with_demo_page(mut self, on: bool) -> Self {
         self.demo_page = on;
+        self
+    }
+
+    /// Writes live group items through to `notify.v2` connections, or
+    /// queues them for each connection's task (see
+    /// [`ServerConfig::write_through`]).
+    pub fn with_write_through(mut self, on: bool) -> Self {
+        self.write_through = on;
         self
     }
 }

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use tokio_tungstenite::tungstenite::{Bytes, Utf8Bytes};
 
 use crate::Hub;
+use crate::live::LiveWriter;
 use crate::notification::Notification;
 use crate::subscription::{Closed, Position, StreamEvent, StreamSubscription, Subscription};
 
@@ -91,6 +92,9 @@ pub(crate) enum Session {
 pub(crate) struct StreamSession {
     pub(crate) subscription: StreamSubscription,
     pub(crate) acked: Position,
+    /// The connection's write-through (ADR 0027), given to every
+    /// subscription the session makes.
+    pub(crate) live: Option<Arc<dyn LiveWriter>>,
 }
 
 fn position_json(p: &Position) -> serde_json::Value {
@@ -234,6 +238,9 @@ impl Session {
                             crate::Error::Store(e) => Closed::Store(e),
                             _ => Closed::ShuttingDown,
                         })?;
+                    if let Some(live) = &v2.live {
+                        v2.subscription.write_live_through(Arc::clone(live));
+                    }
                     v2.acked = position;
                     Ok(Reply::Done)
                 }
@@ -245,7 +252,7 @@ impl Session {
 
 /// `{"type":"notification","stream":"group","group":…,"offset":…,"notification":…}`,
 /// written into one allocation of the right size.
-fn group_frame(group: &str, offset: u64, notification_json: &str) -> String {
+pub(crate) fn group_frame(group: &str, offset: u64, notification_json: &str) -> String {
     use std::fmt::Write as _;
     const HEAD: &str = r#"{"type":"notification","stream":"group","group":"#;
     const OFFSET: &str = r#","offset":"#;

@@ -10,6 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_kit::{ConnectionSlot, Query, Shutdown, bearer_token};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -19,12 +20,14 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use time_kit::SharedClock;
 
+use super::live_socket::{LiveIo, LiveSocket};
 use super::session::{
     Reply, SUBPROTOCOL_V1, SUBPROTOCOL_V2, Session, StreamSession, parse_position,
 };
 use super::{Body, NotifyServer, error};
 use crate::auth::AuthError;
 use crate::error::report;
+use crate::live::LiveWriter;
 use crate::subscription::Closed;
 
 /// The WebSocket close codes the server sends.
@@ -197,7 +200,7 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
             return hub_error(&e);
         }
     }
-    let session = if v2 {
+    let mut session = if v2 {
         match hub
             .subscribe_streams(&identity.user_id, position.as_ref())
             .await
@@ -205,6 +208,7 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
             Ok(subscription) => Session::V2(Box::new(StreamSession {
                 acked: position.unwrap_or_default(),
                 subscription,
+                live: None,
             })),
             Err(e) => return hub_error(&e),
         }
@@ -247,13 +251,23 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
                     .write_buffer_size(0)
                     .max_message_size(Some(server.inner.config.max_client_message))
                     .max_frame_size(Some(server.inner.config.max_client_message));
+                let upgraded = match write_through(&server, upgraded, &mut session) {
+                    Ok(io) => {
+                        let live = Arc::clone(io.socket());
+                        let socket =
+                            WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                        run(&server, socket, session, expires_at, Some(live)).await;
+                        return;
+                    }
+                    Err(upgraded) => upgraded,
+                };
                 let socket = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
                     Some(config),
                 )
                 .await;
-                run(&server, socket, session, expires_at).await;
+                run(&server, socket, session, expires_at, None).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
@@ -261,6 +275,35 @@ pub(crate) async fn upgrade<B>(server: &NotifyServer, mut request: Request<B>) -
     response
         .body(http_kit::full(bytes::Bytes::new()))
         .unwrap_or_else(|_| http_kit::ApiError::internal().into_response())
+}
+
+/// Takes the TCP socket out of hyper's upgrade for a `notify.v2` session,
+/// and has its subscription write live group items through to it (ADR
+/// 0027). The upgrade comes back unchanged when write-through is off, for
+/// `notify.v1`, and when hyper served something other than a plain TCP
+/// socket.
+fn write_through(
+    server: &NotifyServer,
+    upgraded: hyper::upgrade::Upgraded,
+    session: &mut Session,
+) -> Result<LiveIo, hyper::upgrade::Upgraded> {
+    let Session::V2(v2) = session else {
+        return Err(upgraded);
+    };
+    if !server.inner.config.write_through {
+        return Err(upgraded);
+    }
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>()?;
+    let live = LiveSocket::new(
+        parts.io.into_inner(),
+        Arc::clone(&server.inner.metrics),
+        server.inner.hub.config().clock.clone(),
+    );
+    let writer: Arc<dyn LiveWriter> = live.clone();
+    v2.subscription.write_live_through(Arc::clone(&writer));
+    v2.live = Some(writer);
+    // What the client sent ahead of the 101 is read first.
+    Ok(LiveIo::new(live, parts.read_buf))
 }
 
 fn refused(e: &AuthError) -> Response<Body> {
@@ -305,6 +348,14 @@ where
     }
 }
 
+/// [`LiveSocket::tail_waiting`], or never without write-through.
+async fn tail_waiting(live: Option<&LiveSocket>) {
+    match live {
+        Some(live) => live.tail_waiting().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn close(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
         code: CloseCode::from(code),
@@ -323,6 +374,7 @@ async fn run<S>(
     socket: WebSocketStream<S>,
     mut session: Session,
     expires_at: Option<i64>,
+    live: Option<Arc<LiveSocket>>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -370,12 +422,7 @@ async fn run<S>(
                         break None;
                     }
                     // Live deliveries only: a replay's age is not a latency.
-                    // In integer nanoseconds: chrono's duration arithmetic
-                    // showed in the fan-out's profile.
-                    if let Some(sent_ns) = frame.live_since.and_then(|ts| ts.timestamp_nanos_opt()) {
-                        let latency_ns = time_kit::unix_nanos(clock.now()).saturating_sub(sent_ns).max(0);
-                        metrics.latency.observe(latency_ns as f64 / 1e9);
-                    }
+                    metrics.observe_delivery(&clock, frame.live_since);
                 }
                 Err(Closed::Overflow) => break Some(close(close_codes::SLOW_CONSUMER, "slow consumer: resume with since")),
                 Err(Closed::ShuttingDown) => break Some(close(close_codes::GOING_AWAY, "server shutting down")),
@@ -428,6 +475,14 @@ async fn run<S>(
                 }
                 Some(Err(_)) | None => break None, // abrupt disconnect
             },
+            // A frame written through that the socket took only part of:
+            // flushing sends the rest (before anything else is written).
+            () = tail_waiting(live.as_deref()) => {
+                match tokio::time::timeout(write_timeout, sink.flush()).await {
+                    Ok(Ok(())) => {}
+                    _ => break None,
+                }
+            }
             () = &mut timer => {
                 let now = tokio::time::Instant::now();
                 if expiry.is_some_and(|at| now >= at) {

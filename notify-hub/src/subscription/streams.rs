@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+use crate::live::{LiveWriter, Writer};
 use crate::notification::{Delivery, Notification, SharedRender};
 use crate::registry::{Registry, Slot, StreamPush};
 use crate::store::{GroupEntry, GroupItem, Store};
@@ -147,6 +148,16 @@ struct GroupCursor {
 }
 
 impl GroupCursor {
+    /// Read live, with nothing buffered and no end known: its next item may
+    /// be written through (ADR 0027).
+    fn is_live(&self) -> bool {
+        self.left_after.is_none()
+            && self.later.is_empty()
+            && !self.cursor.need_replay
+            && self.cursor.replay.is_empty()
+            && self.cursor.ahead.is_none()
+    }
+
     /// A cursor for the membership `(joined_after, left_after)`, starting
     /// after `start`, with a read of the store first when `replay`.
     fn new(name: Arc<str>, start: u64, left_after: Option<u64>, replay: bool) -> GroupCursor {
@@ -209,6 +220,9 @@ pub struct StreamSubscription {
     /// A membership may be unknown to the subscription (a join or a leave
     /// it has not read, a broker resync): read the memberships again.
     reread_memberships: bool,
+    /// A [`LiveWriter`] was given: live group items may be written through
+    /// while the subscription waits (ADR 0027).
+    writes_through: bool,
 }
 
 impl std::fmt::Debug for StreamSubscription {
@@ -245,6 +259,7 @@ impl StreamSubscription {
             pending: VecDeque::new(),
             seen: Vec::new(),
             reread_memberships: false,
+            writes_through: false,
         };
         // Memberships and their heads in one snapshot: a leave after it
         // has a higher offset than the head read here, so the cursor meets
@@ -311,6 +326,21 @@ impl StreamSubscription {
         Ok(subscription)
     }
 
+    /// Has the hub write live group items straight to `writer` while this
+    /// subscription waits with nothing queued (ADR 0027), instead of
+    /// queueing them for [`next`](Self::next). Items written through are
+    /// handed out: [`position`](Self::position) moves past them, and `next`
+    /// never returns them.
+    ///
+    /// The transport must then write what `next` returns only after the
+    /// frames the writer took (which holds while the writer is called with
+    /// the subscription parked: between `next`'s wait and its return or
+    /// cancellation, and nowhere else).
+    pub fn write_live_through(&mut self, writer: Arc<dyn LiveWriter>) {
+        self.slot.set_writer(Some(Writer(writer)));
+        self.writes_through = true;
+    }
+
     /// The user this subscription belongs to.
     pub fn user_id(&self) -> &str {
         &self.user
@@ -325,7 +355,16 @@ impl StreamSubscription {
             groups: self
                 .groups
                 .values()
-                .map(|g| (g.name.to_string(), g.cursor.last))
+                .map(|g| {
+                    // Items written through since the subscription last
+                    // looked (ADR 0027) are handed out too.
+                    let written = if self.writes_through {
+                        self.slot.written_last(&g.name).unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    (g.name.to_string(), g.cursor.last.max(written))
+                })
                 .collect(),
         }
     }
@@ -337,6 +376,9 @@ impl StreamSubscription {
     /// Cancel-safe at the await points that wait for live traffic; a
     /// cancelled replay read is simply repeated.
     pub async fn next(&mut self) -> Result<StreamEvent, Closed> {
+        // Items written through while an earlier call waited (and was
+        // cancelled) come first: the cursors move past them.
+        self.take_written();
         loop {
             if self.slot.overflowed() {
                 return Err(Closed::Overflow);
@@ -400,8 +442,44 @@ impl StreamSubscription {
             if self.registry.ended() {
                 return Err(Closed::ShuttingDown);
             }
-            self.slot.woken().await;
+            self.wait().await;
         }
+    }
+
+    /// Waits for the slot's next signal; with a writer, parked: the next
+    /// item of each group read live may be written through meanwhile. A
+    /// cancelled wait unparks too (the guard), so that the transport's own
+    /// writes never race one written through.
+    async fn wait(&mut self) {
+        if !self.writes_through {
+            self.slot.woken().await;
+            return;
+        }
+        let live = self
+            .groups
+            .values()
+            .filter(|g| g.is_live())
+            .map(|g| (Arc::clone(&g.name), g.cursor.last));
+        let parked = Parked(self.slot.park(live).then_some(&*self.slot));
+        self.slot.woken().await;
+        drop(parked);
+        self.take_written();
+    }
+
+    /// Moves each group's cursor past the items written through (ADR 0027).
+    fn take_written(&mut self) {
+        if !self.writes_through {
+            return;
+        }
+        let groups = &mut self.groups;
+        self.slot.take_written(|name, last| {
+            if let Some(g) = groups.get_mut(name)
+                && g.is_live()
+                && last > g.cursor.last
+            {
+                g.cursor.last = last;
+            }
+        });
     }
 
     /// Reads the memberships again and reads every one it had not seen
@@ -600,8 +678,23 @@ impl StreamSubscription {
     }
 }
 
+/// Unparks a slot when dropped: nothing is written through once the wait
+/// has returned or was cancelled.
+struct Parked<'a>(Option<&'a Slot>);
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0 {
+            slot.unpark();
+        }
+    }
+}
+
 impl Drop for StreamSubscription {
     fn drop(&mut self) {
+        if self.writes_through {
+            self.slot.set_writer(None);
+        }
         for g in self.groups.values() {
             self.registry.unindex_group(&g.name, &self.slot);
         }
