@@ -302,8 +302,11 @@ fn write_through(
     let writer: Arc<dyn LiveWriter> = live.clone();
     v2.subscription.write_live_through(Arc::clone(&writer));
     v2.live = Some(writer);
-    // What the client sent ahead of the 101 is read first.
-    Ok(LiveIo::new(live, parts.read_buf))
+    // What the client sent ahead of the 101 is read first: copied, since
+    // even an empty slice of hyper's read buffer keeps all of it (8 KiB,
+    // more than an idle connection's whole budget) for the connection's life.
+    let unread = bytes::Bytes::copy_from_slice(&parts.read_buf);
+    Ok(LiveIo::new(live, unread))
 }
 
 fn refused(e: &AuthError) -> Response<Body> {
