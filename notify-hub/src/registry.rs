@@ -25,6 +25,7 @@ pub struct HubStats {
     pub(crate) sends: AtomicU64,
     pub(crate) send_errors: AtomicU64,
     pub(crate) delivered: AtomicU64,
+    pub(crate) written_through: AtomicU64,
     pub(crate) overflowed: AtomicU64,
     pub(crate) broker_errors: AtomicU64,
     pub(crate) batches: AtomicU64,
@@ -43,6 +44,11 @@ impl HubStats {
     /// Deliveries handed to local connections.
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
+    }
+    /// Of [`delivered`](Self::delivered), the live group items written
+    /// straight to a connection by the dispatcher (ADR 0027).
+    pub fn written_through(&self) -> u64 {
+        self.written_through.load(Ordering::Relaxed)
     }
     /// Connections closed because their queue overflowed (slow consumers).
     pub fn overflowed(&self) -> u64 {
@@ -261,8 +267,15 @@ impl Slot {
         {
             return false;
         }
-        queue.live.groups.clear();
-        queue.live.groups.extend(groups);
+        let parked = &mut queue.live.groups;
+        parked.clear();
+        for group in groups {
+            // Grown one entry at a time: a user is in one group or a few,
+            // and `extend` would start at four entries, kept for the
+            // connection's life.
+            parked.reserve_exact(1);
+            parked.push(group);
+        }
         queue.live.parked = !queue.live.groups.is_empty();
         queue.live.parked
     }
@@ -326,6 +339,7 @@ impl Slot {
         }
         *last = item.offset;
         stats.delivered.fetch_add(1, Ordering::Relaxed);
+        stats.written_through.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -600,9 +614,9 @@ impl GroupFanout {
         let size = self.slots.len().div_ceil(chunks);
         let fanout = Arc::new(self);
         // Every chunk on a task of its own, this one only waiting: tokio
-        // runs a task spawned from a worker in that worker's LIFO slot,
-        // which no other worker steals from, so a chunk written here while
-        // one helper waited there would run one after the other.
+        // runs the task last spawned from a worker in that worker's LIFO
+        // slot, which no other worker steals from, so a chunk written here
+        // with its one helper waiting there would run one after the other.
         let helpers: Vec<_> = (0..chunks)
             .map(|i| {
                 let (fanout, registry) = (Arc::clone(&fanout), Arc::clone(registry));
@@ -612,10 +626,16 @@ impl GroupFanout {
                 })
             })
             .collect();
-        for helper in helpers {
-            // A helper only fails if the runtime is shutting down: its
-            // subscriptions end and their clients resume from the store.
-            let _ = helper.await;
+        for (i, helper) in helpers.into_iter().enumerate() {
+            // A helper fails if a writer panicked or the runtime is shutting
+            // down: its subscriptions may have missed the item, so they
+            // read their streams from the store again.
+            if helper.await.is_err() {
+                let end = ((i + 1) * size).min(fanout.slots.len());
+                for slot in &fanout.slots[i * size..end] {
+                    slot.resync();
+                }
+            }
         }
     }
 

@@ -1231,5 +1231,27 @@ async fn a_full_socket_keeps_frames_written_through_whole_and_in_order() {
         }
         assert_eq!(hub.stats().overflowed(), 0);
         assert_eq!(hub.stats().delivered(), total);
+        // The first broadcasts at least went straight to the socket.
+        let written = hub.stats().written_through();
+        assert_eq!(written > 0, write_through, "written through: {written}");
+
+        // What was written through counts as delivered for acks: no
+        // `invalid_ack`; the invalid frame after it is the first answer.
+        let ack =
+            serde_json::json!({"type": "ack", "position": {"inbox": 0, "groups": {"big": total}}});
+        ws.send(Message::text(ack.to_string())).await.unwrap();
+        ws.send(Message::text(r#"{"type":"nope"}"#)).await.unwrap();
+        let answer = frame(&mut ws).await;
+        assert_eq!(
+            (&answer["type"], &answer["code"]),
+            (&"error".into(), &"invalid_frame".into())
+        );
+        // The answer to that frame, not to the ack.
+        assert!(
+            answer["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("nope")),
+            "{answer}"
+        );
     }
 }

@@ -21,8 +21,6 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use time_kit::SharedClock;
-
 use super::metrics::ServerMetrics;
 use super::session::group_frame;
 use crate::live::{LiveItem, LiveWriter};
@@ -32,7 +30,6 @@ pub(crate) struct LiveSocket {
     stream: TcpStream,
     state: Mutex<WriteState>,
     metrics: Arc<ServerMetrics>,
-    clock: SharedClock,
 }
 
 #[derive(Debug, Default)]
@@ -50,16 +47,11 @@ struct WriteState {
 }
 
 impl LiveSocket {
-    pub(crate) fn new(
-        stream: TcpStream,
-        metrics: Arc<ServerMetrics>,
-        clock: SharedClock,
-    ) -> Arc<LiveSocket> {
+    pub(crate) fn new(stream: TcpStream, metrics: Arc<ServerMetrics>) -> Arc<LiveSocket> {
         Arc::new(LiveSocket {
             stream,
             state: Mutex::new(WriteState::default()),
             metrics,
-            clock,
         })
     }
 
@@ -149,15 +141,15 @@ impl LiveWriter for LiveSocket {
         let mut header = [0u8; 10];
         let header = text_header(&mut header, text.len());
         let parts = [IoSlice::new(header), IoSlice::new(text.as_bytes())];
-        match self.stream.try_write_vectored(&parts) {
-            Ok(n) if n == header.len() + text.len() => {}
+        let flusher = match self.stream.try_write_vectored(&parts) {
+            Ok(n) if n == header.len() + text.len() => None,
             Ok(0) => {
                 state.failed = true;
                 return false;
             }
             Ok(n) => {
                 // The socket took part of the frame: the rest goes next, sent
-                // by the task.
+                // by the task, which is woken for it.
                 let header_rest = &header[n.min(header.len())..];
                 let text_rest = &text.as_bytes()[n.saturating_sub(header.len())..];
                 state
@@ -165,19 +157,19 @@ impl LiveWriter for LiveSocket {
                     .reserve_exact(header_rest.len() + text_rest.len());
                 state.tail.extend_from_slice(header_rest);
                 state.tail.extend_from_slice(text_rest);
-                if let Some(waker) = state.flusher.take() {
-                    waker.wake();
-                }
+                state.flusher.take()
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             Err(_) => {
                 state.failed = true;
                 return false;
             }
-        }
+        };
         drop(state);
-        self.metrics
-            .observe_delivery(&self.clock, item.notification.timestamp);
+        if let Some(waker) = flusher {
+            waker.wake();
+        }
+        self.metrics.observe_delivery(item.notification.timestamp);
         true
     }
 }

@@ -15,6 +15,7 @@ use crate::Hub;
 /// |---|---|---|
 /// | `notify_connections` | gauge | open WebSocket connections on this node |
 /// | `notify_delivered_total` | counter | notifications handed to connections |
+/// | `notify_written_through_total` | counter | of those, live group items written straight to the socket by the dispatcher (ADR 0027) |
 /// | `notify_dropped_connections_total` | counter | connections closed as slow consumers |
 /// | `notify_sends_total`, `notify_send_errors_total` | counters | sends stored / failed |
 /// | `notify_broker_errors_total` | counter | publishes that failed after commit |
@@ -24,7 +25,9 @@ use crate::Hub;
 pub struct ServerMetrics {
     registry: Registry,
     /// Delivery latency, observed when a frame has been written.
-    pub(crate) latency: Histogram,
+    latency: Histogram,
+    /// The hub's clock, which latencies are measured by.
+    clock: time_kit::SharedClock,
 }
 
 #[derive(Debug)]
@@ -44,6 +47,11 @@ impl Collector for HubCollector {
                 "notify_delivered",
                 "Notifications handed to connections",
                 stats.delivered(),
+            ),
+            (
+                "notify_written_through",
+                "Live group items written straight to a connection's socket by the dispatcher",
+                stats.written_through(),
             ),
             (
                 "notify_dropped_connections",
@@ -83,20 +91,21 @@ impl ServerMetrics {
             "From the notification's timestamp to its frame being written",
             latency.clone(),
         );
+        let clock = hub.config().clock.clone();
         registry.register_collector(Box::new(HubCollector(hub)));
-        Arc::new(ServerMetrics { registry, latency })
+        Arc::new(ServerMetrics {
+            registry,
+            latency,
+            clock,
+        })
     }
 
     /// Observes a live delivery's latency: from the notification's
-    /// timestamp to now, by `clock`, in integer nanoseconds (chrono's
-    /// duration arithmetic showed in the fan-out's profile).
-    pub(crate) fn observe_delivery(
-        &self,
-        clock: &time_kit::SharedClock,
-        timestamp: Option<chrono::DateTime<chrono::Utc>>,
-    ) {
+    /// timestamp to now, by the hub's clock, in integer nanoseconds
+    /// (chrono's duration arithmetic showed in the fan-out's profile).
+    pub(crate) fn observe_delivery(&self, timestamp: Option<chrono::DateTime<chrono::Utc>>) {
         if let Some(sent_ns) = timestamp.and_then(|ts| ts.timestamp_nanos_opt()) {
-            let latency_ns = time_kit::unix_nanos(clock.now())
+            let latency_ns = time_kit::unix_nanos(self.clock.now())
                 .saturating_sub(sent_ns)
                 .max(0);
             self.latency.observe(latency_ns as f64 / 1e9);

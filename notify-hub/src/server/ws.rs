@@ -294,11 +294,7 @@ fn write_through(
         return Err(upgraded);
     }
     let parts = upgraded.downcast::<TokioIo<TcpStream>>()?;
-    let live = LiveSocket::new(
-        parts.io.into_inner(),
-        Arc::clone(&server.inner.metrics),
-        server.inner.hub.config().clock.clone(),
-    );
+    let live = LiveSocket::new(parts.io.into_inner(), Arc::clone(&server.inner.metrics));
     let writer: Arc<dyn LiveWriter> = live.clone();
     v2.subscription.write_live_through(Arc::clone(&writer));
     v2.live = Some(writer);
@@ -425,7 +421,7 @@ async fn run<S>(
                         break None;
                     }
                     // Live deliveries only: a replay's age is not a latency.
-                    metrics.observe_delivery(&clock, frame.live_since);
+                    metrics.observe_delivery(frame.live_since);
                 }
                 Err(Closed::Overflow) => break Some(close(close_codes::SLOW_CONSUMER, "slow consumer: resume with since")),
                 Err(Closed::ShuttingDown) => break Some(close(close_codes::GOING_AWAY, "server shutting down")),

@@ -337,6 +337,8 @@ impl StreamSubscription {
     /// the subscription parked: between `next`'s wait and its return or
     /// cancellation, and nowhere else).
     pub fn write_live_through(&mut self, writer: Arc<dyn LiveWriter>) {
+        // What an earlier writer wrote is handed out before it is replaced.
+        self.take_written();
         self.slot.set_writer(Some(Writer(writer)));
         self.writes_through = true;
     }
