@@ -377,15 +377,17 @@ impl Store for MemoryStore {
                 let Some(stream) = state.groups.get(&m.group) else {
                     continue;
                 };
+                // Items are ascending by offset: the interval's end is found
+                // by bisection, and the walk back stops at its start.
+                let end = m.left_after.map_or(stream.items.len(), |left| {
+                    stream.items.partition_point(|i| i.offset <= left)
+                });
                 items.extend(
                     stream
                         .items
-                        .iter()
+                        .range(..end)
                         .rev()
-                        .filter(|i| {
-                            i.offset > m.joined_after
-                                && m.left_after.is_none_or(|left| i.offset <= left)
-                        })
+                        .take_while(|i| i.offset > m.joined_after)
                         .filter_map(|i| match &i.entry {
                             GroupEntry::Notification(n) => Some(HistoryItem::Group {
                                 group: m.group.clone(),

@@ -954,7 +954,13 @@ impl Store for PgStore {
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             // The newest `limit` of each stream, each by its own index range
             // (the inbox's per user, each group's inside each interval),
-            // then merged by notification id.
+            // then merged by notification id, and only the page's winners
+            // joined to their bodies. The interval's upper end is a
+            // COALESCE, not an `IS NULL OR`, so that both ends bound the
+            // primary key's range and each stream is a short backward index
+            // scan (with the OR, PostgreSQL read every item of each
+            // interval and sorted them: 14 ms against 0.9 ms for a user in
+            // 20 groups, PERFORMANCE.md).
             let rows = conn
                 .query(
                     "WITH iv AS (
@@ -970,17 +976,19 @@ impl Store for PgStore {
                              FROM notify_group_items it
                              WHERE it.group_id = iv.group_id
                                AND it.group_offset > iv.joined_after
-                               AND (iv.left_after IS NULL OR it.group_offset <= iv.left_after)
+                               AND it.group_offset <= COALESCE(iv.left_after, 9223372036854775807)
                                AND it.notification_id IS NOT NULL
                              ORDER BY it.group_offset DESC LIMIT $2) i
                          UNION ALL
                          SELECT NULL, d.seq, d.notification_id FROM (
                              SELECT seq, notification_id FROM notify_deliveries
                              WHERE user_id = $1 AND via_group IS NOT TRUE
-                             ORDER BY seq DESC LIMIT $2) d)
+                             ORDER BY seq DESC LIMIT $2) d),
+                     page AS (
+                         SELECT * FROM picked ORDER BY notification_id DESC LIMIT $2)
                      SELECT p.group_id, p.number, n.body
-                     FROM picked p JOIN notify_notifications n ON n.id = p.notification_id
-                     ORDER BY n.id DESC LIMIT $2",
+                     FROM page p JOIN notify_notifications n ON n.id = p.notification_id
+                     ORDER BY n.id DESC",
                     &[&user, &limit],
                 )
                 .await
