@@ -183,3 +183,92 @@ async fn items_written_through_move_the_position() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+/// A writer that takes everything and logs `group:offset`, beside what the
+/// reader logs of the events `next` hands out.
+struct Tagged {
+    log: Arc<Mutex<Vec<String>>>,
+    wrote: Notify,
+}
+
+impl LiveWriter for Tagged {
+    fn try_write(&self, item: &LiveItem<'_>) -> bool {
+        self.log
+            .lock()
+            .push(format!("{}:{}", item.group, item.offset));
+        self.wrote.notify_one();
+        true
+    }
+}
+
+/// Membership changes while the subscription waits with a writer: the
+/// leave record reaches it in its place, an item sent while the user is
+/// out is neither written through nor handed out, and after a re-join the
+/// group's items flow again, through the writer.
+#[tokio::test]
+async fn leaving_and_joining_again_while_parked() {
+    let hub = Hub::in_memory(HubConfig::default().with_v1_group_fanout(false))
+        .await
+        .unwrap();
+    hub.join_group("team", "ann").await.unwrap();
+    hub.join_group("side", "ann").await.unwrap();
+    let mut sub = hub.subscribe_streams("ann", None).await.unwrap();
+    let writer = Arc::new(Tagged {
+        log: Arc::default(),
+        wrote: Notify::new(),
+    });
+    sub.write_live_through(writer.clone());
+    let reader = {
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move {
+            while writer.log.lock().len() < 5 {
+                tokio::select! {
+                    event = sub.next() => {
+                        let line = match event.expect("open") {
+                            StreamEvent::Group { group, offset, .. } => format!("{group}:{offset}"),
+                            StreamEvent::Left { group, left_after } => format!("{group}:left@{left_after}"),
+                            StreamEvent::Joined { group, joined_after } => format!("{group}:joined@{joined_after}"),
+                            other => panic!("unexpected {other:?}"),
+                        };
+                        writer.log.lock().push(line);
+                    }
+                    () = writer.wrote.notified() => {}
+                }
+            }
+            sub
+        })
+    };
+    // One thread: the reader runs up to its wait before each change.
+    tokio::task::yield_now().await;
+    hub.broadcast_to_group("team", note("b1")).await.unwrap(); // team 1
+    tokio::task::yield_now().await;
+    hub.leave_group("team", "ann").await.unwrap(); // team 2: the record
+    tokio::task::yield_now().await;
+    hub.broadcast_to_group("team", note("b2")).await.unwrap(); // team 3: ann is out
+    hub.broadcast_to_group("side", note("s1")).await.unwrap(); // side 1
+    tokio::task::yield_now().await;
+    hub.join_group("team", "ann").await.unwrap(); // after team 3
+    tokio::task::yield_now().await;
+    hub.broadcast_to_group("team", note("b3")).await.unwrap(); // team 4
+    let sub = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the reader got five events")
+        .unwrap();
+    let log = writer.log.lock().clone();
+    let of = |group: &str| -> Vec<String> {
+        log.iter()
+            .filter(|l| l.starts_with(&format!("{group}:")))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        of("team"),
+        ["team:1", "team:left@2", "team:joined@3", "team:4"],
+        "{log:?}"
+    );
+    assert_eq!(of("side"), ["side:1"], "{log:?}");
+    assert!(hub.stats().written_through() > 0, "{log:?}");
+    let position = sub.position();
+    assert_eq!(position.groups.get("team"), Some(&4));
+    assert_eq!(position.groups.get("side"), Some(&1));
+}
