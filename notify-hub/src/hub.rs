@@ -535,7 +535,10 @@ impl Hub {
     /// within about `timeout`; `false` if the writer or the dispatcher had
     /// not finished by then.
     pub async fn shutdown(&self, timeout: Duration) -> bool {
-        let _ = self.inner.shutdown.send(true);
+        // `send_replace`, not `send`: `send` keeps the old value when no
+        // receiver is alive, and a later `subscribe` would then wait for a
+        // shutdown that already happened.
+        self.inner.shutdown.send_replace(true);
         let deadline = tokio::time::Instant::now() + timeout;
         let tasks = self.inner.tasks.lock().take();
         let Some((writer, dispatcher)) = tasks else {
@@ -558,7 +561,7 @@ impl Hub {
         }
         // Only now: every acknowledged send has reached the subscriptions' queues.
         self.inner.registry.end_all();
-        let _ = self.inner.ended.send(true);
+        self.inner.ended.send_replace(true);
         finished
     }
 }
