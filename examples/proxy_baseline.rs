@@ -98,6 +98,7 @@ impl Forward {
                 client
                     .request(request)
                     .await
+                    .map(|response| response.map(http_kit::boxed))
                     .map_err(http_kit::BoxError::from)
             }
             (None, Some(authority)) => {
@@ -105,6 +106,7 @@ impl Forward {
                 self.pool
                     .send(&authority, request)
                     .await
+                    .map(|response| response.map(http_kit::boxed))
                     .map_err(http_kit::BoxError::from)
             }
             (None, None) => Err("the upstream URI has no authority".into()),
@@ -114,7 +116,7 @@ impl Forward {
                 // As the gateway: the upstream's `Connection: close` ends
                 // the upstream connection, not the client's.
                 gateway_mw::http::strip_response_hop_by_hop(response.headers_mut());
-                response.map(http_kit::boxed)
+                response
             }
             Err(_) => http_kit::empty(http::StatusCode::BAD_GATEWAY),
         }

@@ -11,6 +11,7 @@
 
 mod admin;
 mod build;
+mod h1;
 mod health;
 mod login;
 pub mod pool;
@@ -36,7 +37,8 @@ use crate::config::{GatewayConfig, RuntimeLayout};
 use crate::http::{GatewayBody, GatewayMetrics, Routed};
 use crate::router::{PathOptions, normalize_path};
 
-pub use pool::{UpstreamError, UpstreamPool};
+pub use h1::ProtocolError;
+pub use pool::{UpstreamBody, UpstreamError, UpstreamPool};
 
 use login::Tokens;
 use proxy::Upstream;

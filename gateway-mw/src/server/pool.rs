@@ -1,40 +1,55 @@
-//! Pooled HTTP/1.1 connections to the upstreams, one pool per thread.
+//! Pooled HTTP/1.1 connections to the upstreams, one pool per thread,
+//! driven by the request's own task.
 //!
 //! hyper-util's pooled client keeps one pool behind a mutex, races a new
 //! connection against every checkout that finds no idle one, and hands each
-//! request to the connection's task through two channels. A proxy on this
-//! path does that for every request, so the gateway keeps its own, smaller
-//! pool for HTTP/1.1 upstreams (HTTP/2 ones multiplex over one connection
-//! and stay on hyper-util's client):
+//! request to the connection's task through two channels; hyper's bare
+//! client connection still runs a task and an HTTP/1 dispatcher of its own
+//! per connection. A proxy on this path does that for every request, so the
+//! gateway keeps its own, smaller pool for HTTP/1.1 upstreams (HTTP/2 ones
+//! multiplex over one connection and stay on hyper-util's client):
 //!
 //! * idle connections are kept per thread, so a checkout takes no lock, and
-//!   with one runtime per core (`runtime = "per_core"`) a connection's task
-//!   runs on the thread whose requests use it;
-//! * a connection is reused only when hyper says it is ready for another
-//!   request (the previous response fully read) and it has been idle less
-//!   than [`IDLE_TIMEOUT`]; a closed one is dropped;
-//! * a request that a reused connection refused before sending (the
-//!   upstream closed it in the meantime) is retried once on a fresh one:
-//!   nothing was sent, so this is safe for every method;
+//!   with one runtime per core (`runtime = "per_core"`) a connection stays
+//!   on the thread whose requests use it;
+//! * there is no task per connection: the request's task writes the request
+//!   and reads the response head ([`super::h1`] encodes and parses, with
+//!   `httparse`), and the response body reads the rest as it is polled,
+//!   handing the connection back when its end was read;
+//! * a connection is reused only when its last response was read to its
+//!   end, neither side asked to close it, nothing more arrived, it has been
+//!   idle less than [`IDLE_TIMEOUT`], and a non-blocking look finds it still
+//!   open; a body dropped before its end closes its connection;
+//! * a request that a reused connection failed before any of its bytes
+//!   were written, or, for an idempotent method, before any byte of the
+//!   response arrived (the upstream closed it meanwhile), is retried once
+//!   on a fresh connection;
 //! * at most [`MAX_IDLE_PER_THREAD`] idle connections per upstream and
-//!   thread are kept.
+//!   thread are kept. Nothing watches an idle connection: one the upstream
+//!   closed is let go at the next checkout on its thread.
 //!
 //! The request goes out in origin form (`GET /path?query`), with the
-//! client's `Host` kept, or the upstream's authority when it sent none: what
-//! hyper-util's client did before.
+//! client's `Host` kept, or the upstream's authority when it sent none, and
+//! its body whole, framed by `Content-Length`.
 
 use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HOST, HeaderValue};
-use http::uri::{Authority, PathAndQuery};
-use http::{Request, Response, Uri};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use http::uri::Authority;
+use http::{HeaderMap, Method, Request, Response};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::h1::{self, ChunkedDecoder, Decoded, Framing, Head, ProtocolError};
 
 /// An idle connection older than this is closed instead of reused (the
 /// 30 s hyper-util's client was configured with).
@@ -43,7 +58,14 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idle connections kept per upstream and thread; more are closed.
 pub const MAX_IDLE_PER_THREAD: usize = 256;
 
-/// Why a request got no response from the upstream.
+/// What a connection reads at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// A body up to this size goes out in one write with its head.
+const INLINE_BODY: usize = 16 * 1024;
+
+/// Why a request got no response from the upstream, or its body ended
+/// early.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// The TCP connection could not be opened.
@@ -55,9 +77,15 @@ pub enum UpstreamError {
         #[source]
         source: std::io::Error,
     },
-    /// The HTTP exchange failed (handshake, write, read).
-    #[error("the HTTP exchange with the upstream failed")]
-    Http(#[source] hyper::Error),
+    /// Writing the request or reading the response failed.
+    #[error("the connection to the upstream failed")]
+    Io(#[source] std::io::Error),
+    /// The upstream closed the connection before its response head.
+    #[error("the upstream closed the connection before responding")]
+    Closed,
+    /// The upstream's response is not valid HTTP/1.1.
+    #[error("the upstream's response is invalid")]
+    Protocol(#[source] ProtocolError),
 }
 
 /// Pooled HTTP/1.1 connections to upstreams (see the module docs): each
@@ -79,11 +107,23 @@ pub enum UpstreamError {
 #[derive(Debug)]
 pub struct UpstreamPool {
     id: u64,
+    /// Bodies hand their connections back only while the pool lives.
+    alive: Arc<()>,
+}
+
+/// One upstream connection and its buffers.
+#[derive(Debug)]
+struct Connection {
+    stream: TcpStream,
+    /// Read from the upstream and not consumed yet.
+    read: BytesMut,
+    /// The request being written (kept for its capacity).
+    write: Vec<u8>,
 }
 
 /// One thread's idle connections: (pool id, upstream) → connections, most
 /// recently used last.
-type Idle = Vec<((u64, Authority), Vec<(SendRequest<Full<Bytes>>, Instant)>)>;
+type Idle = Vec<((u64, Authority), Vec<(Box<Connection>, Instant)>)>;
 
 thread_local! {
     static IDLE: RefCell<Idle> = const { RefCell::new(Vec::new()) };
@@ -95,12 +135,19 @@ impl Default for UpstreamPool {
     }
 }
 
+/// An exchange that failed, and whether sending the request again is safe.
+struct Failed {
+    error: UpstreamError,
+    retry: bool,
+}
+
 impl UpstreamPool {
     /// A pool with no connections yet.
     pub fn new() -> UpstreamPool {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         UpstreamPool {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
+            alive: Arc::new(()),
         }
     }
 
@@ -110,50 +157,89 @@ impl UpstreamPool {
     /// origin form.
     ///
     /// # Errors
-    /// [`UpstreamError`] when no connection could be opened or the exchange
-    /// failed. There is no timeout here: wrap the call in one.
+    /// [`UpstreamError`] when no connection could be opened, the exchange
+    /// failed, or the response head is not valid HTTP/1.1. There is no
+    /// timeout here: wrap the call in one.
     pub async fn send(
         &self,
         authority: &Authority,
-        mut request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or(PathAndQuery::from_static("/"));
-        *request.uri_mut() = Uri::from(path);
-        if !request.headers().contains_key(HOST)
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (mut parts, body) = request.into_parts();
+        // A `Full` is one frame, ready at once.
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(never) => match never {},
+        };
+        if !parts.headers.contains_key(HOST)
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
-            request.headers_mut().insert(HOST, host);
+            parts.headers.insert(HOST, host);
         }
-        if let Some(mut sender) = self.checkout(authority) {
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    self.checkin(authority, sender);
-                    return Ok(response);
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let message = Message {
+            method: &parts.method,
+            target,
+            headers: &parts.headers,
+            body: &body,
+        };
+        if let Some(mut connection) = self.checkout(authority) {
+            match connection.exchange(&message).await {
+                Ok(head) => return Ok(self.respond(authority, connection, head)),
+                Err(failed) if failed.retry => {
+                    tracing::debug!(error = %failed.error, "a pooled upstream connection failed; retrying on a new one");
                 }
-                Err(mut refused) => match refused.take_message() {
-                    // Never sent: the connection was closing. Once more,
-                    // on a fresh connection.
-                    Some(unsent) => request = unsent,
-                    None => return Err(UpstreamError::Http(refused.into_error())),
-                },
+                Err(failed) => return Err(failed.error),
             }
         }
-        let mut sender = connect(authority).await?;
-        let response = sender
-            .send_request(request)
+        let mut connection = connect(authority).await?;
+        let head = connection
+            .exchange(&message)
             .await
-            .map_err(UpstreamError::Http)?;
-        self.checkin(authority, sender);
-        Ok(response)
+            .map_err(|failed| failed.error)?;
+        Ok(self.respond(authority, connection, head))
+    }
+
+    /// The response for `head`: its body whole when it already arrived
+    /// (the connection goes back to the pool at once), streamed otherwise.
+    fn respond(
+        &self,
+        authority: &Authority,
+        mut connection: Box<Connection>,
+        head: Head,
+    ) -> Response<UpstreamBody> {
+        let home = Home {
+            pool: self.id,
+            authority: authority.clone(),
+            alive: Arc::downgrade(&self.alive),
+            reusable: head.reusable,
+        };
+        let state = match head.framing {
+            Framing::Empty => {
+                home.take_back(connection);
+                State::Whole(None)
+            }
+            Framing::Length(n) if connection.read.len() as u64 >= n => {
+                let data = connection.read.split_to(n as usize).freeze();
+                home.take_back(connection);
+                State::Whole(Some(data))
+            }
+            Framing::Length(left) => State::Length { connection, left },
+            Framing::Chunked => State::Chunked {
+                connection,
+                decoder: ChunkedDecoder::default(),
+            },
+            Framing::UntilClose => State::UntilClose { connection },
+        };
+        head.response.map(|()| UpstreamBody {
+            state,
+            home: Some(home),
+        })
     }
 
     /// A ready idle connection to `authority`, dropping closed and expired
     /// ones on the way.
-    fn checkout(&self, authority: &Authority) -> Option<SendRequest<Full<Bytes>>> {
+    fn checkout(&self, authority: &Authority) -> Option<Box<Connection>> {
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let list = idle
@@ -161,34 +247,51 @@ impl UpstreamPool {
                 .find(|((id, a), _)| *id == self.id && a == authority)
                 .map(|(_, list)| list)?;
             let now = Instant::now();
-            list.retain(|(sender, since)| {
-                !sender.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT
-            });
             // Most recently used first: its buffers are warm, and the
             // oldest are left to expire when traffic drops.
-            let ready = list.iter().rposition(|(sender, _)| sender.is_ready())?;
-            Some(list.swap_remove(ready).0)
+            while let Some((connection, since)) = list.pop() {
+                if now.duration_since(since) < IDLE_TIMEOUT && connection.is_open() {
+                    list.retain(|(_, since)| now.duration_since(*since) < IDLE_TIMEOUT);
+                    return Some(connection);
+                }
+            }
+            None
         })
     }
+}
 
-    /// Keeps `sender` for reuse by this thread. It may still be reading the
-    /// response; [`UpstreamPool::checkout`] takes only ready ones.
-    fn checkin(&self, authority: &Authority, sender: SendRequest<Full<Bytes>>) {
+/// Where a body hands its connection back.
+#[derive(Debug)]
+struct Home {
+    pool: u64,
+    authority: Authority,
+    alive: Weak<()>,
+    /// The response let the connection carry another request.
+    reusable: bool,
+}
+
+impl Home {
+    /// Keeps `connection` for reuse by this thread, when its response
+    /// allows it, nothing past the response arrived, and the pool lives.
+    fn take_back(&self, connection: Box<Connection>) {
+        if !self.reusable || !connection.read.is_empty() || self.alive.strong_count() == 0 {
+            return;
+        }
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let index = match idle
                 .iter()
-                .position(|((id, a), _)| *id == self.id && a == authority)
+                .position(|((id, a), _)| *id == self.pool && *a == self.authority)
             {
                 Some(index) => index,
                 None => {
-                    idle.push(((self.id, authority.clone()), Vec::new()));
+                    idle.push(((self.pool, self.authority.clone()), Vec::new()));
                     idle.len() - 1
                 }
             };
             let list = &mut idle[index].1;
             if list.len() < MAX_IDLE_PER_THREAD {
-                list.push((sender, Instant::now()));
+                list.push((connection, Instant::now()));
             }
         });
     }
@@ -207,8 +310,102 @@ impl Drop for UpstreamPool {
     }
 }
 
-/// Opens a connection to `authority` and spawns its task.
-async fn connect(authority: &Authority) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+/// A request as it goes out.
+struct Message<'a> {
+    method: &'a Method,
+    target: &'a str,
+    headers: &'a HeaderMap,
+    body: &'a Bytes,
+}
+
+impl Connection {
+    /// Whether an idle connection still looks usable: the upstream has not
+    /// closed it and sent nothing unasked. No system call unless the
+    /// runtime saw it become readable.
+    fn is_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Writes `message` and reads the response head. A failure says
+    /// whether the request may be sent again: nothing of it was written,
+    /// or it is idempotent and nothing of the response came.
+    async fn exchange(&mut self, message: &Message<'_>) -> Result<Head, Failed> {
+        self.write.clear();
+        h1::encode_request_head(
+            message.method,
+            message.target,
+            message.headers,
+            message.body.len(),
+            &mut self.write,
+        );
+        let inline = message.body.len() <= INLINE_BODY;
+        if inline {
+            self.write.extend_from_slice(message.body);
+        }
+        let idempotent = h1::is_idempotent(message.method);
+        let io = |error: std::io::Error, retry: bool| Failed {
+            error: UpstreamError::Io(error),
+            retry,
+        };
+        let mut written = 0;
+        while written < self.write.len() {
+            match self.stream.write(&self.write[written..]).await {
+                Ok(0) => {
+                    return Err(io(std::io::ErrorKind::WriteZero.into(), written == 0));
+                }
+                Ok(n) => written += n,
+                Err(e) => return Err(io(e, written == 0 || idempotent)),
+            }
+        }
+        if !inline {
+            self.stream
+                .write_all(message.body)
+                .await
+                .map_err(|e| io(e, idempotent))?;
+        }
+        let mut received = false;
+        loop {
+            match h1::parse_response_head(&mut self.read, message.method) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Failed {
+                        error: UpstreamError::Protocol(e),
+                        retry: false,
+                    });
+                }
+            }
+            self.read.reserve(READ_CHUNK);
+            match self.stream.read_buf(&mut self.read).await {
+                Ok(0) if !received => {
+                    return Err(Failed {
+                        error: UpstreamError::Closed,
+                        retry: idempotent,
+                    });
+                }
+                Ok(0) => {
+                    return Err(Failed {
+                        error: UpstreamError::Protocol(ProtocolError::IncompleteBody),
+                        retry: false,
+                    });
+                }
+                Ok(_) => received = true,
+                Err(e) => return Err(io(e, idempotent && !received)),
+            }
+        }
+    }
+
+    /// Reads what the upstream sent next into `read`: `Ok(0)` at its end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.read.reserve(READ_CHUNK);
+        // A fresh future per poll: it holds nothing but the two borrows.
+        std::pin::pin!(self.stream.read_buf(&mut self.read)).poll(cx)
+    }
+}
+
+/// Opens a connection to `authority`.
+async fn connect(authority: &Authority) -> Result<Box<Connection>, UpstreamError> {
     let port = authority.port_u16().unwrap_or(80);
     // An IPv6 literal is written in brackets in an authority, not in a
     // socket address.
@@ -216,24 +413,147 @@ async fn connect(authority: &Authority) -> Result<SendRequest<Full<Bytes>>, Upst
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let stream = tokio::net::TcpStream::connect((host, port))
-        .await
-        .map_err(|source| UpstreamError::Connect {
-            authority: authority.clone(),
-            source,
-        })?;
+    let stream =
+        TcpStream::connect((host, port))
+            .await
+            .map_err(|source| UpstreamError::Connect {
+                authority: authority.clone(),
+                source,
+            })?;
     // Small request/response messages: Nagle's algorithm would hold them
     // back waiting for ACKs.
     let _ = stream.set_nodelay(true);
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(UpstreamError::Http)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
+    Ok(Box::new(Connection {
+        stream,
+        read: BytesMut::new(),
+        write: Vec::new(),
+    }))
+}
+
+/// A response body read from its upstream connection as it is polled; the
+/// connection goes back to its pool once the body's end was read (or at
+/// once, when the whole body came with the head).
+#[derive(Debug)]
+pub struct UpstreamBody {
+    state: State,
+    home: Option<Home>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// All of it (or nothing), already read.
+    Whole(Option<Bytes>),
+    /// `left` more bytes to read.
+    Length {
+        connection: Box<Connection>,
+        left: u64,
+    },
+    Chunked {
+        connection: Box<Connection>,
+        decoder: ChunkedDecoder,
+    },
+    UntilClose {
+        connection: Box<Connection>,
+    },
+    /// Read to its end, or failed.
+    Done,
+}
+
+impl UpstreamBody {
+    /// The body's end was read: its connection goes home.
+    fn finish(&mut self) {
+        let state = std::mem::replace(&mut self.state, State::Done);
+        if let (State::Length { connection, .. } | State::Chunked { connection, .. }, Some(home)) =
+            (state, self.home.take())
+        {
+            home.take_back(connection);
         }
-    });
-    Ok(sender)
+    }
+
+    /// The body cannot go on: its connection is closed.
+    fn fail(&mut self, error: UpstreamError) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        self.state = State::Done;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = UpstreamError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        let this = self.get_mut();
+        loop {
+            let connection = match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Whole(data) => {
+                    let data = data.take();
+                    this.state = State::Done;
+                    return Poll::Ready(data.map(|d| Ok(Frame::data(d))));
+                }
+                State::Length { connection, left } => {
+                    if !connection.read.is_empty() {
+                        let take = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(connection.read.len());
+                        let data = connection.read.split_to(take).freeze();
+                        *left -= take as u64;
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    connection
+                }
+                State::Chunked {
+                    connection,
+                    decoder,
+                } => match decoder.decode(&mut connection.read) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End) => {
+                        // Trailer fields are not forwarded.
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => connection,
+                    Err(e) => return this.fail(UpstreamError::Protocol(e)),
+                },
+                State::UntilClose { connection } => {
+                    if !connection.read.is_empty() {
+                        let data = connection.read.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    connection
+                }
+            };
+            match ready!(connection.poll_fill(cx)) {
+                Ok(0) if matches!(this.state, State::UntilClose { .. }) => {
+                    this.state = State::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(UpstreamError::Protocol(ProtocolError::IncompleteBody)),
+                Ok(_) => {}
+                Err(e) => return this.fail(UpstreamError::Io(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done | State::Whole(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            State::Whole(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            // What is buffered is part of `left`.
+            State::Length { left, .. } => SizeHint::with_exact(*left),
+            State::Done => SizeHint::with_exact(0),
+            State::Chunked { .. } | State::UntilClose { .. } => SizeHint::default(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -243,6 +563,9 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use http_body_util::BodyExt;
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::AsyncBufReadExt;
 
     use super::*;
 
@@ -283,7 +606,7 @@ mod tests {
             .unwrap()
     }
 
-    async fn text(response: Response<Incoming>) -> String {
+    async fn text(response: Response<UpstreamBody>) -> String {
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
     }
@@ -383,6 +706,234 @@ mod tests {
         drop(a);
         let response = b.send(&authority, get(&authority, "/p")).await.unwrap();
         text(response).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// What a scripted upstream does after reading a request.
+    #[derive(Clone, Copy)]
+    enum After {
+        /// Keep the connection for the next request.
+        Stay,
+        /// Close it.
+        Close,
+    }
+
+    /// A raw TCP upstream: for the n-th request on a connection (from 0),
+    /// writes `reply(n)` and then stays or closes. Counts connections.
+    async fn scripted(reply: fn(usize) -> (Vec<u8>, After)) -> (Authority, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufStream::new(stream);
+                    for n in 0.. {
+                        // The request head, then its body by Content-Length.
+                        let mut length = 0usize;
+                        loop {
+                            let mut line = String::new();
+                            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                length = v.trim().parse().unwrap();
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        stream.read_exact(&mut body).await.unwrap();
+                        let (bytes, after) = reply(n);
+                        stream.write_all(&bytes).await.unwrap();
+                        stream.flush().await.unwrap();
+                        if matches!(after, After::Close) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (authority, accepted)
+    }
+
+    async fn body_of(response: Response<UpstreamBody>) -> Result<Vec<u8>, UpstreamError> {
+        Ok(response.into_body().collect().await?.to_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_larger_than_a_read_streams_and_the_connection_is_reused() {
+        fn reply(_: usize) -> (Vec<u8>, After) {
+            let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for i in 0..40u8 {
+                let chunk = vec![b'a' + i % 26; 3000];
+                out.extend_from_slice(format!("{:x};x=y\r\n", chunk.len()).as_bytes());
+                out.extend_from_slice(&chunk);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\nx-trailer: 1\r\n\r\n");
+            (out, After::Stay)
+        }
+        let (authority, accepted) = scripted(reply).await;
+        let pool = UpstreamPool::new();
+        for _ in 0..3 {
+            let response = pool.send(&authority, get(&authority, "/c")).await.unwrap();
+            assert!(!response.headers().contains_key("content-length"));
+            let body = body_of(response).await.unwrap();
+            assert_eq!(body.len(), 40 * 3000);
+            assert!(body[..3000].iter().all(|b| *b == b'a'));
+            assert!(body[39 * 3000..].iter().all(|b| *b == b'a' + 13));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_read_to_the_close_ends_there_and_its_connection_is_not_reused() {
+        fn reply(_: usize) -> (Vec<u8>, After) {
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end".to_vec(),
+                After::Close,
+            )
+        }
+        let (authority, accepted) = scripted(reply).await;
+        let pool = UpstreamPool::new();
+        for _ in 0..2 {
+            let response = pool.send(&authority, get(&authority, "/e")).await.unwrap();
+            assert_eq!(body_of(response).await.unwrap(), b"until the end");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_and_a_malformed_head_is_refused() {
+        fn short(_: usize) -> (Vec<u8>, After) {
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this".to_vec(),
+                After::Close,
+            )
+        }
+        let (authority, _) = scripted(short).await;
+        let pool = UpstreamPool::new();
+        let response = pool.send(&authority, get(&authority, "/s")).await.unwrap();
+        assert!(matches!(
+            body_of(response).await,
+            Err(UpstreamError::Protocol(ProtocolError::IncompleteBody))
+        ));
+
+        fn garbage(_: usize) -> (Vec<u8>, After) {
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello".to_vec(),
+                After::Stay,
+            )
+        }
+        let (authority, _) = scripted(garbage).await;
+        let error = pool
+            .send(&authority, get(&authority, "/g"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                UpstreamError::Protocol(ProtocolError::InvalidContentLength)
+            ),
+            "{error:?}"
+        );
+
+        fn silent(_: usize) -> (Vec<u8>, After) {
+            (Vec::new(), After::Close)
+        }
+        let (authority, _) = scripted(silent).await;
+        let error = pool
+            .send(&authority, get(&authority, "/z"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, UpstreamError::Closed), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped_and_head_and_204_have_no_body() {
+        fn reply(n: usize) -> (Vec<u8>, After) {
+            let out: &[u8] = match n {
+                0 => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+                // A HEAD's Content-Length describes the GET's body.
+                1 => b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+                _ => b"HTTP/1.1 204 No Content\r\n\r\n",
+            };
+            (out.to_vec(), After::Stay)
+        }
+        let (authority, accepted) = scripted(reply).await;
+        let pool = UpstreamPool::new();
+        let post = Request::post(format!("http://{authority}/p"))
+            .header("expect", "100-continue")
+            .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
+            .unwrap();
+        let response = pool.send(&authority, post).await.unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(body_of(response).await.unwrap(), b"ok");
+        let head = Request::head(format!("http://{authority}/h"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = pool.send(&authority, head).await.unwrap();
+        assert!(http_body::Body::is_end_stream(response.body()));
+        assert_eq!(response.headers()["content-length"], "1000");
+        let response = pool.send(&authority, get(&authority, "/n")).await.unwrap();
+        assert_eq!(response.status(), 204);
+        assert!(body_of(response).await.unwrap().is_empty());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// The upstream closes each connection after its response without
+    /// saying so: the next request does not fail on the closed one.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_not_used_again() {
+        fn reply(_: usize) -> (Vec<u8>, After) {
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi".to_vec(),
+                After::Close,
+            )
+        }
+        let (authority, accepted) = scripted(reply).await;
+        let pool = UpstreamPool::new();
+        for i in 0..10 {
+            let request = if i % 2 == 0 {
+                get(&authority, "/x")
+            } else {
+                Request::post(format!("http://{authority}/x"))
+                    .body(Full::new(Bytes::from_static(b"p")))
+                    .unwrap()
+            };
+            let response = pool.send(&authority, request).await.unwrap();
+            assert_eq!(body_of(response).await.unwrap(), b"hi");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 10);
+    }
+
+    /// A body dropped before its end takes its connection with it.
+    #[tokio::test]
+    async fn a_body_dropped_early_closes_its_connection() {
+        fn reply(_: usize) -> (Vec<u8>, After) {
+            let mut out = b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n".to_vec();
+            out.extend(std::iter::repeat_n(b'x', 200_000));
+            (out, After::Stay)
+        }
+        let (authority, accepted) = scripted(reply).await;
+        let pool = UpstreamPool::new();
+        let response = pool.send(&authority, get(&authority, "/d")).await.unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(!first.into_data().unwrap().is_empty());
+        drop(body);
+        let response = pool.send(&authority, get(&authority, "/d")).await.unwrap();
+        assert_eq!(body_of(response).await.unwrap().len(), 200_000);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Read to its end, it is reused.
+        let response = pool.send(&authority, get(&authority, "/d")).await.unwrap();
+        assert_eq!(body_of(response).await.unwrap().len(), 200_000);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

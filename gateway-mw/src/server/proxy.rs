@@ -98,27 +98,29 @@ pub(super) async fn proxy(
     }
     let exchange = async {
         if upstream.http2 {
-            return state
-                .client_h2
-                .request(outgoing)
-                .await
-                .map_err(|e| -> BoxError { Box::new(e) });
+            return match state.client_h2.request(outgoing).await {
+                Ok(response) => {
+                    Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
+                }
+                Err(e) => Err(Box::new(e) as BoxError),
+            };
         }
         // Configuration allows only `http://` upstreams, so every URI here
         // has an authority.
         let Some(authority) = outgoing.uri().authority().cloned() else {
             return Err("the upstream URI has no authority".into());
         };
-        state
-            .pool
-            .send(&authority, outgoing)
-            .await
-            .map_err(|e| -> BoxError { Box::new(e) })
+        match state.pool.send(&authority, outgoing).await {
+            Ok(response) => {
+                Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
+            }
+            Err(e) => Err(Box::new(e) as BoxError),
+        }
     };
     match tokio::time::timeout(upstream.timeout, exchange).await {
         Ok(Ok(mut response)) => {
             crate::http::strip_response_hop_by_hop(response.headers_mut());
-            Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
+            Ok(response)
         }
         Ok(Err(e)) => {
             // The error and its causes ("connecting failed: connection refused").
