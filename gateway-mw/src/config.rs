@@ -325,6 +325,11 @@ pub struct GatewayConfig {
     /// Serving threads with `runtime = "per_core"`. Default: one per core.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// With `runtime = "per_core"`: pin each serving thread to a CPU of its
+    /// own when there are no more threads than CPUs
+    /// (`http_kit::ServeConfig::pin_threads`). Default true.
+    #[serde(default = "default_true")]
+    pub pin_threads: bool,
     /// Token verification.
     pub jwt: JwtSection,
     /// The demo token endpoints (`/auth/token`, `/auth/refresh`, `/auth/logout`).
@@ -455,6 +460,10 @@ fn default_listen() -> SocketAddr {
 
 fn default_grace() -> u64 {
     10
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `runtime`: how the gateway spreads connections over threads.

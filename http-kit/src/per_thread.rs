@@ -10,7 +10,9 @@
 //! shares equal (±1): with `SO_REUSEPORT` the kernel hashes connections to
 //! sockets (two wrk runs of 32 connections: 42 on one thread, 28 on the
 //! other), and the gateway's throughput varied by 15 % between runs
-//! (`docs/PERFORMANCE.md`, issue 14).
+//! (`docs/PERFORMANCE.md`, issue 14). With [`ServeConfig::pin_threads`]
+//! (the default) each thread is pinned to a CPU of its own, as HAProxy's
+//! `cpu-map` and nginx's `worker_cpu_affinity` do.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -62,6 +64,21 @@ where
     B: ResponseBody,
 {
     let threads = threads.max(1);
+    // The CPUs this process may run on, read here on the caller's thread,
+    // if there is one for each serving thread.
+    let cores = if config.pin_threads {
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        if threads > cores.len() {
+            tracing::info!(
+                threads,
+                cpus = cores.len(),
+                "more serving threads than CPUs: not pinned"
+            );
+        }
+        Some(cores).filter(|cores| threads <= cores.len())
+    } else {
+        None
+    };
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads)
         .map(|_| mpsc::unbounded_channel::<Dealt>())
         .unzip();
@@ -77,9 +94,15 @@ where
             None
         };
         let (report_tx, report_rx) = tokio::sync::oneshot::channel();
+        let core = cores.as_ref().and_then(|cores| cores.get(i).copied());
         let spawned = std::thread::Builder::new()
             .name(format!("serve-{i}"))
             .spawn(move || {
+                if let Some(core) = core
+                    && !core_affinity::set_for_current(core)
+                {
+                    tracing::warn!(thread = i, cpu = core.id, "pinning a serving thread failed");
+                }
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

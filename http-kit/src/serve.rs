@@ -73,6 +73,15 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Set `TCP_NODELAY` on accepted sockets. Default true.
     pub nodelay: bool,
+    /// [`per_thread::serve`](crate::per_thread::serve) only: pin serving
+    /// thread *i* to the *i*-th CPU this process may run on, when there are
+    /// no more threads than such CPUs. Unpinned, the scheduler sometimes ran
+    /// both serving threads of a 2-core machine on one core for a time
+    /// slice, and every connection of the waiting thread stalled: the
+    /// proxy's p99 was 4.1 ms unpinned against 0.7 ms pinned, at the same
+    /// throughput (`docs/PERFORMANCE.md`, issue 14). Turn it off when other
+    /// busy processes share these CPUs. Default true.
+    pub pin_threads: bool,
 }
 
 impl Default for ServeConfig {
@@ -82,6 +91,7 @@ impl Default for ServeConfig {
             header_read_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
             nodelay: true,
+            pin_threads: true,
         }
     }
 }
@@ -90,6 +100,12 @@ impl ServeConfig {
     /// Sets [`ServeConfig::max_connections`] (at least 1).
     pub fn with_max_connections(mut self, max: usize) -> Self {
         self.max_connections = max.max(1);
+        self
+    }
+
+    /// Sets [`ServeConfig::pin_threads`].
+    pub fn with_pin_threads(mut self, pin: bool) -> Self {
+        self.pin_threads = pin;
         self
     }
 

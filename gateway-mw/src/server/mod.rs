@@ -142,7 +142,8 @@ impl GatewayServer {
             dispatch(Arc::clone(&stacks), Arc::clone(&state), request)
         });
         let config = http_kit::ServeConfig::default()
-            .with_drain_timeout(Duration::from_secs(self.config.shutdown_grace_secs));
+            .with_drain_timeout(Duration::from_secs(self.config.shutdown_grace_secs))
+            .with_pin_threads(self.config.pin_threads);
         let drain = http_kit::Shutdown::new();
         let trigger = drain.clone();
         let serving = async move {
