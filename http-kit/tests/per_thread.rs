@@ -99,3 +99,70 @@ async fn a_request_in_flight_at_shutdown_is_answered() {
     assert_eq!(report.accepted, 1);
     assert!(report.drained);
 }
+
+/// The CPUs each serving thread may run on, as its service sees them, with
+/// `pin_threads` as given: as many threads as the process has CPUs (at most
+/// two), each connection a request.
+async fn cpus_by_thread(pin: bool) -> (usize, HashMap<String, Vec<usize>>) {
+    let threads = core_affinity::get_core_ids().unwrap().len().min(2);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let service = tower::service_fn(move |_request: Request<Incoming>| {
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        let cpus = core_affinity::get_core_ids().unwrap_or_default();
+        record
+            .lock()
+            .unwrap()
+            .insert(name, cpus.iter().map(|c| c.id).collect());
+        async { Ok::<_, Infallible>(json(StatusCode::OK, &serde_json::json!({}))) }
+    });
+    let shutdown = Shutdown::new();
+    let serving = tokio::spawn(per_thread::serve(
+        listener,
+        threads,
+        service,
+        ServeConfig::default().with_pin_threads(pin),
+        shutdown.clone(),
+    ));
+    for _ in 0..threads * 2 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+    shutdown.trigger();
+    serving.await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    (threads, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_threads_run_on_a_cpu_each_and_unpinned_ones_anywhere() {
+    let all: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let (threads, pinned) = cpus_by_thread(true).await;
+    assert_eq!(pinned.len(), threads, "{pinned:?}");
+    let mut used: Vec<usize> = pinned
+        .values()
+        .map(|cpus| {
+            assert_eq!(cpus.len(), 1, "{pinned:?}");
+            cpus[0]
+        })
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    assert_eq!(used.len(), threads, "a CPU each: {pinned:?}");
+    assert!(used.iter().all(|cpu| all.contains(cpu)), "{pinned:?}");
+
+    let (_, unpinned) = cpus_by_thread(false).await;
+    assert!(unpinned.values().all(|cpus| *cpus == all), "{unpinned:?}");
+}
