@@ -408,10 +408,60 @@ pub struct JwtVerifier {
 
 /// Tokens already verified, by the SHA-256 of the whole token: a hit skips
 /// the signature check (0.2–0.4 ms for RS256/ES256) but never the time checks.
+///
+/// The entries are kept per thread ([`VERIFIED`]), up to `capacity` on each:
+/// a hit takes no lock, and the claims it shares were made on the same
+/// thread, so neither a mutex nor a reference count bounces between cores
+/// on every request (a gateway serving one runtime per core). A token is
+/// verified once on each thread that sees it.
 #[derive(Debug)]
 struct VerifiedCache {
-    entries: parking_lot::Mutex<HashMap<[u8; 32], CachedToken, DigestHash>>,
     capacity: usize,
+    hasher: DigestHash,
+}
+
+/// Each thread's verified tokens, per live [`VerifiedCache`].
+type ThreadCaches = Vec<(
+    std::sync::Weak<VerifiedCache>,
+    HashMap<[u8; 32], CachedToken, DigestHash>,
+)>;
+
+thread_local! {
+    static VERIFIED: std::cell::RefCell<ThreadCaches> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl VerifiedCache {
+    /// Runs `f` on this thread's entries of `cache`, dropping the entries
+    /// of caches that no longer exist on the way; `None` while the thread
+    /// is tearing down its locals.
+    fn with_entries<R>(
+        cache: &std::sync::Arc<VerifiedCache>,
+        f: impl FnOnce(&mut HashMap<[u8; 32], CachedToken, DigestHash>) -> R,
+    ) -> Option<R> {
+        VERIFIED
+            .try_with(|all| {
+                let mut all = all.try_borrow_mut().ok()?;
+                // Only live caches stay, so an address seen here is this
+                // cache's, not a dropped one's reused.
+                all.retain(|(owner, _)| owner.strong_count() > 0);
+                let at = match all
+                    .iter()
+                    .position(|(owner, _)| owner.as_ptr() == std::sync::Arc::as_ptr(cache))
+                {
+                    Some(at) => at,
+                    None => {
+                        all.push((
+                            std::sync::Arc::downgrade(cache),
+                            HashMap::with_hasher(cache.hasher.clone()),
+                        ));
+                        all.len() - 1
+                    }
+                };
+                Some(f(&mut all[at].1))
+            })
+            .ok()
+            .flatten()
+    }
 }
 
 /// Hashes the cache's keys, which are SHA-256 digests and so already
@@ -497,14 +547,19 @@ impl JwtVerifier {
         &self.clock
     }
 
-    /// Remembers up to `capacity` verified tokens (keyed by their SHA-256),
-    /// so a token seen again skips the signature check; `exp` and `nbf` are
-    /// still checked on every use. Worth it for RS256/ES256, whose
-    /// signatures cost hundreds of microseconds.
+    /// Remembers up to `capacity` verified tokens (keyed by their SHA-256)
+    /// on each thread that verifies, so a token seen again skips the
+    /// signature check; `exp` and `nbf` are still checked on every use.
+    /// Worth it for RS256/ES256, whose signatures cost hundreds of
+    /// microseconds. Per thread, so a hit takes no lock: memory is up to
+    /// `capacity` entries times the threads that verify, and a token is
+    /// verified once on each of them. Clones of the verifier share its
+    /// cache; the entries go when the last clone is dropped (on each
+    /// thread, at its next verification).
     pub fn with_cache(mut self, capacity: usize) -> JwtVerifier {
         self.cache = Some(std::sync::Arc::new(VerifiedCache {
-            entries: parking_lot::Mutex::new(HashMap::with_hasher(DigestHash::new())),
             capacity: capacity.max(1),
+            hasher: DigestHash::new(),
         }));
         self
     }
@@ -542,18 +597,20 @@ impl JwtVerifier {
         }
         let key = VerifiedCache::key(token);
         let leeway = self.config.leeway_secs as i64;
-        // Bind the lookup first: the guard must be released before the
-        // branches below lock again.
-        let hit = cache.entries.lock().get(&key).cloned();
-        if let Some((claims, nbf)) = hit {
+        let hit = VerifiedCache::with_entries(cache, |entries| {
+            let (claims, nbf) = entries.get(&key)?;
             if now > claims.expires_at.saturating_add(leeway) {
-                cache.entries.lock().remove(&key);
-                return Err(JwtError::Expired);
+                entries.remove(&key);
+                return Some(Err(JwtError::Expired));
             }
             if nbf.is_some_and(|nbf| now.saturating_add(leeway) < nbf) {
-                return Err(JwtError::NotYetValid);
+                return Some(Err(JwtError::NotYetValid));
             }
-            return Ok(claims);
+            Some(Ok(std::sync::Arc::clone(claims)))
+        })
+        .flatten();
+        if let Some(hit) = hit {
+            return hit;
         }
         let claims = std::sync::Arc::new(self.verify_uncached(token, now)?);
         let nbf = claims
@@ -561,14 +618,15 @@ impl JwtVerifier {
             .get("nbf")
             .and_then(Value::as_f64)
             .map(|f| f.floor() as i64);
-        let mut entries = cache.entries.lock();
-        if entries.len() >= cache.capacity {
-            entries.retain(|_, (c, _)| now <= c.expires_at.saturating_add(leeway));
+        VerifiedCache::with_entries(cache, |entries| {
             if entries.len() >= cache.capacity {
-                entries.clear();
+                entries.retain(|_, (c, _)| now <= c.expires_at.saturating_add(leeway));
+                if entries.len() >= cache.capacity {
+                    entries.clear();
+                }
             }
-        }
-        entries.insert(key, (std::sync::Arc::clone(&claims), nbf));
+            entries.insert(key, (std::sync::Arc::clone(&claims), nbf));
+        });
         Ok(claims)
     }
 

@@ -673,3 +673,50 @@ fn the_cache_respects_nbf_on_hits() {
         Err(JwtError::NotYetValid)
     );
 }
+
+/// Hits return the claims verified on the same thread (the same `Arc`);
+/// another thread verifies once for itself; clones share the cache, and a
+/// new verifier starts empty even where an old one's entries were.
+#[test]
+fn the_cache_is_per_thread_and_shared_by_clones() {
+    use std::sync::Arc;
+    let verifier =
+        JwtVerifier::new(keys(), JwtConfig::default().with_leeway_secs(0)).with_cache(16);
+    let token = hs(&with(json!({"iss": null, "aud": null})));
+    let first = verifier.verify_shared_at(&token, NOW).unwrap();
+    assert!(Arc::ptr_eq(
+        &first,
+        &verifier.verify_shared_at(&token, NOW).unwrap()
+    ));
+    let clone = verifier.clone();
+    assert!(Arc::ptr_eq(
+        &first,
+        &clone.verify_shared_at(&token, NOW).unwrap()
+    ));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (verifier, token) = (verifier.clone(), token.clone());
+            std::thread::spawn(move || {
+                let mine = verifier.verify_shared_at(&token, NOW).unwrap();
+                for _ in 0..100 {
+                    let again = verifier.verify_shared_at(&token, NOW).unwrap();
+                    assert!(Arc::ptr_eq(&mine, &again), "a hit on this thread");
+                }
+                mine
+            })
+        })
+        .collect();
+    for thread in threads {
+        let theirs = thread.join().unwrap();
+        assert_eq!(*theirs, *first, "the same claims");
+        assert!(!Arc::ptr_eq(&theirs, &first), "verified on that thread");
+    }
+    drop((verifier, clone));
+    let fresh = JwtVerifier::new(keys(), JwtConfig::default().with_leeway_secs(0)).with_cache(16);
+    let again = fresh.verify_shared_at(&token, NOW).unwrap();
+    assert!(
+        !Arc::ptr_eq(&again, &first),
+        "no entry of the dropped verifier"
+    );
+    assert_eq!(*again, *first);
+}

@@ -252,19 +252,38 @@ fn remove_by_rule(headers: &mut HeaderMap, remove: impl Fn(Rule) -> bool) {
     remove_named(headers, |name| remove(rule(name)));
 }
 
-/// Removes the headers `Connection` names, then every header whose name
-/// `remove` selects, looking at the names present once.
+/// Removes `Connection` and the headers it names, then every header whose
+/// name `remove` selects (every caller's `remove` selects `Connection`).
+/// Nothing is collected unless something is there to remove: an upstream's
+/// `Connection: keep-alive` names only the standard `Keep-Alive`.
 fn remove_named(headers: &mut HeaderMap, remove: impl Fn(&str) -> bool) {
-    let mut doomed: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    doomed.extend(headers.keys().filter(|name| remove(name.as_str())).cloned());
-    for name in doomed {
-        headers.remove(name);
+    if let http::header::Entry::Occupied(entry) = headers.entry(CONNECTION) {
+        let (_, values) = entry.remove_entry_mult();
+        let named: Vec<HeaderName> = values
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .flat_map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|t| {
+                        !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
+                    })
+                    .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    if headers.keys().any(|name| remove(name.as_str())) {
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| remove(name.as_str()))
+            .cloned()
+            .collect();
+        for name in doomed {
+            headers.remove(name);
+        }
     }
 }
 

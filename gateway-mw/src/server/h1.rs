@@ -27,6 +27,9 @@ pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The most header fields a response head may carry (hyper's default).
 pub(crate) const MAX_HEADERS: usize = 100;
 
+/// Header fields a response may gain after it is read.
+const RESPONSE_HEADROOM: usize = 16;
+
 /// The longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 
@@ -173,7 +176,10 @@ pub(crate) fn parse_response_head(
         } else {
             Version::HTTP_10
         };
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        // Room for what the gateway adds to a response on its way out (the
+        // security, rate-limit and request-id headers), so that the map
+        // does not grow twice on the way.
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len() + RESPONSE_HEADROOM);
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| ProtocolError::InvalidHeader)?;
