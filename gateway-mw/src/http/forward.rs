@@ -259,18 +259,19 @@ fn remove_by_rule(headers: &mut HeaderMap, remove: impl Fn(Rule) -> bool) {
 fn remove_named(headers: &mut HeaderMap, remove: impl Fn(&str) -> bool) {
     if let http::header::Entry::Occupied(entry) = headers.entry(CONNECTION) {
         let (_, values) = entry.remove_entry_mult();
-        let named: Vec<HeaderName> = values
-            .filter_map(|v| v.to_str().ok().map(str::to_owned))
-            .flat_map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|t| {
-                        !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
-                    })
-                    .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        // Allocated only for a token other than the standard two.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in values {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("keep-alive") {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }

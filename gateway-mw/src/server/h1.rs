@@ -147,9 +147,16 @@ pub(crate) fn parse_response_head(
     method: &Method,
 ) -> Result<Option<Head>, ProtocolError> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut fields);
-        let len = match parsed.parse(buf) {
+        // Uninitialised: httparse writes the fields it finds, and 3 KiB of
+        // empty ones would otherwise be written before every parse.
+        let mut fields =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
                 return Err(ProtocolError::HeadTooLarge);
@@ -176,18 +183,30 @@ pub(crate) fn parse_response_head(
         } else {
             Version::HTTP_10
         };
+        // Where each value lies in the head, so that the values can share
+        // the head's bytes once it is split off instead of each being
+        // copied.
+        let base = buf.as_ptr() as usize;
+        let mut names = Vec::with_capacity(parsed.headers.len());
+        let mut spans = Vec::with_capacity(parsed.headers.len());
+        for field in parsed.headers.iter() {
+            names.push(
+                HeaderName::from_bytes(field.name.as_bytes())
+                    .map_err(|_| ProtocolError::InvalidHeader)?,
+            );
+            let start = field.value.as_ptr() as usize - base;
+            spans.push(start..start + field.value.len());
+        }
+        let head = buf.split_to(len).freeze();
         // Room for what the gateway adds to a response on its way out (the
         // security, rate-limit and request-id headers), so that the map
         // does not grow twice on the way.
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len() + RESPONSE_HEADROOM);
-        for field in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(field.name.as_bytes())
+        let mut headers = HeaderMap::with_capacity(names.len() + RESPONSE_HEADROOM);
+        for (name, span) in names.into_iter().zip(spans) {
+            let value = HeaderValue::from_maybe_shared(head.slice(span))
                 .map_err(|_| ProtocolError::InvalidHeader)?;
-            let value =
-                HeaderValue::from_bytes(field.value).map_err(|_| ProtocolError::InvalidHeader)?;
             headers.append(name, value);
         }
-        buf.advance(len);
         let (framing, mut reusable) = framing(method, status, &mut headers)?;
         reusable &= keeps_alive(version, &headers);
         let mut response = Response::new(());
