@@ -39,11 +39,11 @@ const MAX_TRAILERS: usize = 16 * 1024;
 /// Why a response from an upstream could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
-    /// The head did not end within [`MAX_HEAD_BYTES`].
+    /// The head did not end within 64 KiB.
     #[error("the response head is longer than {MAX_HEAD_BYTES} bytes")]
     HeadTooLarge,
     /// The status line or a header field is malformed, or there are more
-    /// than [`MAX_HEADERS`] of them.
+    /// than 100 of them.
     #[error("the response head is malformed")]
     MalformedHead(#[source] httparse::Error),
     /// A header field's name or value is not one `http` accepts.

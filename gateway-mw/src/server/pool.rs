@@ -13,7 +13,7 @@
 //!   with one runtime per core (`runtime = "per_core"`) a connection stays
 //!   on the thread whose requests use it;
 //! * there is no task per connection: the request's task writes the request
-//!   and reads the response head ([`super::h1`] encodes and parses, with
+//!   and reads the response head (the private `server::h1` encodes and parses, with
 //!   `httparse`), and the response body reads the rest as it is polled,
 //!   handing the connection back when its end was read;
 //! * a connection is reused only when its last response was read to its
