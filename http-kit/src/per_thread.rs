@@ -11,8 +11,9 @@
 //! sockets (two wrk runs of 32 connections: 42 on one thread, 28 on the
 //! other), and the gateway's throughput varied by 15 % between runs
 //! (`docs/PERFORMANCE.md`, issue 14). With [`ServeConfig::pin_threads`]
-//! (the default) each thread is pinned to a CPU of its own, as HAProxy's
-//! `cpu-map` and nginx's `worker_cpu_affinity` do.
+//! (the default, Linux) and one thread per CPU, each thread is pinned to a
+//! CPU of its own, as HAProxy's `cpu-map` and nginx's `worker_cpu_affinity`
+//! do.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -64,21 +65,24 @@ where
     B: ResponseBody,
 {
     let threads = threads.max(1);
-    // The CPUs this process may run on, read here on the caller's thread,
-    // if there is one for each serving thread.
-    let cores = if config.pin_threads {
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
-        if threads > cores.len() {
-            tracing::info!(
-                threads,
-                cpus = cores.len(),
-                "more serving threads than CPUs: not pinned"
-            );
-        }
-        Some(cores).filter(|cores| threads <= cores.len())
+    // The CPUs this process may run on, read here on the caller's thread:
+    // pinned only with one thread for each of them (a thread count below
+    // them is often a container's CPU quota, whose CPUs are not these).
+    let allowed = if config.pin_threads {
+        affinity::allowed()
     } else {
         None
     };
+    if let Some((_, cpus)) = &allowed
+        && cpus.len() != threads
+    {
+        tracing::info!(
+            threads,
+            cpus = cpus.len(),
+            "as many serving threads as CPUs are pinned; these are not"
+        );
+    }
+    let allowed = allowed.filter(|(_, cpus)| cpus.len() == threads);
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads)
         .map(|_| mpsc::unbounded_channel::<Dealt>())
         .unzip();
@@ -94,19 +98,23 @@ where
             None
         };
         let (report_tx, report_rx) = tokio::sync::oneshot::channel();
-        let core = cores.as_ref().and_then(|cores| cores.get(i).copied());
+        let pin = allowed
+            .as_ref()
+            .and_then(|(mask, cpus)| Some((*mask, *cpus.get(i)?)));
         let spawned = std::thread::Builder::new()
             .name(format!("serve-{i}"))
             .spawn(move || {
-                if let Some(core) = core
-                    && !core_affinity::set_for_current(core)
-                {
-                    tracing::warn!(thread = i, cpu = core.id, "pinning a serving thread failed");
+                let mut builder = tokio::runtime::Builder::new_current_thread();
+                if let Some((mask, cpu)) = pin {
+                    if !affinity::pin(cpu) {
+                        tracing::warn!(thread = i, cpu, "pinning a serving thread failed");
+                    }
+                    // Threads this runtime starts (its blocking pool: Argon2,
+                    // DNS) would inherit the pin: they get the process's
+                    // CPUs back.
+                    builder.on_thread_start(move || affinity::restore(&mask));
                 }
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
+                let runtime = match builder.enable_all().build() {
                     Ok(runtime) => runtime,
                     Err(e) => {
                         tracing::error!(error = %e, thread = i, "building a serving runtime failed");
@@ -208,4 +216,51 @@ where
     report.drained = shutdown.wait_idle(config.drain_timeout).await;
     report.left_open = shutdown.active();
     report
+}
+
+/// CPU affinity, on Linux; elsewhere nothing is pinned.
+#[cfg(target_os = "linux")]
+mod affinity {
+    use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+
+    /// The calling thread's affinity mask, and the CPUs in it.
+    pub(super) fn allowed() -> Option<(CpuSet, Vec<usize>)> {
+        let mask = sched_getaffinity(Pid::from_raw(0)).ok()?;
+        let cpus = (0..CpuSet::count())
+            .filter(|&cpu| mask.is_set(cpu).unwrap_or(false))
+            .collect();
+        Some((mask, cpus))
+    }
+
+    /// Runs the calling thread on `cpu` only.
+    pub(super) fn pin(cpu: usize) -> bool {
+        let mut one = CpuSet::new();
+        one.set(cpu).is_ok() && sched_setaffinity(Pid::from_raw(0), &one).is_ok()
+    }
+
+    /// Gives the calling thread `mask` back.
+    pub(super) fn restore(mask: &CpuSet) {
+        if let Err(e) = sched_setaffinity(Pid::from_raw(0), mask) {
+            tracing::warn!(error = %e, "restoring a thread's CPU affinity failed");
+        }
+    }
+}
+
+/// CPU affinity, on Linux; elsewhere nothing is pinned.
+#[cfg(not(target_os = "linux"))]
+mod affinity {
+    /// No mask here.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) struct Mask;
+
+    pub(super) fn allowed() -> Option<(Mask, Vec<usize>)> {
+        None
+    }
+
+    pub(super) fn pin(_cpu: usize) -> bool {
+        false
+    }
+
+    pub(super) fn restore(_mask: &Mask) {}
 }

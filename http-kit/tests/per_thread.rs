@@ -100,23 +100,40 @@ async fn a_request_in_flight_at_shutdown_is_answered() {
     assert!(report.drained);
 }
 
-/// The CPUs each serving thread may run on, as its service sees them, with
-/// `pin_threads` as given: as many threads as the process has CPUs (at most
-/// two), each connection a request.
-async fn cpus_by_thread(pin: bool) -> (usize, HashMap<String, Vec<usize>>) {
-    let threads = core_affinity::get_core_ids().unwrap().len().min(2);
+/// The CPUs the calling thread may run on.
+#[cfg(target_os = "linux")]
+fn my_cpus() -> Vec<usize> {
+    use nix::sched::{CpuSet, sched_getaffinity};
+    let mask = sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..CpuSet::count())
+        .filter(|&cpu| mask.is_set(cpu).unwrap())
+        .collect()
+}
+
+/// Per serving thread: its CPUs, and those of a blocking task it starts.
+#[cfg(target_os = "linux")]
+type CpusByThread = HashMap<String, (Vec<usize>, Vec<usize>)>;
+
+/// The CPUs each serving thread may run on, as its service sees them, and
+/// those of a blocking task it starts, with `pin_threads` as given: as many
+/// threads as the process has CPUs (at most two), each connection a
+/// request.
+#[cfg(target_os = "linux")]
+async fn cpus_by_thread(pin: bool) -> (usize, CpusByThread) {
+    let threads = my_cpus().len().min(2);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let seen: Arc<Mutex<CpusByThread>> = Arc::default();
     let record = Arc::clone(&seen);
     let service = tower::service_fn(move |_request: Request<Incoming>| {
         let name = std::thread::current().name().unwrap_or("").to_owned();
-        let cpus = core_affinity::get_core_ids().unwrap_or_default();
-        record
-            .lock()
-            .unwrap()
-            .insert(name, cpus.iter().map(|c| c.id).collect());
-        async { Ok::<_, Infallible>(json(StatusCode::OK, &serde_json::json!({}))) }
+        let cpus = my_cpus();
+        let record = Arc::clone(&record);
+        async move {
+            let blocking = tokio::task::spawn_blocking(my_cpus).await.unwrap();
+            record.lock().unwrap().insert(name, (cpus, blocking));
+            Ok::<_, Infallible>(json(StatusCode::OK, &serde_json::json!({})))
+        }
     });
     let shutdown = Shutdown::new();
     let serving = tokio::spawn(per_thread::serve(
@@ -142,19 +159,18 @@ async fn cpus_by_thread(pin: bool) -> (usize, HashMap<String, Vec<usize>>) {
     (threads, seen)
 }
 
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_threads_run_on_a_cpu_each_and_unpinned_ones_anywhere() {
-    let all: Vec<usize> = core_affinity::get_core_ids()
-        .unwrap()
-        .iter()
-        .map(|c| c.id)
-        .collect();
+    let all = my_cpus();
     let (threads, pinned) = cpus_by_thread(true).await;
     assert_eq!(pinned.len(), threads, "{pinned:?}");
     let mut used: Vec<usize> = pinned
         .values()
-        .map(|cpus| {
+        .map(|(cpus, blocking)| {
             assert_eq!(cpus.len(), 1, "{pinned:?}");
+            // What the serving runtime starts for blocking work is not.
+            assert_eq!(*blocking, all, "{pinned:?}");
             cpus[0]
         })
         .collect();
@@ -164,5 +180,10 @@ async fn pinned_threads_run_on_a_cpu_each_and_unpinned_ones_anywhere() {
     assert!(used.iter().all(|cpu| all.contains(cpu)), "{pinned:?}");
 
     let (_, unpinned) = cpus_by_thread(false).await;
-    assert!(unpinned.values().all(|cpus| *cpus == all), "{unpinned:?}");
+    assert!(
+        unpinned
+            .values()
+            .all(|(cpus, blocking)| *cpus == all && *blocking == all),
+        "{unpinned:?}"
+    );
 }

@@ -62,6 +62,9 @@ pub enum ProtocolError {
     /// The trailer fields after a chunked body are longer than 16 KiB.
     #[error("the response's trailer fields are too long")]
     TrailersTooLarge,
+    /// The connection ended inside the response head.
+    #[error("the upstream closed the connection inside the response head")]
+    IncompleteHead,
     /// The connection ended before the body did.
     #[error("the upstream closed the connection before the end of the body")]
     IncompleteBody,
@@ -208,7 +211,12 @@ pub(crate) fn parse_response_head(
             headers.append(name, value);
         }
         let (framing, mut reusable) = framing(method, status, &mut headers)?;
-        reusable &= keeps_alive(version, &headers);
+        // HTTP/1.0 has no transfer codings (RFC 9112 §6.1): such framing
+        // is faulty, and the connection is closed after it.
+        reusable &= keeps_alive(version, &headers)
+            && !(version == Version::HTTP_10
+                && framing != Framing::Empty
+                && headers.contains_key(TRANSFER_ENCODING));
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -336,6 +344,11 @@ impl ChunkedDecoder {
     pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ProtocolError> {
         loop {
             match self.state {
+                // httparse reads a line without digits as size 0, which
+                // would end the body early: a size starts with a digit.
+                ChunkState::Size if buf.first().is_some_and(|b| !b.is_ascii_hexdigit()) => {
+                    return Err(ProtocolError::InvalidChunk);
+                }
                 ChunkState::Size => match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete((used, _))) if used > MAX_CHUNK_LINE => {
                         return Err(ProtocolError::InvalidChunk);
@@ -528,6 +541,13 @@ mod tests {
             framing_of("HTTP/1.0 200 OK\r\nContent-Length: 1\r\nConnection: keep-alive\r\n\r\n"),
             (Framing::Length(1), true)
         );
+        // HTTP/1.0 with a transfer coding: read, then closed.
+        assert_eq!(
+            framing_of(
+                "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+            ),
+            (Framing::Chunked, false)
+        );
     }
 
     #[test]
@@ -625,6 +645,18 @@ mod tests {
             decode_in_pieces(b"zz\r\n", &[64]).unwrap_err(),
             ProtocolError::InvalidChunk
         );
+        // No digits is not a last chunk.
+        for bad in [
+            &b"\r\n\r\nrest"[..],
+            b";ext\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(
+                decode_in_pieces(bad, &[64]).unwrap_err(),
+                ProtocolError::InvalidChunk,
+                "{bad:?}"
+            );
+        }
         assert_eq!(
             decode_in_pieces(b"5\r\nhel", &[64]).unwrap_err(),
             ProtocolError::IncompleteBody

@@ -26,7 +26,8 @@
 //!   on a fresh connection;
 //! * at most [`MAX_IDLE_PER_THREAD`] idle connections per upstream and
 //!   thread are kept. Nothing watches an idle connection: one the upstream
-//!   closed is let go at the next checkout on its thread.
+//!   closed, or idle longer than [`IDLE_TIMEOUT`], is closed at the next
+//!   checkout or check-in of that upstream on its thread.
 //!
 //! The request goes out in origin form (`GET /path?query`), with the
 //! client's `Host` kept, or the upstream's authority when it sent none, and
@@ -63,6 +64,9 @@ const READ_CHUNK: usize = 8 * 1024;
 
 /// A body up to this size goes out in one write with its head.
 const INLINE_BODY: usize = 16 * 1024;
+
+/// An idle connection's buffers are dropped rather than kept above this.
+const KEEP_BUFFER: usize = 32 * 1024;
 
 /// Why a request got no response from the upstream, or its body ended
 /// early.
@@ -273,12 +277,23 @@ struct Home {
 impl Home {
     /// Keeps `connection` for reuse by this thread, when its response
     /// allows it, nothing past the response arrived, and the pool lives.
-    fn take_back(&self, connection: Box<Connection>) {
+    fn take_back(&self, mut connection: Box<Connection>) {
         if !self.reusable || !connection.read.is_empty() || self.alive.strong_count() == 0 {
             return;
         }
-        IDLE.with(|idle| {
-            let mut idle = idle.borrow_mut();
+        // An idle connection keeps buffers of an ordinary exchange's size,
+        // not of the largest head or body it ever carried.
+        if connection.read.capacity() > KEEP_BUFFER {
+            connection.read = BytesMut::new();
+        }
+        if connection.write.capacity() > KEEP_BUFFER {
+            connection.write = Vec::new();
+        }
+        // `try_with`: the thread may be tearing down its locals.
+        let _ = IDLE.try_with(|idle| {
+            let Ok(mut idle) = idle.try_borrow_mut() else {
+                return;
+            };
             let index = match idle
                 .iter()
                 .position(|((id, a), _)| *id == self.pool && *a == self.authority)
@@ -290,16 +305,25 @@ impl Home {
                 }
             };
             let list = &mut idle[index].1;
+            // The oldest first: those idle too long are closed here too, not
+            // only at a checkout.
+            let now = Instant::now();
+            let expired = list
+                .iter()
+                .take_while(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
+                .count();
+            list.drain(..expired);
             if list.len() < MAX_IDLE_PER_THREAD {
-                list.push((connection, Instant::now()));
+                list.push((connection, now));
             }
         });
     }
 }
 
 impl Drop for UpstreamPool {
-    /// Closes this thread's idle connections of the pool (other threads'
-    /// close when they next look, or when the upstream closes them).
+    /// Closes this thread's idle connections of the pool. Other threads'
+    /// stay open until those threads end (no request looks for a dropped
+    /// pool's connections); a pool normally lives as long as its server.
     fn drop(&mut self) {
         // `try_with`: the thread may be tearing down its locals.
         let _ = IDLE.try_with(|idle| {
@@ -358,16 +382,54 @@ impl Connection {
                 Err(e) => return Err(io(e, written == 0 || idempotent)),
             }
         }
+        // A larger body goes out while the connection is watched for an
+        // answer: an upstream may refuse it early (413, 401) and stop
+        // reading, and an answer before the body's end also means the
+        // connection cannot carry another request.
+        let (mut cut_short, mut write_failed) = (false, None);
         if !inline {
-            self.stream
-                .write_all(message.body)
-                .await
-                .map_err(|e| io(e, idempotent))?;
+            let body = &message.body[..];
+            let mut sent = 0;
+            while sent < body.len() {
+                tokio::select! {
+                    biased;
+                    ready = self.stream.readable() => {
+                        ready.map_err(|e| io(e, false))?;
+                        match self.stream.try_read_buf(&mut self.read) {
+                            Ok(_) => {
+                                // An answer, or the end of the connection:
+                                // either way, read what comes back.
+                                cut_short = true;
+                                break;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Err(io(e, idempotent)),
+                        }
+                    }
+                    ready = self.stream.writable() => {
+                        ready.map_err(|e| io(e, idempotent))?;
+                        match self.stream.try_write(&body[sent..]) {
+                            Ok(n) => sent += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(e) => {
+                                // The upstream may have answered, then
+                                // closed: look for its answer first.
+                                write_failed = Some(e);
+                                cut_short = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
         }
-        let mut received = false;
+        let mut received = !self.read.is_empty();
         loop {
             match h1::parse_response_head(&mut self.read, message.method) {
-                Ok(Some(head)) => return Ok(head),
+                Ok(Some(mut head)) => {
+                    head.reusable &= !cut_short;
+                    return Ok(head);
+                }
                 Ok(None) => {}
                 Err(e) => {
                     return Err(Failed {
@@ -379,14 +441,17 @@ impl Connection {
             self.read.reserve(READ_CHUNK);
             match self.stream.read_buf(&mut self.read).await {
                 Ok(0) if !received => {
-                    return Err(Failed {
-                        error: UpstreamError::Closed,
-                        retry: idempotent,
+                    return Err(match write_failed {
+                        Some(e) => io(e, idempotent),
+                        None => Failed {
+                            error: UpstreamError::Closed,
+                            retry: idempotent,
+                        },
                     });
                 }
                 Ok(0) => {
                     return Err(Failed {
-                        error: UpstreamError::Protocol(ProtocolError::IncompleteBody),
+                        error: UpstreamError::Protocol(ProtocolError::IncompleteHead),
                         retry: false,
                     });
                 }
@@ -935,5 +1000,121 @@ mod tests {
         let response = pool.send(&authority, get(&authority, "/d")).await.unwrap();
         assert_eq!(body_of(response).await.unwrap().len(), 200_000);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// The upstream reads the second request on a connection and closes it
+    /// without an answer (it closed an idle connection just as the request
+    /// arrived): a `GET` is sent again on a new connection, a `POST` is not.
+    #[tokio::test]
+    async fn only_an_idempotent_request_is_sent_again_after_a_silent_close() {
+        fn reply(n: usize) -> (Vec<u8>, After) {
+            match n {
+                0 => (
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                    After::Stay,
+                ),
+                _ => (Vec::new(), After::Close),
+            }
+        }
+        let (authority, accepted) = scripted(reply).await;
+        let pool = UpstreamPool::new();
+        let response = pool.send(&authority, get(&authority, "/1")).await.unwrap();
+        assert_eq!(body_of(response).await.unwrap(), b"ok");
+        let response = pool.send(&authority, get(&authority, "/2")).await.unwrap();
+        assert_eq!(body_of(response).await.unwrap(), b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the GET went again");
+
+        let (authority, accepted) = scripted(reply).await;
+        let response = pool.send(&authority, get(&authority, "/1")).await.unwrap();
+        assert_eq!(body_of(response).await.unwrap(), b"ok");
+        let post = Request::post(format!("http://{authority}/p"))
+            .body(Full::new(Bytes::from_static(b"once")))
+            .unwrap();
+        let error = pool.send(&authority, post).await.unwrap_err();
+        assert!(matches!(error, UpstreamError::Closed), "{error:?}");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the POST was not sent again"
+        );
+    }
+
+    /// More than the response announced is not left for the next request,
+    /// and an HTTP/1.0 upstream that keeps alive is reused.
+    #[tokio::test]
+    async fn extra_bytes_close_the_connection_and_http_1_0_keep_alive_is_reused() {
+        fn extra(_: usize) -> (Vec<u8>, After) {
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiEXTRA".to_vec(),
+                After::Stay,
+            )
+        }
+        let (authority, accepted) = scripted(extra).await;
+        let pool = UpstreamPool::new();
+        for _ in 0..3 {
+            let response = pool.send(&authority, get(&authority, "/x")).await.unwrap();
+            assert_eq!(body_of(response).await.unwrap(), b"hi");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+
+        fn old(_: usize) -> (Vec<u8>, After) {
+            (
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi"
+                    .to_vec(),
+                After::Stay,
+            )
+        }
+        let (authority, accepted) = scripted(old).await;
+        for _ in 0..3 {
+            let response = pool.send(&authority, get(&authority, "/o")).await.unwrap();
+            assert_eq!(body_of(response).await.unwrap(), b"hi");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// An upstream that refuses a large body after its head, without
+    /// reading it: its answer comes back (not a failed write, nor a wait
+    /// until the timeout), and the connection is not reused.
+    #[tokio::test]
+    async fn an_early_answer_to_a_large_body_is_relayed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufStream::new(stream);
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let refusal: &[u8] =
+                        b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo long";
+                    stream.write_all(refusal).await.unwrap();
+                    stream.flush().await.unwrap();
+                    // Keeps the connection, reading nothing more, until the
+                    // client goes.
+                    let mut rest = Vec::new();
+                    let _ = stream.get_mut().read_to_end(&mut rest).await;
+                });
+            }
+        });
+        let pool = UpstreamPool::new();
+        let large = Bytes::from(vec![b'x'; 32 * 1024 * 1024]);
+        let post = Request::post(format!("http://{authority}/upload"))
+            .body(Full::new(large))
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(20), pool.send(&authority, post))
+            .await
+            .expect("the answer, not a wait")
+            .unwrap();
+        assert_eq!(response.status(), 413);
+        assert_eq!(body_of(response).await.unwrap(), b"too long");
+        assert!(pool.checkout(&authority).is_none(), "not reused");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 }
