@@ -831,6 +831,22 @@ mod tests {
         Ok(response.into_body().collect().await?.to_bytes().to_vec())
     }
 
+    /// Sends `n` GETs through a fresh pool to an upstream answering `reply`,
+    /// each answered with `body`: the connections the upstream accepted.
+    async fn connections_for_gets(
+        reply: fn(usize) -> (Vec<u8>, After),
+        n: usize,
+        body: &[u8],
+    ) -> usize {
+        let (authority, accepted) = scripted(reply).await;
+        let pool = UpstreamPool::new();
+        for _ in 0..n {
+            let response = pool.send(&authority, get(&authority, "/g")).await.unwrap();
+            assert_eq!(body_of(response).await.unwrap(), body);
+        }
+        accepted.load(Ordering::SeqCst)
+    }
+
     #[tokio::test]
     async fn a_chunked_body_larger_than_a_read_streams_and_the_connection_is_reused() {
         fn reply(_: usize) -> (Vec<u8>, After) {
@@ -865,13 +881,7 @@ mod tests {
                 After::Close,
             )
         }
-        let (authority, accepted) = scripted(reply).await;
-        let pool = UpstreamPool::new();
-        for _ in 0..2 {
-            let response = pool.send(&authority, get(&authority, "/e")).await.unwrap();
-            assert_eq!(body_of(response).await.unwrap(), b"until the end");
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(connections_for_gets(reply, 2, b"until the end").await, 2);
     }
 
     #[tokio::test]
@@ -1049,13 +1059,7 @@ mod tests {
                 After::Stay,
             )
         }
-        let (authority, accepted) = scripted(extra).await;
-        let pool = UpstreamPool::new();
-        for _ in 0..3 {
-            let response = pool.send(&authority, get(&authority, "/x")).await.unwrap();
-            assert_eq!(body_of(response).await.unwrap(), b"hi");
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(connections_for_gets(extra, 3, b"hi").await, 3);
 
         fn old(_: usize) -> (Vec<u8>, After) {
             (
@@ -1064,12 +1068,7 @@ mod tests {
                 After::Stay,
             )
         }
-        let (authority, accepted) = scripted(old).await;
-        for _ in 0..3 {
-            let response = pool.send(&authority, get(&authority, "/o")).await.unwrap();
-            assert_eq!(body_of(response).await.unwrap(), b"hi");
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(connections_for_gets(old, 3, b"hi").await, 1);
     }
 
     /// An upstream that refuses a large body after its head, without
