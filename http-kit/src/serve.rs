@@ -335,7 +335,8 @@ pub(crate) fn spawn_connection<S, B>(
         tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
     }
     let slot = ConnectionSlot(Arc::new(permit));
-    let per_request = shutdown.clone();
+    // A handle of the connection's own: cloned for every request below.
+    let per_request = shutdown.for_connection();
     // The header-read timeout is kept outside hyper (see `head_deadline`).
     let head_deadline = HeadDeadline::new();
     let requests = head_deadline.clone();

@@ -17,6 +17,16 @@ use tokio::sync::{Notify, watch};
 /// A cloneable drain signal. Clones share one state.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
+    handle: Arc<Handle>,
+}
+
+/// What clones of one handle share. `serve` gives each connection a
+/// handle of its own ([`Shutdown::for_connection`]), so the clone each of
+/// its requests carries counts on that handle, which no other thread
+/// touches, rather than on the server's (a reference count moving between
+/// cores on every request).
+#[derive(Debug)]
+struct Handle {
     inner: Arc<Inner>,
 }
 
@@ -38,17 +48,29 @@ impl Shutdown {
     /// A signal not yet triggered.
     pub fn new() -> Shutdown {
         Shutdown {
-            inner: Arc::new(Inner {
-                triggered: watch::Sender::new(false),
-                active: AtomicUsize::new(0),
-                idle: Notify::new(),
+            handle: Arc::new(Handle {
+                inner: Arc::new(Inner {
+                    triggered: watch::Sender::new(false),
+                    active: AtomicUsize::new(0),
+                    idle: Notify::new(),
+                }),
+            }),
+        }
+    }
+
+    /// The same signal behind a handle of its own, for one connection's
+    /// requests (see [`Handle`]).
+    pub(crate) fn for_connection(&self) -> Shutdown {
+        Shutdown {
+            handle: Arc::new(Handle {
+                inner: Arc::clone(&self.handle.inner),
             }),
         }
     }
 
     /// Starts the drain. Idempotent.
     pub fn trigger(&self) {
-        self.inner.triggered.send_replace(true);
+        self.handle.inner.triggered.send_replace(true);
     }
 
     /// Triggers the drain when `signal` completes (e.g. SIGTERM), from a
@@ -63,12 +85,12 @@ impl Shutdown {
 
     /// Whether the drain has started.
     pub fn is_triggered(&self) -> bool {
-        *self.inner.triggered.borrow()
+        *self.handle.inner.triggered.borrow()
     }
 
     /// Completes once the drain has started (at once if it has).
     pub async fn triggered(&self) {
-        let mut rx = self.inner.triggered.subscribe();
+        let mut rx = self.handle.inner.triggered.subscribe();
         // An error means the sender is gone, which cannot happen while
         // `self` holds it; treat it as triggered all the same.
         let _ = rx.wait_for(|t| *t).await;
@@ -78,15 +100,15 @@ impl Shutdown {
     /// the request that starts the work returns (for a WebSocket: in the
     /// handler, before answering 101), so the drain cannot miss it.
     pub fn guard(&self) -> DrainGuard {
-        self.inner.active.fetch_add(1, Ordering::AcqRel);
+        self.handle.inner.active.fetch_add(1, Ordering::AcqRel);
         DrainGuard {
-            inner: Arc::clone(&self.inner),
+            inner: Arc::clone(&self.handle.inner),
         }
     }
 
     /// Connections and guards still open.
     pub fn active(&self) -> usize {
-        self.inner.active.load(Ordering::Acquire)
+        self.handle.inner.active.load(Ordering::Acquire)
     }
 
     /// Waits until nothing is active, for at most `timeout`. True when
@@ -94,7 +116,7 @@ impl Shutdown {
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let idle = self.inner.idle.notified();
+            let idle = self.handle.inner.idle.notified();
             tokio::pin!(idle);
             // Register before checking, so a guard dropped in between
             // still wakes us.
