@@ -11,6 +11,18 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// One request on a connection of its own, answered 200.
+async fn get_one(addr: std::net::SocketAddr) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_dealt_evenly_and_the_drain_ends_the_threads() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -35,14 +47,7 @@ async fn connections_are_dealt_evenly_and_the_drain_ends_the_threads() {
     // One after another, so the dealing order is the connections' order.
     let connections = 30;
     for _ in 0..connections {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        get_one(addr).await;
     }
     let by_thread = served.lock().unwrap().clone();
     assert_eq!(by_thread.len(), threads, "{by_thread:?}");
@@ -144,14 +149,7 @@ async fn cpus_by_thread(pin: bool) -> (usize, CpusByThread) {
         shutdown.clone(),
     ));
     for _ in 0..threads * 2 {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        get_one(addr).await;
     }
     shutdown.trigger();
     serving.await.unwrap();

@@ -212,20 +212,14 @@ impl UpstreamPool {
         mut connection: Box<Connection>,
         head: Head,
     ) -> Response<UpstreamBody> {
-        let home = Home {
-            pool: self.id,
-            authority: authority.clone(),
-            alive: Arc::downgrade(&self.alive),
-            reusable: head.reusable,
-        };
         let state = match head.framing {
             Framing::Empty => {
-                home.take_back(connection);
+                keep(self.id, authority, head.reusable, connection);
                 State::Whole(None)
             }
             Framing::Length(n) if connection.read.len() as u64 >= n => {
                 let data = connection.read.split_to(n as usize).freeze();
-                home.take_back(connection);
+                keep(self.id, authority, head.reusable, connection);
                 State::Whole(Some(data))
             }
             Framing::Length(left) => State::Length { connection, left },
@@ -235,10 +229,15 @@ impl UpstreamPool {
             },
             Framing::UntilClose => State::UntilClose { connection },
         };
-        head.response.map(|()| UpstreamBody {
-            state,
-            home: Some(home),
-        })
+        // Only a body still to be read needs to know where its connection
+        // goes back to.
+        let home = matches!(state, State::Length { .. } | State::Chunked { .. }).then(|| Home {
+            pool: self.id,
+            authority: authority.clone(),
+            alive: Arc::downgrade(&self.alive),
+            reusable: head.reusable,
+        });
+        head.response.map(|()| UpstreamBody { state, home })
     }
 
     /// A ready idle connection to `authority`, dropping closed and expired
@@ -251,11 +250,11 @@ impl UpstreamPool {
                 .find(|((id, a), _)| *id == self.id && a == authority)
                 .map(|(_, list)| list)?;
             let now = Instant::now();
+            close_expired(list, now);
             // Most recently used first: its buffers are warm, and the
             // oldest are left to expire when traffic drops.
-            while let Some((connection, since)) = list.pop() {
-                if now.duration_since(since) < IDLE_TIMEOUT && connection.is_open() {
-                    list.retain(|(_, since)| now.duration_since(*since) < IDLE_TIMEOUT);
+            while let Some((connection, _)) = list.pop() {
+                if connection.is_open() {
                     return Some(connection);
                 }
             }
@@ -275,49 +274,62 @@ struct Home {
 }
 
 impl Home {
-    /// Keeps `connection` for reuse by this thread, when its response
-    /// allows it, nothing past the response arrived, and the pool lives.
-    fn take_back(&self, mut connection: Box<Connection>) {
-        if !self.reusable || !connection.read.is_empty() || self.alive.strong_count() == 0 {
-            return;
+    /// Keeps `connection` for reuse by this thread (see [`keep`]), while
+    /// the pool lives.
+    fn take_back(&self, connection: Box<Connection>) {
+        if self.alive.strong_count() > 0 {
+            keep(self.pool, &self.authority, self.reusable, connection);
         }
-        // An idle connection keeps buffers of an ordinary exchange's size,
-        // not of the largest head or body it ever carried.
-        if connection.read.capacity() > KEEP_BUFFER {
-            connection.read = BytesMut::new();
-        }
-        if connection.write.capacity() > KEEP_BUFFER {
-            connection.write = Vec::new();
-        }
-        // `try_with`: the thread may be tearing down its locals.
-        let _ = IDLE.try_with(|idle| {
-            let Ok(mut idle) = idle.try_borrow_mut() else {
-                return;
-            };
-            let index = match idle
-                .iter()
-                .position(|((id, a), _)| *id == self.pool && *a == self.authority)
-            {
-                Some(index) => index,
-                None => {
-                    idle.push(((self.pool, self.authority.clone()), Vec::new()));
-                    idle.len() - 1
-                }
-            };
-            let list = &mut idle[index].1;
-            // The oldest first: those idle too long are closed here too, not
-            // only at a checkout.
-            let now = Instant::now();
-            let expired = list
-                .iter()
-                .take_while(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
-                .count();
-            list.drain(..expired);
-            if list.len() < MAX_IDLE_PER_THREAD {
-                list.push((connection, now));
-            }
-        });
     }
+}
+
+/// Keeps `connection` idle for reuse by this thread under `pool` and
+/// `authority`, when its response let it carry another request and nothing
+/// past the response arrived.
+fn keep(pool: u64, authority: &Authority, reusable: bool, mut connection: Box<Connection>) {
+    if !reusable || !connection.read.is_empty() {
+        return;
+    }
+    // An idle connection keeps buffers of an ordinary exchange's size, not
+    // of the largest head or body it ever carried.
+    if connection.read.capacity() > KEEP_BUFFER {
+        connection.read = BytesMut::new();
+    }
+    if connection.write.capacity() > KEEP_BUFFER {
+        connection.write = Vec::new();
+    }
+    // `try_with`: the thread may be tearing down its locals.
+    let _ = IDLE.try_with(|idle| {
+        let Ok(mut idle) = idle.try_borrow_mut() else {
+            return;
+        };
+        let index = match idle
+            .iter()
+            .position(|((id, a), _)| *id == pool && a == authority)
+        {
+            Some(index) => index,
+            None => {
+                idle.push(((pool, authority.clone()), Vec::new()));
+                idle.len() - 1
+            }
+        };
+        let list = &mut idle[index].1;
+        let now = Instant::now();
+        close_expired(list, now);
+        if list.len() < MAX_IDLE_PER_THREAD {
+            list.push((connection, now));
+        }
+    });
+}
+
+/// Closes the connections idle for [`IDLE_TIMEOUT`] or longer: the oldest,
+/// at the front of the list.
+fn close_expired(list: &mut Vec<(Box<Connection>, Instant)>, now: Instant) {
+    let expired = list
+        .iter()
+        .take_while(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT)
+        .count();
+    list.drain(..expired);
 }
 
 impl Drop for UpstreamPool {

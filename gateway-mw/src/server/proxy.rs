@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 
 use super::State;
 use crate::http::{BoxError, GatewayBody, Principal};
@@ -98,24 +98,24 @@ pub(super) async fn proxy(
     }
     let exchange = async {
         if upstream.http2 {
-            return match state.client_h2.request(outgoing).await {
-                Ok(response) => {
-                    Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
-                }
-                Err(e) => Err(Box::new(e) as BoxError),
-            };
+            return state
+                .client_h2
+                .request(outgoing)
+                .await
+                .map(|response| response.map(http_kit::boxed))
+                .map_err(BoxError::from);
         }
         // Configuration allows only `http://` upstreams, so every URI here
         // has an authority.
         let Some(authority) = outgoing.uri().authority().cloned() else {
             return Err("the upstream URI has no authority".into());
         };
-        match state.pool.send(&authority, outgoing).await {
-            Ok(response) => {
-                Ok(response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
-            }
-            Err(e) => Err(Box::new(e) as BoxError),
-        }
+        state
+            .pool
+            .send(&authority, outgoing)
+            .await
+            .map(|response| response.map(http_kit::boxed))
+            .map_err(BoxError::from)
     };
     match tokio::time::timeout(upstream.timeout, exchange).await {
         Ok(Ok(mut response)) => {
